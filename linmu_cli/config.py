@@ -1,0 +1,97 @@
+"""M-MATE hyper-parameters: one dataclass, saved inside the converted checkpoint's config.
+
+Every size of the method that the paper does not pin down is a field here (DESIGN.md §1): recipes and the
+`linmu convert` options set them, and `validate()` rejects values that cannot work before any weight moves.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from linmu_cli.errors import LinmuError
+
+SCAN_AXES = "thw"
+SSD_BACKENDS = ("auto", "torch", "fla", "mamba")
+FUSION_MODES = ("token", "head")
+
+
+@dataclass
+class MateConfig:
+    """Configuration of every M-MATE block of a converted decoder."""
+
+    # Branches (ablations switch one off).
+    use_flex: bool = True
+    use_swin: bool = True
+    # Flex-MA (DESIGN.md §3).
+    bidirectional: bool = True  # backward scan inside visual segments
+    scan_orders: list[str] = field(default_factory=lambda: ["thw", "twh", "hwt"])  # Rotary Major-Scan cycle
+    chunk_size: int | None = None  # SSD chunk length; None = the kernel's default
+    d_conv: int = 4  # short causal depthwise conv on x, B, C; 0 disables it
+    dt_min: float = 0.001
+    dt_max: float = 0.1
+    a_init_min: float = 1.0
+    a_init_max: float = 16.0
+    d_init: float = 1.0  # skip connection D
+    output_gate: bool = True  # per-token SiLU gate before the per-head RMSNorm output
+    # Local-Swin (DESIGN.md §4).
+    vision_window: list[int] = field(default_factory=lambda: [2, 8, 8])  # (wt, wh, ww) in merged tokens
+    shift_windows: bool = True  # shift by half a window on odd layers
+    text_window: int = 512  # keys a text token sees, itself included
+    # Fusion (DESIGN.md §5).
+    fusion: str = "token"  # "token": one weight per token; "head": one per token and head
+    fusion_init: float = 0.5  # initial Flex-MA weight a_t (sigmoid of the bias)
+    # Kernel choice (runtime; "auto" picks by device and capability).
+    ssd_backend: str = "auto"
+
+    def validate(self) -> MateConfig:
+        """Raise LinmuError naming the first invalid field; return self for chaining."""
+
+        def bad(name: str, why: str) -> None:
+            raise LinmuError(f"invalid M-MATE field {name}={getattr(self, name)!r}: {why}")
+
+        if not (self.use_flex or self.use_swin):
+            bad("use_flex", "at least one of use_flex / use_swin must be true")
+        if not self.scan_orders:
+            bad("scan_orders", "give at least one scan order, e.g. ['thw']")
+        for order in self.scan_orders:
+            if not isinstance(order, str) or sorted(order) != sorted(SCAN_AXES):
+                bad("scan_orders", f"{order!r} is not a permutation of 't', 'h', 'w' (e.g. 'thw', 'hwt')")
+        if not isinstance(self.text_window, int) or self.text_window < 1:
+            bad("text_window", "must be a positive integer")
+        if self.chunk_size is not None and (not isinstance(self.chunk_size, int) or self.chunk_size < 1):
+            bad("chunk_size", "must be a positive integer (or null for the kernel's default)")
+        if not isinstance(self.d_conv, int) or self.d_conv < 0:
+            bad("d_conv", "must be 0 (off) or a positive kernel size")
+        if len(self.vision_window) != 3 or any(not isinstance(v, int) or v < 1 for v in self.vision_window):
+            bad("vision_window", "must be three positive integers (wt, wh, ww)")
+        if not 0 < self.dt_min <= self.dt_max:
+            bad("dt_min", "need 0 < dt_min <= dt_max")
+        if not 0 < self.a_init_min <= self.a_init_max:
+            bad("a_init_min", "need 0 < a_init_min <= a_init_max")
+        if self.fusion not in FUSION_MODES:
+            bad("fusion", f"choose one of {', '.join(FUSION_MODES)}")
+        if not 0.0 < self.fusion_init < 1.0:
+            bad("fusion_init", "the initial Flex-MA weight must lie strictly between 0 and 1")
+        if self.ssd_backend not in SSD_BACKENDS:
+            bad("ssd_backend", f"choose one of {', '.join(SSD_BACKENDS)}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> MateConfig:
+        """Build from a (possibly partial) dict; unknown keys are an error naming the valid ones."""
+        data = dict(data or {})
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise LinmuError(
+                f"unknown M-MATE field(s) {', '.join(unknown)}; valid fields: {', '.join(sorted(names))}"
+            )
+        return cls(**data).validate()
+
+    def replace(self, **changes: Any) -> MateConfig:
+        return MateConfig.from_dict({**self.to_dict(), **changes})

@@ -1,0 +1,117 @@
+"""`linmu convert`: load a teacher, swap its decoder attention for M-MATE blocks, save a loadable checkpoint."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+
+from linmu_cli.config import MateConfig
+from linmu_cli.io import atomic_directory, check_output_dir
+from linmu_cli.models import convert_model
+from linmu_cli.ops import select_ssd_backend
+from linmu_cli.sources import load_teacher
+
+# Files of a source checkpoint that belong to the model's weights or config, not to its processor.
+_MODEL_FILES = (
+    "config.json",
+    "generation_config.json",
+    "model.safetensors.index.json",
+    "pytorch_model.bin.index.json",
+)
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5")
+
+
+@dataclass
+class ConvertReport:
+    out: Path
+    family: str
+    layers: int
+    params_teacher: int
+    params_student: int
+    ssd_backend: str
+    seconds: float
+    mate: dict[str, Any] = field(default_factory=dict)
+    teacher_out: Path | None = None
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _copy_processor_files(src: Path, dst: Path) -> None:
+    for f in src.iterdir():
+        is_model_file = f.name in _MODEL_FILES or f.name.endswith(_WEIGHT_SUFFIXES)
+        if f.is_file() and not is_model_file and not (dst / f.name).exists():
+            shutil.copy2(f, dst / f.name)
+
+
+def _save(model, processor, local_dir: Path | None, out: Path) -> None:
+    model.save_pretrained(out)
+    if processor is not None:
+        processor.save_pretrained(out)
+    if local_dir is not None:
+        _copy_processor_files(local_dir, out)
+
+
+def convert(
+    source: str,
+    out: str | Path,
+    *,
+    mate: MateConfig | dict[str, Any] | None = None,
+    dtype: str = "auto",
+    device: str = "cpu",
+    force: bool = False,
+    save_teacher: str | Path | None = None,
+    seed: int = 0,
+) -> ConvertReport:
+    """Convert SOURCE (directory, hub id in the HF cache, alias, or tiny-*) into a LinMU checkpoint at OUT.
+
+    Nothing is written under OUT (or the teacher directory) unless the whole conversion succeeds.
+    """
+    start = time.perf_counter()
+    mate = (mate if isinstance(mate, MateConfig) else MateConfig.from_dict(mate)).validate()
+    out = Path(out)
+    check_output_dir(out, force)
+    if save_teacher is not None:
+        check_output_dir(Path(save_teacher), force)
+    backend = select_ssd_backend(torch.device(device), mate.ssd_backend)
+    teacher = load_teacher(source, dtype=dtype, device=device, seed=seed)
+    if save_teacher is not None:
+        with atomic_directory(Path(save_teacher), force) as tmp:
+            _save(teacher.model, teacher.processor, teacher.local_dir, tmp)
+    student = convert_model(teacher.model, mate, seed=seed)
+    with atomic_directory(out, force) as tmp:
+        _save(student, teacher.processor, teacher.local_dir, tmp)
+        meta = {
+            "source": source,
+            "seed": seed,
+            "mate": mate.to_dict(),
+            "linmu_version": _version(),
+            "transformers_version": transformers.__version__,
+            "torch_version": torch.__version__,
+        }
+        (tmp / "linmu.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return ConvertReport(
+        out=out,
+        family=student.family.name,
+        layers=len(student.family.decoder_layers(student)),
+        params_teacher=count_parameters(teacher.model),
+        params_student=count_parameters(student),
+        ssd_backend=backend,
+        seconds=time.perf_counter() - start,
+        mate=mate.to_dict(),
+        teacher_out=Path(save_teacher) if save_teacher is not None else None,
+    )
+
+
+def _version() -> str:
+    from linmu_cli import __version__
+
+    return __version__

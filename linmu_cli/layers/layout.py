@@ -1,0 +1,241 @@
+"""Token layout of one forward chunk: where the visual segments are and how each layer walks them.
+
+Built once per model forward (DESIGN.md §2) and shared by every M-MATE block: the gather indices of the
+Rotary Major-Scan orders, the segment-confined backward scan and the 3D Swin windows are all computed here,
+lazily and memoized, so a layer only does tensor gathers.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One image or video inside a row: `start` position and (t, h, w) grid in merged-token units."""
+
+    start: int
+    t: int
+    h: int
+    w: int
+
+    @property
+    def length(self) -> int:
+        return self.t * self.h * self.w
+
+    @property
+    def end(self) -> int:
+        return self.start + self.length
+
+
+def scan_permutation(seg: Segment, order: str) -> torch.Tensor:
+    """Offsets (within the segment) of its tokens in scan order `order`, outermost axis first.
+
+    Tokens are stored raster (t, h, w); order "hwt" visits, for each (h, w), all frames in turn.
+    """
+    grid = torch.arange(seg.length).view(seg.t, seg.h, seg.w)
+    return grid.permute(*["thw".index(a) for a in order]).reshape(-1)
+
+
+@dataclass
+class WindowPlan:
+    """Vision tokens grouped into padded 3D windows: `index` (n_windows, size) into the flattened (B*L)
+    chunk, `valid` marks real slots."""
+
+    index: torch.Tensor
+    valid: torch.Tensor
+
+
+@dataclass
+class BackwardPlan:
+    """Backward (anti-causal) scan inside segments, as a forward scan over a gathered order.
+
+    `index[b, r]` is the chunk position scanned at step r (each segment reversed, in this layer's scan order);
+    `reset[b, r]` restarts the state (first step of a segment and every text position);
+    `next_index[b, r]` is index[b, r + 1] (or r itself at the end) so that the strictly-future output
+    y'_t = S'_{t+1} C_t is the inclusive scan of the query shifted by one step.
+    """
+
+    index: torch.Tensor
+    reset: torch.Tensor
+    next_index: torch.Tensor
+    inverse: torch.Tensor
+
+
+@dataclass
+class TokenLayout:
+    """Segments and padding of one chunk of shape (batch, length)."""
+
+    batch: int
+    length: int
+    valid: torch.Tensor  # (B, L) bool, False at padding
+    segments: list[list[Segment]]
+    device: torch.device
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def text_only(cls, batch: int, length: int, device: torch.device, valid: torch.Tensor | None = None):
+        if valid is None:
+            valid = torch.ones(batch, length, dtype=torch.bool, device=device)
+        return cls(
+            batch, length, valid.to(device=device, dtype=torch.bool), [[] for _ in range(batch)], device
+        )
+
+    @property
+    def has_vision(self) -> bool:
+        return any(self.segments)
+
+    @property
+    def all_valid(self) -> bool:
+        key = "all_valid"
+        if key not in self._cache:
+            self._cache[key] = bool(self.valid.all())
+        return self._cache[key]
+
+    def is_vision(self) -> torch.Tensor:
+        """(B, L) bool: True at image / video tokens."""
+        if "is_vision" not in self._cache:
+            mask = torch.zeros(self.batch, self.length, dtype=torch.bool)
+            for b, segs in enumerate(self.segments):
+                for s in segs:
+                    mask[b, s.start : s.end] = True
+            self._cache["is_vision"] = mask.to(self.device)
+        return self._cache["is_vision"]
+
+    def scan_index(self, order: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(index, inverse) gathers that put each segment in scan order; None when nothing moves."""
+        if order == "thw" or not self.has_vision:
+            return None
+        key = ("scan", order)
+        if key not in self._cache:
+            index = torch.arange(self.length).repeat(self.batch, 1)
+            for b, segs in enumerate(self.segments):
+                for s in segs:
+                    index[b, s.start : s.end] = s.start + scan_permutation(s, order)
+            inverse = torch.argsort(index, dim=1)
+            self._cache[key] = (index.to(self.device), inverse.to(self.device))
+        return self._cache[key]
+
+    def backward_plan(self, order: str) -> BackwardPlan | None:
+        """Gathers for the segment-confined backward scan in scan order `order`; None without vision."""
+        if not self.has_vision:
+            return None
+        key = ("backward", order)
+        if key not in self._cache:
+            index = torch.arange(self.length).repeat(self.batch, 1)
+            reset = torch.ones(self.batch, self.length, dtype=torch.bool)
+            for b, segs in enumerate(self.segments):
+                for s in segs:
+                    index[b, s.start : s.end] = s.start + scan_permutation(s, order).flip(0)
+                    reset[b, s.start + 1 : s.end] = False
+            next_index = torch.cat([index[:, 1:], index[:, -1:]], dim=1)
+            inverse = torch.argsort(index, dim=1)
+            dev = self.device
+            self._cache[key] = BackwardPlan(index.to(dev), reset.to(dev), next_index.to(dev), inverse.to(dev))
+        return self._cache[key]
+
+    def window_plan(self, window: Sequence[int], shifted: bool) -> WindowPlan | None:
+        """Padded 3D windows over every segment (Swin partition, shifted by half a window when asked)."""
+        if not self.has_vision:
+            return None
+        key = ("windows", tuple(window), shifted)
+        if key not in self._cache:
+            indices, valids = [], []
+            for b, segs in enumerate(self.segments):
+                for s in segs:
+                    idx, val = _segment_windows(s, window, shifted)
+                    indices.append(idx + b * self.length)
+                    valids.append(val)
+            self._cache[key] = WindowPlan(
+                torch.cat(indices).to(self.device), torch.cat(valids).to(self.device)
+            )
+        return self._cache[key]
+
+
+def _segment_windows(seg: Segment, window: Sequence[int], shifted: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Windows of one segment: (n_windows, wt*wh*ww) flat positions and validity.
+
+    Window sizes are clipped to the grid; a shift moves the partition by half a window (partial windows at
+    the borders, no cyclic roll), so every token lands in exactly one window.
+    """
+    sizes = (seg.t, seg.h, seg.w)
+    win = [min(w, n) for w, n in zip(window, sizes, strict=True)]
+    shift = [w // 2 if shifted and n > w else 0 for w, n in zip(win, sizes, strict=True)]
+    counts = [-(-(n + s) // w) for n, s, w in zip(sizes, shift, win, strict=True)]
+    coords = torch.meshgrid(*[torch.arange(n) for n in sizes], indexing="ij")
+    wid = [(c + s) // w for c, s, w in zip(coords, shift, win, strict=True)]
+    local = [(c + s) % w for c, s, w in zip(coords, shift, win, strict=True)]
+    window_id = (wid[0] * counts[1] + wid[1]) * counts[2] + wid[2]
+    slot = (local[0] * win[1] + local[1]) * win[2] + local[2]
+    n_windows, size = counts[0] * counts[1] * counts[2], win[0] * win[1] * win[2]
+    index = torch.zeros(n_windows, size, dtype=torch.long)
+    valid = torch.zeros(n_windows, size, dtype=torch.bool)
+    flat = seg.start + torch.arange(seg.length)
+    index[window_id.reshape(-1), slot.reshape(-1)] = flat
+    valid[window_id.reshape(-1), slot.reshape(-1)] = True
+    keep = valid.any(dim=1)  # shifted partitions can leave empty windows at the far border
+    return index[keep], valid[keep]
+
+
+def find_segments(
+    vision_type: torch.Tensor,
+    valid: torch.Tensor,
+    grids: dict[int, list[tuple[int, int, int]]],
+) -> list[list[Segment]]:
+    """Split each row's runs of vision tokens into segments, consuming grids in order.
+
+    `vision_type` (B, L): 0 text, 1 image, 2 video (the processor's mm_token_type_ids convention).
+    `grids[kind]` lists (t, h, w) in merged units in the order the images / videos appear, row by row.
+    Adjacent images of the same kind form one run; it is split by the grids' lengths.
+    """
+    iters = {kind: iter(g) for kind, g in grids.items()}
+    kinds = (vision_type * valid.to(vision_type.dtype)).tolist()
+    out: list[list[Segment]] = []
+    for b, row in enumerate(kinds):
+        segs: list[Segment] = []
+        pos = 0
+        while pos < len(row):
+            kind = row[pos]
+            if kind == 0:
+                pos += 1
+                continue
+            end = pos
+            while end < len(row) and row[end] == kind:
+                end += 1
+            while pos < end:
+                grid = next(iters.get(kind, iter(())), None)
+                if grid is None:
+                    name = "image_grid_thw" if kind == 1 else "video_grid_thw"
+                    raise ValueError(f"row {b}: vision tokens at {pos} have no grid left in {name}")
+                seg = Segment(pos, *grid)
+                if seg.end > end:
+                    raise ValueError(
+                        f"row {b}: grid {grid} ({seg.length} tokens) does not fit the run of {end - pos} "
+                        f"vision tokens at {pos}; check image_grid_thw / video_grid_thw against input_ids"
+                    )
+                segs.append(seg)
+                pos = seg.end
+        out.append(segs)
+    return out
+
+
+_CURRENT: contextvars.ContextVar[TokenLayout | None] = contextvars.ContextVar("linmu_layout", default=None)
+
+
+@contextmanager
+def use_layout(layout: TokenLayout) -> Iterator[TokenLayout]:
+    """Make `layout` visible to every M-MATE block called inside the block (one model forward)."""
+    token = _CURRENT.set(layout)
+    try:
+        yield layout
+    finally:
+        _CURRENT.reset(token)
+
+
+def current_layout() -> TokenLayout | None:
+    return _CURRENT.get()

@@ -1,0 +1,101 @@
+"""The M-MATE block: drop-in replacement of one decoder self-attention layer (DESIGN.md §3-5).
+
+out_t = W_o^flex (a_t * flex_t) + W_o^swin ((1 - a_t) * swin_t), a_t = sigmoid(w . u_t + b), one weight per
+token (or per token and head). Both branches are initialized from the teacher layer's attention weights.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+from torch import nn
+
+from linmu_cli.config import MateConfig
+from linmu_cli.layers.cache import LinMUCache
+from linmu_cli.layers.flex_ma import FlexMA
+from linmu_cli.layers.layout import TokenLayout, current_layout
+from linmu_cli.layers.local_swin import LocalSwin
+
+logger = logging.getLogger(__name__)
+
+
+class MateAttention(nn.Module):
+    """Called exactly like transformers' Qwen2-VL attention; returns (output, None)."""
+
+    def __init__(self, text_config, mate: MateConfig, layer_idx: int):
+        super().__init__()
+        hidden = text_config.hidden_size
+        heads, kv_heads = text_config.num_attention_heads, text_config.num_key_value_heads
+        head_dim = getattr(text_config, "head_dim", None) or hidden // heads
+        self.mate, self.layer_idx, self.heads, self.head_dim = mate, layer_idx, heads, head_dim
+        if mate.use_flex:
+            self.flex = FlexMA(hidden, heads, kv_heads, head_dim, text_config.rms_norm_eps, mate)
+        if mate.use_swin:
+            self.swin = LocalSwin(hidden, heads, kv_heads, head_dim, mate)
+        if mate.use_flex and mate.use_swin:
+            self.fuse = nn.Linear(hidden, heads if mate.fusion == "head" else 1, bias=True)
+
+    @classmethod
+    def from_attention(cls, attn: nn.Module, text_config, mate: MateConfig, layer_idx: int) -> MateAttention:
+        """A block whose branches copy `attn`'s projections; new parameters get their documented init."""
+        ref = attn.q_proj.weight
+        block = cls(text_config, mate, layer_idx).to(device=ref.device, dtype=ref.dtype)
+        with torch.no_grad():
+            for branch in (getattr(block, "flex", None), getattr(block, "swin", None)):
+                if branch is None:
+                    continue
+                for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                    src, dst = getattr(attn, name), getattr(branch, name)
+                    dst.weight.copy_(src.weight)
+                    if dst.bias is not None:
+                        dst.bias.copy_(src.bias)
+            if mate.use_flex:
+                block.flex.init_new_parameters(getattr(text_config, "initializer_range", 0.02))
+            if hasattr(block, "fuse"):
+                block.fuse.weight.zero_()
+                block.fuse.bias.fill_(math.log(mate.fusion_init / (1 - mate.fusion_init)))
+        return block
+
+    def _layout(self, hidden_states: torch.Tensor, kwargs: dict) -> TokenLayout:
+        bsz, length, _ = hidden_states.shape
+        layout = kwargs.get("linmu_layout") or current_layout()
+        if layout is None or (layout.batch, layout.length) != (bsz, length):
+            if layout is not None:
+                raise ValueError(
+                    f"token layout is for ({layout.batch}, {layout.length}) but the block got ({bsz}, {length})"
+                )
+            logger.debug("M-MATE block called outside a LinMU model forward: treating the input as text")
+            layout = TokenLayout.text_only(bsz, length, hidden_states.device)
+        return layout
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        past_key_values: LinMUCache | None = None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        cache: LinMUCache | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, None]:
+        cache = cache if cache is not None else past_key_values
+        if cache is not None and not isinstance(cache, LinMUCache):
+            raise TypeError(f"LinMU layers need a LinMUCache, got {type(cache).__name__}")
+        layout = self._layout(hidden_states, kwargs)
+        state = cache.layer(self.layer_idx) if cache is not None else None
+        u = hidden_states
+        flex = self.flex(u, layout, self.layer_idx, state) if self.mate.use_flex else None
+        swin = (
+            self.swin(u, position_embeddings, layout, self.layer_idx, state) if self.mate.use_swin else None
+        )
+        if cache is not None:
+            cache.advance(self.layer_idx, u.shape[1])
+        if swin is None:
+            return self.flex.o_proj(flex.flatten(2)), None
+        if flex is None:
+            return self.swin.o_proj(swin.flatten(2)), None
+        a = torch.sigmoid(self.fuse(u))[..., None]  # (B, L, 1 or H, 1)
+        out = self.flex.o_proj((a * flex).flatten(2)) + self.swin.o_proj(((1 - a) * swin).flatten(2))
+        return out, None

@@ -1,0 +1,147 @@
+"""What differs between source VLM families, behind one small adapter each.
+
+A family says which transformers classes it converts, where the decoder layers live and how the visual
+segments of a batch are found. Adding a family (Qwen3-VL, LLaVA-OneVision, ...) is one new file that defines
+a `Family` and calls `register_family`; `modeling_linmu` builds the LinMU config / model classes from it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from linmu_cli.errors import LinmuError
+from linmu_cli.layers.layout import TokenLayout, find_segments
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str  # source model_type, e.g. "qwen2_vl"
+    config_class: type  # the source family's transformers config class
+    model_class: type  # the source family's *ForConditionalGeneration class
+
+    @property
+    def linmu_model_type(self) -> str:
+        return f"linmu_{self.name}"
+
+    def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
+        return model.model.language_model.layers
+
+    def text_model(self, model: nn.Module) -> nn.Module:
+        return model.model.language_model
+
+    def text_config(self, config):
+        return config.get_text_config(decoder=True)
+
+    def build_layout(
+        self,
+        config,
+        length: int,
+        batch: int,
+        device: torch.device,
+        input_ids: torch.Tensor | None = None,
+        mm_token_type_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_grid_thw: torch.Tensor | None = None,
+        video_grid_thw: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> TokenLayout:
+        """Layout of the current chunk (the last `length` tokens) from what the processor / generate pass.
+
+        Grids come from image_grid_thw / video_grid_thw, or, when generate() has already turned them into
+        3D M-RoPE position ids (transformers >= 5.2x), from those positions.
+        """
+        valid = (
+            attention_mask[:, -length:].bool()
+            if attention_mask is not None and attention_mask.dim() == 2
+            else None
+        )
+        layout = TokenLayout.text_only(batch, length, device, valid)
+        if input_ids is not None:
+            ids = input_ids[:, -length:]
+            kind = (ids == config.image_token_id).long() + 2 * (ids == config.video_token_id).long()
+        elif mm_token_type_ids is not None:
+            kind = mm_token_type_ids[:, -length:].long()
+        else:
+            return layout
+        if not bool(kind.any()):
+            return layout
+        kind, valid_cpu = kind.cpu(), layout.valid.cpu()
+        if image_grid_thw is not None or video_grid_thw is not None:
+            merge = config.vision_config.spatial_merge_size
+            grids = {
+                kind_id: [(int(t), int(h) // merge, int(w) // merge) for t, h, w in grid.tolist()]
+                for kind_id, grid in ((1, image_grid_thw), (2, video_grid_thw))
+                if grid is not None
+            }
+        elif position_ids is not None and position_ids.dim() == 3 and position_ids.shape[0] in (3, 4):
+            grids = grids_from_positions(kind, valid_cpu, position_ids[-3:, :, -length:].cpu())
+        else:
+            raise ValueError(
+                "the input holds image / video tokens but neither image_grid_thw / video_grid_thw nor 3D position "
+                "ids were passed: pass the processor's outputs unchanged"
+            )
+        layout.segments = find_segments(kind, valid_cpu, grids)
+        return layout
+
+
+def grids_from_positions(kind: torch.Tensor, valid: torch.Tensor, positions: torch.Tensor) -> dict:
+    """Recover (t, h, w) grids of every vision run from M-RoPE positions (3, B, L).
+
+    Inside a segment h and w positions count rows / columns from a common start; a segment starts where the
+    three positions are equal and above everything seen in the run (the next image's new base position).
+    """
+    grids: dict[int, list[tuple[int, int, int]]] = {1: [], 2: []}
+    for b in range(kind.shape[0]):
+        row = (kind[b] * valid[b]).tolist()
+        pos = positions[:, b].tolist()
+        i = 0
+        while i < len(row):
+            if row[i] == 0:
+                i += 1
+                continue
+            end = i
+            while end < len(row) and row[end] == row[i]:
+                end += 1
+            starts = [i]
+            top = max(p[i] for p in pos)
+            for j in range(i + 1, end):
+                t, h, w = pos[0][j], pos[1][j], pos[2][j]
+                if t == h == w and t > top:
+                    starts.append(j)
+                top = max(top, t, h, w)
+            for s, e in zip(starts, [*starts[1:], end], strict=True):
+                hh = max(pos[1][s:e]) - min(pos[1][s:e]) + 1
+                ww = max(pos[2][s:e]) - min(pos[2][s:e]) + 1
+                if (e - s) % (hh * ww):
+                    raise ValueError(f"row {b}: vision positions at {s}..{e} do not form a (t, h, w) grid")
+                grids[row[i]].append(((e - s) // (hh * ww), hh, ww))
+            i = end
+    return grids
+
+
+_FAMILIES: dict[str, Family] = {}
+
+
+def register_family(family: Family) -> Family:
+    _FAMILIES[family.name] = family
+    return family
+
+
+def families() -> dict[str, Family]:
+    return dict(_FAMILIES)
+
+
+def family_for_model_type(model_type: str, architectures: list[str] | None = None) -> Family:
+    """The adapter for a source checkpoint's model_type, or a LinmuError naming what was found."""
+    for fam in _FAMILIES.values():
+        if model_type in (fam.name, fam.linmu_model_type):
+            return fam
+    found = model_type or "unknown"
+    if architectures:
+        found += f" ({', '.join(architectures)})"
+    raise LinmuError(
+        f"unsupported model: found model_type {found}; linmu converts {', '.join(sorted(_FAMILIES))}"
+    )

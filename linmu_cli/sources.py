@@ -1,0 +1,134 @@
+"""Where a teacher comes from: a local directory, the HF cache (hub id), a short alias or an embedded tiny model.
+
+linmu never downloads silently: a hub id resolves through the local Hugging Face cache, and when it is not
+there (and the hub is unreachable or HF_HUB_OFFLINE=1) the error says how to get the files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from linmu_cli.errors import LinmuError
+from linmu_cli.models.family import families, family_for_model_type
+
+HUB_ALIASES: dict[str, str] = {
+    "qwen2-vl-2b": "Qwen/Qwen2-VL-2B-Instruct",
+    "qwen2-vl-7b": "Qwen/Qwen2-VL-7B-Instruct",
+    "qwen2-vl-72b": "Qwen/Qwen2-VL-72B-Instruct",
+    "qwen2.5-vl-3b": "Qwen/Qwen2.5-VL-3B-Instruct",
+    "qwen2.5-vl-7b": "Qwen/Qwen2.5-VL-7B-Instruct",
+    "qwen2.5-vl-32b": "Qwen/Qwen2.5-VL-32B-Instruct",
+    "qwen2.5-vl-72b": "Qwen/Qwen2.5-VL-72B-Instruct",
+}
+TINY_ALIASES: dict[str, str] = {"tiny-qwen2-vl": "qwen2_vl", "tiny-qwen2.5-vl": "qwen2_5_vl"}
+DTYPES = {"auto": "auto", "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}  # fmt: skip
+
+
+def known_aliases() -> list[str]:
+    return sorted([*TINY_ALIASES, *HUB_ALIASES])
+
+
+@dataclass
+class Teacher:
+    """A loaded source model with its processor and where it came from."""
+
+    model: nn.Module
+    processor: object | None
+    source: str
+    local_dir: Path | None  # files to copy (tokenizer, processor, chat template) when loaded from disk
+
+
+def parse_dtype(name: str) -> torch.dtype | str:
+    if name not in DTYPES:
+        raise LinmuError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def _hub_snapshot(repo_id: str) -> Path:
+    """The local snapshot directory of a hub id, from the HF cache; downloads only when online is allowed."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception:
+        pass
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        reason = "HF_HUB_OFFLINE is set"
+    else:
+        try:
+            return Path(snapshot_download(repo_id))
+        except Exception as exc:  # no network, gated repo, typo: all end the same way for the user
+            reason = f"download failed: {type(exc).__name__}"
+    raise LinmuError(
+        f"{repo_id} is not in the local Hugging Face cache and cannot be fetched ({reason}). On a machine with "
+        f"internet run `huggingface-cli download {repo_id}` and copy the cache (HF_HOME), or pass the "
+        "checkpoint's local directory instead of the hub id"
+    )
+
+
+def resolve_source(source: str) -> tuple[str, str | Path]:
+    """('tiny', family) | ('dir', path): what SOURCE names, or a LinmuError saying what to pass instead."""
+    path = Path(source).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise LinmuError(f"{path} has no config.json: pass a Hugging Face checkpoint directory")
+        return "dir", path
+    if source in TINY_ALIASES:
+        return "tiny", TINY_ALIASES[source]
+    if source in HUB_ALIASES:
+        return "dir", _hub_snapshot(HUB_ALIASES[source])
+    if source.count("/") == 1 and not source.startswith((".", "/", "~")):
+        return "dir", _hub_snapshot(source)
+    raise LinmuError(f"unknown model {source!r}: not a directory, hub id or alias; known aliases: "
+                     f"{', '.join(known_aliases())}")  # fmt: skip
+
+
+def read_model_type(path: Path) -> tuple[str, list[str]]:
+    try:
+        data = json.loads((path / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise LinmuError(f"cannot read {path / 'config.json'}: {exc}") from exc
+    return data.get("model_type", ""), data.get("architectures") or []
+
+
+def load_teacher(source: str, dtype: str = "auto", device: str = "cpu", seed: int = 0) -> Teacher:
+    """Load a supported source VLM (never a LinMU checkpoint) with its processor."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    torch_dtype = parse_dtype(dtype)
+    kind, where = resolve_source(source)
+    if kind == "tiny":
+        from linmu_cli.tiny import build_tiny_teacher
+
+        model, processor = build_tiny_teacher(where, seed=seed)
+        if torch_dtype != "auto":
+            model = model.to(torch_dtype)
+        return Teacher(model.to(device), processor, source, None)
+    model_type, archs = read_model_type(where)
+    if model_type.startswith("linmu_"):
+        raise LinmuError(f"{where} is already a LinMU checkpoint ({model_type}); convert its teacher instead")
+    family_for_model_type(model_type, archs)  # raises with the supported list
+    model = AutoModelForImageTextToText.from_pretrained(where, dtype=torch_dtype, device_map=None).to(device)
+    try:
+        processor = AutoProcessor.from_pretrained(where)
+    except Exception:  # a bare weights directory is still convertible
+        processor = None
+    return Teacher(model.eval(), processor, source, Path(where))
+
+
+__all__ = [
+    "HUB_ALIASES",
+    "TINY_ALIASES",
+    "Teacher",
+    "families",
+    "known_aliases",
+    "load_teacher",
+    "resolve_source",
+]

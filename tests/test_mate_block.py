@@ -1,0 +1,161 @@
+"""One M-MATE block against the formulas of DESIGN.md §3-5, and its causality rules."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import Qwen2VLTextConfig
+
+from linmu_cli.config import MateConfig
+from linmu_cli.layers.layout import Segment, TokenLayout, scan_permutation
+from linmu_cli.layers.mate import MateAttention
+
+HIDDEN, HEADS, KV, D = 32, 4, 2, 8
+
+
+def text_config():
+    return Qwen2VLTextConfig(hidden_size=HIDDEN, num_attention_heads=HEADS, num_key_value_heads=KV,
+                             intermediate_size=64, num_hidden_layers=2, vocab_size=50)  # fmt: skip
+
+
+def make_block(layer_idx=0, **mate):
+    torch.manual_seed(0)
+    block = MateAttention(text_config(), MateConfig(**mate).validate(), layer_idx)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0, 0.3)
+        if hasattr(block, "flex"):
+            block.flex.init_new_parameters(0.3)
+            block.flex.dt_bias.normal_(0, 0.5)
+            if block.mate.bidirectional:
+                block.flex.dt_bias_bwd.normal_(0, 0.5)
+    return block.eval()
+
+
+def layout_of(segments, length, batch=1):
+    layout = TokenLayout.text_only(batch, length, torch.device("cpu"))
+    layout.segments = segments
+    return layout
+
+
+def rope(length):
+    torch.manual_seed(1)
+    angles = torch.randn(1, length, D // 2)
+    emb = torch.cat([angles, angles], dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def run(block, u, layout):
+    return block(u, position_embeddings=rope(u.shape[1]), linmu_layout=layout)[0]
+
+
+def naive_flex(flex, u, layout, layer_idx):
+    """Flex-MA written straight from the formulas, token by token (no conv)."""
+    m, h, d = flex.mate, flex.heads, flex.head_dim
+    g = h // flex.kv_heads
+    x = flex.v_proj(u).view(*u.shape[:2], flex.kv_heads, d).repeat_interleave(g, 2)[0]
+    b = flex.k_proj(u).view(*u.shape[:2], flex.kv_heads, d).repeat_interleave(g, 2)[0]
+    c = flex.q_proj(u).view(*u.shape[:2], h, d)[0] * d**-0.5
+    dt = F.softplus(flex.dt_proj(u) + flex.dt_bias)[0]
+    a = -torch.exp(flex.A_log)
+    order = m.scan_orders[layer_idx % len(m.scan_orders)]
+    visit = list(range(u.shape[1]))
+    for s in layout.segments[0]:
+        visit[s.start : s.end] = (s.start + scan_permutation(s, order)).tolist()
+    y = torch.zeros(u.shape[1], h, d)
+    state = torch.zeros(h, d, d)
+    for t in visit:
+        state = (
+            torch.exp(dt[t] * a)[:, None, None] * state
+            + dt[t][:, None, None] * x[t][:, :, None] * b[t][:, None, :]
+        )
+        y[t] = (state @ c[t][:, :, None])[..., 0]
+    if m.bidirectional:
+        dtb = F.softplus(flex.dt_proj_bwd(u) + flex.dt_bias_bwd)[0]
+        ab = -torch.exp(flex.A_log_bwd)
+        for s in layout.segments[0]:
+            state = torch.zeros(h, d, d)
+            for t in reversed((s.start + scan_permutation(s, order)).tolist()):
+                y[t] = y[t] + (state @ c[t][:, :, None])[..., 0]  # strictly future: state before adding t
+                state = (
+                    torch.exp(dtb[t] * ab)[:, None, None] * state
+                    + dtb[t][:, None, None] * x[t][:, :, None] * b[t][:, None, :]
+                )
+    y = y + flex.D[:, None] * x
+    y = y * F.silu(flex.gate_proj(u)[0]).view(-1, h, d)
+    y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + flex.eps)
+    return y * flex.norm_weight.view(h, d)
+
+
+@pytest.mark.parametrize("layer_idx", [0, 1, 2])
+def test_flex_ma_matches_the_formulas(layer_idx):
+    block = make_block(layer_idx, use_swin=False, d_conv=0)
+    segs = [Segment(3, 2, 2, 3), Segment(17, 3, 1, 2)]
+    layout = layout_of([segs], 27)
+    u = torch.randn(1, 27, HIDDEN)
+    with torch.no_grad():
+        got = block.flex(u, layout, layer_idx, None)[0]
+        want = naive_flex(block.flex, u, layout, layer_idx)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+
+
+def test_fusion_interpolates_the_two_branches():
+    block = make_block(d_conv=0)
+    layout = layout_of([[Segment(2, 1, 2, 2)]], 9)
+    u = torch.randn(1, 9, HIDDEN)
+    with torch.no_grad():
+        block.fuse.weight.zero_()
+        block.fuse.bias.fill_(50.0)  # a = 1: Flex-MA only
+        only_flex = run(block, u, layout)
+        want = block.flex.o_proj(block.flex(u, layout, 0, None).flatten(2))
+        torch.testing.assert_close(only_flex, want)
+        block.fuse.bias.fill_(-50.0)  # a = 0: Local-Swin only
+        want = block.swin.o_proj(block.swin(u, rope(9), layout, 0, None).flatten(2))
+        torch.testing.assert_close(run(block, u, layout), want)
+
+
+@pytest.mark.parametrize("mate", [{}, {"use_swin": False}, {"use_flex": False}, {"bidirectional": False}])
+def test_causality_rules(mate):
+    """Text sees only the past; a vision token sees its own segment and the past, nothing after it."""
+    seg = Segment(4, 2, 2, 2)  # positions 4..11
+    layout = layout_of([[seg]], 16)
+    block = make_block(1, vision_window=[2, 2, 2], text_window=6, **mate)
+    u = torch.randn(1, 16, HIDDEN)
+    with torch.no_grad():
+        base = run(block, u, layout)
+        after = u.clone()
+        after[:, 12:] += 1.0  # text after the segment
+        out = run(block, after, layout)
+        assert torch.equal(out[:, :12], base[:, :12])
+        assert not torch.allclose(out[:, 12:], base[:, 12:])
+        inside = u.clone()
+        inside[:, 11] += 1.0  # last token of the segment
+        out = run(block, inside, layout)
+        assert torch.equal(out[:, :4], base[:, :4])  # text before the segment
+        if mate.get("use_flex", True) and (mate.get("use_swin", True) or mate.get("bidirectional", True)):
+            assert not torch.allclose(out[:, 4], base[:, 4])  # first token of the segment sees the last one
+
+
+def test_text_window_limits_what_text_sees():
+    block = make_block(use_flex=False, text_window=3)
+    layout = layout_of([[]], 10)
+    u = torch.randn(1, 10, HIDDEN)
+    with torch.no_grad():
+        base = run(block, u, layout)
+        changed = u.clone()
+        changed[:, 2] += 1.0
+        out = run(block, changed, layout)
+    assert not torch.allclose(out[:, 4], base[:, 4])  # 2 is within the 3 keys ending at 4
+    assert torch.equal(out[:, 5:], base[:, 5:])  # but not within those ending at 5
+
+
+def test_windows_are_local_and_shifted_on_odd_layers():
+    seg = Segment(0, 1, 4, 4)
+    layout = layout_of([[seg]], 16)
+    u = torch.randn(1, 16, HIDDEN)
+    changed = u.clone()
+    changed[:, 5] += 1.0  # (h=1, w=1)
+    for layer, affected in ((0, {0, 1, 4, 5}), (1, {5, 6, 9, 10})):
+        block = make_block(layer, use_flex=False, vision_window=[1, 2, 2])
+        with torch.no_grad():
+            diff = (run(block, changed, layout) - run(block, u, layout)).abs().sum(-1)[0]
+        assert {i for i in range(16) if diff[i] > 0} == affected
