@@ -151,10 +151,46 @@ def _not_yet(name: str, issue: str) -> None:
     raise typer.Exit(2)
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def distill(ctx: typer.Context) -> None:
-    """Three-stage distillation from a YAML recipe (not yet: tracked in the distill issue)."""
-    _not_yet("distill", "three-stage distillation lands with the `linmu distill` issue")
+@app.command()
+@user_errors
+def distill(
+    recipe: Annotated[Path, typer.Argument(help="YAML recipe, e.g. recipes/tiny.yaml.")],
+    overrides: Annotated[
+        list[str] | None,
+        typer.Argument(help="Overrides key.sub=value, e.g. stages.stage1.steps=50 output=runs/x."),
+    ] = None,
+    stage: Annotated[str | None, typer.Option(help="Run only this stage (stage1, stage2 or stage3).")] = None,
+    resume: Annotated[
+        bool, typer.Option(help="Continue an interrupted run from its last step checkpoint.")
+    ] = False,
+    force: Annotated[bool, typer.Option(help="Delete OUTPUT and start over.")] = False,
+) -> None:
+    """Three-stage distillation of a LinMU student from its frozen teacher (DESIGN.md §1, §7).
+
+    Stage 1 trains Flex-MA alone and stage 2 adds Local-Swin (both teacher-forced, layer by layer); stage 3
+    runs end to end with LoRA on the decoder MLPs. Each stage writes OUTPUT/<stage>/ (a loadable checkpoint
+    with the recipe it ran), step checkpoints under OUTPUT/checkpoints/, OUTPUT/metrics.jsonl and
+    OUTPUT/report.json; the run ends with OUTPUT/final/ (LoRA merged). Examples:
+
+      linmu distill recipes/tiny.yaml
+
+      linmu distill recipes/qwen2-vl-7b.yaml teacher=/ckpt/Qwen2-VL-7B-Instruct data.manifest=/data/train.jsonl
+
+      linmu distill recipes/tiny.yaml --resume                         # after a crash
+
+      accelerate launch --num_processes 2 -m linmu_cli distill recipes/tiny.yaml   # data parallel
+    """
+    from transformers.utils import logging as hf_logging
+
+    from linmu_cli.distill import distill as run_distill
+
+    hf_logging.disable_progress_bar()
+    results = run_distill(recipe, overrides or [], stage=stage, resume=resume, force=force, console=console)
+    for name, res in results.items():
+        if res.get("after"):
+            console.print(f"{name}: mean rel. hidden error {res['before']['mean_rel_error']:.4f} -> "
+                          f"{res['after']['mean_rel_error']:.4f}, logit KL {res['before']['logit_kl']:.4f} -> "
+                          f"{res['after']['logit_kl']:.4f}")  # fmt: skip
 
 
 @app.command(name="eval", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

@@ -77,3 +77,11 @@ def test_shift_changes_the_partition():
     a = layout.window_plan([2, 2, 2], False)
     b = layout.window_plan([2, 2, 2], True)
     assert a.index.shape[0] == 8 and b.index.shape[0] == 27  # 2^3 full windows vs 3^3 with borders
+
+
+def test_windows_of_segments_with_different_grids_share_one_padded_plan():
+    layout = _layout([[Segment(0, 1, 2, 2), Segment(4, 4, 2, 2)]], length=20)
+    plan = layout.window_plan([2, 2, 2], False)
+    assert plan.index.shape[1] == 8
+    assert sorted(plan.index[plan.valid].tolist()) == list(range(20))
+    assert plan.valid.sum(1).tolist() == [4, 8, 8]

@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 
 @dataclass(frozen=True)
@@ -151,9 +152,10 @@ class TokenLayout:
                     idx, val = _segment_windows(s, window, shifted)
                     indices.append(idx + b * self.length)
                     valids.append(val)
-            self._cache[key] = WindowPlan(
-                torch.cat(indices).to(self.device), torch.cat(valids).to(self.device)
-            )
+            size = max(i.shape[1] for i in indices)  # windows clipped to small grids are narrower: pad
+            index = torch.cat([F.pad(i, (0, size - i.shape[1])) for i in indices])
+            valid = torch.cat([F.pad(v, (0, size - v.shape[1]), value=False) for v in valids])
+            self._cache[key] = WindowPlan(index.to(self.device), valid.to(self.device))
         return self._cache[key]
 
 

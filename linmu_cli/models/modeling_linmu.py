@@ -17,7 +17,7 @@ from transformers import AttentionInterface, AutoConfig, AutoModelForImageTextTo
 
 from linmu_cli.config import MateConfig
 from linmu_cli.layers.cache import LinMUCache
-from linmu_cli.layers.layout import use_layout
+from linmu_cli.layers.layout import TokenLayout, use_layout
 from linmu_cli.layers.mate import MateAttention
 from linmu_cli.models.family import Family, families, family_for_model_type
 
@@ -83,21 +83,27 @@ class LinMUModelMixin:
         name = _cache_arg(self.family.model_class)
         if kwargs.get(name) is None and kwargs.get("use_cache") is not False and not self.training:
             kwargs[name] = self.new_cache()
+        layout = self.token_layout(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        # The layout travels both as a keyword (kept by gradient checkpointing for the recompute in backward)
+        # and as a context variable (for code paths that drop unknown keywords).
+        with use_layout(layout):
+            return super().forward(
+                input_ids=input_ids, attention_mask=attention_mask, linmu_layout=layout, **kwargs
+            )
+
+    def token_layout(self, input_ids=None, attention_mask=None, **kwargs) -> TokenLayout:
+        """Visual segments and padding of a batch given as the processor returns it (DESIGN.md §2)."""
         ref = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
-        layout = self.family.build_layout(
+        names = ("mm_token_type_ids", "image_grid_thw", "video_grid_thw", "position_ids")
+        return self.family.build_layout(
             self.config,
             length=ref.shape[1],
             batch=ref.shape[0],
             device=ref.device,
             input_ids=input_ids,
             attention_mask=attention_mask,
-            **{
-                k: kwargs.get(k)
-                for k in ("mm_token_type_ids", "image_grid_thw", "video_grid_thw", "position_ids")
-            },
+            **{k: kwargs.get(k) for k in names},
         )
-        with use_layout(layout):
-            return super().forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         name = _cache_arg(self.family.model_class)

@@ -1,0 +1,1 @@
+"""Training / evaluation data: the built-in synthetic source and (later) manifest loaders."""

@@ -1,0 +1,217 @@
+"""Training samples for distillation: the built-in synthetic source or a LLaVA-style manifest.
+
+A sample is a chat (question + answer) with one image or video, turned into model inputs by the teacher's own
+processor. Position in the data is a single integer (samples consumed), so a resumed run continues exactly
+where it stopped; with several processes, rank r takes samples r, r + world, ...
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from linmu_cli.data import synthetic
+from linmu_cli.distill.recipe import DataConfig
+from linmu_cli.errors import LinmuError
+
+
+@dataclass
+class Example:
+    """One chat sample before processing: media is a PIL image, a (T, H, W, 3) uint8 array, or None."""
+
+    kind: str  # "image" | "video" | "text"
+    media: object
+    question: str
+    answer: str
+    fps: float = 2.0
+
+
+class SkipSample(Exception):
+    """A bad sample (missing file, corrupt video, too long); counted and reported unless on_error: raise."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+
+
+def read_video(path: Path, frames: int, fps_cap: float | None) -> tuple[np.ndarray, float]:
+    """Uniformly sample an even number of frames with decord (no process-global bridge)."""
+    import decord
+
+    try:
+        reader = decord.VideoReader(str(path), ctx=decord.cpu(0))
+    except Exception as exc:  # decord raises its own DECORDError and RuntimeError
+        raise SkipSample("corrupt video", f"{path}: {exc}") from None
+    total, native_fps = len(reader), float(reader.get_avg_fps() or 1.0)
+    if total < 1:
+        raise SkipSample("corrupt video", f"{path}: no frames")
+    want = frames
+    if fps_cap:
+        want = min(want, max(2, int(total / native_fps * fps_cap)))
+    want = max(2, want - want % 2)
+    idx = np.linspace(0, total - 1, want).round().astype(int)
+    try:
+        clip = reader.get_batch(idx.tolist()).asnumpy()
+    except Exception as exc:
+        raise SkipSample("corrupt video", f"{path}: {exc}") from None
+    return clip, native_fps * want / max(total, 1)
+
+
+class ManifestSource:
+    """LLaVA-style JSON list or JSONL: {"image" | "video": path, "conversations": [{"from", "value"}, ...]}."""
+
+    def __init__(self, cfg: DataConfig, heldout: bool = False):
+        path = Path(cfg.manifest)
+        if not path.is_file():
+            raise LinmuError(f"data.manifest {path} not found")
+        text = path.read_text()
+        try:
+            rows = (
+                json.loads(text)
+                if text.lstrip().startswith("[")
+                else [json.loads(x) for x in text.splitlines() if x.strip()]
+            )
+        except json.JSONDecodeError as exc:
+            raise LinmuError(f"data.manifest {path}: not JSON / JSONL ({exc})") from None
+        if not rows:
+            raise LinmuError(f"data.manifest {path} is empty")
+        if len(rows) > cfg.heldout:  # the last `heldout` rows are kept out of training for the report
+            rows = rows[-cfg.heldout :] if heldout else rows[: -cfg.heldout or None]
+        self.rows, self.cfg = rows, cfg
+        self.root = Path(cfg.media_root) if cfg.media_root else path.parent
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def example(self, index: int) -> Example:
+        row = self.rows[index]
+        turns = row.get("conversations") or []
+        human = next((t["value"] for t in turns if t.get("from") in ("human", "user")), None)
+        answer = next((t["value"] for t in turns if t.get("from") in ("gpt", "assistant")), None)
+        if human is None or answer is None:
+            raise SkipSample("malformed", f"row {index} has no human/gpt turn")
+        question = human.replace("<image>", "").replace("<video>", "").strip()
+        if "video" in row:
+            clip, fps = read_video(self._media(row["video"]), self.cfg.frames, self.cfg.fps)
+            return Example("video", clip, question, answer, fps)
+        if "image" in row:
+            try:
+                img = Image.open(self._media(row["image"])).convert("RGB")
+            except OSError as exc:
+                raise SkipSample("corrupt image", f"{row['image']}: {exc}") from None
+            return Example("image", img, question, answer)
+        return Example("text", None, question, answer)
+
+    def _media(self, rel: str) -> Path:
+        path = self.root / rel
+        if not path.is_file():
+            raise SkipSample("missing file", str(path))
+        return path
+
+
+class SyntheticSource:
+    """The procedural tasks of `linmu_cli.data.synthetic`, round-robin, generated on the fly from the seed."""
+
+    def __init__(self, cfg: DataConfig, seed: int):
+        unknown = [t for t in cfg.tasks if t not in synthetic.TASKS]
+        if unknown:
+            raise LinmuError(
+                f"data.tasks: unknown synthetic task(s) {unknown}; known: {', '.join(synthetic.TASKS)}"
+            )
+        self.cfg, self.seed = cfg, seed
+
+    def example(self, index: int) -> Example:
+        tasks = self.cfg.tasks
+        s = synthetic.generate(
+            tasks[index % len(tasks)], index // len(tasks), self.seed, self.cfg.frames, self.cfg.size
+        )
+        media = Image.fromarray(s.media) if s.kind == "image" else s.media
+        return Example(s.kind, media, s.question, s.answer)
+
+
+def to_inputs(processor, examples: list[Example], max_tokens: int) -> dict[str, torch.Tensor]:
+    """Chat-format question + answer (teacher forcing) and run the processor; left padding."""
+    texts, images, videos, metadata = [], [], [], []
+    for ex in examples:
+        content = ([{"type": ex.kind}] if ex.kind != "text" else []) + [{"type": "text", "text": ex.question}]
+        msgs = [
+            {"role": "user", "content": content},
+            {"role": "assistant", "content": [{"type": "text", "text": ex.answer}]},
+        ]
+        texts.append(processor.apply_chat_template(msgs, tokenize=False))
+        if ex.kind == "image":
+            images.append(ex.media)
+        elif ex.kind == "video":
+            videos.append(ex.media)
+            metadata.append({"total_num_frames": len(ex.media), "fps": ex.fps})
+    processor.tokenizer.padding_side = "left"
+    kwargs = {"images": images or None, "videos": videos or None}
+    if videos and "Qwen2_5" in type(processor).__name__:
+        kwargs["video_metadata"] = metadata  # else it assumes 24 fps for arrays (wrong temporal positions)
+    inputs = processor(
+        text=texts, padding=True, return_tensors="pt", **{k: v for k, v in kwargs.items() if v}
+    )
+    if inputs["input_ids"].shape[1] > max_tokens:
+        raise SkipSample("too long", f"{inputs['input_ids'].shape[1]} tokens > data.max_tokens={max_tokens}")
+    return dict(inputs)
+
+
+class SampleStream:
+    """Deterministic stream of processed batches with an integer position, skipping bad samples."""
+
+    def __init__(
+        self, cfg: DataConfig, processor, seed: int, rank: int = 0, world: int = 1, heldout: bool = False
+    ):
+        self.cfg, self.processor, self.rank, self.world = cfg, processor, rank, world
+        if cfg.source == "manifest":
+            self.source = ManifestSource(cfg, heldout)
+        else:  # held-out samples come from a different seed
+            self.source = SyntheticSource(cfg, seed + (7919 if heldout else 0))
+        self.seed = seed
+        self.skipped: Counter[str] = Counter()
+        self.position = 0  # samples consumed by this rank's stream (global index = position * world + rank)
+
+    def _index(self, position: int) -> int:
+        global_index = position * self.world + self.rank
+        if isinstance(self.source, SyntheticSource):
+            return global_index
+        n = len(self.source)
+        epoch, offset = divmod(global_index, n)
+        order = list(range(n))
+        random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+        return order[offset]
+
+    def _next_example(self) -> Example:
+        for _ in range(1000):
+            index = self._index(self.position)
+            self.position += 1
+            try:
+                return self.source.example(index)
+            except SkipSample as exc:
+                self._skip(exc)
+        raise LinmuError("1000 bad samples in a row: check data.manifest / data.media_root")
+
+    def _skip(self, exc: SkipSample) -> None:
+        if self.cfg.on_error == "raise":
+            raise LinmuError(f"bad sample ({exc}); set data.on_error: skip to skip such samples") from None
+        self.skipped[exc.reason] += 1
+
+    def next_batch(self, batch_size: int) -> dict[str, torch.Tensor]:
+        while True:
+            examples = [self._next_example() for _ in range(batch_size)]
+            try:
+                return to_inputs(self.processor, examples, self.cfg.max_tokens)
+            except SkipSample as exc:
+                self._skip(exc)
+
+    def batches(self, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
+        while True:
+            yield self.next_batch(batch_size)

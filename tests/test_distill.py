@@ -1,0 +1,212 @@
+"""`linmu distill`: recipes, the three stages, resume after SIGKILL, errors, bad data, two processes."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForImageTextToText
+from typer.testing import CliRunner
+
+import linmu_cli  # noqa: F401
+from linmu_cli.cli import app
+from linmu_cli.distill import distill, load_recipe
+from linmu_cli.errors import LinmuError
+
+RECIPE = Path(__file__).parents[1] / "recipes" / "tiny.yaml"
+SHORT = ["stages.stage1.steps=6", "stages.stage2.steps=4", "stages.stage3.steps=4", "data.heldout=2",
+         "stages.stage1.save_every=3", "stages.stage2.save_every=2", "stages.stage3.save_every=2"]  # fmt: skip
+
+
+def losses(out: Path) -> list[tuple[str, int, float]]:
+    return [
+        (r["stage"], r["step"], r["loss"])
+        for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+    ]
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("full") / "run"
+    results = distill(RECIPE, [f"output={out}", *SHORT])
+    return out, results
+
+
+def test_all_three_stages_bring_the_student_closer(full_run):
+    out, results = full_run
+    assert list(results) == ["stage1", "stage2", "stage3"]
+    for name, res in results.items():
+        assert res["after"]["mean_rel_error"] < res["before"]["mean_rel_error"], name
+    assert results["stage3"]["after"]["logit_kl"] < results["stage1"]["before"]["logit_kl"]
+    # each stage says where it started
+    assert results["stage1"]["started_from"] == "conversion of tiny-qwen2-vl"
+    assert json.loads((out / "stage3" / "stage.json").read_text())["started_from"] == str(out / "stage2")
+    report = json.loads((out / "report.json").read_text())
+    assert set(report) == {"stage1", "stage2", "stage3"}
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 6 + 4 + 4
+    assert {"stage", "step", "loss", "hidden", "lr", "tokens_per_s"} <= set(records[0])
+    assert "kl" in records[-1]
+
+
+def test_final_is_merged_and_loads_with_auto_classes(full_run):
+    out, _ = full_run
+    final = AutoModelForImageTextToText.from_pretrained(out / "final")
+    assert type(final).__name__.startswith("LinMU")
+    assert not any("lora" in n for n in final.state_dict())
+    stage2 = weights(out / "stage2")
+    mlp = "model.language_model.layers.0.mlp.down_proj.weight"
+    assert not torch.equal(final.state_dict()[mlp], stage2[mlp])  # LoRA merged into the MLP
+    teacher = AutoModelForImageTextToText.from_pretrained(out / "stage1")  # stage outputs load too
+    assert torch.equal(teacher.state_dict()[mlp], stage2[mlp])  # stages 1-2 never touch the MLPs
+    assert (out / "final" / "tokenizer.json").exists() and (out / "final" / "recipe.yaml").exists()
+
+
+def test_stage_refuses_to_start_without_its_predecessor(tmp_path, full_run):
+    with pytest.raises(LinmuError, match="stage2 starts from stage1's output"):
+        distill(RECIPE, [f"output={tmp_path / 'x'}", *SHORT], stage="stage2")
+    src, _ = full_run
+    res = distill(
+        RECIPE,
+        [f"output={tmp_path / 'y'}", *SHORT, f"stages.stage2.init_from={src / 'stage1'}"],
+        stage="stage2",
+    )
+    assert res["stage2"]["started_from"] == str(src / "stage1")
+
+
+def test_existing_output_needs_resume_or_force(full_run):
+    out, _ = full_run
+    with pytest.raises(LinmuError, match="--resume"):
+        distill(RECIPE, [f"output={out}", *SHORT])
+
+
+def test_resume_after_sigkill_reaches_the_same_weights(tmp_path, full_run):
+    ref_out, _ = full_run
+    out = tmp_path / "killed"
+    steps = ["stages.stage1.steps=40", "stages.stage1.save_every=4"]
+    cmd = [sys.executable, "-m", "linmu_cli", "distill", str(RECIPE), f"output={out}", *SHORT, *steps]
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    ckpts = out / "checkpoints" / "stage1"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (ckpts / "step-0000008").exists() and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "final").exists(), "the run finished before it could be killed"
+    subprocess.run([*cmd, "--resume"], check=True, env=env, stdout=subprocess.DEVNULL)
+    reference = tmp_path / "reference"
+    distill(RECIPE, [f"output={reference}", *SHORT, *steps])
+    assert losses(out) == losses(reference)
+    a, b = weights(out / "final"), weights(reference / "final")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path):
+    out = tmp_path / "nan"
+    over = [f"output={out}", *SHORT, "stages.stage1.steps=30", "stages.stage1.lr=1e30", "stages.stage1.max_grad_norm=1e30",
+            "stages.stage1.schedule=constant", "stages.stage1.save_every=1"]  # fmt: skip
+    with pytest.raises(LinmuError, match="the loss became"):
+        distill(RECIPE, over)
+    last = sorted((out / "checkpoints" / "stage1").glob("step-*"))[-1]
+    state = torch.load(last / "train_state.pt", weights_only=False)
+    assert all(torch.isfinite(t).all() for t in state["trainable"].values())
+
+
+def test_recipe_errors_name_the_key():
+    with pytest.raises(LinmuError, match="did you mean 'steps'"):
+        load_recipe(RECIPE, ["stages.stage1.step=3"])
+    with pytest.raises(LinmuError, match="did you mean 'stage2'"):
+        load_recipe(RECIPE, ["stages.stag2.steps=3"])
+    with pytest.raises(LinmuError, match=r"stages.stage1.lr: expected float"):
+        load_recipe(RECIPE, ["stages.stage1.lr=fast"])
+    with pytest.raises(LinmuError, match="layerwise stages regress hidden states only"):
+        load_recipe(RECIPE, ["stages.stage1.loss.kl=1.0"])
+    with pytest.raises(LinmuError, match="recipe.model"):
+        load_recipe(RECIPE, ["model.text_window=-1"])
+    with pytest.raises(LinmuError, match="did you mean 'teacher'"):
+        load_recipe(RECIPE, ["teachr=x"])
+    recipe = load_recipe(RECIPE, ["stages.stage1.steps=7", "model.fusion_init=0.2"])
+    assert recipe.stages["stage1"].steps == 7 and recipe.mate.fusion_init == 0.2
+    assert recipe.stages["stage3"].lora.rank == 8
+
+
+def _write_video(path: Path, frames: int = 8, size: int = 56) -> None:
+    import av
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=4)
+        stream.width = stream.height = size
+        stream.pix_fmt = "yuv420p"
+        for i in range(frames):
+            frame = np.full((size, size, 3), 20 * i, dtype=np.uint8)
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+
+
+def test_manifest_data_skips_bad_samples_and_can_raise(tmp_path):
+    media = tmp_path / "media"
+    media.mkdir()
+    _write_video(media / "ok.mp4")
+    (media / "broken.mp4").write_bytes(b"not a video")
+    from PIL import Image
+
+    Image.fromarray(np.zeros((56, 56, 3), np.uint8)).save(media / "img.png")
+    rows = [
+        {"video": "ok.mp4", "conversations": [{"from": "human", "value": "<video>\nWhat?"}, {"from": "gpt", "value": "dark"}]},
+        {"video": "missing.mp4", "conversations": [{"from": "human", "value": "<video>\nQ"}, {"from": "gpt", "value": "A"}]},
+        {"video": "broken.mp4", "conversations": [{"from": "human", "value": "<video>\nQ"}, {"from": "gpt", "value": "A"}]},
+        {"image": "img.png", "conversations": [{"from": "human", "value": "<image>\nColor?"}, {"from": "gpt", "value": "black"}]},
+    ]  # fmt: skip
+    manifest = tmp_path / "train.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    base = [f"output={tmp_path / 'run'}", "data.source=manifest", f"data.manifest={manifest}", f"data.media_root={media}", "data.frames=8",
+            "data.heldout=1", "stages.stage1.steps=4", "stages.stage1.batch_size=1"]  # fmt: skip
+    res = distill(RECIPE, base, stage="stage1")
+    assert res["stage1"]["skipped_samples"] == {"missing file": 1, "corrupt video": 1}
+    with pytest.raises(LinmuError, match="bad sample"):
+        distill(RECIPE, [*base, "data.on_error=raise"], stage="stage1", force=True)
+
+
+def test_cli_distill_and_its_errors(tmp_path):
+    runner = CliRunner()
+    res = runner.invoke(
+        app, ["distill", str(RECIPE), f"output={tmp_path / 'o'}", *SHORT, "--stage", "stage1"]
+    )
+    assert res.exit_code == 0, res.output
+    assert "stage1: mean rel. hidden error" in res.output
+    res = runner.invoke(app, ["distill", str(tmp_path / "none.yaml")])
+    assert res.exit_code == 2 and "not found" in res.output
+    res = runner.invoke(app, ["distill", str(RECIPE), "stages.stage1.stesp=1"])
+    assert res.exit_code == 2 and "did you mean 'steps'" in res.output
+    res = runner.invoke(app, ["distill", str(RECIPE), "--stage", "stage9"])
+    assert res.exit_code == 2 and "stage9" in res.output
+
+
+def test_two_processes_run_data_parallel(tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+           "-m", "linmu_cli", "distill", str(RECIPE), f"output={out}", *SHORT]  # fmt: skip
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    records = losses(out)
+    assert [r[:2] for r in records] == [
+        (s, i) for s, n in (("stage1", 6), ("stage2", 4), ("stage3", 4)) for i in range(1, n + 1)
+    ]
+    assert (out / "final" / "model.safetensors").exists()
+    state = torch.load(
+        sorted((out / "checkpoints" / "stage1").glob("step-*"))[-1] / "train_state.pt", weights_only=False
+    )
+    assert len(state["data_positions"]) == 2
