@@ -60,8 +60,9 @@ def make_inputs(b, T, h, p, n, seed=0):
     C = (torch.randn(b, T, h, n, device=dev, generator=g) / n**0.5).bfloat16()
     init = torch.randn(b, h, p, n, device=dev, generator=g) * 0.5
     reset = torch.rand(b, T, device=dev, generator=g) < 1.0 / 300
-    reset[0, 64] = True  # exactly at a chunk boundary (64 and 256 are both chunk starts for l > 256)
-    reset[0, 300] = True  # inside a chunk
+    for t in (64, 256, 300):  # chunk starts for chunk 64 / 256, and one inside a chunk
+        if t < T:
+            reset[0, t] = True
     reset[1, 0] = True  # drops row 1's initial state
     reset[1, 1] = True  # segment of length 1
     return x, dt, A, B, C, reset, init
@@ -140,7 +141,7 @@ def test_fla_backward_matches_reference_or_is_refused(size, with_reset):
         assert select_ssd_backend(dev, "auto", need_backward=True) != "fla"
         assert select_ssd_backend(dev, "fla", need_backward=False) == "fla"
         # and fla itself refuses the gated backward, as predicted
-        b, T, h, p, n = 1, 128, 2, 64, 64
+        b, T, h, p, n = 2, 128, 2, 64, 64
         x, dt, A, B, C, _, _ = make_inputs(b, T, h, p, n)
         x.requires_grad_(True)
         y = ssd_fla(x, dt, A, B, C)
