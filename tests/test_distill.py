@@ -174,7 +174,8 @@ def test_manifest_data_skips_bad_samples_and_can_raise(tmp_path):
     base = [f"output={tmp_path / 'run'}", "data.source=manifest", f"data.manifest={manifest}", f"data.media_root={media}", "data.frames=8",
             "data.heldout=1", "stages.stage1.steps=4", "stages.stage1.batch_size=1"]  # fmt: skip
     res = distill(RECIPE, base, stage="stage1")
-    assert res["stage1"]["skipped_samples"] == {"missing file": 1, "corrupt video": 1}
+    skipped = res["stage1"]["skipped_samples"]  # every epoch over the 3 training rows meets both bad ones
+    assert set(skipped) == {"missing file", "corrupt video"} and min(skipped.values()) >= 3
     with pytest.raises(LinmuError, match="bad sample"):
         distill(RECIPE, [*base, "data.on_error=raise"], stage="stage1", force=True)
 
