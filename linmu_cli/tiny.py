@@ -212,7 +212,8 @@ def tiny_config(family: str, vocab_size: int, **overrides: Any) -> transformers.
     ids = special_token_ids()
     text_over, vision_over = overrides.pop("text_config", {}), overrides.pop("vision_config", {})
     top_fields = {f.name for f in dataclasses.fields(config_cls)} - {"text_config", "vision_config"}
-    text_cls = config_cls.sub_configs_defaults["text_config"]
+    # transformers >= 5.2x: sub_configs_defaults; 5.17: sub_configs
+    text_cls = (getattr(config_cls, "sub_configs_defaults", None) or config_cls.sub_configs)["text_config"]
     text_fields = {f.name for f in dataclasses.fields(getattr(text_cls, "config_class", text_cls))}
     text_over.update({k: overrides.pop(k) for k in list(overrides) if k in text_fields})
     top_over = {k: overrides.pop(k) for k in list(overrides) if k in top_fields}
