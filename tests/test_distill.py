@@ -211,3 +211,14 @@ def test_two_processes_run_data_parallel(tmp_path):
         sorted((out / "checkpoints" / "stage1").glob("step-*"))[-1] / "train_state.pt", weights_only=False
     )
     assert len(state["data_positions"]) == 2
+
+
+def test_max_pixels_downscales_images_and_frames():
+    from PIL import Image
+
+    from linmu_cli.distill.data import fit_pixels
+
+    assert fit_pixels(Image.new("RGB", (112, 224)), 56 * 112).size == (56, 112)
+    assert fit_pixels(np.zeros((4, 112, 112, 3), np.uint8), 56 * 56).shape == (4, 56, 56, 3)
+    small = np.zeros((2, 28, 28, 3), np.uint8)
+    assert fit_pixels(small, 56 * 56) is small

@@ -137,10 +137,27 @@ class SyntheticSource:
         return Example(s.kind, media, s.question, s.answer)
 
 
-def to_inputs(processor, examples: list[Example], max_tokens: int) -> dict[str, torch.Tensor]:
+def fit_pixels(media, max_pixels: int | None):
+    """Downscale an image or every frame of a video so that height x width <= max_pixels (aspect kept)."""
+    if not max_pixels:
+        return media
+    h, w = (media.size[1], media.size[0]) if isinstance(media, Image.Image) else media.shape[1:3]
+    scale = (max_pixels / (h * w)) ** 0.5
+    if scale >= 1:
+        return media
+    size = (max(28, int(w * scale)), max(28, int(h * scale)))
+    if isinstance(media, Image.Image):
+        return media.resize(size, Image.BICUBIC)
+    return np.stack([np.asarray(Image.fromarray(f).resize(size, Image.BICUBIC)) for f in media])
+
+
+def to_inputs(
+    processor, examples: list[Example], max_tokens: int, max_pixels: int | None = None
+) -> dict[str, torch.Tensor]:
     """Chat-format question + answer (teacher forcing) and run the processor; left padding."""
     texts, images, videos, metadata = [], [], [], []
     for ex in examples:
+        ex.media = fit_pixels(ex.media, max_pixels) if ex.media is not None else None
         content = ([{"type": ex.kind}] if ex.kind != "text" else []) + [{"type": "text", "text": ex.question}]
         msgs = [
             {"role": "user", "content": content},
@@ -208,7 +225,7 @@ class SampleStream:
         while True:
             examples = [self._next_example() for _ in range(batch_size)]
             try:
-                return to_inputs(self.processor, examples, self.cfg.max_tokens)
+                return to_inputs(self.processor, examples, self.cfg.max_tokens, self.cfg.max_pixels)
             except SkipSample as exc:
                 self._skip(exc)
 
