@@ -18,9 +18,9 @@ import torch
 
 from linmu_cli.archs import build_random_model
 from linmu_cli.config import MateConfig
-from linmu_cli.distill.objectives import EndToEndObjective, LayerwiseObjective, run_teacher
-from linmu_cli.distill.recipe import STAGE_DEFAULTS, LoraSettings, LossConfig
-from linmu_cli.distill.trainer import inject_lora, set_trainable
+from linmu_cli.distillation.objectives import EndToEndObjective, LayerwiseObjective, run_teacher
+from linmu_cli.distillation.recipe import STAGE_DEFAULTS, LoraSettings, LossConfig
+from linmu_cli.distillation.trainer import inject_lora, set_trainable
 from linmu_cli.models import convert_model
 from linmu_cli.ops import last_ssd_backend
 
@@ -55,6 +55,20 @@ def timed(fn, steps: int) -> tuple[float, float]:
     if cuda:
         torch.cuda.synchronize()
     return (time.perf_counter() - t0) / steps, torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
+
+
+def make_step(teacher, layers, batch, objective, opt, layout, mode: str, dev):
+    """One distillation step as `linmu distill` runs it: teacher pass, objective forward/backward, update."""
+
+    def step():
+        tp = run_teacher(teacher, layers, batch, want_logits=mode == "end_to_end")
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+            out = objective(tp, layout) if mode == "layerwise" else objective(batch, tp, layout)
+        out["loss"].backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
 
 
 def main() -> None:
@@ -112,13 +126,7 @@ def main() -> None:
         opt = torch.optim.AdamW(params, lr=1e-5)
         layout = student.token_layout(**batch)
 
-        def step():
-            tp = run_teacher(teacher, layers, batch, want_logits=defaults["mode"] == "end_to_end")
-            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-                out = objective(tp, layout) if defaults["mode"] == "layerwise" else objective(batch, tp, layout)
-            out["loss"].backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+        step = make_step(teacher, layers, batch, objective, opt, layout, defaults["mode"], dev)
 
         try:
             sec, mem = timed(step, args.steps)
@@ -128,7 +136,7 @@ def main() -> None:
             rec = {"oom": True}
         results["stages"][name] = rec
         print(f"{name}: {rec}", flush=True)
-        del student, objective, opt
+        del student, objective, opt, step
         torch.cuda.empty_cache()
     s3, base = results["stages"]["stage3"], results["baseline_teacher_fwd_bwd"]
     if "tokens_per_s" in s3:

@@ -120,7 +120,7 @@ def convert(
       linmu convert /ckpt/Qwen2-VL-7B-Instruct out/ --dtype bfloat16 --window 2,8,8 --text-window 1024
     """
     from linmu_cli.config import MateConfig
-    from linmu_cli.convert import convert as run_convert
+    from linmu_cli.conversion import convert as run_convert
 
     fields = mate_overrides(window, text_window, scan_orders, fusion_init, fusion, flex, swin, bidirectional,
                             ssd_backend, set_)  # fmt: skip
@@ -182,7 +182,7 @@ def distill(
     """
     from transformers.utils import logging as hf_logging
 
-    from linmu_cli.distill import distill as run_distill
+    from linmu_cli.distillation import distill as run_distill
 
     hf_logging.disable_progress_bar()
     results = run_distill(recipe, overrides or [], stage=stage, resume=resume, force=force, console=console)
@@ -193,16 +193,204 @@ def distill(
                           f"{res['after']['logit_kl']:.4f}")  # fmt: skip
 
 
-@app.command(name="eval", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def eval_(ctx: typer.Context) -> None:
-    """Scores through lmms-eval, teacher beside student (not yet: tracked in the eval issue)."""
-    _not_yet("eval", "lmms-eval integration lands with the `linmu eval` issue")
+@app.command(name="eval")
+@user_errors
+def eval_(
+    model: Annotated[
+        str, typer.Argument(help="Checkpoint to score: a LinMU dir, its teacher, a hub id or alias.")
+    ],
+    tasks: Annotated[
+        str,
+        typer.Option(
+            help="lmms-eval tasks or groups, comma-separated: linmu_video_count, mmmu_val, videomme, ..."
+        ),
+    ],
+    teacher: Annotated[
+        str | None, typer.Option(help="Also score this checkpoint and show teacher | student | delta.")
+    ] = None,
+    limit: Annotated[int | None, typer.Option(help="At most N samples per task (smoke runs).")] = None,
+    include_path: Annotated[
+        list[Path] | None, typer.Option("--include-path", help="More lmms-eval task YAML dirs (repeatable).")
+    ] = None,
+    model_args: Annotated[
+        str | None,
+        typer.Option(
+            help="k=v,... for the linmu lmms-eval model: max_num_frames, fps, max_pixels, min_pixels, "
+            "dtype, batch_size, device, max_new_tokens, system_prompt."
+        ),
+    ] = None,  # fmt: skip
+    output: Annotated[Path | None, typer.Option(help="Where results go (default: runs/eval-<time>).")] = None,
+    batch_size: Annotated[
+        int | None, typer.Option(help="Requests per forward (same as batch_size=N).")
+    ] = None,
+    device: Annotated[
+        str | None, typer.Option(help="cpu, cuda, cuda:N (default: cuda if available).")
+    ] = None,
+    log_samples: Annotated[
+        bool, typer.Option("--log-samples/--no-log-samples", help="Write every response per task.")
+    ] = True,
+    verbose: Annotated[bool, typer.Option(help="Show lmms-eval's own logs and progress bars.")] = False,
+) -> None:
+    """Score MODEL (and --teacher) with lmms-eval; print each task's main metric side by side.
+
+    The synthetic offline tasks in evals/ (linmu_image_color, linmu_video_count, linmu_video_order,
+    linmu_video_when, linmu_long_video_*, their *_mc log-likelihood variants; groups linmu_synthetic,
+    linmu_synthetic_mc, linmu_long_video, linmu_long_video_mc) are found without --include-path; their data is
+    generated on first use. docs/eval.md: running the real benchmarks (mmmu_val, videomme, ...) offline.
+
+      linmu eval out/ --tasks linmu_video_when,linmu_video_when_mc --teacher teacher/ --limit 20
+
+      linmu eval /ckpt/linmu-7b --tasks mmmu_val,videomme --teacher /ckpt/Qwen2-VL-7B-Instruct --model-args max_num_frames=64
+    """
+    from linmu_cli.evaluation.run import merge_model_args, quiet_lmms_eval, require_lmms_eval
+
+    require_lmms_eval()
+    args = merge_model_args(model_args, batch_size=batch_size, device=device)
+    if limit is not None and limit < 1:
+        raise LinmuError(f"--limit must be at least 1, got {limit}")
+    if not verbose:
+        quiet_lmms_eval()
+    summary = _run_eval_with_progress(model, tasks, teacher, limit, include_path, args, output, log_samples)
+    console.print(eval_table(summary, model, teacher))
+    console.print(f"results: {summary['output']}/summary.json (raw lmms-eval results under student/"
+                  f"{', teacher/' if teacher else ''})", highlight=False, soft_wrap=True)  # fmt: skip
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def bench(ctx: typer.Context) -> None:
-    """TTFT, decode throughput and memory, teacher vs LinMU (not yet: tracked in the bench issue)."""
-    _not_yet("bench", "benchmarks land with the `linmu bench` issue")
+def _run_eval_with_progress(model, tasks, teacher, limit, include_path, args, output, log_samples) -> dict:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from linmu_cli.evaluation.run import evaluate
+
+    names = {"student": model, "teacher": teacher}
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    bars = Progress(*columns, console=err_console, transient=False)
+    ids: dict = {}
+
+    def on_progress(role: str, phase: str, done: int, total: int) -> None:
+        if phase in ("loading", "generating"):
+            what = (
+                f"{role}: loading {names.get(role)}" if phase == "loading" else "writing synthetic task data"
+            )
+            (bars.console if bars.live.is_started else err_console).print(what, highlight=False)
+            return
+        if not bars.live.is_started:
+            bars.start()
+        key = (role, phase)
+        if key not in ids:
+            ids[key] = bars.add_task(f"{role} {phase}", total=total)
+        bars.update(ids[key], completed=done, total=total)
+
+    try:
+        return evaluate(model, tasks, teacher, limit=limit, include_path=include_path, model_args=args,
+                        output=output, log_samples=log_samples, progress=on_progress)  # fmt: skip
+    finally:
+        if bars.live.is_started:
+            bars.stop()
+
+
+def _fmt(value: float | None, signed: bool = False) -> str:
+    if value is None:
+        return "-"
+    return f"{value:+.4f}" if signed else f"{value:.4f}"
+
+
+def eval_table(summary: dict, model: str, teacher: str | None) -> Table:
+    """Each task's main metric: teacher | student | delta (student - teacher) when a teacher was scored."""
+    limit = summary.get("limit")
+    title = f"linmu eval: {model}" + (f" vs teacher {teacher}" if teacher else "")
+    title += f" (limit {limit})" if limit else ""
+    table = Table(title=title)
+    table.add_column("task")
+    table.add_column("metric")
+    table.add_column("n", justify="right")
+    if teacher:
+        table.add_column("teacher", justify="right")
+    table.add_column("student", justify="right")
+    if teacher:
+        table.add_column("delta", justify="right")
+    for row in summary["tasks"]:
+        cells = [row["task"] + (" (group)" if row.get("group") else ""), row["metric"] or "-",
+                 str(row["n"]) if row.get("n") is not None else "-"]  # fmt: skip
+        if teacher:
+            cells += [_fmt(row.get("teacher")), _fmt(row.get("student")), _fmt(row.get("delta"), signed=True)]
+        else:
+            cells.append(_fmt(row.get("student")))
+        table.add_row(*cells)
+    return table
+
+
+@app.command()
+@user_errors
+def bench(
+    frames: Annotated[
+        list[str], typer.Option(help="Frame counts, comma-separated or repeated: --frames 64,128,256.")
+    ],
+    model: Annotated[
+        str | None, typer.Option(help="Checkpoint directory: a source VLM (converted here) or a LinMU one.")
+    ] = None,
+    arch: Annotated[
+        str | None,
+        typer.Option(
+            help="Real-shape random weights, no checkpoint: qwen2-vl-7b, qwen2.5-vl-7b, tiny-qwen2-vl, ..."
+        ),
+    ] = None,
+    resolution: Annotated[int, typer.Option(help="Frame height = width in pixels (multiple of 28).")] = 448,
+    batch: Annotated[str, typer.Option(help="Largest decode batch: auto (search until OOM) or N.")] = "auto",
+    new_tokens: Annotated[int, typer.Option(help="Most decode steps timed per measurement.")] = 128,
+    dtype: Annotated[str, typer.Option(help="bf16 | fp16 | fp32.")] = "bf16",
+    device: Annotated[str, typer.Option(help="cuda or cpu.")] = "cuda",
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Write raw numbers + environment here.")
+    ] = None,
+    plot: Annotated[Path | None, typer.Option(help="Write a PNG of TTFT and throughput vs frames.")] = None,
+    repeats: Annotated[int, typer.Option(help="TTFT runs per model and frame count (median).")] = 2,
+    equal_batch: Annotated[
+        int, typer.Option(help="The batch both models decode at for a like-for-like ratio.")
+    ] = 16,
+    max_batch: Annotated[
+        int | None, typer.Option(help="Cap of the batch search (default 4096 on CUDA, 4 on CPU).")
+    ] = None,
+    graphs: Annotated[
+        bool, typer.Option("--graphs/--no-graphs", help="LinMU decode as a CUDA graph.")
+    ] = True,
+    ssd_backend: Annotated[
+        str | None, typer.Option(help="Flex-MA prefill kernel (default: fla on CUDA when it imports).")
+    ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="M-MATE field of the conversion, FIELD=VALUE (repeatable)."),
+    ] = None,
+    time_budget: Annotated[
+        float | None, typer.Option(help="Seconds; measurements past it are reported as skipped.")
+    ] = None,
+    decode_seconds: Annotated[
+        float | None, typer.Option(help="Seconds of timing per decode measurement (default 1 on CUDA).")
+    ] = None,
+) -> None:
+    """TTFT, decode throughput and memory of a teacher and its LinMU conversion on a synthetic video.
+
+    Both models run the same video (the processor's token layout: frames/2 x H/28 x W/28 LM tokens) in one
+    process, alternately, after a warm-up. Examples:
+
+      linmu bench --arch tiny-qwen2-vl --frames 8 --device cpu --json bench.json
+
+      linmu bench --arch qwen2-vl-7b --frames 64,128,256,512,1024 --json bench.json --plot bench.png
+    """
+    from linmu_cli.bench import parse_batch, run_bench, tables
+
+    fields = mate_overrides(None, None, None, None, None, None, None, None, ssd_backend, set_)
+    result = run_bench(
+        model=model, arch=arch, frames=frames, resolution=resolution, batch=parse_batch(batch),
+        new_tokens=new_tokens, dtype=dtype, device=device, json_path=json_out, plot_path=plot, repeats=repeats,
+        equal_batch=equal_batch, max_batch=max_batch, mate=fields, graphs=graphs, time_budget=time_budget,
+        decode_seconds=decode_seconds, progress=lambda msg: console.print(msg, highlight=False, soft_wrap=True),
+    )  # fmt: skip
+    for table in tables(result):
+        console.print(table)
+    console.print(f"TTFT crossover: {result['crossover']['text']}", highlight=False)
+    for path in (json_out, plot):
+        if path is not None:
+            console.print(f"wrote {path}", highlight=False)
 
 
 @app.command()

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 import linmu_cli  # noqa: F401
 from linmu_cli.cli import app
-from linmu_cli.distill import distill, load_recipe
+from linmu_cli.distillation import distill, load_recipe
 from linmu_cli.errors import LinmuError
 
 RECIPE = Path(__file__).parents[1] / "recipes" / "tiny.yaml"
@@ -216,7 +216,7 @@ def test_two_processes_run_data_parallel(tmp_path):
 def test_max_pixels_downscales_images_and_frames():
     from PIL import Image
 
-    from linmu_cli.distill.data import fit_pixels
+    from linmu_cli.distillation.data import fit_pixels
 
     assert fit_pixels(Image.new("RGB", (112, 224)), 56 * 112).size == (56, 112)
     assert fit_pixels(np.zeros((4, 112, 112, 3), np.uint8), 56 * 56).shape == (4, 56, 56, 3)

@@ -77,7 +77,10 @@ def video_count(rng: np.random.Generator, frames: int = 16, size: int = 56, **_)
     chosen = rng.choice(pairs, size=n, replace=False)
     distractors = [p for p in range(pairs) if p not in set(chosen.tolist())]
     flashes = [(int(p), "red") for p in chosen]
-    flashes += [(int(p), str(rng.choice(["blue", "green"]))) for p in rng.permutation(distractors)[: len(distractors) // 2]]
+    flashes += [
+        (int(p), str(rng.choice(["blue", "green"])))
+        for p in rng.permutation(distractors)[: len(distractors) // 2]
+    ]
     return Sample("video_count", "video", _flash_video(rng, frames, size, flashes),
                   "How many times does a red square flash? Answer with one digit.", str(n),
                   [str(i) for i in range(10)])  # fmt: skip
@@ -123,7 +126,9 @@ def generate(task: str, index: int, seed: int = 0, frames: int = 16, size: int =
     return TASKS[task](task_seed(seed, task, index), frames=frames, size=size)
 
 
-def stream(tasks: list[str], seed: int = 0, start: int = 0, frames: int = 16, size: int = 56) -> Iterator[Sample]:
+def stream(
+    tasks: list[str], seed: int = 0, start: int = 0, frames: int = 16, size: int = 56
+) -> Iterator[Sample]:
     """Round-robin over `tasks` forever, from sample number `start` (for resumable data positions)."""
     i = start
     while True:

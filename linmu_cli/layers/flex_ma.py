@@ -16,8 +16,10 @@ from torch import nn
 
 from linmu_cli.config import MateConfig
 from linmu_cli.layers.cache import MateLayerState
+from linmu_cli.layers.floor import mixers_skipped
 from linmu_cli.layers.layout import TokenLayout
 from linmu_cli.ops.ssd import ssd_scan
+from linmu_cli.ops.ssd_step import ssd_step
 
 
 def _gather_seq(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -87,7 +89,11 @@ class FlexMA(nn.Module):
         )
         full = torch.cat([prev.to(seq.dtype), seq], dim=2)
         if state is not None:
-            state.conv = full[:, :, -(k - 1) :].detach() if k > 1 else full[:, :, :0]
+            tail = full[:, :, full.shape[2] - (k - 1) :].detach()
+            if state.conv is not None and state.conv.shape == tail.shape and seq.shape[2] == 1:
+                state.conv.copy_(tail)  # decode: in place (fixed address, CUDA-graph safe)
+            else:
+                state.conv = tail.clone()  # a copy: a view would keep the whole prompt's inputs alive
         return F.conv1d(full, self.conv.weight, self.conv.bias, groups=self.conv_channels).transpose(1, 2)
 
     def forward(
@@ -110,6 +116,27 @@ class FlexMA(nn.Module):
         dt = F.softplus(self.dt_proj(u).float() + self.dt_bias) * layout.valid[..., None]
         a = -torch.exp(self.A_log.float())
 
+        if mixers_skipped():  # bench floor (layers/floor.py): no scans, everything around them runs
+            if self.mate.bidirectional and layout.has_vision:
+                self.dt_proj_bwd(u)  # the backward branch's projection still counts
+            y = x
+        elif state is not None and length == 1 and not layout.has_vision:  # decode: one recurrence step
+            ssm = state.ssm if state.ssm is not None else x.new_zeros(bsz, h, d, d, dtype=torch.float32)
+            y, ssm = ssd_step(x[:, 0], dt[:, 0], a, b[:, 0], c[:, 0], ssm, backend=self.mate.ssd_backend)
+            state.ssm, y = ssm.detach(), y[:, None]
+        else:
+            y = self._scan(u, x, dt, a, b, c, layout, layer_idx, state)
+
+        y = y + self.D.to(y.dtype)[:, None] * x
+        if self.mate.output_gate:
+            y = y * F.silu(self.gate_proj(u)).view(bsz, length, h, d)
+        y = y.float()
+        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y * self.norm_weight.float().view(h, d)).to(u.dtype)
+
+    def _scan(self, u, x, dt, a, b, c, layout: TokenLayout, layer_idx: int, state: MateLayerState | None):
+        """Forward SSD scan over every token plus the segment-confined backward scan: (B, L, H, d)."""
+        length = x.shape[1]
         # forward scan over every token, each segment in this layer's scan order
         order = self.mate.scan_orders[layer_idx % len(self.mate.scan_orders)]
         perm = layout.scan_index(order)
@@ -137,10 +164,4 @@ class FlexMA(nn.Module):
             )  # fmt: skip
             yb = F.pad(yb, (0, 0, 0, 0, 1, 0))[:, :length] * (~plan.reset)[..., None, None]
             y = y + _gather_seq(yb, plan.inverse)
-
-        y = y + self.D.to(y.dtype)[:, None] * x
-        if self.mate.output_gate:
-            y = y * F.silu(self.gate_proj(u)).view(bsz, length, h, d)
-        y = y.float()
-        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (y * self.norm_weight.float().view(h, d)).to(u.dtype)
+        return y

@@ -50,6 +50,10 @@ class WindowPlan:
 
     index: torch.Tensor
     valid: torch.Tensor
+    # every vision token sits in exactly one slot: out_flat[dst] = windows_flat[src] scatters the results back
+    # with integer indices built on the host (a boolean-mask scatter would sync with the GPU in every layer)
+    src: torch.Tensor | None = None
+    dst: torch.Tensor | None = None
 
 
 @dataclass
@@ -98,15 +102,43 @@ class TokenLayout:
             self._cache[key] = bool(self.valid.all())
         return self._cache[key]
 
-    def is_vision(self) -> torch.Tensor:
-        """(B, L) bool: True at image / video tokens."""
-        if "is_vision" not in self._cache:
+    def _put(self, t: torch.Tensor) -> torch.Tensor:
+        """A host-built plan tensor on the layout's device without stalling the GPU queue (pinned, async)."""
+        if self.device.type == "cuda":
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t.to(self.device)
+
+    def _is_vision_host(self) -> torch.Tensor:
+        if "is_vision_host" not in self._cache:
             mask = torch.zeros(self.batch, self.length, dtype=torch.bool)
             for b, segs in enumerate(self.segments):
                 for s in segs:
                     mask[b, s.start : s.end] = True
-            self._cache["is_vision"] = mask.to(self.device)
+            self._cache["is_vision_host"] = mask
+        return self._cache["is_vision_host"]
+
+    def is_vision(self) -> torch.Tensor:
+        """(B, L) bool: True at image / video tokens."""
+        if "is_vision" not in self._cache:
+            self._cache["is_vision"] = self._put(self._is_vision_host())
         return self._cache["is_vision"]
+
+    def text_blocks(self, block: int, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(row, block) indices of the blocks of `block` positions that hold a text token of this chunk.
+
+        Positions count from `offset` (cached tokens before the chunk); a blocked sliding-window attention
+        needs only these blocks' queries when the rest of the chunk is vision. None without vision (all needed).
+        """
+        if not self.has_vision:
+            return None
+        key = ("text_blocks", block, offset)
+        if key not in self._cache:
+            n_blocks = -(-(offset + self.length) // block)
+            text = torch.zeros(self.batch, n_blocks * block, dtype=torch.bool)
+            text[:, offset : offset + self.length] = ~self._is_vision_host()
+            rows, blocks = text.view(self.batch, n_blocks, block).any(-1).nonzero(as_tuple=True)
+            self._cache[key] = (self._put(rows), self._put(blocks))
+        return self._cache[key]
 
     def scan_index(self, order: str) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(index, inverse) gathers that put each segment in scan order; None when nothing moves."""
@@ -119,7 +151,7 @@ class TokenLayout:
                 for s in segs:
                     index[b, s.start : s.end] = s.start + scan_permutation(s, order)
             inverse = torch.argsort(index, dim=1)
-            self._cache[key] = (index.to(self.device), inverse.to(self.device))
+            self._cache[key] = (self._put(index), self._put(inverse))
         return self._cache[key]
 
     def backward_plan(self, order: str) -> BackwardPlan | None:
@@ -136,8 +168,8 @@ class TokenLayout:
                     reset[b, s.start + 1 : s.end] = False
             next_index = torch.cat([index[:, 1:], index[:, -1:]], dim=1)
             inverse = torch.argsort(index, dim=1)
-            dev = self.device
-            self._cache[key] = BackwardPlan(index.to(dev), reset.to(dev), next_index.to(dev), inverse.to(dev))
+            put = self._put
+            self._cache[key] = BackwardPlan(put(index), put(reset), put(next_index), put(inverse))
         return self._cache[key]
 
     def window_plan(self, window: Sequence[int], shifted: bool) -> WindowPlan | None:
@@ -155,7 +187,10 @@ class TokenLayout:
             size = max(i.shape[1] for i in indices)  # windows clipped to small grids are narrower: pad
             index = torch.cat([F.pad(i, (0, size - i.shape[1])) for i in indices])
             valid = torch.cat([F.pad(v, (0, size - v.shape[1]), value=False) for v in valids])
-            self._cache[key] = WindowPlan(index.to(self.device), valid.to(self.device))
+            src = valid.reshape(-1).nonzero().squeeze(1)
+            dst = index.reshape(-1)[src]
+            put = self._put
+            self._cache[key] = WindowPlan(put(index), put(valid), put(src), put(dst))
         return self._cache[key]
 
 

@@ -8,17 +8,36 @@ Q, K, V, O and applies the teacher's (M-)RoPE exactly as the teacher does.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from linmu_cli.config import MateConfig
 from linmu_cli.layers.cache import MateLayerState
+from linmu_cli.layers.floor import mixers_skipped
 from linmu_cli.layers.layout import TokenLayout
-from linmu_cli.ops.window_attention import sliding_window_attention, window_attention
+from linmu_cli.ops.window_attention import sliding_block, sliding_window_attention, window_attention
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
+
+
+def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, key_valid: torch.Tensor,
+                     scale: float) -> torch.Tensor:  # fmt: skip
+    """One query token per row over a set of cached keys: q (B, 1, H, d), keys / values (B, H_kv, R, d),
+    key_valid (B, R) -> (B, 1, H, d).
+
+    The H / H_kv query heads sharing a key head are laid out as H / H_kv query positions of that head, so the
+    masked attention is a plain multi-head SDPA call (fused CUDA kernels; no `enable_gqa` with a mask).
+    """
+    bsz, _, heads, dim = q.shape
+    kv_heads = keys.shape[1]
+    out = F.scaled_dot_product_attention(
+        q.reshape(bsz, kv_heads, heads // kv_heads, dim), keys, values, attn_mask=key_valid[:, None, None, :],
+        scale=scale,
+    )  # fmt: skip
+    return out.reshape(bsz, 1, heads, dim)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -48,34 +67,68 @@ class LocalSwin(nn.Module):
         """u (B, L, hidden) -> per-head outputs (B, L, H, d), before the output projection."""
         bsz, length, _ = u.shape
         d, scale = self.head_dim, self.head_dim**-0.5
-        cos, sin = position_embeddings
-        q = apply_rope(self.q_proj(u).view(bsz, length, self.heads, d), cos, sin)
-        k = apply_rope(self.k_proj(u).view(bsz, length, self.kv_heads, d), cos, sin)
-        v = self.v_proj(u).view(bsz, length, self.kv_heads, d)
+        q, k, v = self._qkv(u, position_embeddings)
+        skip = mixers_skipped()  # bench floor (layers/floor.py): projections, RoPE and the ring, no attention
 
         # text: causal sliding window over the cached ring followed by this chunk
         keys, values, key_valid = k.transpose(1, 2), v.transpose(1, 2), layout.valid
-        if state is not None and state.keys is not None:
+        cached = state is not None and state.keys is not None
+        if cached:
             keys = torch.cat([state.keys.to(keys.dtype), keys], dim=2)
             values = torch.cat([state.values.to(values.dtype), values], dim=2)
             key_valid = torch.cat([state.key_valid, key_valid], dim=1)
         past = keys.shape[2] - length
-        queries = q.transpose(1, 2)
-        if past:
-            queries = torch.cat([queries.new_zeros(bsz, self.heads, past, d), queries], dim=2)
         window = self.mate.text_window
-        out = sliding_window_attention(queries, keys, values, key_valid, window, scale)[
-            :, :, past:
-        ].transpose(1, 2)
+        if skip:
+            out = q
+        elif cached and length == 1:  # decode: the ring holds at most window - 1 keys, all in the window
+            mask = torch.cat([state.key_valid, torch.ones_like(layout.valid)], dim=1)  # the token sees itself
+            out = decode_attention(q, keys, values, mask, scale)
+        else:
+            queries = q.transpose(1, 2)
+            if past:
+                queries = torch.cat([queries.new_zeros(bsz, self.heads, past, d), queries], dim=2)
+            blocks = layout.text_blocks(sliding_block(window, past + length), past)  # None without vision
+            out = sliding_window_attention(queries, keys, values, key_valid, window, scale, blocks)
+            out = out[:, :, past:].transpose(1, 2)
         if state is not None:
             start = max(keys.shape[2] - (window - 1), 0)
-            state.keys, state.values = keys[:, :, start:].detach(), values[:, :, start:].detach()
-            state.key_valid = key_valid[:, start:]
+            keys, values, key_valid = keys[:, :, start:], values[:, :, start:], key_valid[:, start:]
+            if length > 1:  # copies: views would keep the whole prompt's keys and values alive
+                keys, values, key_valid = keys.clone(), values.clone(), key_valid.clone()
+            state.keys, state.values, state.key_valid = keys.detach(), values.detach(), key_valid
 
-        # vision: full attention inside (shifted) 3D windows of each segment
+        # vision: full attention inside (shifted) 3D windows of each segment, written over the text result
         shifted = self.mate.shift_windows and layer_idx % 2 == 1
-        plan = layout.window_plan(self.mate.vision_window, shifted)
+        plan = layout.window_plan(self.mate.vision_window, shifted) if not skip else None
         if plan is not None:
-            vis = window_attention(q, k, v, plan, scale)
-            out = torch.where(layout.is_vision()[..., None, None], vis, out)
+            out = window_attention(q, k, v, plan, scale, out=out)
         return out
+
+    def _qkv(self, u: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]):
+        bsz, length, _ = u.shape
+        cos, sin = position_embeddings
+        q = apply_rope(self.q_proj(u).view(bsz, length, self.heads, self.head_dim), cos, sin)
+        k = apply_rope(self.k_proj(u).view(bsz, length, self.kv_heads, self.head_dim), cos, sin)
+        return q, k, self.v_proj(u).view(bsz, length, self.kv_heads, self.head_dim)
+
+    def ring_step(
+        self,
+        u: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        key_valid: torch.Tensor,
+        slot: torch.Tensor,
+    ) -> torch.Tensor:
+        """One decode token over a fixed ring of `text_window` slots, updated in place (CUDA-graph safe).
+
+        u (B, 1, hidden); keys / values (B, H_kv, text_window, d); key_valid (B, text_window); slot (1,) long,
+        the ring position of this token. The new key overwrites the one `text_window` tokens back (just out of
+        its window), then the token attends to every valid slot: the same keys as `forward`'s decode path.
+        """
+        q, k, v = self._qkv(u, position_embeddings)
+        keys.index_copy_(2, slot, k.transpose(1, 2).to(keys.dtype))
+        values.index_copy_(2, slot, v.transpose(1, 2).to(values.dtype))
+        key_valid.index_fill_(1, slot, True)
+        return decode_attention(q, keys, values, key_valid, self.head_dim**-0.5)

@@ -80,6 +80,9 @@ class MateAttention(nn.Module):
         cache: LinMUCache | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, None]:
+        static = kwargs.get("linmu_static")
+        if static is not None:  # fixed-buffer decode step (linmu_cli.fast_decode)
+            return self.static_step(hidden_states, position_embeddings, static), None
         cache = cache if cache is not None else past_key_values
         if cache is not None and not isinstance(cache, LinMUCache):
             raise TypeError(f"LinMU layers need a LinMUCache, got {type(cache).__name__}")
@@ -92,10 +95,27 @@ class MateAttention(nn.Module):
         )
         if cache is not None:
             cache.advance(self.layer_idx, u.shape[1])
+        return self._combine(u, flex, swin), None
+
+    def _combine(self, u: torch.Tensor, flex: torch.Tensor | None, swin: torch.Tensor | None) -> torch.Tensor:
         if swin is None:
-            return self.flex.o_proj(flex.flatten(2)), None
+            return self.flex.o_proj(flex.flatten(2))
         if flex is None:
-            return self.swin.o_proj(swin.flatten(2)), None
+            return self.swin.o_proj(swin.flatten(2))
         a = torch.sigmoid(self.fuse(u))[..., None]  # (B, L, 1 or H, 1)
-        out = self.flex.o_proj((a * flex).flatten(2)) + self.swin.o_proj(((1 - a) * swin).flatten(2))
-        return out, None
+        return self.flex.o_proj((a * flex).flatten(2)) + self.swin.o_proj(((1 - a) * swin).flatten(2))
+
+    def static_step(self, u: torch.Tensor, position_embeddings, state) -> torch.Tensor:
+        """One generated token (B, 1, hidden) against fixed-address buffers, all updated in place.
+
+        `state` (a `linmu_cli.fast_decode.StaticLayerState`) holds this layer's SSM state and conv tail
+        (Flex-MA's decode step already updates those in place) and a Local-Swin ring of `text_window` slots
+        with the shared slot pointer. No host syncs, no shape changes: the step can be captured in a CUDA graph.
+        """
+        layout = TokenLayout.text_only(u.shape[0], 1, u.device)
+        flex = self.flex(u, layout, self.layer_idx, state) if self.mate.use_flex else None
+        swin = None
+        if self.mate.use_swin:
+            swin = self.swin.ring_step(u, position_embeddings, state.keys, state.values, state.key_valid,
+                                       state.slot)  # fmt: skip
+        return self._combine(u, flex, swin)

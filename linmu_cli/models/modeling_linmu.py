@@ -94,6 +94,14 @@ class LinMUModelMixin:
     def token_layout(self, input_ids=None, attention_mask=None, **kwargs) -> TokenLayout:
         """Visual segments and padding of a batch given as the processor returns it (DESIGN.md §2)."""
         ref = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
+        cache = kwargs.get(_cache_arg(self.family.model_class))
+        if ref.shape[1] == 1 and isinstance(cache, LinMUCache) and cache.get_seq_length() > 0:
+            # One token continuing a cached sequence is a generated (text) token: visual segments arrive whole
+            # in the prompt. Not looking for vision tokens keeps the decode step free of host syncs.
+            two_d = attention_mask is not None and attention_mask.dim() == 2
+            return TokenLayout.text_only(
+                ref.shape[0], 1, ref.device, attention_mask[:, -1:] if two_d else None
+            )
         names = ("mm_token_type_ids", "image_grid_thw", "video_grid_thw", "position_ids")
         return self.family.build_layout(
             self.config,

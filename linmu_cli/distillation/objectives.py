@@ -14,8 +14,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from linmu_cli.distill.losses import logit_kl, next_token_ce, relative_mse, token_weights
-from linmu_cli.distill.recipe import LossConfig
+from linmu_cli.distillation.losses import logit_kl, next_token_ce, relative_mse, token_weights
+from linmu_cli.distillation.recipe import LossConfig
 from linmu_cli.layers.layout import TokenLayout
 
 

@@ -1,6 +1,6 @@
 """`linmu distill`: three-stage distillation of a LinMU student from its frozen teacher.
 
-    from linmu_cli.distill import distill
+    from linmu_cli.distillation import distill
     distill("recipes/tiny.yaml", ["stages.stage1.steps=20"])
 
 Launch with `accelerate launch -m linmu_cli distill RECIPE` or `torchrun -m linmu_cli distill RECIPE` for
@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from rich.console import Console
 
-from linmu_cli.distill.recipe import STAGES, Recipe, dump_recipe, load_recipe
+from linmu_cli.distillation.recipe import STAGES, Recipe, dump_recipe, load_recipe
 from linmu_cli.errors import LinmuError
 
 __all__ = ["STAGES", "Recipe", "distill", "load_recipe"]
@@ -67,7 +67,7 @@ def distill(
     console: Console | None = None,
 ) -> dict[str, Any]:
     """Run the recipe's stages in order (or only `stage`); returns each stage's summary and report."""
-    from linmu_cli.distill.trainer import Run, train_stage
+    from linmu_cli.distillation.trainer import Run, train_stage
     from linmu_cli.sources import load_teacher
 
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe, overrides)

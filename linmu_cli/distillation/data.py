@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from linmu_cli.data import synthetic
-from linmu_cli.distill.recipe import DataConfig
+from linmu_cli.distillation.recipe import DataConfig
 from linmu_cli.errors import LinmuError
 
 

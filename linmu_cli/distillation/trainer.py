@@ -26,11 +26,11 @@ from safetensors import safe_open
 from torch import nn
 
 from linmu_cli.config import MateConfig
-from linmu_cli.distill import checkpoint
-from linmu_cli.distill.data import SampleStream
-from linmu_cli.distill.losses import logit_kl, relative_mse, token_weights
-from linmu_cli.distill.objectives import EndToEndObjective, LayerwiseObjective, run_student, run_teacher
-from linmu_cli.distill.recipe import STAGES, LoraSettings, Recipe, StageConfig, dump_recipe
+from linmu_cli.distillation import checkpoint
+from linmu_cli.distillation.data import SampleStream
+from linmu_cli.distillation.losses import logit_kl, relative_mse, token_weights
+from linmu_cli.distillation.objectives import EndToEndObjective, LayerwiseObjective, run_student, run_teacher
+from linmu_cli.distillation.recipe import STAGES, LoraSettings, Recipe, StageConfig, dump_recipe
 from linmu_cli.errors import LinmuError
 from linmu_cli.io import atomic_directory
 from linmu_cli.models import convert_model

@@ -1,0 +1,166 @@
+"""Where one M-MATE layer spends its prefill time, against the teacher's attention layer (GPU).
+
+One decoder attention layer at Qwen2-VL-7B shape (hidden 3584, 28 heads / 4 KV heads of 128), bf16, random
+weights, a prompt of one video segment (T x 16 x 16 merged tokens, i.e. 448x448 frames) between 20 + 17 text
+tokens. Timed with CUDA events (median of --repeats after a warm-up):
+
+- teacher: transformers' Qwen2-VL attention (SDPA, causal);
+- M-MATE layer, full; the same layer in floor mode (scans and attention skipped, layers/floor.py);
+- M-MATE pieces: the forward SSD scan (with its scan-order gathers), the backward scan (segment-confined),
+  Local-Swin's window attention, its text sliding window;
+- the decode step of the layer at batch 1, 16 and 256 (fixed buffers, as linmu_cli.fast_decode runs it).
+
+Then a torch.profiler table of the CUDA kernels of one full layer forward (top 25 by time). Usage:
+
+    python benchmarks/mate_layer_profile.py --tokens 65536 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from linmu_cli.config import MateConfig  # noqa: E402
+from linmu_cli.fast_decode import StaticLayerState  # noqa: E402
+from linmu_cli.layers.floor import skip_mixers  # noqa: E402
+from linmu_cli.layers.layout import Segment, TokenLayout  # noqa: E402
+from linmu_cli.layers.mate import MateAttention  # noqa: E402
+from linmu_cli.ops import last_ssd_backend  # noqa: E402
+from linmu_cli.ops.ssd_step import last_ssd_step_backend  # noqa: E402
+
+
+def timed(fn, repeats: int) -> float:
+    """Median milliseconds of `fn()` over `repeats` runs after one warm-up run."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument(
+        "--tokens", type=int, default=65536, help="video tokens (multiple of 256: 16x16 per frame pair)"
+    )
+    ap.add_argument("--ssd-backend", default=None, help="fla | mamba | torch [default: fla when it imports]")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("needs a CUDA GPU")
+    from transformers import Qwen2VLTextConfig
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLAttention
+
+    from linmu_cli.bench import _prefill_backend
+
+    dev, dt = torch.device("cuda"), torch.bfloat16
+    backend = _prefill_backend(dev, args.ssd_backend)
+    cfg = Qwen2VLTextConfig(hidden_size=3584, num_attention_heads=28, num_key_value_heads=4, intermediate_size=18944,
+                            num_hidden_layers=2, vocab_size=1000)  # fmt: skip
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    mate = MateConfig(ssd_backend=backend)
+    with torch.device(dev):
+        block = MateAttention(cfg, mate, layer_idx=1).to(dt)  # odd layer: shifted windows, "twh" scan order
+        for p in block.parameters():
+            torch.nn.init.normal_(p, 0, 0.02)
+        block.flex.init_new_parameters(0.02)
+        teacher = Qwen2VLAttention(cfg, layer_idx=0).to(dt)
+    t = args.tokens // 256
+    pre, post = 20, 17
+    length = pre + t * 256 + post
+    layout = TokenLayout.text_only(1, length, dev)
+    layout.segments = [[Segment(pre, t, 16, 16)]]
+    u = torch.randn(1, length, 3584, device=dev, dtype=dt)
+    angles = torch.randn(1, length, 64, device=dev)
+    rope = (torch.cat([angles, angles], -1).cos().to(dt), torch.cat([angles, angles], -1).sin().to(dt))
+    r = args.repeats
+    res: dict = {"tokens": length, "video_tokens": t * 256, "ssd_backend": backend, "gpu": torch.cuda.get_device_name(0),
+                 "torch": torch.__version__, "ms": {}}  # fmt: skip
+    ms = res["ms"]
+    print(f"one layer, {length} tokens ({t} frame pairs of 16x16), {backend} scans", flush=True)
+
+    with torch.no_grad():
+        ms["teacher_attention"] = timed(lambda: teacher(u, attention_mask=None, position_embeddings=rope), r)
+        ms["mate_layer"] = timed(lambda: block(u, position_embeddings=rope, linmu_layout=layout), r)
+        res["ssd_backend_ran"] = last_ssd_backend()
+        with skip_mixers():
+            ms["mate_layer_floor"] = timed(lambda: block(u, position_embeddings=rope, linmu_layout=layout), r)
+        flex, swin = block.flex, block.swin
+        ms["flex_ma"] = timed(lambda: flex(u, layout, 1, None), r)
+        with skip_mixers():
+            ms["flex_ma_floor"] = timed(lambda: flex(u, layout, 1, None), r)
+        ms["local_swin"] = timed(lambda: swin(u, rope, layout, 1, None), r)
+        with skip_mixers():
+            ms["local_swin_floor"] = timed(lambda: swin(u, rope, layout, 1, None), r)
+        # the scans alone, on the projected inputs
+        h, d = 28, 128
+        x = torch.randn(1, length, h, d, device=dev, dtype=dt)
+        b, c = torch.randn_like(x) * 0.1, torch.randn_like(x) * 0.1
+        dtv = torch.rand(1, length, h, device=dev) * 0.05
+        a = -torch.rand(h, device=dev) - 0.5
+        ms["scans_fwd_plus_bwd"] = timed(lambda: flex._scan(u, x, dtv, a, b, c, layout, 1, None), r)
+        q, k, v = swin._qkv(u, rope)
+        from linmu_cli.ops.window_attention import sliding_block, sliding_window_attention, window_attention
+
+        plan = layout.window_plan(mate.vision_window, True)
+        ms["window_attention"] = timed(lambda: window_attention(q, k, v, plan, d**-0.5), r)
+        blocks = layout.text_blocks(sliding_block(mate.text_window, length))
+        kt, vt, qt = k.transpose(1, 2), v.transpose(1, 2), q.transpose(1, 2)
+        ms["text_sliding_window"] = timed(
+            lambda: sliding_window_attention(qt, kt, vt, layout.valid, mate.text_window, d**-0.5, blocks), r
+        )
+        ms["text_sliding_window_all_blocks"] = timed(
+            lambda: sliding_window_attention(qt, kt, vt, layout.valid, mate.text_window, d**-0.5), r
+        )
+        # decode step of this layer on fixed buffers
+        for batch in (1, 16, 256):
+            slot = torch.zeros(1, dtype=torch.long, device=dev)
+            state = StaticLayerState(
+                torch.randn(batch, h, d, d, device=dev) * 0.01, torch.randn(batch, 4608, 3, device=dev, dtype=dt),
+                torch.randn(batch, 4, mate.text_window, d, device=dev, dtype=dt),
+                torch.randn(batch, 4, mate.text_window, d, device=dev, dtype=dt),
+                torch.ones(batch, mate.text_window, dtype=torch.bool, device=dev), slot,
+            )  # fmt: skip
+            ut = torch.randn(batch, 1, 3584, device=dev, dtype=dt)
+            rt = (rope[0][:, :1].expand(batch, 1, 128), rope[1][:, :1].expand(batch, 1, 128))
+            ms[f"decode_step_batch_{batch}"] = timed(
+                lambda st=state, ut=ut, rt=rt: block.static_step(ut, rt, st), r
+            )
+        res["ssd_step_backend"] = last_ssd_step_backend()
+
+        for key, value in ms.items():
+            print(f"{key:34s} {value:9.3f} ms", flush=True)
+        floor = ms["mate_layer_floor"]
+        print(f"M-MATE layer / its floor: {ms['mate_layer'] / floor:.2f}x; over the floor: "
+              f"{ms['mate_layer'] - floor:.2f} ms per layer ({28 * (ms['mate_layer'] - floor):.0f} ms for 28 layers)")  # fmt: skip
+
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+            block(u, position_embeddings=rope, linmu_layout=layout)
+            torch.cuda.synchronize()
+        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70)
+        print(table)
+        res["profile_top"] = table
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(res, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

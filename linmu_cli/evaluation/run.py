@@ -1,0 +1,323 @@
+"""`linmu eval`: lmms-eval's `simple_evaluate` on a student and (optionally) its teacher, side by side.
+
+    from linmu_cli.evaluation import evaluate
+    summary = evaluate("out/", ["linmu_video_count"], teacher="teacher/", limit=20, output="runs/eval")
+
+writes `<output>/student/results.json` (lmms-eval's raw results), `<output>/student/samples_<task>.jsonl` (every
+prompt's response and score), the same under `teacher/`, and `<output>/summary.json` (the table: each task's main
+metric for teacher, student and student - teacher).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import difflib
+import gc
+import json
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+from linmu_cli.errors import LinmuError
+
+Progress = Callable[[str, str, int, int], None]  # (role, phase, done, total)
+
+
+def require_lmms_eval() -> None:
+    try:
+        import lmms_eval  # noqa: F401
+    except ImportError as exc:
+        raise LinmuError(
+            "linmu eval needs lmms-eval: pip install 'linmu[eval]' (lmms-eval==0.7.3 with filelock<4) "
+            f"[{type(exc).__name__}: {exc}]"
+        ) from None
+
+
+def parse_model_args(model_args: str | dict | None) -> dict[str, Any]:
+    """`k=v,k2=v2` (values typed like lmms-eval does) -> dict; unknown keys and `pretrained` are errors."""
+    from linmu_cli.evaluation.plugin import MODEL_ARGS
+
+    if model_args is None or model_args == "":
+        return {}
+    if isinstance(model_args, dict):
+        args = dict(model_args)
+    else:
+        from lmms_eval.utils import simple_parse_args_string
+
+        bad = [item for item in str(model_args).split(",") if item.strip() and "=" not in item]
+        if bad:
+            raise LinmuError(f"--model-args {model_args!r}: expected KEY=VALUE pairs separated by commas "
+                             f"(e.g. max_num_frames=32,fps=1), got {bad[0]!r}")  # fmt: skip
+        args = simple_parse_args_string(str(model_args))
+    if "pretrained" in args:
+        raise LinmuError("--model-args: give the checkpoint as MODEL (and --teacher), not pretrained=")
+    unknown = sorted(set(args) - set(MODEL_ARGS))
+    if unknown:
+        raise LinmuError(f"--model-args: unknown key(s) {', '.join(unknown)}; accepted: "
+                         f"{', '.join(a for a in MODEL_ARGS if a != 'pretrained')}")  # fmt: skip
+    return args
+
+
+def merge_model_args(model_args: str | dict | None, **options: Any) -> dict[str, Any]:
+    """--model-args plus the convenience options (--batch-size, --device); a key given both ways is an error."""
+    args = parse_model_args(model_args)
+    for key, value in options.items():
+        if value is None:
+            continue
+        if key in args:
+            raise LinmuError(f"{key} given twice: as --{key.replace('_', '-')} and in --model-args")
+        args[key] = value
+    return args
+
+
+def quiet_lmms_eval() -> None:
+    """CLI runs: lmms-eval / transformers / datasets print only errors (to stderr), no progress bars of theirs."""
+    import sys
+
+    import datasets
+    import lmms_eval.evaluator  # noqa: F401  (its imports configure loguru; reconfigure after them)
+    import transformers
+    from loguru import logger
+
+    logger.remove()
+    logger.add(sys.stderr, level="ERROR")
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+
+
+def _split_tasks(tasks: str | list[str]) -> list[str]:
+    items = (
+        tasks.split(",") if isinstance(tasks, str) else [t for item in tasks for t in str(item).split(",")]
+    )
+    names = [t.strip() for t in items if t.strip()]
+    if not names:
+        raise LinmuError("--tasks: give at least one lmms-eval task, e.g. --tasks linmu_video_count,mmmu_val")
+    return list(dict.fromkeys(names))
+
+
+def task_manager(include_path: list[str | Path] | None = None):
+    """lmms-eval's TaskManager over its own tasks, linmu's `evals/` and any --include-path directories."""
+    from lmms_eval.tasks import TaskManager
+
+    from linmu_cli.evaluation.tasks import evals_dir
+
+    paths = []
+    for p in include_path or []:
+        path = Path(p).expanduser()
+        if not path.is_dir():
+            raise LinmuError(f"--include-path {p}: not a directory")
+        paths.append(str(path.resolve()))
+    evals = evals_dir()
+    if evals is not None:
+        paths.insert(0, str(evals))
+    return TaskManager("ERROR", include_path=paths or None), evals
+
+
+def leaf_tasks(tm, name: str) -> list[str]:
+    """The tasks a task / group / tag name runs (groups and tags expanded recursively)."""
+    from lmms_eval import utils
+
+    entry = tm.task_index[name]
+    if entry["type"] in ("task", "python_task"):
+        return [name]
+    subtasks = entry.get("task")
+    if entry["type"] == "group" or not isinstance(subtasks, list):
+        subtasks = utils.load_yaml_config(entry["yaml_path"], mode="simple").get("task", [])
+    leaves = []
+    for sub in subtasks:
+        sub_name = sub.get("task") if isinstance(sub, dict) else sub
+        if isinstance(sub_name, str) and sub_name in tm.task_index:
+            leaves.extend(leaf_tasks(tm, sub_name))
+    return list(dict.fromkeys(leaves))
+
+
+def resolve_tasks(tm, names: list[str]) -> dict[str, list[str]]:
+    """{requested name: leaf tasks}; unknown names are one LinmuError with close matches."""
+    resolved = {}
+    for name in names:
+        if name not in tm.task_index:
+            close = difflib.get_close_matches(name, tm.all_tasks, n=4, cutoff=0.6)
+            hint = (
+                f"; did you mean {', '.join(close)}?" if close else "; `lmms-eval tasks list` shows them all"
+            )
+            raise LinmuError(f"unknown task {name!r}{hint}")
+        resolved[name] = leaf_tasks(tm, name)
+    return resolved
+
+
+def main_metric(results: dict, task: str) -> tuple[str | None, float | None]:
+    """(metric, value) of a task or group: the first metric its config lists, with the `none` filter."""
+    values = results.get("results", {}).get(task) or results.get("groups", {}).get(task) or {}
+    preferred = [m.get("metric") for m in results.get("configs", {}).get(task, {}).get("metric_list", [])]
+    candidates = [f"{m},none" for m in preferred if isinstance(m, str)]
+    candidates += [k for k in values if "," in k and "_stderr" not in k and k not in candidates]
+    for key in candidates:
+        value = values.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return key.split(",")[0], float(value)
+    return None, None
+
+
+def _n_samples(results: dict, task: str) -> int | None:
+    n = results.get("n-samples", {}).get(task, {})
+    return n.get("effective") if isinstance(n, dict) else None
+
+
+def _write_raw(results: dict, out: Path) -> None:
+    from lmms_eval.utils import handle_non_serializable
+
+    out.mkdir(parents=True, exist_ok=True)
+    samples = results.pop("samples", None) or {}
+    (out / "results.json").write_text(json.dumps(results, indent=2, default=handle_non_serializable) + "\n")
+    for task, rows in samples.items():
+        with (out / f"samples_{task}.jsonl").open("w") as f:
+            for row in rows:
+                f.write(json.dumps(row, default=handle_non_serializable) + "\n")
+    if samples:
+        results["samples"] = samples
+
+
+def run_one(
+    role: str,
+    model: str,
+    tasks: list[str],
+    tm,
+    *,
+    limit: int | float | None,
+    model_args: dict,
+    log_samples: bool,
+    offline: bool,
+    progress: Progress | None,
+) -> tuple[dict, dict]:
+    """Evaluate one model with lmms-eval; (lmms-eval results, model stats)."""
+    from lmms_eval import evaluator
+
+    from linmu_cli.evaluation.availability import offline_hub
+    from linmu_cli.evaluation.plugin import LinMU
+
+    report = (lambda phase, done, total: progress(role, phase, done, total)) if progress else None
+    start = time.perf_counter()
+    if report:
+        report("loading", 0, 1)
+    lm = LinMU(pretrained=model, progress=report, **model_args)
+    loaded = time.perf_counter() - start
+    with offline_hub() if offline else nullcontext():
+        results = evaluator.simple_evaluate(model=lm, tasks=tasks, limit=limit, task_manager=tm,
+                                            log_samples=log_samples, verbosity="ERROR", bootstrap_iters=0)  # fmt: skip
+    stats = dict(lm.stats, load_seconds=round(loaded, 3), seconds=round(time.perf_counter() - start, 3),
+                 pretrained=str(model))  # fmt: skip
+    lm.clean()
+    del lm
+    gc.collect()
+    return results, stats
+
+
+def evaluate(
+    model: str | Path,
+    tasks: str | list[str],
+    teacher: str | Path | None = None,
+    *,
+    limit: int | float | None = None,
+    include_path: list[str | Path] | None = None,
+    model_args: str | dict | None = None,
+    output: str | Path | None = None,
+    log_samples: bool = True,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Score MODEL (and TEACHER) on lmms-eval TASKS; write raw results + summary under OUTPUT; return the summary."""
+    require_lmms_eval()
+    from linmu_cli.evaluation.availability import check_available
+    from linmu_cli.evaluation.tasks import DATASETS, data_root, dataset_meta, dataset_ready, ensure_datasets
+    from linmu_cli.sources import resolve_source
+
+    names = _split_tasks(tasks)
+    if limit is not None and (
+        limit <= 0 or (isinstance(limit, float) and limit >= 1 and not limit.is_integer())
+    ):
+        raise LinmuError(f"--limit must be a positive number of samples per task, got {limit}")
+    args = parse_model_args(model_args)
+    models = {"student": str(model)} | ({"teacher": str(teacher)} if teacher is not None else {})
+    for role, path in models.items():
+        try:
+            resolve_source(path)
+        except LinmuError as exc:
+            raise LinmuError(f"{'MODEL' if role == 'student' else '--teacher'}: {exc}") from None
+
+    tm, evals = task_manager(include_path)
+    resolved = resolve_tasks(tm, names)
+    leaves = list(dict.fromkeys(t for ts in resolved.values() for t in ts))
+    synthetic = [
+        t for t in leaves if evals is not None and str(tm.task_index[t]["yaml_path"]).startswith(str(evals))
+    ]
+    generated = []
+    if synthetic and not all(dataset_ready(data_root(evals), name) for name in DATASETS):
+        if progress:
+            progress("data", "generating", 0, 1)
+        generated = ensure_datasets(evals)
+    offline = check_available(tm, leaves)
+
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out = Path(output) if output is not None else Path("runs") / f"eval-{stamp}"
+    if out.exists() and not out.is_dir():
+        raise LinmuError(f"--output {out} exists and is not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+
+    raw: dict[str, dict] = {}
+    stats: dict[str, dict] = {}
+    for role, path in models.items():
+        raw[role], stats[role] = run_one(role, path, names, tm, limit=limit, model_args=args,
+                                         log_samples=log_samples, offline=offline, progress=progress)  # fmt: skip
+        _write_raw(raw[role], out / role)
+
+    rows = []
+    for name in names:
+        members = resolved[name]
+        entries = members + ([name] if members != [name] else [])
+        for task in entries:
+            if any(r["task"] == task for r in rows):
+                continue
+            metric, student = main_metric(raw["student"], task)
+            row = {"task": task, "metric": metric, "n": _n_samples(raw["student"], task), "student": student,
+                   "group": task not in leaves}  # fmt: skip
+            if "teacher" in raw:
+                t_metric, t_value = main_metric(raw["teacher"], task)
+                row["teacher"] = t_value
+                row["delta"] = None if student is None or t_value is None else student - t_value
+            rows.append(row)
+
+    summary = {
+        "tasks": rows,
+        "limit": limit,
+        "model_args": args,
+        "models": stats,
+        "synthetic_data": {t: dataset_meta(evals, Path(_data_file(tm, t)).parent.name) for t in synthetic}
+        if synthetic
+        else {},
+        "generated_datasets": generated,
+        "output": str(out),
+        "lmms_eval_version": _version("lmms_eval"),
+        "created": stamp,
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _data_file(tm, task: str) -> str:
+    from lmms_eval import utils
+
+    config = utils.load_yaml_config(tm.task_index[task]["yaml_path"], mode="simple")
+    files = (config.get("dataset_kwargs") or {}).get("data_files") or {}
+    return next(iter(files.values())) if isinstance(files, dict) else str(files)
+
+
+def _version(package: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package.replace("_", "-"))
+    except PackageNotFoundError:
+        return None

@@ -1,0 +1,239 @@
+"""`linmu bench` on CPU: the command and its JSON schema, argument errors, the floor mode, the fixed-buffer
+decode step, the real-shape configs. No timing assertions (CPU numbers mean nothing)."""
+
+import json
+
+import pytest
+import torch
+from conftest import output_cache, prompt_inputs, video
+from typer.testing import CliRunner
+
+import linmu_cli
+from linmu_cli import bench
+from linmu_cli.archs import ARCHS, build_random_model
+from linmu_cli.cli import app
+from linmu_cli.config import MateConfig
+from linmu_cli.fast_decode import StaticDecoder
+from linmu_cli.layers import flex_ma, local_swin
+from linmu_cli.layers.floor import skip_mixers
+from linmu_cli.layers.layout import Segment, TokenLayout
+from linmu_cli.models import convert_model
+from linmu_cli.ops.window_attention import sliding_window_attention
+
+runner = CliRunner()
+
+
+def test_cpu_smoke_run_writes_the_documented_json_and_plot(tmp_path):
+    out, png = tmp_path / "bench.json", tmp_path / "bench.png"
+    res = runner.invoke(app, ["bench", "--arch", "tiny-qwen2-vl", "--frames", "8", "--device", "cpu",
+                              "--json", str(out), "--plot", str(png)])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert "TTFT" in res.output and "Decode tokens/s" in res.output and "crossover" in res.output
+    assert png.stat().st_size > 10_000
+    data = json.loads(out.read_text())
+    assert data["schema"] == "linmu-bench/1"
+    env = data["environment"]
+    for key in ("device", "torch", "transformers", "dtype", "python", "kernels"):
+        assert key in env
+    assert env["kernels"]["flex_ma_prefill"] == "torch" and env["kernels"]["flex_ma_decode"] == "torch"
+    assert env["kernels"]["linmu_decode_loop"] == "eager"
+    assert data["config"]["frames"] == [8] and data["config"]["mate"]["text_window"] == 512
+    assert data["weights_bytes"]["teacher"] > data["weights_bytes"]["linmu_own"] > 0
+    (row,) = data["results"]
+    assert row["frames"] == 8 and row["video_tokens"] == 4 * 16 * 16  # frames/2 x (448/28)^2
+    assert row["lm_tokens"] == row["video_tokens"] + data["config"]["text_tokens"]
+    for ttft in (row["teacher"]["ttft"], row["linmu"]["ttft"], row["linmu"]["floor"]):
+        assert ttft["status"] == "ok" and len(ttft["runs_s"]) == 2
+        parts = ttft["vision_s"] + ttft["prefill_s"] + ttft["first_step_s"]
+        assert ttft["vision_s"] > 0 and parts == pytest.approx(ttft["total_s"], rel=1e-6)
+        assert "prefill_peak_bytes" in ttft  # None on CPU
+    assert row["linmu"]["ttft_over_floor"] > 0
+    for model in ("teacher", "linmu"):
+        dec = row[model]["decode"]
+        assert dec["batch_1"]["cache_fill"] == "prefill" and dec["batch_1"]["batch"] == 1
+        assert dec["equal_batch"]["batch"] == 16 and dec["equal_batch"]["cache_fill"] == "random"
+        mx = dec["max_batch"]
+        assert mx["batch"] == 4 and mx["search"]["largest_fit"] == 4 and mx["search"]["tried"] == [1, 2, 4]
+        for entry in (dec["batch_1"], dec["equal_batch"], mx):
+            assert entry["status"] == "ok" and entry["tokens_per_s"] > 0 and entry["steps"] >= 2
+            assert entry["cache_bytes_per_seq"] > 0 and "peak_bytes" in entry and entry["mode"]
+    assert row["linmu"]["decode"]["batch_1_hf"]["mode"].startswith("transformers")
+    # LinMU's decode state per sequence is the same at batch 1 (from the prefill) and batch 16 (random)
+    ld = row["linmu"]["decode"]
+    assert ld["equal_batch"]["cache_bytes_per_seq"] == ld["max_batch"]["cache_bytes_per_seq"]
+    assert set(row["ratios"]) == {"ttft", "decode_batch_1", "decode_batch_1_same_harness", "decode_equal_batch",
+                                  "decode_max_batch"}  # fmt: skip
+    assert all(v > 0 for v in row["ratios"].values())
+    assert "text" in data["crossover"] and data["elapsed_s"] > 0
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--frames", "8"], "exactly one of --model DIR or --arch"),
+        (["--arch", "tiny-qwen2-vl", "--model", "x", "--frames", "8"], "exactly one"),
+        (["--arch", "qwen9-vl", "--frames", "8"], "unknown --arch 'qwen9-vl'"),
+        (["--arch", "tiny-qwen2-vl", "--frames", "7"], "even count"),
+        (["--arch", "tiny-qwen2-vl", "--frames", "8,x"], "frame counts like"),
+        (["--arch", "tiny-qwen2-vl", "--frames", "8", "--resolution", "100"], "multiple of 28"),
+        (["--arch", "tiny-qwen2-vl", "--frames", "8", "--batch", "many"], "'auto' or a positive integer"),
+        (["--arch", "tiny-qwen2-vl", "--frames", "8", "--batch", "0"], "'auto' or a positive integer"),
+        (["--arch", "tiny-qwen2-vl", "--frames", "8", "--dtype", "int3"], "unknown --dtype"),
+        (["--arch", "tiny-qwen2-vl", "--frames", "8", "--device", "tpu"], "choose cuda or cpu"),
+        (["--arch", "tiny-qwen2-vl", "--frames", "8", "--new-tokens", "0"], "--new-tokens"),
+        (["--model", "/no/such/dir", "--frames", "8", "--device", "cpu"], "no config.json"),
+    ],
+)
+def test_bad_arguments_are_one_clear_line(args, message):
+    if message == "choose cuda or cpu" or "--device" not in args:
+        args = [*args, "--device", "cpu"] if "--device" not in args else args
+    res = runner.invoke(app, ["bench", *args])
+    assert res.exit_code == 2, res.output
+    assert message in res.output and "Traceback" not in res.output
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
+def test_cuda_without_a_gpu_says_so():
+    res = runner.invoke(app, ["bench", "--arch", "tiny-qwen2-vl", "--frames", "8"])
+    assert res.exit_code == 2 and "no CUDA GPU" in res.output
+
+
+def test_synthetic_video_has_the_processor_layout():
+    config = build_random_model("tiny-qwen2-vl", torch.float32, "cpu").config
+    p = bench.synthetic_video(
+        config, frames=6, resolution=56, device=torch.device("cpu"), dtype=torch.float32
+    )
+    ids = p.inputs["input_ids"][0]
+    assert p.video_tokens == 3 * 2 * 2 and (ids == config.video_token_id).sum() == p.video_tokens
+    assert p.inputs["pixel_values_videos"].shape == (3 * 4 * 4, 3 * 2 * 14 * 14)
+    assert p.inputs["video_grid_thw"].tolist() == [[3, 4, 4]]
+    assert (p.inputs["mm_token_type_ids"][0] == 2).sum() == p.video_tokens
+    start = (ids == config.vision_start_token_id).nonzero().item()
+    assert ids[start + 1 + p.video_tokens] == config.vision_end_token_id
+    assert ids[:start].max() < config.image_token_id  # ordinary text ids around the video
+
+
+def _counting(monkeypatch, module, name, counts):
+    fn = getattr(module, name)
+
+    def wrapped(*args, **kwargs):
+        counts[name] = counts.get(name, 0) + 1
+        return fn(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, wrapped)
+
+
+def test_floor_skips_the_scans_and_attention_but_runs_every_projection(tiny, monkeypatch):
+    _, teacher, processor = tiny
+    student = convert_model(teacher, MateConfig(text_window=8))
+    counts: dict[str, int] = {}
+    for module, name in ((flex_ma, "ssd_scan"), (flex_ma, "ssd_step"), (local_swin, "sliding_window_attention"),
+                         (local_swin, "window_attention"), (local_swin, "decode_attention")):  # fmt: skip
+        _counting(monkeypatch, module, name, counts)
+    projections = [(n, m) for n, m in student.named_modules() if n.endswith(("_proj", "_proj_bwd", ".fuse"))
+                   and ".self_attn." in n]  # fmt: skip
+    assert {n.split(".")[-1] for n, _ in projections} >= {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                          "dt_proj", "dt_proj_bwd", "fuse"}  # fmt: skip
+    calls = dict.fromkeys((n for n, _ in projections), 0)
+    for n, m in projections:
+        m.register_forward_hook(lambda *_a, n=n: calls.__setitem__(n, calls[n] + 1))
+    inputs = prompt_inputs(processor, ["what happens?"], videos=[video(0)])
+
+    def run():
+        counts.clear()
+        for n in calls:
+            calls[n] = 0
+        with torch.no_grad():
+            out = student(**inputs, use_cache=True)
+            step = inputs["input_ids"][:, -1:]
+            student(input_ids=step, cache=output_cache(out), use_cache=True)
+        return dict(counts), dict(calls)
+
+    normal, normal_calls = run()
+    with skip_mixers():
+        floor, floor_calls = run()
+    assert normal["ssd_scan"] > 0 and normal["ssd_step"] > 0 and normal["window_attention"] > 0
+    assert normal["sliding_window_attention"] > 0 and normal["decode_attention"] > 0
+    assert floor == {}  # no scan, no step, no attention of any kind
+    assert floor_calls == normal_calls and all(v > 0 for v in floor_calls.values())
+
+
+def test_static_decoder_equals_the_transformers_decode_path(tiny):
+    _, teacher, processor = tiny
+    for window in (5, 512):  # a ring that wraps around, and one that never fills
+        student = convert_model(teacher, MateConfig(text_window=window, vision_window=[2, 1, 2]))
+        inputs = prompt_inputs(processor, ["describe the video"], videos=[video(1)])
+        with torch.no_grad():
+            out = student(**inputs, use_cache=True)
+            cache = output_cache(out)
+            token = out.logits[:, -1].argmax(-1, keepdim=True)
+            pos = bench._next_positions(student, inputs["input_ids"].shape[1], 1, torch.device("cpu"))
+            fast = StaticDecoder.from_cache(student, cache, token, pos)
+            for _ in range(7):
+                ref = student(input_ids=token, position_ids=pos, cache=cache, use_cache=True).logits[:, -1]
+                torch.testing.assert_close(fast.step(), ref, atol=1e-5, rtol=1e-5)
+                token, pos = ref.argmax(-1, keepdim=True), pos + 1
+                assert torch.equal(fast.tokens, token)
+
+
+def test_prefill_cache_holds_copies_not_views_of_the_prompt(tiny):
+    _, teacher, _ = tiny
+    student = convert_model(teacher, MateConfig(text_window=8))
+    with torch.no_grad():
+        cache = output_cache(student(input_ids=torch.randint(0, 900, (1, 300)), use_cache=True))
+    for state in cache.layers:
+        for _, t in state.tensors():
+            assert t.untyped_storage().nbytes() == t.numel() * t.element_size()  # nothing else kept alive
+
+
+def test_text_block_restriction_matches_the_full_sliding_window():
+    torch.manual_seed(0)
+    layout = TokenLayout.text_only(2, 40, torch.device("cpu"))
+    layout.segments = [[Segment(3, 2, 4, 4)], [Segment(10, 1, 4, 4), Segment(26, 1, 2, 4)]]
+    q, k, v = torch.randn(2, 4, 40, 8), torch.randn(2, 2, 40, 8), torch.randn(2, 2, 40, 8)
+    valid = torch.ones(2, 40, dtype=torch.bool)
+    full = sliding_window_attention(q, k, v, valid, 6, 0.3)
+    part = sliding_window_attention(q, k, v, valid, 6, 0.3, layout.text_blocks(6))
+    text = ~layout.is_vision()
+    torch.testing.assert_close(part.transpose(1, 2)[text], full.transpose(1, 2)[text])
+
+
+def test_crossover_interpolates_in_log_frames():
+    rows = [{"frames": f, "ratios": {"ttft": r}} for f, r in ((64, 0.5), (128, 0.8), (256, 1.6), (512, 2.0))]
+    assert bench.crossover(rows)["frames"] == 152  # 2 ** (7 + 0.25)
+    assert bench.crossover(rows[:2])["frames"] is None and "not reached" in bench.crossover(rows[:2])["text"]
+    assert "every measured" in bench.crossover(rows[2:])["text"]
+
+
+def test_real_shape_configs_match_the_published_parameter_counts():
+    for alias, arch in ARCHS.items():
+        model = build_random_model(alias, torch.bfloat16, "meta")
+        assert sum(p.numel() for p in model.parameters()) == arch.params, alias
+    model = build_random_model("qwen2-vl-7b", torch.bfloat16, "meta")
+    tc = model.config.text_config
+    assert (tc.hidden_size, tc.num_hidden_layers, tc.num_attention_heads, tc.num_key_value_heads) == (
+        3584,
+        28,
+        28,
+        4,
+    )
+    assert model.config.vision_config.depth == 32 and model.config.vision_config.embed_dim == 1280
+
+
+def test_model_dirs_load_as_teacher_and_student(tmp_path):
+    # the function, not the package attribute (the submodule shadows it once imported anywhere)
+    from linmu_cli.conversion import convert
+
+    report = convert("tiny-qwen2-vl", tmp_path / "linmu", save_teacher=tmp_path / "teacher")
+    ids = torch.randint(0, 900, (1, 20))
+    cpu = torch.device("cpu")
+    t1, s1, _ = bench.build_models(str(report.teacher_out), None, torch.float32, cpu, {})
+    t2, s2, source = bench.build_models(str(report.out), None, torch.float32, cpu, {})
+    assert "LinMU checkpoint" in source and type(s2).__name__ == type(s1).__name__
+    with (
+        torch.no_grad()
+    ):  # the teacher rebuilt from the LinMU checkpoint is the teacher it was converted from
+        torch.testing.assert_close(t2(input_ids=ids).logits, t1(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(s2(input_ids=ids).logits, s1(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+    with pytest.raises(linmu_cli.LinmuError, match="already converted"):
+        bench.build_models(str(report.out), None, torch.float32, cpu, {"text_window": 8})
