@@ -259,18 +259,23 @@ class LinMU(lmms):
         )
         return inputs.to(self._device)
 
+    def _collect_media(self, visuals: list, images: list, videos: list, metadata: list) -> list[str]:
+        """Decode a request's visuals, appending them to the batch lists; returns their kinds in order."""
+        kinds = []
+        for visual in visuals:
+            kind, data, meta = self._media(visual)
+            kinds.append(kind)
+            if kind == "image":
+                images.append(data)
+            else:
+                videos.append(data)
+                metadata.append(meta)
+        return kinds
+
     def _batch_inputs(self, contexts: list[str], visual_lists: list[list]) -> dict:
         prompts, images, videos, metadata = [], [], [], []
         for context, visuals in zip(contexts, visual_lists, strict=True):
-            kinds = []
-            for visual in visuals:
-                kind, data, meta = self._media(visual)
-                kinds.append(kind)
-                if kind == "image":
-                    images.append(data)
-                else:
-                    videos.append(data)
-                    metadata.append(meta)
+            kinds = self._collect_media(visuals, images, videos, metadata)
             prompts.append(self._prompt(context, kinds))
         return self._encode(prompts, images, videos, metadata)
 
@@ -390,15 +395,7 @@ class LinMU(lmms):
         contexts, continuations, visual_lists = zip(*chunk, strict=True)
         prompts, images, videos, metadata, n_cont = [], [], [], [], []
         for context, continuation, visuals in chunk:
-            kinds = []
-            for visual in visuals:
-                kind, data, meta = self._media(visual)
-                kinds.append(kind)
-                if kind == "image":
-                    images.append(data)
-                else:
-                    videos.append(data)
-                    metadata.append(meta)
+            kinds = self._collect_media(visuals, images, videos, metadata)
             prompt = self._prompt(context, kinds)
             # Tokens the continuation adds to the prompt (visual placeholders expand identically in both).
             n = len(self.tokenizer(prompt + continuation)["input_ids"]) - len(
