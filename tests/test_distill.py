@@ -222,3 +222,32 @@ def test_max_pixels_downscales_images_and_frames():
     assert fit_pixels(np.zeros((4, 112, 112, 3), np.uint8), 56 * 56).shape == (4, 56, 56, 3)
     small = np.zeros((2, 28, 28, 3), np.uint8)
     assert fit_pixels(small, 56 * 56) is small
+
+
+def _torchrun(out: Path, extra: list[str], port: int) -> None:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           "-m", "linmu_cli", "distill", str(RECIPE), f"output={out}", *SHORT, *extra]  # fmt: skip
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+
+
+def test_fsdp_matches_ddp_and_resumes_exactly(tmp_path):
+    """FSDP2 shards only the trainable modules; its losses equal DDP's, and a resumed run repeats itself."""
+    ddp, fsdp = tmp_path / "ddp", tmp_path / "fsdp"
+    _torchrun(ddp, [], 29541)
+    _torchrun(fsdp, ["distributed.strategy=fsdp"], 29542)
+    a, b = losses(ddp), losses(fsdp)
+    assert [r[:2] for r in a] == [r[:2] for r in b]
+    assert all(abs(x[2] - y[2]) <= 1e-4 * max(1.0, abs(x[2])) for x, y in zip(a, b, strict=True))
+    reference = weights(fsdp / "final")
+    # crash simulation: drop everything after stage1's step-3 checkpoint, then resume
+    import shutil
+
+    for d in ("stage1", "stage2", "stage3", "final", "checkpoints/stage2", "checkpoints/stage3"):
+        shutil.rmtree(fsdp / d, ignore_errors=True)
+    shutil.rmtree(fsdp / "checkpoints" / "stage1" / "step-0000006")
+    _torchrun(fsdp, ["distributed.strategy=fsdp", "--resume"], 29543)
+    assert losses(fsdp) == b
+    again = weights(fsdp / "final")
+    assert all(torch.equal(again[k], reference[k]) for k in reference)

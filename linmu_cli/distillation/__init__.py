@@ -4,7 +4,8 @@
     distill("recipes/tiny.yaml", ["stages.stage1.steps=20"])
 
 Launch with `accelerate launch -m linmu_cli distill RECIPE` or `torchrun -m linmu_cli distill RECIPE` for
-data-parallel training (DDP); rank 0 logs and writes checkpoints.
+data-parallel training (DDP, or FSDP2 of the trainable modules with `distributed.strategy=fsdp`); rank 0 logs
+and writes checkpoints.
 """
 
 from __future__ import annotations
@@ -37,11 +38,8 @@ def _init_distributed(recipe: Recipe) -> tuple[int, int, torch.device]:
         device = torch.device(f"cuda:{local}" if recipe.device in ("auto", "cuda") else recipe.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if world > 1:
-        if recipe.distributed.strategy == "fsdp":
-            raise LinmuError("distributed.strategy: fsdp is not implemented yet; use ddp")
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return rank, world, device
 
 

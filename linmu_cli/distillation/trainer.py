@@ -26,7 +26,7 @@ from safetensors import safe_open
 from torch import nn
 
 from linmu_cli.config import MateConfig
-from linmu_cli.distillation import checkpoint
+from linmu_cli.distillation import checkpoint, parallel
 from linmu_cli.distillation.data import SampleStream
 from linmu_cli.distillation.losses import logit_kl, relative_mse, token_weights
 from linmu_cli.distillation.objectives import EndToEndObjective, LayerwiseObjective, run_student, run_teacher
@@ -275,43 +275,50 @@ def train_stage(run: Run, name: str) -> dict[str, Any]:
         inject_lora(student, cfg.lora)
     student.to(run.device)
     trainable = set_trainable(student, cfg.train)
+    state = checkpoint.load(resume_from) if resume_from is not None else None
+    if state is not None:  # full tensors into the unsharded student
+        named = dict(trainable)
+        for key, tensor in state["trainable"].items():
+            named[key].data.copy_(tensor)
+    heldout = _heldout(run) if run.is_main else []
+    before = (
+        state["report_before"]
+        if state is not None
+        else fidelity(run, student, heldout)
+        if run.is_main
+        else None
+    )
     student.train()
     if cfg.gradient_checkpointing and cfg.mode == "end_to_end":
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    par = parallel.strategy(recipe.distributed.strategy, run.world)
+    par.prepare(student)  # FSDP: shards the trainable modules (parameters become DTensors)
     objective: nn.Module = (
         LayerwiseObjective(student, cfg.loss, cfg.gradient_checkpointing)
         if cfg.mode == "layerwise"
         else EndToEndObjective(student, cfg.loss)
     )
-    wrapped = objective
-    if run.world > 1:
-        wrapped = nn.parallel.DistributedDataParallel(objective, device_ids=None, broadcast_buffers=False)
-    params = [p for _, p in trainable]
+    wrapped = par.wrap(objective)
+    params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     data = SampleStream(recipe.data, run.teacher.processor, recipe.seed, rank=run.rank, world=run.world)
-    heldout = _heldout(run) if run.is_main else []
 
-    step, before = 0, None
-    if resume_from is not None:
-        state = checkpoint.load(resume_from)
-        named = dict(trainable)
-        for key, tensor in state["trainable"].items():
-            named[key].data.copy_(tensor)
-        optimizer.load_state_dict(state["optimizer"])
+    step = 0
+    if state is not None:
+        par.load_optimizer_state(student, optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         data.position = state["data_positions"][run.rank]
         data.skipped.update(state.get("skipped", {}))
-        step, before = state["step"], state["report_before"]
-        checkpoint.set_rng_state(state["rng"])
+        step = state["step"]
+        checkpoint.set_rng_state(state["rng"][run.rank] if isinstance(state["rng"], list) else state["rng"])
         run.print(f"[bold]{name}[/]: resuming at step {step} from {resume_from}")
         if run.is_main:
             _truncate_metrics(run.out / "metrics.jsonl", name, step)
     else:
         run.print(f"[bold]{name}[/]: starting from {started_from}; training {', '.join(cfg.train)} "
-                  f"({sum(p.numel() for p in params):,} parameters), {cfg.mode}")  # fmt: skip
-    if before is None and run.is_main:
-        before = fidelity(run, student, heldout)
+                  f"({sum(p.numel() for _, p in trainable):,} parameters), {cfg.mode}"
+                  f"{' (' + recipe.distributed.strategy + f' x {run.world})' if run.world > 1 else ''}")  # fmt: skip
 
     teacher_layers = student.family.decoder_layers(run.teacher.model)
     want_logits = cfg.mode == "end_to_end" and bool(cfg.loss.kl)
@@ -326,8 +333,7 @@ def train_stage(run: Run, name: str) -> dict[str, Any]:
                 batch = _to_device(data.next_batch(cfg.batch_size), run.device)
                 layout = student.token_layout(**batch)
                 tp = run_teacher(run.teacher.model, teacher_layers, batch, want_logits)
-                sync = wrapped.no_sync() if run.world > 1 and micro < cfg.grad_accum - 1 else nullcontext()
-                with sync, _autocast(run):
+                with par.no_sync(wrapped, micro == cfg.grad_accum - 1), _autocast(run):
                     terms = wrapped(tp, layout) if cfg.mode == "layerwise" else wrapped(batch, tp, layout)
                     (terms["loss"] / cfg.grad_accum).backward()
                 for k, v in terms.items():
@@ -344,7 +350,8 @@ def train_stage(run: Run, name: str) -> dict[str, Any]:
                     f"{name}: the loss became {loss} at step {step + 1}; stopped without updating. Last good "
                     f"checkpoint: {last or 'none yet'}. Lower stages.{name}.lr or check the data, then --resume"
                 )
-            grad_norm = float(nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+            norm = nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -357,21 +364,33 @@ def train_stage(run: Run, name: str) -> dict[str, Any]:
                     f.write(json.dumps(record) + "\n")
             progress.update(task, completed=step, info=f"loss {loss:.4f}  {rate:,.0f} tok/s")
             if step % cfg.save_every == 0 or step == cfg.steps:
-                positions = [data.position]
+                positions, rngs = [data.position], [checkpoint.rng_state()]
                 if run.world > 1:
-                    positions = [None] * run.world
+                    positions, rngs = [None] * run.world, [None] * run.world
                     dist.all_gather_object(positions, data.position)
+                    dist.all_gather_object(rngs, checkpoint.rng_state())
+                tensors = par.full_trainable(student)  # collective under FSDP
+                optim_state = par.optimizer_state(student, optimizer)  # collective under FSDP
                 if run.is_main:
                     checkpoint.save(ckpt_root, step, {
-                        "trainable": {n: p.detach().cpu() for n, p in trainable},
-                        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                        "rng": checkpoint.rng_state(), "data_positions": positions, "step": step,
+                        "trainable": tensors, "optimizer": optim_state, "scheduler": scheduler.state_dict(),
+                        "rng": rngs, "data_positions": positions, "step": step,
                         "skipped": dict(data.skipped), "report_before": before,
                     })  # fmt: skip
                 run.barrier()
 
+    if par.shards:  # an unsharded copy for the report and the saved checkpoint (rank 0)
+        tensors = par.full_trainable(student)
+        if run.is_main:
+            student, _ = build_student(run, name)
+            if cfg.lora is not None:
+                inject_lora(student, cfg.lora)
+            student.to(run.device)
+            named = dict(student.named_parameters())
+            for key, tensor in tensors.items():
+                named[key].data = tensor.to(run.device)
     after = fidelity(run, student, heldout) if run.is_main else None
-    if cfg.lora is not None:
+    if cfg.lora is not None and run.is_main:
         merge_lora(student)
     result = {"stage": name, "started_from": started_from, "steps": step, "skipped_samples": dict(data.skipped),
               "before": before, "after": after}  # fmt: skip
