@@ -81,16 +81,16 @@ def convert(
     ],  # fmt: skip
     out: Annotated[Path, typer.Argument(help="Output directory (written atomically).")],
     window: Annotated[
-        str | None, typer.Option(help="Local-Swin 3D vision window wt,wh,ww [default 2,8,8].")
+        str | None, typer.Option(help="Local-Swin 3D vision window wt,wh,ww (default 2,8,8).")
     ] = None,
     text_window: Annotated[
-        int | None, typer.Option(help="Keys a text token attends to [default 512].")
+        int | None, typer.Option(help="Keys a text token attends to (default 512).")
     ] = None,
     scan_orders: Annotated[
-        str | None, typer.Option(help="Rotary Major-Scan cycle [default thw,twh,hwt].")
+        str | None, typer.Option(help="Rotary Major-Scan cycle (default thw,twh,hwt).")
     ] = None,
     fusion_init: Annotated[
-        float | None, typer.Option(help="Initial Flex-MA weight in (0,1) [default 0.5].")
+        float | None, typer.Option(help="Initial Flex-MA weight in (0,1) (default 0.5).")
     ] = None,
     fusion: Annotated[str | None, typer.Option(help="Fusion weight per 'token' or per 'head'.")] = None,
     flex: Annotated[bool | None, typer.Option("--flex/--no-flex", help="Keep the Flex-MA branch.")] = None,
