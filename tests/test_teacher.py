@@ -1,0 +1,71 @@
+"""The committed small teacher (evals/teacher, made by evals/train_teacher.py) loads offline and has real skill."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from linmu_cli.data import synthetic
+
+TEACHER = Path(__file__).resolve().parents[1] / "evals" / "teacher"
+HELDOUT_SEED = 2026  # neither the training seed (0) nor the seed of the report in train_teacher.json (12345)
+PER_TASK = 10
+
+pytestmark = pytest.mark.skipif(
+    not (TEACHER / "model.safetensors").is_file(),
+    reason=f"no trained teacher at {TEACHER}: run `python evals/train_teacher.py --out evals/teacher`",
+)
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    model = AutoModelForImageTextToText.from_pretrained(TEACHER).eval()
+    processor = AutoProcessor.from_pretrained(TEACHER)
+    processor.tokenizer.padding_side = "left"
+    return model, processor
+
+
+def test_checkpoint_is_small_and_documented() -> None:
+    assert (TEACHER / "model.safetensors").stat().st_size < 25 * 2**20
+    report = json.loads((TEACHER / "train_teacher.json").read_text())
+    assert report["command"].startswith("python evals/train_teacher.py")
+    assert all(acc >= 0.9 for acc in report["heldout_accuracy"]["16"].values())
+    assert (TEACHER / "README.md").is_file()
+
+
+def test_teacher_is_real_qwen2_vl(teacher) -> None:
+    model, _ = teacher
+    assert type(model).__name__ == "Qwen2VLForConditionalGeneration"
+    text, vision = model.config.text_config, model.config.vision_config
+    assert text.num_key_value_heads < text.num_attention_heads
+    assert text.hidden_size // text.num_attention_heads >= 32
+    assert (vision.patch_size, vision.spatial_merge_size, vision.temporal_patch_size) == (14, 2, 2)
+
+
+@pytest.mark.parametrize("task", list(synthetic.TASKS))
+def test_teacher_answers_heldout_samples(teacher, task: str) -> None:
+    model, processor = teacher
+    samples = [synthetic.generate(task, i, seed=HELDOUT_SEED, frames=16) for i in range(PER_TASK)]
+    prompts = [
+        processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": s.kind}, {"type": "text", "text": s.question}]}],
+            add_generation_prompt=True,
+            tokenize=False,
+        )
+        for s in samples
+    ]
+    media = [Image.fromarray(s.media) if s.kind == "image" else s.media for s in samples]
+    key = "images" if samples[0].kind == "image" else "videos"
+    inputs = processor(text=prompts, padding=True, return_tensors="pt", **{key: media})
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+    answers = processor.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    correct = sum(a.strip().lower() == s.answer for a, s in zip(answers, samples, strict=True))
+    assert correct >= 0.8 * PER_TASK, f"{task}: {correct}/{PER_TASK}; answers {answers}"
+    # and it is not one constant answer that happens to be common
+    assert len({a.strip().lower() for a in answers}) > 1
