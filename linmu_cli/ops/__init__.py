@@ -1,29 +1,8 @@
-"""Sequence-mixing kernels (SSD scan) with a pure-PyTorch reference and optional CUDA paths."""
+"""Sequence-mixing kernels (SSD scan) with a pure-PyTorch reference and optional CUDA paths.
 
-from linmu_cli.ops.ssd import (
-    SSD_BACKENDS,
-    SSDBackendError,
-    available_ssd_backends,
-    fla_backward_supported,
-    last_ssd_backend,
-    select_ssd_backend,
-    ssd_chunked,
-    ssd_fla,
-    ssd_mamba,
-    ssd_naive,
-    ssd_scan,
-)
+Everything public lives in `linmu_cli.ops.ssd` (its `__all__`); `ops/window_attention.py` and
+`ops/ssd_step.py` are imported from their modules.
+"""
 
-__all__ = [
-    "SSD_BACKENDS",
-    "SSDBackendError",
-    "available_ssd_backends",
-    "fla_backward_supported",
-    "last_ssd_backend",
-    "select_ssd_backend",
-    "ssd_chunked",
-    "ssd_fla",
-    "ssd_mamba",
-    "ssd_naive",
-    "ssd_scan",
-]
+from linmu_cli.ops.ssd import *  # noqa: F403
+from linmu_cli.ops.ssd import __all__  # noqa: F401
