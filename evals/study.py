@@ -34,6 +34,7 @@ from linmu_cli.models import convert_model  # noqa: E402
 
 EVAL_SEED = 12345  # never used for training (distillation uses the recipe seed and seed + 7919)
 RECIPE = ROOT / "recipes" / "synthetic.yaml"
+NOTES_MARKER = "<!-- everything below this line is kept when evals/study.py rewrites the tables above -->"
 
 
 @dataclass
@@ -84,7 +85,7 @@ def answers(
             media = {"images": [Image.fromarray(s.media) for s in chunk]} if chunk[0].kind == "image" else {
                 "videos": [s.media for s in chunk]}  # fmt: skip
             inputs = processor(text=prompts, padding=True, return_tensors="pt", **media)
-            gen = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+            gen = model.generate(**inputs, max_new_tokens=8, do_sample=False)  # "beginning" is 5+ tokens
             texts = processor.batch_decode(gen[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
             got += [
                 (t.strip().strip(".").lower(), s.answer.lower()) for t, s in zip(texts, chunk, strict=True)
@@ -235,7 +236,9 @@ def write_markdown(path: Path, res: dict, cmd: str) -> None:
         table(abl, tasks),
         "",
     ]
-    path.write_text("\n".join(text))
+    # hand-written analysis below the marker survives a regeneration of the tables
+    notes = path.read_text().partition(NOTES_MARKER)[2] if path.is_file() else ""
+    path.write_text("\n".join(text) + "\n" + NOTES_MARKER + (notes or "\n"))
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
+import hashlib
 import json
 import math
 import random
@@ -31,6 +32,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -82,9 +84,21 @@ def parse_frames(spec: str) -> list[int]:
     return counts
 
 
-def example(task: str, index: int, seed: int, frames: int) -> Example:
+def example(task: str, index: int, seed: int, frames: int, distractors: float = 1.0) -> Example:
+    """Sample `index` of `task`; for `image_color`, each block that is not asked about is kept with
+    probability `distractors` (else painted over with fresh background): the early-training curriculum."""
     s = synthetic.generate(task, index, seed=seed, frames=frames)
-    media = Image.fromarray(s.media) if s.kind == "image" else s.media
+    media = s.media
+    if task == "image_color" and distractors < 1.0:
+        rng = np.random.default_rng([seed, index, 1])
+        asked = next(q for q, name in enumerate(synthetic.QUADRANTS) if f" {name} " in s.question)
+        media = media.copy()
+        h, w = media.shape[0] // 2, media.shape[1] // 2
+        for q in range(4):
+            if q != asked and rng.random() >= distractors:
+                top, left = (q // 2) * h, (q % 2) * w
+                media[top : top + h, left : left + w] = rng.integers(0, 60, size=(h, w, 3), dtype=np.uint8)
+    media = Image.fromarray(media) if s.kind == "image" else media
     return Example(s.kind, media, s.question, s.answer)
 
 
@@ -107,16 +121,42 @@ def answer_labels(inputs: dict, examples: list[Example], tokenizer) -> torch.Ten
     return labels
 
 
-def make_batch(processor, step: int, batch_size: int, seed: int, frame_counts: list[int], tasks=TASKS):
-    """Batch `step` of the training stream: one frame count per batch, tasks round-robin within it."""
-    frames = random.Random(seed * 1_000_003 + step).choice(frame_counts)
-    examples = []
-    for j in range(batch_size):
-        i = step * batch_size + j
-        examples.append(example(tasks[i % len(tasks)], i // len(tasks), seed, frames))
-    inputs = to_inputs(processor, examples, max_tokens=1 << 20)
-    inputs["labels"] = answer_labels(inputs, examples, processor.tokenizer)
-    return inputs, frames
+def make_batches(step: int, args, processor, frame_counts: list[int], tasks: list[str], distractors: float):
+    """Step `step` of the training stream: an image batch and a video batch (one frame count), so short image
+    sequences are not padded to the length of the videos. Tasks go round-robin within each batch."""
+    frames = random.Random(args.seed * 1_000_003 + step).choice(frame_counts)
+    batches = []
+    for kind_tasks, size in (
+        ([t for t in tasks if t == "image_color"], args.image_batch),
+        ([t for t in tasks if t != "image_color"], args.video_batch),
+    ):
+        if not kind_tasks or size <= 0:
+            continue
+        examples = []
+        for j in range(size):
+            i = step * size + j
+            task = kind_tasks[i % len(kind_tasks)]
+            examples.append(example(task, i // len(kind_tasks), args.seed, frames, distractors))
+        inputs = to_inputs(processor, examples, max_tokens=1 << 20)
+        inputs["labels"] = answer_labels(inputs, examples, processor.tokenizer)
+        batches.append((inputs, size))
+    return batches, frames
+
+
+class TrainStream(torch.utils.data.Dataset):
+    """Step i -> (batches, frames) of `make_batches`; a map-style dataset so that DataLoader workers build
+    batches ahead of the model while step i stays exactly the same batch whatever the number of workers."""
+
+    def __init__(self, args, processor, frame_counts: list[int], tasks: list[str]):
+        self.args, self.processor, self.frame_counts, self.tasks = args, processor, frame_counts, tasks
+
+    def __len__(self) -> int:
+        return self.args.steps
+
+    def __getitem__(self, step: int):
+        lo, hi = self.args.curriculum
+        distractors = min(1.0, max(0.0, (step - lo) / max(1, hi - lo)))
+        return make_batches(step, self.args, self.processor, self.frame_counts, self.tasks, distractors)
 
 
 @torch.no_grad()
@@ -137,7 +177,7 @@ def evaluate(model, processor, task: str, seed: int, frames: int, count: int, ba
             prompts.append(processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False))
             media.append(Image.fromarray(s.media) if s.kind == "image" else s.media)
         key = "images" if samples[0].kind == "image" else "videos"
-        inputs = processor(text=prompts, padding=True, return_tensors="pt", **{key: media})
+        inputs = processor(text=prompts, padding=True, return_tensors="pt", **{key: media}).to(model.device)
         out = model.generate(**inputs, max_new_tokens=8, do_sample=False)
         texts = processor.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
         correct += sum(
@@ -156,6 +196,42 @@ def evaluate_all(model, processor, seed: int, frames_list, count: int) -> dict[s
     }
 
 
+VISION_ATTENTION = "batched_flash_varlen_frames"  # "flash" in the name routes cu_seqlens to it (see below)
+
+
+def batched_vision_attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0,
+                             cu_seq_lens_q=None, **kwargs):  # fmt: skip
+    """Qwen2-VL's vision attention (full attention within each frame pair) as one batched SDPA call.
+
+    Without flash-attn, transformers runs one SDPA call per frame pair (a Python loop over `cu_seqlens`): with
+    40 videos of 32 frame pairs that is 1,280 calls per layer and most of a training step. Here every chunk has
+    the same length (one frame pair = 4x4 patches), so the chunks become a batch; the result is the same
+    attention. transformers hands `cu_seqlens` only to implementations whose name contains "flash". Used only
+    while training; the saved config says "sdpa".
+    """
+    lengths = (cu_seq_lens_q[1:] - cu_seq_lens_q[:-1]).tolist()
+    _, heads, seq, dim = query.shape
+    if len(set(lengths)) == 1:
+        n = lengths[0]
+        q, k, v = (t.reshape(heads, seq // n, n, dim).transpose(0, 1) for t in (query, key, value))
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling)
+        return out.permute(0, 2, 1, 3).reshape(1, seq, heads, dim), None
+    outs = [
+        torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling)
+        for q, k, v in zip(*(torch.split(t, lengths, dim=2) for t in (query, key, value)), strict=True)
+    ]
+    return torch.cat(outs, dim=2).transpose(1, 2), None
+
+
+def use_vision_attention(model, name: str) -> None:
+    from transformers import AttentionInterface
+
+    if name == VISION_ATTENTION:
+        AttentionInterface.register(VISION_ATTENTION, batched_vision_attention)
+    model.config.vision_config._attn_implementation = name
+    model.model.visual.config._attn_implementation = name
+
+
 class LayoutProbes(torch.nn.Module):
     """Auxiliary self-supervised heads (training only, not saved): where each visual token sits.
 
@@ -170,6 +246,7 @@ class LayoutProbes(torch.nn.Module):
         super().__init__()
         self.quadrant = torch.nn.Linear(hidden, 4)
         self.time = torch.nn.Linear(hidden, max_pairs)
+        self.part = torch.nn.Linear(hidden, 3)
         self.layer, self.max_pairs = layer, max_pairs
         self.vision_out: list[tuple[torch.Tensor, torch.Tensor]] = []
 
@@ -192,19 +269,50 @@ class LayoutProbes(torch.nn.Module):
             times.append(torch.arange(t).repeat_interleave(h * w))
         return torch.cat(quads), torch.cat(times)
 
+    @staticmethod
+    def _parts(grid: torch.Tensor, merge: int = 2) -> torch.Tensor:
+        """Beginning / middle / end (0, 1, 2) of every video token's frame pair, cut as `video_when` cuts."""
+        parts = []
+        for t, h, w in grid.tolist():
+            bounds = [round(t * i / 3) for i in range(4)]
+            part = torch.tensor([max(p for p in range(3) if bounds[p] <= i) for i in range(t)])
+            parts.append(part.repeat_interleave((h // merge) * (w // merge)))
+        return torch.cat(parts)
+
     def loss(self, inputs: dict, hidden_states: tuple[torch.Tensor, ...]) -> torch.Tensor:
         losses = []
         for feats, grid in self.vision_out:
             quad, _ = self._layout(grid)
+            quad = quad.to(feats.device)
             losses.append(torch.nn.functional.cross_entropy(self.quadrant(feats), quad))
         self.vision_out.clear()
         if inputs.get("video_grid_thw") is not None:
             _, time_idx = self._layout(inputs["video_grid_thw"])
+            time_idx = time_idx.to(hidden_states[self.layer].device)
             video = hidden_states[self.layer][inputs["mm_token_type_ids"] == 2]
             losses.append(
                 torch.nn.functional.cross_entropy(self.time(video), time_idx.clamp(max=self.max_pairs - 1))
             )
+            parts = self._parts(inputs["video_grid_thw"]).to(video.device)
+            losses.append(torch.nn.functional.cross_entropy(self.part(video), parts))
         return sum(losses) / len(losses)
+
+
+def reproduce_command(argv: list[str], steps: int) -> str:
+    """The command line that repeats this run: --time-budget replaced by the --steps it came to."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in ("--time-budget", "--steps", "--out", "--force") or a.startswith(
+            ("--time-budget=", "--steps=", "--out=")
+        ):
+            skip = a in ("--time-budget", "--steps", "--out")
+        else:
+            out.append(a)
+    return "python evals/train_teacher.py --out evals/teacher " + " ".join(
+        shlex.quote(a) for a in [*out, "--steps", str(steps)]
+    )
 
 
 def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
@@ -214,13 +322,86 @@ def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
     return lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def readme(report: dict) -> str:
+    """evals/teacher/README.md, written from train_teacher.json."""
+    cfg, vision = report["model"], report["model"]["vision_config"]
+    frames = list(report["heldout_accuracy"])
+    rows = [f"| task | {' | '.join(f'{f} frames' for f in frames)} |", "|---|" + "---|" * len(frames)]
+    for task in TASKS:
+        cells = [report["heldout_accuracy"][f].get(task) for f in frames]
+        rows.append(f"| {task} | " + " | ".join("-" if c is None else f"{c:.2f}" for c in cells) + " |")
+    return f"""# Small Qwen2-VL teacher trained on linmu's synthetic tasks
+
+A teacher with real skill for `linmu distill` / `linmu eval` without downloading a VLM: transformers' own
+`Qwen2VLForConditionalGeneration` ({report["parameters"] / 1e6:.1f}M parameters) with linmu's tiny tokenizer and
+processor, trained from scratch on `linmu_cli.data.synthetic` by `evals/train_teacher.py`:
+
+    {report["command"]}
+
+({report["train_seconds"] / 60:.0f} min on {report["device"]} ({report["threads"]} CPU threads), seed {report["seed"]}, torch {report["torch"]},
+transformers {report["transformers"]}; all details in `train_teacher.json`.)
+
+```python
+from transformers import AutoModelForImageTextToText, AutoProcessor
+model = AutoModelForImageTextToText.from_pretrained("evals/teacher")
+processor = AutoProcessor.from_pretrained("evals/teacher")
+```
+
+## Architecture
+
+- Decoder: {cfg["num_hidden_layers"]} layers, hidden {cfg["hidden_size"]}, {cfg["num_attention_heads"]} query heads and
+  {cfg["num_key_value_heads"]} key/value heads of dim {cfg["hidden_size"] // cfg["num_attention_heads"]} (GQA), MLP
+  {cfg["intermediate_size"]}, M-RoPE with Qwen2-VL's 2:3:3 section split.
+- Vision: {vision["depth"]} blocks of width {vision["embed_dim"]} ({vision["num_heads"]} heads), the real layout (patch 14,
+  spatial merge 2, temporal patch 2): a 56x56 frame pair is 2x2 merged tokens, one per quadrant.
+
+## Training
+
+{report["steps"]} AdamW steps (lr {report["lr"]}, cosine), each an image batch of {report["image_batch"]} `image_color` samples
+and a video batch of {report["video_batch"]} `video_count` / `video_order` / `video_when` samples with one frame count
+drawn from {min(report["train_frames"])}-{max(report["train_frames"])} frames, in exactly the chat format of
+`linmu distill` (`linmu_cli.distillation.data.to_inputs`); the loss is on the answer tokens and `<|im_end|>` only.
+Two things make the positional tasks learnable on a CPU budget (both only shape training; the model is unchanged):
+
+- layout probes (weight {report["aux_weight"]}): linear heads, discarded after training, that predict the quadrant of
+  every merged vision token from the vision tower's output and the frame-pair index of every video token from
+  decoder layer {cfg["num_hidden_layers"] // 2}. Qwen2-VL's vision tower has no absolute position embedding, and on a 2x2
+  token grid M-RoPE's spatial frequencies cannot tell neighbours apart, so from the answer loss alone the model
+  takes very long to find out where a block is;
+- an `image_color` curriculum: the blocks that are not asked about fade in from step {report["curriculum"][0]}
+  (none) to step {report["curriculum"][1]} (all), so the model first learns to read a block's colour, then to pick
+  the block that was asked about.
+
+## Held-out accuracy
+
+Greedy decoding, exact match after lowercase/strip, {report["eval_count_per_task"]} samples per task of seed
+{report["eval_seed"]} (the seed of the `evals/` lmms-eval data; training used seed {report["seed"]}):
+
+{chr(10).join(rows)}
+
+`tests/test_teacher.py` loads this directory and checks it on a few samples of another seed. Retraining with the
+command above on the same torch/transformers versions and thread count gives the same weights
+(`model.safetensors` sha256 in `train_teacher.json`).
+"""
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="output directory (replaced atomically at the end)")
     p.add_argument("--seed", type=int, default=0, help="init and training-stream seed")
     p.add_argument("--eval-seed", type=int, default=12345, help="held-out seed (default: that of evals/data)")
-    p.add_argument("--steps", type=int, default=3000)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--steps", type=int, default=3000, help="optimizer steps (the most, with --time-budget)")
+    p.add_argument(
+        "--time-budget",
+        type=float,
+        default=0.0,
+        help="seconds of training: after 50 steps, --steps becomes what fits (the report records it, so "
+        "`--steps N` without a budget repeats the run); 0: none",
+    )
+    p.add_argument("--image-batch", type=int, default=8, help="image_color samples per step")
+    p.add_argument(
+        "--video-batch", type=int, default=12, help="video samples per step (video tasks round-robin)"
+    )
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--weight-decay", type=float, default=0.01)
@@ -241,12 +422,24 @@ def main(argv: list[str] | None = None) -> int:
         default=0.5,
         help="weight of the layout probes' loss (0: answer loss only)",
     )
+    p.add_argument(
+        "--curriculum",
+        type=int,
+        nargs=2,
+        default=(200, 2000),
+        metavar=("START", "END"),
+        help="image_color distractor blocks fade in from step START (none) to END (all)",
+    )
     p.add_argument("--tasks", default=",".join(TASKS), help="comma-separated synthetic tasks to train on")
     p.add_argument("--eval-count", type=int, default=100, help="held-out samples per task and frame count")
     p.add_argument(
-        "--eval-every", type=int, default=250, help="quick held-out check every N steps (0: never)"
+        "--eval-every", type=int, default=500, help="quick held-out check every N steps (0: never)"
     )
     p.add_argument("--threads", type=int, default=2, help="torch threads (fixed for reproducibility)")
+    p.add_argument("--device", default="auto", help="auto (cuda when available) | cpu | cuda | cuda:N")
+    p.add_argument(
+        "--workers", type=int, default=0, help="processes that build batches ahead of the model (0: inline)"
+    )
     p.add_argument("--force", action="store_true", help="replace an existing --out")
     args = p.parse_args(argv)
 
@@ -256,7 +449,11 @@ def main(argv: list[str] | None = None) -> int:
     tasks = args.tasks.split(",")
     model_cfg = model_config(args)
     model, processor = build_tiny_teacher("qwen2_vl", seed=args.seed, **model_cfg)
-    model.train()
+    device = torch.device(
+        ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    )
+    model.to(device).train()
+    use_vision_attention(model, VISION_ATTENTION)
     n_params = sum(p.numel() for p in model.parameters())
     print(
         f"Qwen2VLForConditionalGeneration: {n_params / 1e6:.2f}M parameters, frames {frame_counts}",
@@ -264,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     probes = LayoutProbes(model.config.text_config.hidden_size, max(frame_counts) // 2, args.layers // 2)
-    probes.attach(model)
+    probes.to(device).attach(model)
     params = [*model.named_parameters(), *(("probe." + n, p) for n, p in probes.named_parameters())]
     decay = [p for n, p in params if p.ndim >= 2 and "embed" not in n]
     no_decay = [p for n, p in params if not (p.ndim >= 2 and "embed" not in n)]
@@ -275,20 +472,41 @@ def main(argv: list[str] | None = None) -> int:
     )
     start = time.time()
     running = running_aux = 0.0
-    for step in range(args.steps):
+    stream = TrainStream(args, processor, frame_counts, tasks)
+    loader = torch.utils.data.DataLoader(
+        stream,
+        batch_size=None,
+        shuffle=False,
+        num_workers=args.workers,
+        prefetch_factor=4 if args.workers else None,
+    )
+    for step, (batches, frames) in enumerate(loader):
+        if step == args.steps:
+            break
+        if args.time_budget and step == 50:  # still in warm-up (lr does not depend on --steps yet)
+            per_step = (time.time() - start) / 50
+            args.steps = max(51, min(args.steps, int(0.95 * args.time_budget / per_step)))
+            print(
+                f"time budget {args.time_budget:.0f} s at {per_step:.3f} s/step: {args.steps} steps",
+                flush=True,
+            )
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
-        inputs, frames = make_batch(processor, step, args.batch_size, args.seed, frame_counts, tasks)
-        out = model(**inputs, output_hidden_states=args.aux_weight > 0)
-        loss = out.loss
-        aux = probes.loss(inputs, out.hidden_states) if args.aux_weight > 0 else torch.zeros(())
-        probes.vision_out.clear()
+        batches = [({k: v.to(device) for k, v in inputs.items()}, n) for inputs, n in batches]
+        total = sum(n for _, n in batches)
         opt.zero_grad(set_to_none=True)
-        (loss + args.aux_weight * aux).backward()
+        loss_sum = aux_sum = 0.0
+        for inputs, n in batches:  # gradient accumulation, each batch weighted by its number of samples
+            out = model(**inputs, output_hidden_states=args.aux_weight > 0)
+            aux = probes.loss(inputs, out.hidden_states) if args.aux_weight > 0 else torch.zeros(())
+            probes.vision_out.clear()
+            ((out.loss + args.aux_weight * aux) * (n / total)).backward()
+            loss_sum += out.loss.item() * n / total
+            aux_sum += aux.item() * n / total
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        running = loss.item() if step == 0 else 0.95 * running + 0.05 * loss.item()
-        running_aux = aux.item() if step == 0 else 0.95 * running_aux + 0.05 * aux.item()
+        running = loss_sum if step == 0 else 0.95 * running + 0.05 * loss_sum
+        running_aux = aux_sum if step == 0 else 0.95 * running_aux + 0.05 * aux_sum
         if (step + 1) % 25 == 0 or step == 0:
             elapsed = time.time() - start
             print(
@@ -298,7 +516,10 @@ def main(argv: list[str] | None = None) -> int:
             )
         if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
             quick = {t: evaluate(model, processor, t, args.eval_seed, 16, 40) for t in tasks}
-            print(f"  held-out @16 frames (40/task): {json.dumps(quick)}", flush=True)
+            quick.update(
+                {f"{t}@64": evaluate(model, processor, t, args.eval_seed, 64, 40) for t in tasks[1:]}
+            )
+            print(f"  held-out @16 (and @64) frames, 40/task: {json.dumps(quick)}", flush=True)
     train_s = time.time() - start
 
     model.eval()
@@ -307,15 +528,18 @@ def main(argv: list[str] | None = None) -> int:
     for f, accs in accuracy.items():
         print(f"  {f} frames: " + ", ".join(f"{t} {a:.2f}" for t, a in accs.items()), flush=True)
     report = {
-        "command": "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])]),
+        "command": reproduce_command(argv or sys.argv[1:], args.steps),
         "seed": args.seed,
         "eval_seed": args.eval_seed,
         "steps": args.steps,
-        "batch_size": args.batch_size,
+        "image_batch": args.image_batch,
+        "video_batch": args.video_batch,
         "lr": args.lr,
         "train_frames": frame_counts,
         "threads": args.threads,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "aux_weight": args.aux_weight,
+        "curriculum": list(args.curriculum),
         "parameters": n_params,
         "model": model_cfg,
         "train_seconds": round(train_s, 1),
@@ -325,10 +549,14 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__,
         "transformers": __import__("transformers").__version__,
     }
+    use_vision_attention(model, "sdpa")
     with atomic_directory(Path(args.out), force=args.force) as tmp:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
+        weights = (tmp / "model.safetensors").read_bytes()
+        report["model_safetensors"] = {"bytes": len(weights), "sha256": hashlib.sha256(weights).hexdigest()}
         (tmp / "train_teacher.json").write_text(json.dumps(report, indent=2) + "\n")
+        (tmp / "README.md").write_text(readme(report))
     print(f"saved {args.out} ({report['wall_seconds'] / 60:.1f} min)", flush=True)
     return 0
 

@@ -92,8 +92,11 @@ def known_archs() -> list[str]:
     return [*ARCHS, *TINY_ARCHS]
 
 
-def arch_config(alias: str):
-    """The transformers config (Qwen2VLConfig / Qwen2_5_VLConfig) of a real-shape alias."""
+def arch_config(alias: str, token_ids: dict[str, int] | None = None):
+    """The transformers config (Qwen2VLConfig / Qwen2_5_VLConfig) of a real-shape alias.
+
+    `token_ids` replaces the special token ids (image/video/vision start/end, bos/eos/pad), e.g. with those of
+    the tiny tokenizer for `random:ALIAS` teachers."""
     if alias not in ARCHS:
         raise LinmuError(f"unknown --arch {alias!r}; known: {', '.join(known_archs())}")
     import transformers
@@ -102,12 +105,18 @@ def arch_config(alias: str):
     cls = {"qwen2_vl": transformers.Qwen2VLConfig, "qwen2_5_vl": transformers.Qwen2_5_VLConfig}[arch.family]
     text = dict(arch.text)
     tie = text.pop("tie_word_embeddings")
-    return cls(
-        text_config=text, vision_config=dict(arch.vision), tie_word_embeddings=tie, **_QWEN_IDS, **arch.top
-    )
+    ids = dict(_QWEN_IDS)
+    if token_ids:
+        ids.update({k: v for k, v in token_ids.items() if k in ids})
+        text.update(
+            {k: v for k, v in token_ids.items() if k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+        )
+    return cls(text_config=text, vision_config=dict(arch.vision), tie_word_embeddings=tie, **ids, **arch.top)
 
 
-def build_random_model(alias: str, dtype: torch.dtype, device: torch.device | str) -> nn.Module:
+def build_random_model(
+    alias: str, dtype: torch.dtype, device: torch.device | str, token_ids: dict[str, int] | None = None
+) -> nn.Module:
     """The teacher of `alias` with random weights, built directly on `device` in `dtype` (eval mode, SDPA).
 
     Real shapes are built where they run: on CUDA the parameters are allocated and initialized there (no
@@ -120,7 +129,7 @@ def build_random_model(alias: str, dtype: torch.dtype, device: torch.device | st
 
         model, _ = build_tiny_teacher(TINY_ARCHS[alias], seed=0)
         return model.to(device=device, dtype=dtype).eval()
-    config = arch_config(alias)
+    config = arch_config(alias, token_ids)
     import transformers
 
     cls = {"qwen2_vl": transformers.Qwen2VLForConditionalGeneration,
@@ -130,4 +139,48 @@ def build_random_model(alias: str, dtype: torch.dtype, device: torch.device | st
     return model.eval()
 
 
-__all__ = ["ARCHS", "TINY_ARCHS", "Arch", "arch_config", "build_random_model", "known_archs"]
+def build_random_teacher(
+    alias: str, dtype: torch.dtype, device: torch.device | str, seed: int = 0
+) -> tuple[nn.Module, object]:
+    """`random:ALIAS`: the real shape of `alias` with seeded random weights, and the tiny tokenizer's processor.
+
+    For speed and scaling runs of `linmu distill` / `linmu eval` without a checkpoint: the processor is the
+    family's real one (real patch / merge layout, pixel budget of the released checkpoints) around the tiny
+    tokenizer, whose special token ids are written into the config. Every process that builds it with the same
+    seed on the same kind of device gets the same weights.
+    """
+    from linmu_cli.tiny import build_tiny_processor, special_token_ids
+
+    if alias not in ARCHS:
+        raise LinmuError(f"unknown random:{alias}; known: {', '.join(f'random:{a}' for a in ARCHS)}")
+    special = special_token_ids()
+    ids = {
+        "image_token_id": special["<|image_pad|>"],
+        "video_token_id": special["<|video_pad|>"],
+        "vision_start_token_id": special["<|vision_start|>"],
+        "vision_end_token_id": special["<|vision_end|>"],
+        "bos_token_id": special["<|endoftext|>"],
+        "eos_token_id": special["<|im_end|>"],
+        "pad_token_id": special["<|endoftext|>"],
+    }
+    device = torch.device(device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        model = build_random_model(alias, dtype, device, ids)
+    model.generation_config.update(
+        bos_token_id=ids["bos_token_id"], eos_token_id=ids["eos_token_id"], pad_token_id=ids["pad_token_id"]
+    )
+    return model, build_tiny_processor(ARCHS[alias].family, max_pixels=REAL_MAX_PIXELS)
+
+
+REAL_MAX_PIXELS = 12_845_056  # the released Qwen2-VL / Qwen2.5-VL processors' max_pixels
+
+__all__ = [
+    "ARCHS",
+    "TINY_ARCHS",
+    "Arch",
+    "arch_config",
+    "build_random_model",
+    "build_random_teacher",
+    "known_archs",
+]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -241,6 +242,10 @@ def eval_(
       linmu eval out/ --tasks linmu_video_when,linmu_video_when_mc --teacher teacher/ --limit 20
 
       linmu eval /ckpt/linmu-7b --tasks mmmu_val,videomme --teacher /ckpt/Qwen2-VL-7B-Instruct --model-args max_num_frames=64
+
+    Data parallel (one replica per GPU, requests sharded by lmms-eval, scores gathered on rank 0):
+
+      accelerate launch --num_processes 2 -m linmu_cli eval out/ --tasks linmu_synthetic
     """
     from linmu_cli.evaluation.run import merge_model_args, quiet_lmms_eval, require_lmms_eval
 
@@ -251,6 +256,8 @@ def eval_(
     if not verbose:
         quiet_lmms_eval()
     summary = _run_eval_with_progress(model, tasks, teacher, limit, include_path, args, output, log_samples)
+    if not summary:  # a non-zero rank of `accelerate launch -m linmu_cli eval` / torchrun: rank 0 reports
+        return
     console.print(eval_table(summary, model, teacher))
     console.print(f"results: {summary['output']}/summary.json (raw lmms-eval results under student/"
                   f"{', teacher/' if teacher else ''})", highlight=False, soft_wrap=True)  # fmt: skip
@@ -280,9 +287,10 @@ def _run_eval_with_progress(model, tasks, teacher, limit, include_path, args, ou
             ids[key] = bars.add_task(f"{role} {phase}", total=total)
         bars.update(ids[key], completed=done, total=total)
 
+    rank0 = int(os.environ.get("RANK", "0")) == 0  # data-parallel launches: one set of bars
     try:
         return evaluate(model, tasks, teacher, limit=limit, include_path=include_path, model_args=args,
-                        output=output, log_samples=log_samples, progress=on_progress)  # fmt: skip
+                        output=output, log_samples=log_samples, progress=on_progress if rank0 else None)  # fmt: skip
     finally:
         if bars.live.is_started:
             bars.stop()

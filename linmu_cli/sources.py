@@ -32,7 +32,9 @@ DTYPES = {"auto": "auto", "float32": torch.float32, "fp32": torch.float32, "bflo
 
 
 def known_aliases() -> list[str]:
-    return sorted([*TINY_ALIASES, *HUB_ALIASES])
+    from linmu_cli.archs import ARCHS
+
+    return sorted([*TINY_ALIASES, *HUB_ALIASES, *(f"random:{a}" for a in ARCHS)])
 
 
 @dataclass
@@ -74,7 +76,16 @@ def _hub_snapshot(repo_id: str) -> Path:
 
 
 def resolve_source(source: str) -> tuple[str, str | Path]:
-    """('tiny', family) | ('dir', path): what SOURCE names, or a LinmuError saying what to pass instead."""
+    """('tiny', family) | ('random', arch) | ('dir', path): what SOURCE names, or a LinmuError saying what to
+    pass instead."""
+    if source.startswith("random:"):
+        from linmu_cli.archs import ARCHS
+
+        arch = source.removeprefix("random:")
+        if arch not in ARCHS:
+            raise LinmuError(f"unknown model {source!r}; random-weight teachers: "
+                             f"{', '.join('random:' + a for a in ARCHS)}")  # fmt: skip
+        return "random", arch
     path = Path(source).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
@@ -111,6 +122,13 @@ def load_teacher(source: str, dtype: str = "auto", device: str = "cpu", seed: in
         if torch_dtype != "auto":
             model = model.to(torch_dtype)
         return Teacher(model.to(device), processor, source, None)
+    if kind == "random":
+        from linmu_cli.archs import build_random_teacher
+
+        if torch_dtype == "auto":
+            torch_dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+        model, processor = build_random_teacher(str(where), torch_dtype, device, seed=seed)
+        return Teacher(model, processor, source, None)
     model_type, archs = read_model_type(where)
     if model_type.startswith("linmu_"):
         raise LinmuError(f"{where} is already a LinMU checkpoint ({model_type}); convert its teacher instead")

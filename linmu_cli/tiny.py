@@ -166,7 +166,7 @@ def build_tiny_tokenizer() -> transformers.PreTrainedTokenizerBase:
     )
 
 
-def build_tiny_processor(family: str) -> transformers.ProcessorMixin:
+def build_tiny_processor(family: str, max_pixels: int = MAX_PIXELS) -> transformers.ProcessorMixin:
     """The family's real processor (image + video + tokenizer) with tiny pixel budgets.
 
     Like the real Qwen2.5-VL processor, a video without `video_metadata` is assumed to be 24 fps
@@ -176,13 +176,13 @@ def build_tiny_processor(family: str) -> transformers.ProcessorMixin:
     processor_cls = _family_class(family, "processor")
     layout = {"patch_size": PATCH_SIZE, "merge_size": MERGE_SIZE, "temporal_patch_size": TEMPORAL_PATCH_SIZE}
     image_processor = transformers.Qwen2VLImageProcessor(
-        min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, **layout
+        min_pixels=MIN_PIXELS, max_pixels=max_pixels, **layout
     )
     # Videos arrive as (T, H, W, 3) arrays whose frames are already chosen: never sample frames, and pin
     # the per-frame pixel cap off (also silences the "cap_pixels_per_frame" deprecation warning).
     video_processor = transformers.Qwen2VLVideoProcessor(
         min_pixels=MIN_PIXELS,
-        max_pixels=MAX_PIXELS,
+        max_pixels=max_pixels,
         do_sample_frames=False,
         cap_pixels_per_frame=False,
         **layout,

@@ -237,3 +237,23 @@ def test_model_dirs_load_as_teacher_and_student(tmp_path):
         torch.testing.assert_close(s2(input_ids=ids).logits, s1(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
     with pytest.raises(linmu_cli.LinmuError, match="already converted"):
         bench.build_models(str(report.out), None, torch.float32, cpu, {"text_window": 8})
+
+
+def test_random_teacher_source_has_the_real_shape_and_the_tiny_tokenizer():
+    """`teacher=random:qwen2-vl-7b`: the real architecture, seeded random weights, token ids of the tiny tokenizer."""
+    from linmu_cli.errors import LinmuError
+    from linmu_cli.sources import known_aliases, load_teacher, resolve_source
+
+    assert resolve_source("random:qwen2-vl-7b") == ("random", "qwen2-vl-7b")
+    assert "random:qwen2.5-vl-7b" in known_aliases()
+    with pytest.raises(LinmuError, match="random:qwen2-vl-2b"):
+        resolve_source("random:qwen2-vl-8b")
+    teacher = load_teacher("random:qwen2-vl-7b", device="meta")
+    config, tok = teacher.model.config, teacher.processor.tokenizer
+    assert config.text_config.hidden_size == 3584 and config.text_config.num_hidden_layers == 28
+    for field, token in [("video_token_id", "<|video_pad|>"), ("image_token_id", "<|image_pad|>"),
+                         ("vision_start_token_id", "<|vision_start|>")]:  # fmt: skip
+        assert getattr(config, field) == tok.convert_tokens_to_ids(token)
+    assert len(tok) <= config.text_config.vocab_size
+    # the released processors' pixel budget, so 448x448 frames are not scaled down
+    assert teacher.processor.video_processor.size["longest_edge"] == 12_845_056

@@ -251,3 +251,36 @@ def test_fsdp_matches_ddp_and_resumes_exactly(tmp_path):
     assert losses(fsdp) == b
     again = weights(fsdp / "final")
     assert all(torch.equal(again[k], reference[k]) for k in reference)
+
+
+BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
+
+
+def test_compare_runs_reports_loss_agreement_and_files(full_run, tmp_path):
+    """benchmarks/compare_runs.py (issue 7's check of multi-GPU runs against one GPU) on two identical runs."""
+    out, _ = full_run
+    report = tmp_path / "compare.json"
+    res = subprocess.run([sys.executable, str(BENCHMARKS / "compare_runs.py"), str(out), str(out),
+                          "--json", str(report)], capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    run = json.loads(report.read_text())["runs"][0]
+    assert {s: v["common_steps"] for s, v in run["stages"].items()} == {"stage1": 6, "stage2": 4, "stage3": 4}
+    assert all(v["max_abs_loss_diff"] == 0 and v["speedup"] == 1 for v in run["stages"].values())
+    assert run["temporary"] == [] and run["stage_outputs"] == ["final", "stage1", "stage2", "stage3"]
+    assert run["checkpoints"] and all(c.startswith("checkpoints/stage") for c in run["checkpoints"])
+
+
+def test_distill_throughput_benchmark_runs_on_cpu(tmp_path):
+    """benchmarks/distill_throughput.py (the H200 numbers of docs/benchmarks.md) at tiny size, one process."""
+    out = tmp_path / "t.json"
+    cmd = [sys.executable, str(BENCHMARKS / "distill_throughput.py"), "--arch", "tiny-qwen2-vl", "--frames", "8",
+           "--resolution", "112", "--steps", "1", "--checkpointing", "--json", str(out)]  # fmt: skip
+    res = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1")
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert data["processes"] == 1 and data["checkpointing"] is True
+    assert set(data["stages"]) == {"stage1", "stage2", "stage3"}
+    assert all(s["tokens_per_s"] > 0 and s["ssd_backend"] == "torch" for s in data["stages"].values())
+    assert data["stage3_over_baseline"] > 0

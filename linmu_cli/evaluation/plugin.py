@@ -57,22 +57,18 @@ def load_model(pretrained: str, device: torch.device, dtype: str = "auto", attn_
                seed: int = 0):  # fmt: skip
     """(model, processor) for anything `linmu convert` accepts as a source, plus LinMU checkpoints."""
     import linmu_cli  # noqa: F401  (registers the LinMU classes with the Auto classes)
-    from linmu_cli.sources import parse_dtype, resolve_source
+    from linmu_cli.sources import load_teacher, parse_dtype, resolve_source
 
     torch_dtype = parse_dtype(str(dtype))
     kind, where = resolve_source(str(pretrained))
-    if kind == "tiny":
-        from linmu_cli.tiny import build_tiny_teacher
+    if kind in ("tiny", "random"):  # built in memory, seeded
+        teacher = load_teacher(str(pretrained), dtype=str(dtype), device=str(device), seed=seed)
+        return teacher.model.eval(), teacher.processor
+    from transformers import AutoModelForImageTextToText, AutoProcessor
 
-        model, processor = build_tiny_teacher(where, seed=seed)
-        if torch_dtype != "auto":
-            model = model.to(torch_dtype)
-    else:
-        from transformers import AutoModelForImageTextToText, AutoProcessor
-
-        extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
-        model = AutoModelForImageTextToText.from_pretrained(where, dtype=torch_dtype, **extra)
-        processor = AutoProcessor.from_pretrained(where)
+    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    model = AutoModelForImageTextToText.from_pretrained(where, dtype=torch_dtype, **extra)
+    processor = AutoProcessor.from_pretrained(where)
     return model.to(device).eval(), processor
 
 
@@ -125,9 +121,14 @@ class LinMU(lmms):
         if self.batch_size_per_gpu < 1 or self.max_num_frames < 2:
             raise ValueError("linmu: batch_size must be >= 1 and max_num_frames >= 2")
 
-        world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        if world_size > 1:  # data parallel under accelerate / torchrun: one replica per local GPU
-            device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            # Data parallel under `accelerate launch` / `torchrun`: one replica per process (its local GPU, or
+            # the CPU with gloo). lmms-eval shards the requests by rank and gathers them with `accelerator`.
+            from accelerate import Accelerator
+
+            self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
+            self._rank, self._world_size = self.accelerator.process_index, self.accelerator.num_processes
+            device = str(self.accelerator.device)
         elif device in (None, "", "auto"):
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self._device = torch.device(device)

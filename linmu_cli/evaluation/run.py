@@ -209,7 +209,7 @@ def run_one(
         results = evaluator.simple_evaluate(model=lm, tasks=tasks, limit=limit, task_manager=tm,
                                             log_samples=log_samples, verbosity="ERROR", bootstrap_iters=0)  # fmt: skip
     stats = dict(lm.stats, load_seconds=round(loaded, 3), seconds=round(time.perf_counter() - start, 3),
-                 pretrained=str(model))  # fmt: skip
+                 pretrained=str(model), processes=lm.world_size)  # fmt: skip
     lm.clean()
     del lm
     gc.collect()
@@ -271,7 +271,11 @@ def evaluate(
     for role, path in models.items():
         raw[role], stats[role] = run_one(role, path, names, tm, limit=limit, model_args=args,
                                          log_samples=log_samples, offline=offline, progress=progress)  # fmt: skip
+        if raw[role] is None:  # a non-zero rank of a data-parallel launch: rank 0 gathers and writes
+            continue
         _write_raw(raw[role], out / role)
+    if any(r is None for r in raw.values()):
+        return {}
 
     rows = []
     for name in names:
