@@ -284,3 +284,21 @@ def test_distill_throughput_benchmark_runs_on_cpu(tmp_path):
     assert set(data["stages"]) == {"stage1", "stage2", "stage3"}
     assert all(s["tokens_per_s"] > 0 and s["ssd_backend"] == "torch" for s in data["stages"].values())
     assert data["stage3_over_baseline"] > 0
+
+
+def test_frames_list_draws_a_length_per_sample_reproducibly():
+    """data.frames: [4, 8] distills over several video lengths; sample i always gets the same length."""
+    from linmu_cli.distillation.data import SampleStream
+    from linmu_cli.tiny import build_tiny_processor
+
+    recipe = load_recipe(RECIPE, ["data.frames=[4,8]", "data.tasks=[video_count]"])
+    processor = build_tiny_processor("qwen2_vl")
+
+    def lengths(stream, n):
+        return [int(stream.next_batch(1)["video_grid_thw"][0, 0]) * 2 for _ in range(n)]
+
+    first = lengths(SampleStream(recipe.data, processor, seed=0), 12)
+    assert set(first) == {4, 8}
+    assert lengths(SampleStream(recipe.data, processor, seed=0), 12) == first
+    with pytest.raises(LinmuError, match="data.frames"):
+        load_recipe(RECIPE, ["data.frames=[1,8]"])

@@ -100,7 +100,7 @@ class ManifestSource:
             raise SkipSample("malformed", f"row {index} has no human/gpt turn")
         question = human.replace("<image>", "").replace("<video>", "").strip()
         if "video" in row:
-            clip, fps = read_video(self._media(row["video"]), self.cfg.frames, self.cfg.fps)
+            clip, fps = read_video(self._media(row["video"]), frames_for(self.cfg, index), self.cfg.fps)
             return Example("video", clip, question, answer, fps)
         if "image" in row:
             try:
@@ -117,6 +117,14 @@ class ManifestSource:
         return path
 
 
+def frames_for(cfg: DataConfig, index: int, seed: int = 0) -> int:
+    """`data.frames` for sample `index`: the number, or one of the list drawn from (seed, index) so that a
+    resumed or multi-process run sees the same lengths (distilling over several lengths)."""
+    if isinstance(cfg.frames, int):
+        return cfg.frames
+    return int(cfg.frames[np.random.default_rng([seed, index, 17]).integers(len(cfg.frames))])
+
+
 class SyntheticSource:
     """The procedural tasks of `linmu_cli.data.synthetic`, round-robin, generated on the fly from the seed."""
 
@@ -131,7 +139,11 @@ class SyntheticSource:
     def example(self, index: int) -> Example:
         tasks = self.cfg.tasks
         s = synthetic.generate(
-            tasks[index % len(tasks)], index // len(tasks), self.seed, self.cfg.frames, self.cfg.size
+            tasks[index % len(tasks)],
+            index // len(tasks),
+            self.seed,
+            frames_for(self.cfg, index, self.seed),
+            self.cfg.size,
         )
         media = Image.fromarray(s.media) if s.kind == "image" else s.media
         return Example(s.kind, media, s.question, s.answer)

@@ -33,7 +33,7 @@ class DataConfig:
     tasks: list[str] = field(
         default_factory=lambda: ["image_color", "video_count", "video_order", "video_when"]
     )
-    frames: int = 16  # frames sampled uniformly per video
+    frames: int | list[int] = 16  # frames sampled uniformly per video; a list: one drawn per sample (seeded)
     fps: float | None = None  # cap on sampled frames per second of video (None: no cap)
     size: int = 56  # synthetic frame / image side in pixels
     max_pixels: int | None = None  # per image / frame, passed to the processor
@@ -220,8 +220,11 @@ def _validate(recipe: Recipe) -> Recipe:
         raise LinmuError("recipe.data.manifest: required when data.source is 'manifest'")
     if d.on_error not in ("skip", "raise"):
         raise LinmuError(f"recipe.data.on_error={d.on_error!r}: choose 'skip' or 'raise'")
-    if d.frames < 2:
-        raise LinmuError("recipe.data.frames: need at least 2 frames per video")
+    counts = d.frames if isinstance(d.frames, list) else [d.frames]
+    if not counts or min(counts) < 2:
+        raise LinmuError(
+            f"recipe.data.frames={d.frames!r}: need at least 2 frames per video (an int or a list)"
+        )
     if recipe.device not in ("auto", "cpu", "cuda") and not recipe.device.startswith("cuda:"):
         raise LinmuError(f"recipe.device={recipe.device!r}: choose auto, cpu or cuda")
     if recipe.distributed.strategy not in ("ddp", "fsdp"):
