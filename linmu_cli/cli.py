@@ -180,6 +180,10 @@ def distill(
       linmu distill recipes/tiny.yaml --resume                         # after a crash
 
       accelerate launch --num_processes 2 -m linmu_cli distill recipes/tiny.yaml   # data parallel
+
+      linmu distill recipes/qwen2-vl-7b.yaml teacher=random:qwen2-vl-7b data.source=synthetic data.size=448
+
+    (the last: the real 7B shape with random weights, for speed and scaling tests without a checkpoint)
     """
     from transformers.utils import logging as hf_logging
 
