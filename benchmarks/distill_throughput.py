@@ -8,9 +8,10 @@ One step = the frozen teacher's pass + the stage objective's forward/backward + 
 baseline is a plain teacher forward+backward on the same tokens (gradients for every decoder weight, no
 optimizer), so "stage 3 / baseline" is the distillation overhead ratio the distill issue asks for.
 
-Under torchrun each process trains on its own sample (data parallel, `linmu_cli.distillation.parallel`: DDP or
-FSDP2 of the trainable modules, as `linmu distill` does); tokens/s counts all processes' tokens, peak memory is the
-largest over the GPUs. The baseline runs on one process only.
+Under torchrun each process trains on a sample of the same shape (the same random values on every rank: the
+speed does not depend on them), data parallel through `linmu_cli.distillation.parallel` (DDP, or FSDP2 of the
+trainable modules) as `linmu distill` does; tokens/s counts all processes' tokens from the slowest process's step
+time, peak memory is the largest over the GPUs. The baseline runs with one process only.
 """
 
 from __future__ import annotations

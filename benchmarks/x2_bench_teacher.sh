@@ -25,17 +25,5 @@ CUDA_VISIBLE_DEVICES=0 timeout 170 python3 benchmarks/distill_throughput.py --ar
 echo "== waiting for the teachers   ($((SECONDS - T0)) s so far)"
 wait
 tail -5 "$R"/teacher_*.log
-best=$(python3 - "$R" <<'PY'
-import json, sys, pathlib
-root = pathlib.Path(sys.argv[1]); scores = {}
-for d in sorted(root.glob("teacher_*/")):
-    acc = json.loads((d / "train_teacher.json").read_text())["heldout_accuracy"]
-    scores[d.name] = min(v for per in acc.values() for v in per.values())
-print(max(scores, key=scores.get) if scores else "", file=sys.stdout)
-print("min accuracy per teacher:", scores, file=sys.stderr)
-PY
-)
-(cd "$R" && for d in teacher_*/; do cp "$d/train_teacher.json" "${d%/}.json" 2>/dev/null; done
- tar cf "$OUT/small.tar" --exclude='teacher_*/*' *.log *.json *.md *.png 2>/dev/null)
-[ -n "$best" ] && (cd "$R" && tar cf - "$best" | split -b 15M - "$OUT/teacher.tar.") && echo "best teacher: $best"
-ls -la "$OUT"; echo "done in $((SECONDS - T0)) s"
+OUT="$OUT" bash benchmarks/pack_teachers.sh "$R"
+echo "done in $((SECONDS - T0)) s"

@@ -25,17 +25,5 @@ for v in a b; do grep -v "^step" "$R/teacher_$v.log" | tail -6; done
 echo "== 2 GPUs, DDP   ($((SECONDS - T0)) s so far)"
 timeout 170 torchrun --nproc_per_node 2 "${DT[@]:1}" --strategy ddp --stages stage1,stage3 \
   --json "$R/distill_7b_2gpu_ddp.json" 2>&1 | grep -v -i warn | tee "$R/distill_7b_2gpu_ddp.log"
-best=$(python3 - "$R" <<'PY'
-import json, sys, pathlib
-root = pathlib.Path(sys.argv[1]); scores = {}
-for d in sorted(root.glob("teacher_*/")):
-    acc = json.loads((d / "train_teacher.json").read_text())["heldout_accuracy"]
-    scores[d.name] = (min(v for per in acc.values() for v in per.values()), sum(v for per in acc.values() for v in per.values()))
-print(max(scores, key=scores.get) if scores else "")
-print("(min, sum) accuracy per teacher:", scores, file=sys.stderr)
-PY
-)
-(cd "$R" && for d in teacher_*/; do cp "$d/train_teacher.json" "${d%/}.json" 2>/dev/null; done
- tar cf "$OUT/small.tar" *.log *.json 2>/dev/null)
-[ -n "$best" ] && (cd "$R" && tar cf - "$best" | split -b 15M - "$OUT/teacher.tar.") && echo "best teacher: $best"
-ls -la "$OUT"; echo "done in $((SECONDS - T0)) s"
+OUT="$OUT" bash benchmarks/pack_teachers.sh "$R"
+echo "done in $((SECONDS - T0)) s"

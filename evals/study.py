@@ -19,8 +19,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,6 +28,7 @@ import linmu_cli  # noqa: E402
 from linmu_cli.data import synthetic  # noqa: E402
 from linmu_cli.distillation import distill, load_recipe  # noqa: E402
 from linmu_cli.distillation.recipe import STAGES  # noqa: E402
+from linmu_cli.evaluation.greedy import greedy_answers  # noqa: E402
 from linmu_cli.models import convert_model  # noqa: E402
 
 EVAL_SEED = 12345  # never used for training (distillation uses the recipe seed and seed + 7919)
@@ -64,33 +63,18 @@ def load(path: Path):
     return model, AutoProcessor.from_pretrained(path)
 
 
-@torch.no_grad()
 def answers(
     model, processor, tasks: list[str], n: int, frames: int, size: int, batch: int = 8
 ) -> dict[str, list]:
-    """Greedy one-word answers to `n` held-out samples of each task (same samples for every model)."""
-    processor.tokenizer.padding_side = "left"
+    """Greedy one-word answers to `n` held-out samples of each task (same samples for every model):
+    {task: [(normalized reply, answer)]}."""
     out: dict[str, list] = {}
     for task in tasks:
         samples = [synthetic.generate(task, i, EVAL_SEED, frames, size) for i in range(n)]
-        got: list[tuple[str, str]] = []
-        for start in range(0, n, batch):
-            chunk = samples[start : start + batch]
-            prompts = []
-            for s in chunk:
-                msgs = [{"role": "user", "content": [{"type": s.kind}, {"type": "text", "text": s.question}]}]
-                prompts.append(
-                    processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
-                )
-            media = {"images": [Image.fromarray(s.media) for s in chunk]} if chunk[0].kind == "image" else {
-                "videos": [s.media for s in chunk]}  # fmt: skip
-            inputs = processor(text=prompts, padding=True, return_tensors="pt", **media)
-            gen = model.generate(**inputs, max_new_tokens=8, do_sample=False)  # "beginning" is 5+ tokens
-            texts = processor.batch_decode(gen[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-            got += [
-                (t.strip().strip(".").lower(), s.answer.lower()) for t, s in zip(texts, chunk, strict=True)
-            ]
-        out[task] = got
+        replies = greedy_answers(model, processor, samples, batch_size=batch)
+        out[task] = [
+            (r.strip().strip(".").lower(), s.answer.lower()) for r, s in zip(replies, samples, strict=True)
+        ]
     return out
 
 

@@ -42,6 +42,7 @@ from PIL import Image
 
 from linmu_cli.data import synthetic
 from linmu_cli.distillation.data import Example, to_inputs
+from linmu_cli.evaluation.greedy import greedy_answers
 from linmu_cli.io import atomic_directory
 from linmu_cli.tiny import build_tiny_teacher
 
@@ -165,30 +166,10 @@ class TrainStream(torch.utils.data.Dataset):
 
 @torch.no_grad()
 def evaluate(model, processor, task: str, seed: int, frames: int, count: int, batch_size: int = 50) -> float:
-    """Greedy exact-match accuracy on samples 0..count-1 of `task` from `seed`."""
-    was_training = model.training
-    model.eval()
-    processor.tokenizer.padding_side = "left"
-    correct = 0
-    for start in range(0, count, batch_size):
-        samples = [
-            synthetic.generate(task, i, seed=seed, frames=frames)
-            for i in range(start, min(count, start + batch_size))
-        ]
-        prompts, media = [], []
-        for s in samples:
-            msgs = [{"role": "user", "content": [{"type": s.kind}, {"type": "text", "text": s.question}]}]
-            prompts.append(processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False))
-            media.append(Image.fromarray(s.media) if s.kind == "image" else s.media)
-        key = "images" if samples[0].kind == "image" else "videos"
-        inputs = processor(text=prompts, padding=True, return_tensors="pt", **{key: media}).to(model.device)
-        out = model.generate(**inputs, max_new_tokens=8, do_sample=False)
-        texts = processor.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-        correct += sum(
-            t.strip().lower() == s.answer.strip().lower() for t, s in zip(texts, samples, strict=True)
-        )
-    model.train(was_training)
-    return correct / count
+    """Greedy exact-match accuracy (after lowercase/strip) on samples 0..count-1 of `task` from `seed`."""
+    samples = [synthetic.generate(task, i, seed=seed, frames=frames) for i in range(count)]
+    replies = greedy_answers(model, processor, samples, batch_size=batch_size)
+    return sum(r.strip().lower() == s.answer.lower() for r, s in zip(replies, samples, strict=True)) / count
 
 
 def evaluate_all(model, processor, seed: int, frames_list, count: int) -> dict[str, dict[str, float]]:

@@ -108,9 +108,7 @@ def arch_config(alias: str, token_ids: dict[str, int] | None = None):
     ids = dict(_QWEN_IDS)
     if token_ids:
         ids.update({k: v for k, v in token_ids.items() if k in ids})
-        text.update(
-            {k: v for k, v in token_ids.items() if k in ("bos_token_id", "eos_token_id", "pad_token_id")}
-        )
+        text.update({k: v for k, v in token_ids.items() if k in _QWEN_TEXT_IDS or k == "pad_token_id"})
     return cls(text_config=text, vision_config=dict(arch.vision), tie_word_embeddings=tie, **ids, **arch.top)
 
 
@@ -139,6 +137,9 @@ def build_random_model(
     return model.eval()
 
 
+REAL_MAX_PIXELS = 12_845_056  # the released Qwen2-VL / Qwen2.5-VL processors' max_pixels
+
+
 def build_random_teacher(
     alias: str, dtype: torch.dtype, device: torch.device | str, seed: int = 0
 ) -> tuple[nn.Module, object]:
@@ -149,31 +150,15 @@ def build_random_teacher(
     tokenizer, whose special token ids are written into the config. Every process that builds it with the same
     seed on the same kind of device gets the same weights.
     """
-    from linmu_cli.tiny import build_tiny_processor, special_token_ids
+    from linmu_cli.tiny import build_tiny_processor, config_token_ids, set_generation_tokens
 
-    if alias not in ARCHS:
-        raise LinmuError(f"unknown random:{alias}; known: {', '.join(f'random:{a}' for a in ARCHS)}")
-    special = special_token_ids()
-    ids = {
-        "image_token_id": special["<|image_pad|>"],
-        "video_token_id": special["<|video_pad|>"],
-        "vision_start_token_id": special["<|vision_start|>"],
-        "vision_end_token_id": special["<|vision_end|>"],
-        "bos_token_id": special["<|endoftext|>"],
-        "eos_token_id": special["<|im_end|>"],
-        "pad_token_id": special["<|endoftext|>"],
-    }
     device = torch.device(device)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        model = build_random_model(alias, dtype, device, ids)
-    model.generation_config.update(
-        bos_token_id=ids["bos_token_id"], eos_token_id=ids["eos_token_id"], pad_token_id=ids["pad_token_id"]
-    )
+        model = build_random_model(alias, dtype, device, config_token_ids())
+    set_generation_tokens(model)
     return model, build_tiny_processor(ARCHS[alias].family, max_pixels=REAL_MAX_PIXELS)
 
-
-REAL_MAX_PIXELS = 12_845_056  # the released Qwen2-VL / Qwen2.5-VL processors' max_pixels
 
 __all__ = [
     "ARCHS",

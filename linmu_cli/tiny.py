@@ -145,6 +145,35 @@ def special_token_ids() -> dict[str, int]:
     return {token: base + i for i, token in enumerate(SPECIAL_TOKENS)}
 
 
+def config_token_ids() -> dict[str, int]:
+    """The tiny tokenizer's special tokens as Qwen2-VL config fields (top level: image/video/vision start/end;
+    text config: bos/eos/pad). Shared by the tiny teachers and the `random:ALIAS` real-shape teachers."""
+    ids = special_token_ids()
+    return {
+        "image_token_id": ids["<|image_pad|>"],
+        "video_token_id": ids["<|video_pad|>"],
+        "vision_start_token_id": ids["<|vision_start|>"],
+        "vision_end_token_id": ids["<|vision_end|>"],
+        "bos_token_id": ids["<|endoftext|>"],
+        "eos_token_id": ids["<|im_end|>"],
+        "pad_token_id": ids["<|endoftext|>"],
+    }
+
+
+TEXT_TOKEN_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def set_generation_tokens(model: transformers.PreTrainedModel) -> None:
+    """Greedy decoding that stops on <|im_end|> or <|endoftext|>, like the real generation_config."""
+    ids = special_token_ids()
+    model.generation_config.update(
+        bos_token_id=ids["<|endoftext|>"],
+        eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]],
+        pad_token_id=ids["<|endoftext|>"],
+        do_sample=False,
+    )
+
+
 def build_tiny_tokenizer() -> transformers.PreTrainedTokenizerBase:
     """A real `Qwen2Tokenizer` (byte-level BPE) with Qwen2-VL's special tokens and chat template."""
     vocab_items, merges = _learned_bpe()
@@ -209,7 +238,7 @@ def tiny_config(family: str, vocab_size: int, **overrides: Any) -> transformers.
     (`image_token_id`, ...) to the top, and `vision_config={...}` / `text_config={...}` dicts are merged.
     """
     config_cls = _family_class(family, "config")
-    ids = special_token_ids()
+    token_ids = config_token_ids()
     text_over, vision_over = overrides.pop("text_config", {}), overrides.pop("vision_config", {})
     top_fields = {f.name for f in dataclasses.fields(config_cls)} - {"text_config", "vision_config"}
     # transformers >= 5.2x: sub_configs_defaults; 5.17: sub_configs
@@ -228,9 +257,7 @@ def tiny_config(family: str, vocab_size: int, **overrides: Any) -> transformers.
         "num_attention_heads": 4,
         "num_key_value_heads": 2,
         "max_position_embeddings": 4096,
-        "bos_token_id": ids["<|endoftext|>"],
-        "eos_token_id": ids["<|im_end|>"],
-        "pad_token_id": ids["<|endoftext|>"],
+        **{k: v for k, v in token_ids.items() if k in TEXT_TOKEN_FIELDS},
     }
     text.update(text_over)
     head_dim = text["hidden_size"] // text["num_attention_heads"]
@@ -259,10 +286,7 @@ def tiny_config(family: str, vocab_size: int, **overrides: Any) -> transformers.
     vision.update(vision_over)
 
     top = {
-        "image_token_id": ids["<|image_pad|>"],
-        "video_token_id": ids["<|video_pad|>"],
-        "vision_start_token_id": ids["<|vision_start|>"],
-        "vision_end_token_id": ids["<|vision_end|>"],
+        **{k: v for k, v in token_ids.items() if k not in TEXT_TOKEN_FIELDS},
         "tie_word_embeddings": False,
         **top_over,
     }
@@ -281,14 +305,7 @@ def build_tiny_teacher(
     with torch.random.fork_rng(devices=[]):  # seed the init without disturbing the caller's RNG stream
         torch.manual_seed(seed)
         model = model_cls._from_config(config, attn_implementation="sdpa", dtype=torch.float32)
-    # Greedy decoding that stops on <|im_end|> or <|endoftext|>, like the real generation_config.
-    ids = special_token_ids()
-    model.generation_config.update(
-        bos_token_id=ids["<|endoftext|>"],
-        eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]],
-        pad_token_id=ids["<|endoftext|>"],
-        do_sample=False,
-    )
+    set_generation_tokens(model)
     return model.eval(), processor
 
 

@@ -257,17 +257,37 @@ BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
 
 
 def test_compare_runs_reports_loss_agreement_and_files(full_run, tmp_path):
-    """benchmarks/compare_runs.py (issue 7's check of multi-GPU runs against one GPU) on two identical runs."""
+    """benchmarks/compare_runs.py (issue 7's check of multi-GPU runs against one GPU): the run against itself,
+    and against a copy whose stage-2 step-3 loss is off by 0.5 and whose tokens/s are doubled."""
     out, _ = full_run
+    other = tmp_path / "other"
+    other.mkdir()
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    for r in records:
+        r["tokens_per_s"] *= 2
+        if (r["stage"], r["step"]) == ("stage2", 3):
+            r["loss"] += 0.5
+    (other / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (other / "checkpoints" / "stage1" / ".tmp-step-0000002-1").mkdir(parents=True)  # a leftover temp dir
     report = tmp_path / "compare.json"
-    res = subprocess.run([sys.executable, str(BENCHMARKS / "compare_runs.py"), str(out), str(out),
+    res = subprocess.run([sys.executable, str(BENCHMARKS / "compare_runs.py"), str(out), str(out), str(other),
                           "--json", str(report)], capture_output=True, text=True, timeout=120)  # fmt: skip
     assert res.returncode == 0, res.stderr
-    run = json.loads(report.read_text())["runs"][0]
-    assert {s: v["common_steps"] for s, v in run["stages"].items()} == {"stage1": 6, "stage2": 4, "stage3": 4}
-    assert all(v["max_abs_loss_diff"] == 0 and v["speedup"] == 1 for v in run["stages"].values())
-    assert run["temporary"] == [] and run["stage_outputs"] == ["final", "stage1", "stage2", "stage3"]
-    assert run["checkpoints"] and all(c.startswith("checkpoints/stage") for c in run["checkpoints"])
+    same, changed = json.loads(report.read_text())["runs"]
+    assert {s: v["common_steps"] for s, v in same["stages"].items()} == {
+        "stage1": 6,
+        "stage2": 4,
+        "stage3": 4,
+    }
+    assert all(v["max_abs_loss_diff"] == 0 and v["speedup"] == 1 for v in same["stages"].values())
+    assert same["temporary"] == [] and same["stage_outputs"] == ["final", "stage1", "stage2", "stage3"]
+    assert same["checkpoints"] and all(c.startswith("checkpoints/stage") for c in same["checkpoints"])
+    assert changed["stages"]["stage2"]["max_abs_loss_diff"] == pytest.approx(0.5)
+    assert changed["stages"]["stage1"]["max_abs_loss_diff"] == 0
+    assert all(v["speedup"] == pytest.approx(2) for v in changed["stages"].values())
+    assert (
+        changed["temporary"] == ["checkpoints/stage1/.tmp-step-0000002-1"] and changed["stage_outputs"] == []
+    )
 
 
 def test_distill_throughput_benchmark_runs_on_cpu(tmp_path):

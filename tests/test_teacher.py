@@ -6,11 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
-from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from linmu_cli.data import synthetic
+from linmu_cli.evaluation.greedy import greedy_answers
 
 TEACHER = Path(__file__).resolve().parents[1] / "evals" / "teacher"
 HELDOUT_SEED = 2026  # neither the training seed (0) nor the seed of the report in train_teacher.json (12345)
@@ -56,20 +55,7 @@ def test_teacher_is_real_qwen2_vl(teacher) -> None:
 def test_teacher_answers_heldout_samples(teacher, task: str) -> None:
     model, processor = teacher
     samples = [synthetic.generate(task, i, seed=HELDOUT_SEED, frames=16) for i in range(PER_TASK)]
-    prompts = [
-        processor.apply_chat_template(
-            [{"role": "user", "content": [{"type": s.kind}, {"type": "text", "text": s.question}]}],
-            add_generation_prompt=True,
-            tokenize=False,
-        )
-        for s in samples
-    ]
-    media = [Image.fromarray(s.media) if s.kind == "image" else s.media for s in samples]
-    key = "images" if samples[0].kind == "image" else "videos"
-    inputs = processor(text=prompts, padding=True, return_tensors="pt", **{key: media})
-    with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=8, do_sample=False)
-    answers = processor.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    answers = greedy_answers(model, processor, samples, batch_size=PER_TASK)
     correct = sum(a.strip().lower() == s.answer for a, s in zip(answers, samples, strict=True))
     assert correct >= MIN_CORRECT.get(task, 0.9) * PER_TASK, (
         f"{task}: {correct}/{PER_TASK}; answers {answers}"

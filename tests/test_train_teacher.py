@@ -6,39 +6,25 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "evals"))
 
 import train_teacher  # noqa: E402
+from conftest import image, prompt_inputs, video  # noqa: E402
 
 from linmu_cli.tiny import build_tiny_teacher  # noqa: E402
-
-
-def _inputs(processor, kinds_frames):
-    rng = np.random.default_rng(0)
-    prompts, images, videos = [], [], []
-    for kind, frames, size in kinds_frames:
-        msgs = [{"role": "user", "content": [{"type": kind}, {"type": "text", "text": "What color?"}]}]
-        prompts.append(processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False))
-        if kind == "video":
-            videos.append(rng.integers(0, 255, (frames, size, size, 3), dtype=np.uint8))
-        else:
-            images.append(Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)))
-    processor.tokenizer.padding_side = "left"
-    return processor(
-        text=prompts, images=images or None, videos=videos or None, padding=True, return_tensors="pt"
-    )
 
 
 def test_batched_vision_attention_equals_transformers_loop():
     """Equal-length frame chunks run as one batch; unequal ones (images of two sizes) fall back to a loop."""
     model, processor = build_tiny_teacher("qwen2_vl", seed=0, vision_config={"embed_dim": 64, "num_heads": 2})
-    for batch in ([("video", 16, 56), ("video", 6, 56)], [("image", 1, 56), ("image", 1, 112)]):
-        inputs = _inputs(processor, batch)
+    batches = [
+        prompt_inputs(processor, ["What color?"] * 2, videos=[video(0, frames=16), video(1, frames=6)]),
+        prompt_inputs(processor, ["What color?"] * 2, images=[image(0, size=56), image(1, size=112)]),
+    ]
+    for inputs in batches:
         train_teacher.use_vision_attention(model, "sdpa")
         with torch.no_grad():
             ref = model(**inputs).logits

@@ -17,7 +17,8 @@ from torch import nn
 from linmu_cli.errors import LinmuError
 
 
-def _is_dtensor(t: torch.Tensor) -> bool:
+def is_dtensor(t: torch.Tensor) -> bool:
+    """A parameter (or grad norm) sharded by FSDP2."""
     return hasattr(t, "full_tensor")
 
 
@@ -75,14 +76,14 @@ class FSDP(Single):
         ]
         for module in targets:
             fully_shard(module)
-        loose = [n for n, p in student.named_parameters() if p.requires_grad and not _is_dtensor(p)]
+        loose = [n for n, p in student.named_parameters() if p.requires_grad and not is_dtensor(p)]
         if loose:
             raise LinmuError(f"FSDP: trainable parameters outside a sharded module: {loose[:3]}")
 
     def full_trainable(self, student: nn.Module) -> dict[str, torch.Tensor]:
         # collective: every rank must call it
         return {
-            n: (p.full_tensor() if _is_dtensor(p) else p).detach().cpu()
+            n: (p.full_tensor() if is_dtensor(p) else p).detach().cpu()
             for n, p in student.named_parameters()
             if p.requires_grad
         }

@@ -351,7 +351,7 @@ def train_stage(run: Run, name: str) -> dict[str, Any]:
                     f"checkpoint: {last or 'none yet'}. Lower stages.{name}.lr or check the data, then --resume"
                 )
             norm = nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+            grad_norm = float(norm.full_tensor() if parallel.is_dtensor(norm) else norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
