@@ -3,7 +3,7 @@
 Both models run the same synthetic video in one process, alternately, after a warm-up. The video has the real
 processor's token layout (frames/2 x H/28 x W/28 LM tokens between vision_start / vision_end, chat-like text
 around it) with random pixels: speed depends on shapes, not values, so `--arch` builds the published
-architecture with random weights and no checkpoint is needed (DESIGN.md §8-9 for the H200 context).
+architecture with random weights and no checkpoint is needed (docs/design.md §8-9 for the H200 context).
 
 Per frame count it reports, for the teacher and for LinMU:
 
@@ -166,7 +166,7 @@ def _set_ssd_backend(student: nn.Module, backend: str) -> None:
 
 
 def _prefill_backend(device: torch.device, requested: str | None) -> str:
-    """Inference needs no backward: on CUDA prefer fla's forward (2.5x mamba-ssm's at 64k tokens, DESIGN.md §9)."""
+    """Inference needs no backward: on CUDA prefer fla's forward (2.5x mamba-ssm's at 64k tokens, docs/design.md §9)."""
     if requested:
         return requested
     if device.type == "cuda":

@@ -166,7 +166,7 @@ def distill(
     ] = False,
     force: Annotated[bool, typer.Option(help="Delete OUTPUT and start over.")] = False,
 ) -> None:
-    """Three-stage distillation of a LinMU student from its frozen teacher (DESIGN.md §1, §7).
+    """Three-stage distillation of a LinMU student from its frozen teacher (docs/design.md §1, §7).
 
     Stage 1 trains Flex-MA alone and stage 2 adds Local-Swin (both teacher-forced, layer by layer); stage 3
     runs end to end with LoRA on the decoder MLPs. Each stage writes OUTPUT/<stage>/ (a loadable checkpoint

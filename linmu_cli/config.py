@@ -1,6 +1,6 @@
 """M-MATE hyper-parameters: one dataclass, saved inside the converted checkpoint's config.
 
-Every size of the method that the paper does not pin down is a field here (DESIGN.md §1): recipes and the
+Every size of the method that the paper does not pin down is a field here (docs/design.md §1): recipes and the
 `linmu convert` options set them, and `validate()` rejects values that cannot work before any weight moves.
 """
 
@@ -24,7 +24,7 @@ class MateConfig:
     # Branches (ablations switch one off).
     use_flex: bool = True
     use_swin: bool = True
-    # Flex-MA (DESIGN.md §3).
+    # Flex-MA (docs/design.md §3).
     bidirectional: bool = True  # backward scan inside visual segments
     scan_orders: list[str] = field(default_factory=lambda: ["thw", "twh", "hwt"])  # Rotary Major-Scan cycle
     chunk_size: int | None = None  # SSD chunk length; None = the kernel's default
@@ -35,11 +35,11 @@ class MateConfig:
     a_init_max: float = 16.0
     d_init: float = 1.0  # skip connection D
     output_gate: bool = True  # per-token SiLU gate before the per-head RMSNorm output
-    # Local-Swin (DESIGN.md §4).
+    # Local-Swin (docs/design.md §4).
     vision_window: list[int] = field(default_factory=lambda: [2, 8, 8])  # (wt, wh, ww) in merged tokens
     shift_windows: bool = True  # shift by half a window on odd layers
     text_window: int = 512  # keys a text token sees, itself included
-    # Fusion (DESIGN.md §5).
+    # Fusion (docs/design.md §5).
     fusion: str = "token"  # "token": one weight per token; "head": one per token and head
     fusion_init: float = 0.5  # initial Flex-MA weight a_t (sigmoid of the bias)
     # Kernel choice (runtime; "auto" picks by device and capability).

@@ -1,4 +1,4 @@
-"""One M-MATE block against the formulas of DESIGN.md §3-5, and its causality rules."""
+"""One M-MATE block against the formulas of docs/design.md §3-5, and its causality rules."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""Converted models against the properties of DESIGN.md §6, for both tiny families."""
+"""Converted models against the properties of docs/design.md §6, for both tiny families."""
 
 import copy
 

@@ -1,4 +1,4 @@
-"""The three-stage distillation loop (DESIGN.md §1, §7).
+"""The three-stage distillation loop (docs/design.md §1, §7).
 
 Each stage builds its student from the previous stage's output (or the teacher's conversion for stage 1),
 trains the parameter groups its recipe names, writes resumable step checkpoints, and ends with a loadable

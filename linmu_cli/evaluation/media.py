@@ -1,6 +1,6 @@
 """Video files in and out: mp4 written with PyAV, frames read back with decord (never through a global bridge).
 
-decord's `set_bridge` is process-global (DESIGN.md §8) and other lmms-eval models set it to "torch" at import,
+decord's `set_bridge` is process-global (docs/design.md §8) and other lmms-eval models set it to "torch" at import,
 so frames are converted from whatever `get_batch` returns instead of relying on the native bridge.
 """
 

@@ -1,6 +1,6 @@
 """Decode cache of a LinMU model: per layer an SSM state, a conv tail and a text-window KV ring.
 
-Its size is fixed by the batch and the M-MATE sizes, never by the prompt length (DESIGN.md §3-4): the forward
+Its size is fixed by the batch and the M-MATE sizes, never by the prompt length (docs/design.md §3-4): the forward
 scan's state S (H x d_v x d_k, float32), the last `d_conv - 1` conv inputs, and the keys / values of the last
 `text_window - 1` tokens with a validity mask (left padding never becomes a valid key).
 """

@@ -1,4 +1,4 @@
-"""Flex-MA: the global, linear-time branch of an M-MATE block (DESIGN.md §3).
+"""Flex-MA: the global, linear-time branch of an M-MATE block (docs/design.md §3).
 
 A Mamba2 / SSD state-space scan whose C, B, x projections are the teacher attention's Q, K, V (biases and
 the d^-1/2 scale included). The forward scan covers every token; a second, separately parameterized scan runs

@@ -1,6 +1,6 @@
 """Token layout of one forward chunk: where the visual segments are and how each layer walks them.
 
-Built once per model forward (DESIGN.md §2) and shared by every M-MATE block: the gather indices of the
+Built once per model forward (docs/design.md §2) and shared by every M-MATE block: the gather indices of the
 Rotary Major-Scan orders, the segment-confined backward scan and the 3D Swin windows are all computed here,
 lazily and memoized, so a layer only does tensor gathers.
 """

@@ -1,4 +1,4 @@
-"""Local-Swin: the local softmax-attention branch of an M-MATE block (DESIGN.md §4).
+"""Local-Swin: the local softmax-attention branch of an M-MATE block (docs/design.md §4).
 
 Vision tokens attend inside 3D windows of their own segment (shifted by half a window on odd layers); text
 tokens attend causally to the last `text_window` tokens of any kind. It keeps copies of the teacher's

@@ -1,4 +1,4 @@
-"""The M-MATE block: drop-in replacement of one decoder self-attention layer (DESIGN.md §3-5).
+"""The M-MATE block: drop-in replacement of one decoder self-attention layer (docs/design.md §3-5).
 
 out_t = W_o^flex (a_t * flex_t) + W_o^swin ((1 - a_t) * swin_t), a_t = sigmoid(w . u_t + b), one weight per
 token (or per token and head). Both branches are initialized from the teacher layer's attention weights.

@@ -92,7 +92,7 @@ class LinMUModelMixin:
             )
 
     def token_layout(self, input_ids=None, attention_mask=None, **kwargs) -> TokenLayout:
-        """Visual segments and padding of a batch given as the processor returns it (DESIGN.md §2)."""
+        """Visual segments and padding of a batch given as the processor returns it (docs/design.md §2)."""
         ref = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
         cache = kwargs.get(_cache_arg(self.family.model_class))
         if ref.shape[1] == 1 and isinstance(cache, LinMUCache) and cache.get_seq_length() > 0:
