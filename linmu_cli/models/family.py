@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from linmu_cli.errors import LinmuError
-from linmu_cli.layers.layout import TokenLayout, find_segments
+from linmu_cli.layers.layout import Segment, TokenLayout, find_segments
 
 
 @dataclass(frozen=True)
@@ -21,16 +21,18 @@ class Family:
     name: str  # source model_type, e.g. "qwen2_vl"
     config_class: type  # the source family's transformers config class
     model_class: type  # the source family's *ForConditionalGeneration class
+    base_class: type | None = None  # its bare *Model class (no LM head): what AutoModel returns
 
     @property
     def linmu_model_type(self) -> str:
         return f"linmu_{self.name}"
 
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
-        return model.model.language_model.layers
+        return self.text_model(model).layers
 
     def text_model(self, model: nn.Module) -> nn.Module:
-        return model.model.language_model
+        # the *ForConditionalGeneration class wraps the bare model in `.model`; the bare model has none
+        return getattr(model, "model", model).language_model
 
     def text_config(self, config):
         return config.get_text_config(decoder=True)
@@ -51,7 +53,10 @@ class Family:
         """Layout of the current chunk (the last `length` tokens) from what the processor / generate pass.
 
         Grids come from image_grid_thw / video_grid_thw, or, when generate() has already turned them into
-        3D M-RoPE position ids (transformers >= 5.2x), from those positions.
+        3D M-RoPE position ids (transformers >= 5.2x), from those positions. `input_ids` may be longer than the
+        chunk (a whole conversation whose prefix is cached): segments are then found on the whole sequence and
+        those of the chunk kept; a segment split between cache and chunk is an error. Vision token ids with
+        neither grids nor 3D positions are text, as the teacher treats them (it embeds them as plain tokens).
         """
         valid = (
             attention_mask[:, -length:].bool()
@@ -60,15 +65,15 @@ class Family:
         )
         layout = TokenLayout.text_only(batch, length, device, valid)
         if input_ids is not None:
-            ids = input_ids[:, -length:]
+            ids = input_ids
             kind = (ids == config.image_token_id).long() + 2 * (ids == config.video_token_id).long()
         elif mm_token_type_ids is not None:
-            kind = mm_token_type_ids[:, -length:].long()
+            kind = mm_token_type_ids.long()
         else:
             return layout
-        if not bool(kind.any()):
+        if not bool(kind[:, -length:].any()):
             return layout
-        kind, valid_cpu = kind.cpu(), layout.valid.cpu()
+        kind = kind.cpu()
         if image_grid_thw is not None or video_grid_thw is not None:
             merge = config.vision_config.spatial_merge_size
             grids = {
@@ -76,15 +81,36 @@ class Family:
                 for kind_id, grid in ((1, image_grid_thw), (2, video_grid_thw))
                 if grid is not None
             }
+            full = kind.shape[1]
+            if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[1] == full:
+                valid_full = attention_mask.bool().cpu()
+            else:
+                valid_full = torch.ones(batch, full, dtype=torch.bool)
+                valid_full[:, -length:] = layout.valid.cpu()
+            layout.segments = _chunk_segments(find_segments(kind, valid_full, grids), full - length)
         elif position_ids is not None and position_ids.dim() == 3 and position_ids.shape[0] in (3, 4):
+            valid_cpu = layout.valid.cpu()
+            kind = kind[:, -length:]
             grids = grids_from_positions(kind, valid_cpu, position_ids[-3:, :, -length:].cpu())
-        else:
-            raise ValueError(
-                "the input holds image / video tokens but neither image_grid_thw / video_grid_thw nor 3D position "
-                "ids were passed: pass the processor's outputs unchanged"
-            )
-        layout.segments = find_segments(kind, valid_cpu, grids)
+            layout.segments = find_segments(kind, valid_cpu, grids)
         return layout
+
+
+def _chunk_segments(segments: list[list[Segment]], offset: int) -> list[list[Segment]]:
+    """The segments of a whole sequence that lie in its last part (from `offset` on), re-based to it."""
+    out = []
+    for b, row in enumerate(segments):
+        kept = []
+        for seg in row:
+            if seg.start < offset < seg.end:
+                raise ValueError(
+                    f"row {b}: an image / video ({seg.start}..{seg.end}) is split between the cached prefix "
+                    f"(first {offset} tokens) and the new input: a cache must end outside visual segments"
+                )
+            if seg.start >= offset:
+                kept.append(Segment(seg.start - offset, seg.t, seg.h, seg.w))
+        out.append(kept)
+    return out
 
 
 def grids_from_positions(kind: torch.Tensor, valid: torch.Tensor, positions: torch.Tensor) -> dict:

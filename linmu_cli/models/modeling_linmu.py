@@ -13,9 +13,10 @@ from functools import cache
 
 import torch
 from torch import nn
-from transformers import AttentionInterface, AutoConfig, AutoModelForImageTextToText
+from transformers import AttentionInterface, AutoConfig, AutoModel, AutoModelForImageTextToText
 
 from linmu_cli.config import MateConfig
+from linmu_cli.errors import LinmuError
 from linmu_cli.layers.cache import LinMUCache
 from linmu_cli.layers.layout import TokenLayout, use_layout
 from linmu_cli.layers.mate import MateAttention
@@ -53,10 +54,19 @@ def _bind_forward_args(model_class: type, model, args: tuple, kwargs: dict) -> d
     return named
 
 
+# generate(cache_implementation=...) values that mean what LinMU's own cache already is: a state whose size is fixed
+# by the batch, never by the prompt (docs/design.md §3-4). Any other value (offloaded, quantized, sliding_window,
+# ...) names a key / value cache layout that has no meaning for a recurrent state and is refused.
+LINMU_CACHE_IMPLEMENTATIONS = ("static", "dynamic")
+
+
 class LinMUModelMixin:
-    """Behaviour shared by every LinMU model class; `family` is set on each concrete class."""
+    """Behaviour shared by every LinMU model class; `family` and `source_class` are set on each concrete class."""
 
     family: Family
+    source_class: type  # the transformers class this one extends (ForConditionalGeneration or the bare Model)
+    # A recurrent state cannot be rolled back: transformers then refuses assisted / prompt-lookup decoding.
+    _is_stateful = True
 
     def __init__(self, config, *args, **kwargs):
         super().__init__(config, *args, **kwargs)
@@ -66,6 +76,7 @@ class LinMUModelMixin:
             ref = layer.self_attn.q_proj.weight
             layer.self_attn = MateAttention(text_config, mate, i).to(device=ref.device, dtype=ref.dtype)
         self._use_linmu_attention()
+        self._drop_attention_tp_plan()
 
     @property
     def mate_config(self) -> MateConfig:
@@ -74,16 +85,49 @@ class LinMUModelMixin:
     def _use_linmu_attention(self) -> None:
         self.family.text_model(self).config._attn_implementation = LINMU_ATTENTION
 
+    def set_attn_implementation(self, attn_implementation, *args, **kwargs):
+        """The vision tower takes the requested implementation; the decoder keeps M-MATE, which needs no dense
+        (L x L) mask (building one would cost O(L^2) memory for nothing)."""
+        out = super().set_attn_implementation(attn_implementation, *args, **kwargs)
+        self._use_linmu_attention()
+        return out
+
+    def _drop_attention_tp_plan(self) -> None:
+        """Remove the inherited tensor-parallel rules for `self_attn.{q,k,v,o}_proj`: M-MATE blocks have other
+        modules and a per-head state, so they stay replicated; the MLPs and the LM head keep their sharding."""
+        for module in self.modules():
+            plan = module.__dict__.get("_tp_plan")
+            if isinstance(plan, dict):
+                module._tp_plan = {k: v for k, v in plan.items() if "self_attn" not in k}
+
     def new_cache(self) -> LinMUCache:
         return LinMUCache(len(self.family.decoder_layers(self)))
 
     def forward(self, *args, **kwargs):
-        kwargs = _bind_forward_args(self.family.model_class, self, args, kwargs)
+        kwargs = _bind_forward_args(self.source_class, self, args, kwargs)
         input_ids, attention_mask = kwargs.pop("input_ids", None), kwargs.pop("attention_mask", None)
-        name = _cache_arg(self.family.model_class)
-        if kwargs.get(name) is None and kwargs.get("use_cache") is not False and not self.training:
+        if kwargs.get("output_attentions") or (
+            kwargs.get("output_attentions") is None and getattr(self.config, "output_attentions", False)
+        ):
+            raise ValueError(
+                "output_attentions=True: a LinMU decoder has no attention matrix (M-MATE mixes tokens with a "
+                "state-space scan and windowed attention); call without output_attentions"
+            )
+        _refuse_packed_sequences(input_ids, attention_mask, kwargs)
+        name = _cache_arg(self.source_class)
+        cache = kwargs.get(name)
+        if cache is None and kwargs.get("use_cache") is not False:
+            # also in training: the HF Trainer calls forward with the config's use_cache=True, and the decoder
+            # would otherwise build a DynamicCache that M-MATE blocks cannot use
             kwargs[name] = self.new_cache()
-        layout = self.token_layout(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        elif cache is not None and not isinstance(cache, LinMUCache):
+            raise TypeError(
+                f"a LinMU model keeps a LinMUCache, not a {type(cache).__name__}: pass the cache a LinMU model "
+                "returned, model.new_cache(), or none"
+            )
+        layout = kwargs.pop("linmu_layout", None)
+        if layout is None:
+            layout = self.token_layout(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         # The layout travels both as a keyword (kept by gradient checkpointing for the recompute in backward)
         # and as a context variable (for code paths that drop unknown keywords).
         with use_layout(layout):
@@ -94,7 +138,7 @@ class LinMUModelMixin:
     def token_layout(self, input_ids=None, attention_mask=None, **kwargs) -> TokenLayout:
         """Visual segments and padding of a batch given as the processor returns it (docs/design.md §2)."""
         ref = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
-        cache = kwargs.get(_cache_arg(self.family.model_class))
+        cache = kwargs.get(_cache_arg(self.source_class))
         if ref.shape[1] == 1 and isinstance(cache, LinMUCache) and cache.get_seq_length() > 0:
             # One token continuing a cached sequence is a generated (text) token: visual segments arrive whole
             # in the prompt. Not looking for vision tokens keeps the decode step free of host syncs.
@@ -113,49 +157,150 @@ class LinMUModelMixin:
             **{k: kwargs.get(k) for k in names},
         )
 
+    def prepare_inputs_for_generation(self, input_ids, *args, **kwargs):
+        """Feed only what the cache has not seen when generate() continues a returned cache.
+
+        transformers trims the cached prefix of `input_ids` only when some cache layer is not linear; a LinMU
+        cache is linear everywhere, so a multi-turn call (the whole conversation plus turn 1's cache) would
+        feed the prefix into the state a second time. The layout of the new part is found on the whole
+        sequence, so the grids of images / videos already in the cache are skipped.
+        """
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        seen = cache.get_seq_length() if isinstance(cache, LinMUCache) else 0
+        embeds = kwargs.get("inputs_embeds")
+        full = (
+            embeds.shape[1] if embeds is not None and kwargs.get("is_first_iteration") else input_ids.shape[1]
+        )
+        mask = kwargs.get("attention_mask")
+        layout = None
+        if (
+            seen > 0
+            and kwargs.get("is_first_iteration")
+            and kwargs.get("next_sequence_length") is None
+            and full > seen
+            and (mask is None or mask.dim() != 2 or mask.shape[1] == full)
+        ):
+            new = full - seen
+            kwargs["next_sequence_length"] = new
+            if embeds is None:
+                layout = self.family.build_layout(
+                    self.config,
+                    length=new,
+                    batch=input_ids.shape[0],
+                    device=input_ids.device,
+                    input_ids=input_ids,
+                    attention_mask=mask,
+                    mm_token_type_ids=kwargs.get("mm_token_type_ids"),
+                    image_grid_thw=kwargs.get("image_grid_thw"),
+                    video_grid_thw=kwargs.get("video_grid_thw"),
+                )
+        inputs = super().prepare_inputs_for_generation(input_ids, *args, **kwargs)
+        if layout is not None:
+            inputs["linmu_layout"] = layout
+        return inputs
+
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
-        name = _cache_arg(self.family.model_class)
-        if model_kwargs.get(name) is None and generation_config.use_cache is not False:
-            model_kwargs[name] = self.new_cache()
-        return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        """generate() gets a LinMUCache; `cache_implementation` "static" / "dynamic" mean that cache (it is
+        fixed-size already, docs/design.md §3-4); other layouts are refused with the reason."""
+        name = _cache_arg(self.source_class)
+        impl = generation_config.cache_implementation
+        if model_kwargs.get(name) is not None or generation_config.use_cache is False:
+            user = model_kwargs.get(name)
+            if user is not None and not isinstance(user, LinMUCache):
+                raise TypeError(
+                    f"a LinMU model decodes with a LinMUCache, not a {type(user).__name__}: pass the cache a "
+                    "LinMU model returned, model.new_cache(), or none"
+                )
+            return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        if impl is not None and impl not in LINMU_CACHE_IMPLEMENTATIONS:
+            raise ValueError(
+                f"cache_implementation={impl!r} describes a key / value cache; a LinMU model keeps a constant-size "
+                f"recurrent state (LinMUCache): use cache_implementation in {LINMU_CACHE_IMPLEMENTATIONS} or "
+                "leave it unset"
+            )
+        model_kwargs[name] = self.new_cache()
+        return None
+
+
+def _refuse_packed_sequences(input_ids, attention_mask, kwargs: dict) -> None:
+    """Refuse padding-free packing (several sequences in one row, position ids that restart).
+
+    The SSD state, the conv tail and the text window would run across the boundary between two packed
+    sequences and mix them silently (docs/design.md §3-4); until the layers restart their states at
+    boundaries, packed rows are an error that says what to do instead.
+    """
+    packed = any(kwargs.get(k) is not None for k in ("cu_seq_lens_q", "cu_seq_lens_k", "seq_idx"))
+    positions = kwargs.get("position_ids")
+    ref = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
+    if not packed and positions is not None and ref is not None and ref.shape[1] > 1:
+        text = positions if positions.dim() == 2 else positions[0]  # 3D / 4D: temporal or text row
+        text = text[..., -ref.shape[1] :]
+        if text.dim() == 2 and text.shape[-1] > 1:
+            steps = text[:, 1:] < text[:, :-1]
+            if attention_mask is not None and attention_mask.dim() == 2:
+                valid = attention_mask[:, -ref.shape[1] :].bool()
+                steps &= valid[:, 1:] & valid[:, :-1]
+            packed = bool(steps.any())
+    if packed:
+        raise ValueError(
+            "padding-free packing (several sequences in one row: position ids that restart, or cu_seq_lens / "
+            "seq_idx) is not supported by LinMU: its recurrent state would run from one sequence into the next. "
+            "Pad the batch instead (e.g. DataCollatorWithPadding rather than DataCollatorWithFlattening)"
+        )
 
 
 @cache
-def linmu_classes(family_name: str) -> tuple[type, type]:
-    """(config class, model class) of the LinMU variant of a registered family, registered with Auto*."""
+def linmu_classes(family_name: str, base: bool = False) -> tuple[type, type]:
+    """(config class, model class) of the LinMU variant of a registered family, registered with Auto*.
+
+    `base=True` gives the bare model (no LM head), what `AutoModel.from_pretrained(out)` returns.
+    """
     family = families()[family_name]
-    config_cls = type(
-        f"LinMU{family.config_class.__name__}",
-        (family.config_class,),
-        {
-            "model_type": family.linmu_model_type,
-            "__doc__": f"{family.name} config plus an M-MATE `mate` dict.",
-        },
-    )
+    if base:
+        config_cls, _ = linmu_classes(family_name)
+        source = family.base_class
+        if source is None:
+            raise LinmuError(f"family {family_name} defines no bare model class")
+    else:
+        source = family.model_class
+        config_cls = type(
+            f"LinMU{family.config_class.__name__}",
+            (family.config_class,),
+            {
+                "model_type": family.linmu_model_type,
+                "__doc__": f"{family.name} config plus an M-MATE `mate` dict.",
+            },
+        )
 
     def forward(self, *args, **kwargs):
         return LinMUModelMixin.forward(self, *args, **kwargs)
 
-    forward.__signature__ = _forward_signature(family.model_class)
-    forward.__doc__ = family.model_class.forward.__doc__
+    forward.__signature__ = _forward_signature(source)
+    forward.__doc__ = source.forward.__doc__
     model_cls = type(
-        f"LinMU{family.model_class.__name__}",
-        (LinMUModelMixin, family.model_class),
+        f"LinMU{source.__name__}",
+        (LinMUModelMixin, source),
         {
             "config_class": config_cls,
             "family": family,
+            "source_class": source,
             "forward": forward,
             "__doc__": LinMUModelMixin.__doc__,
         },
     )
-    AutoConfig.register(family.linmu_model_type, config_cls, exist_ok=True)
-    AutoModelForImageTextToText.register(config_cls, model_cls, exist_ok=True)
+    if base:
+        AutoModel.register(config_cls, model_cls, exist_ok=True)
+    else:
+        AutoConfig.register(family.linmu_model_type, config_cls, exist_ok=True)
+        AutoModelForImageTextToText.register(config_cls, model_cls, exist_ok=True)
     return config_cls, model_cls
 
 
 def register_all() -> None:
-    for name in families():
+    for name, family in families().items():
         linmu_classes(name)
+        if family.base_class is not None:
+            linmu_classes(name, base=True)
 
 
 def _attention_prefixes(model: nn.Module, family: Family) -> list[str]:
