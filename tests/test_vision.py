@@ -1,0 +1,99 @@
+"""`linmu_cli.vision.use_fast_vision`: the fast vision tower equals transformers' own (float32, CPU).
+
+Both families (Qwen2-VL: per-frame attention; Qwen2.5-VL: window attention on most blocks, full attention on
+`fullatt_block_indexes`), several images of different sizes and multi-frame videos in one batch, so both the
+equal-length-run path and the padded path run; the GPU bf16 check is in tests/test_bench_gpu.py."""
+
+import copy
+
+import pytest
+import torch
+from transformers import Qwen2_5_VLConfig, Qwen2VLConfig
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
+from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
+
+from linmu_cli.errors import LinmuError
+from linmu_cli.tiny import build_tiny_teacher
+from linmu_cli.vision import fast_vision_info, seq_plan, use_fast_vision
+
+
+def tower(family: str) -> torch.nn.Module:
+    """A small tower with the real structure (depth 4, 4 heads); Qwen2.5-VL windows of 2x2 merged tokens."""
+    torch.manual_seed(0)
+    if family == "qwen2_vl":
+        cfg = Qwen2VLConfig(vision_config={"depth": 4, "embed_dim": 64, "num_heads": 4, "hidden_size": 48,
+                                           "mlp_ratio": 2}).vision_config  # fmt: skip
+        cls = Qwen2VisionTransformerPretrainedModel
+    else:
+        cfg = Qwen2_5_VLConfig(vision_config={"depth": 4, "hidden_size": 64, "num_heads": 4, "intermediate_size": 96,
+                                              "out_hidden_size": 48, "window_size": 56,
+                                              "fullatt_block_indexes": [1, 3]}).vision_config  # fmt: skip
+        cls = Qwen2_5_VisionTransformerPretrainedModel
+    cfg._attn_implementation = "sdpa"
+    model = cls._from_config(cfg, attn_implementation="sdpa").float().eval()
+    for p in model.parameters():  # post_init leaves some at zero / one: make every weight matter
+        p.data.normal_(0, 0.2)
+    return model
+
+
+def pixels(grid: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    n = sum(t * h * w for t, h, w in grid)
+    return torch.randn(n, 3 * 2 * 14 * 14), torch.tensor(grid)
+
+
+GRIDS = {
+    "video": [[4, 8, 8]],  # 4 frame pairs of 8x8 patches: one run of equal sequences
+    "mixed": [
+        [1, 4, 6],
+        [3, 8, 8],
+        [1, 6, 10],
+        [2, 4, 4],
+        [1, 10, 14],
+        [2, 6, 10],
+    ],  # images of different sizes + videos
+}
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("grid", list(GRIDS))
+def test_fast_tower_equals_transformers_tower(family, grid):
+    ref_tower = tower(family)
+    fast_tower = copy.deepcopy(ref_tower)
+    x, thw = pixels(GRIDS[grid])
+    with torch.no_grad():
+        ref = ref_tower(x, grid_thw=thw)
+        info = use_fast_vision(fast_tower)
+        got = fast_tower(x, grid_thw=thw)
+    assert info.attention_modules == 4 and not info.compiled  # CPU: eager elementwise parts
+    assert sum(info.paths.values()) == 4  # every block took the fast attention
+    if family == "qwen2_5_vl" and grid == "mixed":
+        assert info.paths.get("padded", 0) > 0  # partial border windows: the padded batch ran
+    if grid == "video":
+        assert set(info.paths) == {"runs"}
+    for a, b in ((got.pooler_output, ref.pooler_output), (got.last_hidden_state, ref.last_hidden_state)):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
+    assert (
+        ref.pooler_output - ref_tower(x[: len(x)], grid_thw=thw).pooler_output
+    ).abs().max() == 0  # unpatched
+
+
+def test_fast_vision_on_a_whole_model_and_idempotent():
+    teacher, _ = build_tiny_teacher("qwen2_5_vl", seed=0)
+    info = use_fast_vision(teacher)
+    assert use_fast_vision(teacher) is info and fast_vision_info(teacher) is info
+    assert "one SDPA call per run" in info.describe()
+    with pytest.raises(LinmuError, match="no Qwen2-VL / Qwen2.5-VL vision tower"):
+        use_fast_vision(torch.nn.Linear(2, 2))
+
+
+def test_seq_plan_groups_equal_runs_and_pads_irregular_lists():
+    plan = seq_plan(torch.tensor([0, 4, 8, 12, 15, 18]))
+    assert plan.runs == ((0, 3, 4), (12, 2, 3)) and plan.index is None
+    bounds = [0]
+    for i in range(20):
+        bounds.append(bounds[-1] + (3 if i % 2 else 5))
+    plan = seq_plan(torch.tensor(bounds))
+    assert plan.runs == () and plan.index.shape == (20, 5)
+    assert plan.valid.sum().item() == bounds[-1] and plan.index[plan.valid].tolist() == list(
+        range(bounds[-1])
+    )
