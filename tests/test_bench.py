@@ -257,3 +257,53 @@ def test_random_teacher_source_has_the_real_shape_and_the_tiny_tokenizer():
     assert len(tok) <= config.text_config.vocab_size
     # the released processors' pixel budget, so 448x448 frames are not scaled down
     assert teacher.processor.video_processor.size["longest_edge"] == 12_845_056
+
+
+@pytest.mark.parametrize("kernel", ["split_kv", "sdpa_masked", "matmul"])
+def test_served_teacher_decoder_equals_the_transformers_decode_path(tiny, kernel):
+    """The served teacher (static KV cache, own step, GQA folded) computes what transformers' forward does."""
+    from linmu_cli.teacher_decode import ServedTeacherDecoder
+
+    _, teacher, processor = tiny
+    inputs = prompt_inputs(processor, ["describe the video"], videos=[video(2)])
+    with torch.no_grad():
+        out = teacher(**inputs, use_cache=True)
+        cache = output_cache(out)
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+        pos = bench._next_positions(teacher, inputs["input_ids"].shape[1], 1, torch.device("cpu"))
+        served = ServedTeacherDecoder.from_cache(teacher, cache, token, pos, new_tokens=8, kernel=kernel)
+        assert served.choice.name == kernel and served.prompt == inputs["input_ids"].shape[1]
+        for _ in range(6):
+            kw = {bench._cache_kw(teacher): cache}
+            ref = teacher(input_ids=token, position_ids=pos, use_cache=True, **kw).logits[:, -1]
+            torch.testing.assert_close(served.step(), ref, atol=1e-4, rtol=1e-4)
+            token, pos = ref.argmax(-1, keepdim=True), pos + 1
+            assert torch.equal(served.tokens, token)
+        assert served.read_bytes() == 2 * len(served.keys) * served.kv_heads * served.head_dim * 4 * (
+            served.prompt + 7
+        )
+
+
+def test_split_kv_merges_chunks_exactly():
+    """Several chunks + a masked tail give softmax attention over exactly the valid slots."""
+    from linmu_cli.teacher_decode import DecodeShape, sdpa_masked, split_kv
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 2, 4, 16), torch.randn(3, 2, 40, 16), torch.randn(3, 2, 40, 16)
+    length = torch.tensor([28])  # the current token's slot: 29 valid
+    shape = DecodeShape(length, always_valid=27, chunks=4, scale=0.25)  # 4 chunks of 6, tail of 16 (5 valid)
+    ref = torch.softmax((q @ k[:, :, :29].transpose(-1, -2)) * 0.25, -1) @ v[:, :, :29]
+    torch.testing.assert_close(split_kv(q, k, v, shape), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(sdpa_masked(q, k, v, shape), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_served_teacher_decoder_refuses_to_run_past_its_cache():
+    from linmu_cli.teacher_decode import ServedTeacherDecoder
+
+    teacher = build_random_model("tiny-qwen2-vl", torch.float32, "cpu")
+    dec = ServedTeacherDecoder.random(teacher, batch=2, prompt=30, new_tokens=2)
+    dec.step(), dec.step()
+    with pytest.raises(RuntimeError, match="static KV cache full"):
+        dec.step()
+    with pytest.raises(linmu_cli.LinmuError, match="unknown teacher decode kernel"):
+        ServedTeacherDecoder.random(teacher, batch=1, prompt=30, new_tokens=2, kernel="magic")
