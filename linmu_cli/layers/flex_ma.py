@@ -9,6 +9,7 @@ segment in scan order `scan_orders[l % k]` (Rotary Major-Scan); text tokens neve
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -18,13 +19,22 @@ from linmu_cli.config import MateConfig
 from linmu_cli.layers.cache import MateLayerState
 from linmu_cli.layers.floor import mixers_skipped
 from linmu_cli.layers.layout import TokenLayout
-from linmu_cli.ops.ssd import ssd_scan
+from linmu_cli.ops.fused_linear import fused_linear
+from linmu_cli.ops.gated_norm import gated_rmsnorm
+from linmu_cli.ops.short_conv import conv_tail, short_conv
+from linmu_cli.ops.ssd import _expand_heads
+from linmu_cli.ops.ssd import ssd_scan_gqa as ssd_scan  # grouped entry; the name the bench floor test counts
 from linmu_cli.ops.ssd_step import ssd_step
 
 
-def _gather_seq(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """x[b, index[b, r], ...] for a (B, L, ...) tensor."""
-    return torch.take_along_dim(x, index.view(*index.shape, *([1] * (x.dim() - 2))), dim=1)
+class FlexInputs(NamedTuple):
+    """Flex-MA's projected inputs: `xbc` = [x, B, C] (B, L, (2 H_kv + H) d) before the conv, the raw step
+    sizes (B, L, H) of both scans (the backward one None without vision), the gate (B, L, H d) or None."""
+
+    xbc: torch.Tensor
+    dt_raw: torch.Tensor
+    dtb_raw: torch.Tensor | None
+    gate: torch.Tensor | None
 
 
 def _init_dt_bias(heads: int, dt_min: float, dt_max: float) -> torch.Tensor:
@@ -78,90 +88,148 @@ class FlexMA(nn.Module):
             self.gate_proj.weight.normal_(0.0, init_std)
         self.norm_weight.fill_(1.0)
 
-    def _conv(self, xbc: torch.Tensor, state: MateLayerState | None) -> torch.Tensor:
-        """Causal depthwise conv in token order, continuing from the cached tail."""
+    def fast_path(self, u: torch.Tensor) -> bool:
+        """The CUDA kernels (fused GEMM, Triton conv and gated norm, grouped scans) run unless the backend is
+        "torch", which keeps the pure-PyTorch reference everywhere (and CPU never touches Triton)."""
+        return u.is_cuda and self.mate.ssd_backend != "torch"
+
+    def projection_parts(self, layout: TokenLayout) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """(weight, bias) of the input projections in the order `unpack` expects: [x, B, C] merged (the conv
+        input, one contiguous slice of the GEMM output), gate, dt, backward dt (only when it runs)."""
+        vkq = (self.v_proj, self.k_proj, self.q_proj)
+        parts = [(torch.cat([m.weight for m in vkq]), torch.cat([m.bias for m in vkq]))]
+        if self.mate.output_gate:
+            parts.append((self.gate_proj.weight, None))
+        parts.append((self.dt_proj.weight, None))
+        if self.mate.bidirectional and layout.has_vision:
+            parts.append((self.dt_proj_bwd.weight, None))
+        return parts
+
+    def unpack(self, pieces: list[torch.Tensor]) -> FlexInputs:
+        """Projection outputs in `projection_parts` order -> FlexInputs."""
+        rest = list(pieces[1:])
+        gate = rest.pop(0) if self.mate.output_gate else None
+        dt_raw = rest.pop(0)
+        return FlexInputs(pieces[0], dt_raw, rest.pop(0) if rest else None, gate)
+
+    def project(self, u: torch.Tensor, layout: TokenLayout, fused: bool = False) -> FlexInputs:
+        """The input projections: module by module (the reference; forward hooks see each) or one GEMM."""
+        if fused:
+            return self.unpack(fused_linear(u, self.projection_parts(layout)))
+        pieces = [torch.cat([self.v_proj(u), self.k_proj(u), self.q_proj(u)], dim=-1)]
+        if self.mate.output_gate:
+            pieces.append(self.gate_proj(u))
+        pieces.append(self.dt_proj(u))
+        if self.mate.bidirectional and layout.has_vision:
+            pieces.append(self.dt_proj_bwd(u))
+        return self.unpack(pieces)
+
+    def _conv(self, xbc: torch.Tensor, state: MateLayerState | None, fast: bool) -> torch.Tensor:
+        """Causal depthwise conv in token order, continuing from the cached tail (ops/short_conv.py)."""
         k = self.mate.d_conv
-        seq = xbc.transpose(1, 2)  # (B, C, L)
-        prev = (
-            state.conv
-            if state is not None and state.conv is not None
-            else seq.new_zeros(*seq.shape[:2], k - 1)
-        )
-        full = torch.cat([prev.to(seq.dtype), seq], dim=2)
+        prev = state.conv if state is not None and state.conv is not None else None
         if state is not None:
-            tail = full[:, :, full.shape[2] - (k - 1) :].detach()
-            if state.conv is not None and state.conv.shape == tail.shape and seq.shape[2] == 1:
+            tail = conv_tail(xbc, prev, k).detach()
+            if state.conv is not None and state.conv.shape == tail.shape and xbc.shape[1] == 1:
                 state.conv.copy_(tail)  # decode: in place (fixed address, CUDA-graph safe)
             else:
                 state.conv = tail.clone()  # a copy: a view would keep the whole prompt's inputs alive
-        return F.conv1d(full, self.conv.weight, self.conv.bias, groups=self.conv_channels).transpose(1, 2)
+        return short_conv(xbc, self.conv.weight, self.conv.bias, prev, fast=fast)
 
     def forward(
-        self, u: torch.Tensor, layout: TokenLayout, layer_idx: int, state: MateLayerState | None
+        self,
+        u: torch.Tensor,
+        layout: TokenLayout,
+        layer_idx: int,
+        state: MateLayerState | None,
+        inputs: FlexInputs | None = None,
     ) -> torch.Tensor:
-        """u (B, L, hidden) -> per-head outputs (B, L, H, d), before the output projection."""
+        """u (B, L, hidden) -> per-head outputs (B, L, H, d), before the output projection.
+
+        `inputs`: the projections already computed (the block's one GEMM); else computed here. Conv, the
+        step sizes, both scans and the D skip stay at key/value-head width for x and B (GQA, issue 11).
+        """
         bsz, length, _ = u.shape
         h, hk, d = self.heads, self.kv_heads, self.head_dim
-        valid = layout.valid[..., None].to(u.dtype)
-        xbc = (
-            torch.cat([self.v_proj(u), self.k_proj(u), self.q_proj(u)], dim=-1) * valid
-        )  # padding stays zero
+        fast = self.fast_path(u)
+        decode = state is not None and length == 1 and not layout.has_vision
+        if inputs is None:
+            inputs = self.project(u, layout, fused=fast and not decode)
+        xbc = inputs.xbc
+        if not (fast and layout.all_valid):
+            xbc = xbc * layout.valid[..., None].to(xbc.dtype)  # padding stays zero
         if self.mate.d_conv > 0:
-            xbc = self._conv(xbc, state)
+            xbc = self._conv(xbc, state, fast and not decode)
         x, b, c = torch.split(xbc, [hk * d, hk * d, h * d], dim=-1)
-        group = h // hk
-        x = x.view(bsz, length, hk, d).repeat_interleave(group, dim=2)
-        b = b.view(bsz, length, hk, d).repeat_interleave(group, dim=2)
-        c = c.view(bsz, length, h, d) * d**-0.5
-        dt = F.softplus(self.dt_proj(u).float() + self.dt_bias) * layout.valid[..., None]
+        x, b, c = x.view(bsz, length, hk, d), b.view(bsz, length, hk, d), c.view(bsz, length, h, d)
+        dt = F.softplus(inputs.dt_raw.float() + self.dt_bias) * layout.valid[..., None]
         a = -torch.exp(self.A_log.float())
 
         if mixers_skipped():  # bench floor (layers/floor.py): no scans, everything around them runs
-            if self.mate.bidirectional and layout.has_vision:
-                self.dt_proj_bwd(u)  # the backward branch's projection still counts
-            y = x
-        elif state is not None and length == 1 and not layout.has_vision:  # decode: one recurrence step
+            y = _expand_heads(x, h)
+        elif decode:  # one recurrence step (ops/ssd_step.py)
             ssm = state.ssm if state.ssm is not None else x.new_zeros(bsz, h, d, d, dtype=torch.float32)
-            y, ssm = ssd_step(x[:, 0], dt[:, 0], a, b[:, 0], c[:, 0], ssm, backend=self.mate.ssd_backend)
+            y, ssm = ssd_step(_expand_heads(x, h)[:, 0], dt[:, 0], a, _expand_heads(b, h)[:, 0],
+                              (c * d**-0.5)[:, 0], ssm, backend=self.mate.ssd_backend)  # fmt: skip
             state.ssm, y = ssm.detach(), y[:, None]
         else:
-            y = self._scan(u, x, dt, a, b, c, layout, layer_idx, state)
+            y = self._scan(xbc, dt, a, inputs.dtb_raw, layout, layer_idx, state)
 
-        y = y + self.D.to(y.dtype)[:, None] * x
-        if self.mate.output_gate:
-            y = y * F.silu(self.gate_proj(u)).view(bsz, length, h, d)
-        y = y.float()
-        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (y * self.norm_weight.float().view(h, d)).to(u.dtype)
+        # y + D * x with x at key/value width, broadcast over each group (no repeated copy of x)
+        g = h // hk
+        y = torch.addcmul(y.reshape(bsz, length, hk, g, d), self.D.to(y.dtype).view(hk, g, 1), x.unsqueeze(3))
+        return gated_rmsnorm(y.view(bsz, length, h, d), inputs.gate, self.norm_weight, self.eps, fast=fast)
 
-    def _scan(self, u, x, dt, a, b, c, layout: TokenLayout, layer_idx: int, state: MateLayerState | None):
-        """Forward SSD scan over every token plus the segment-confined backward scan: (B, L, H, d)."""
-        length = x.shape[1]
-        # forward scan over every token, each segment in this layer's scan order
+    def _scan(
+        self,
+        xbc: torch.Tensor,
+        dt: torch.Tensor,
+        a: torch.Tensor,
+        dtb_raw: torch.Tensor | None,
+        layout: TokenLayout,
+        layer_idx: int,
+        state: MateLayerState | None,
+    ) -> torch.Tensor:
+        """Forward SSD scan over every token plus the segment-confined backward scan: (B, L, H, d).
+
+        The conv output xbc = [x, B, C] is put into scan order with one row gather (x and B at key/value
+        width), using index maps the layout built once per forward (docs/design.md §3, issue 11); the
+        output comes back with one more. The backward scan gathers its inputs the same way and adds its
+        strictly-future output with one masked gather.
+        """
+        bsz, length, width = xbc.shape
+        h, hk, d = self.heads, self.kv_heads, self.head_dim
+        kv = hk * d
+        flat, dt_flat = xbc.reshape(bsz * length, width), dt.reshape(bsz * length, h)
         order = self.mate.scan_orders[layer_idx % len(self.mate.scan_orders)]
-        perm = layout.scan_index(order)
-        xs, dts, bs, cs = (x, dt, b, c) if perm is None else (_gather_seq(t, perm[0]) for t in (x, dt, b, c))
+        sg = layout.scan_gather(order)
+        scanned = flat if sg is None else flat.index_select(0, sg.index)
+        dts = dt if sg is None else dt_flat.index_select(0, sg.index).view(bsz, length, h)
+        xs, bs, cs = torch.split(scanned.view(bsz, length, width), [kv, kv, h * d], dim=-1)
         init = state.ssm if state is not None else None
         y = ssd_scan(
-            xs, dts, a, bs, cs, initial_state=init, chunk_size=self.mate.chunk_size,
+            xs.view(bsz, length, hk, d), dts, a, bs.view(bsz, length, hk, d), cs.view(bsz, length, h, d),
+            scale=d**-0.5, initial_state=init, chunk_size=self.mate.chunk_size,
             return_final_state=state is not None, backend=self.mate.ssd_backend,
         )  # fmt: skip
         if state is not None:
             y, final = y
             state.ssm = final.detach()
-        if perm is not None:
-            y = _gather_seq(y, perm[1])
+        if sg is not None:
+            y = y.reshape(bsz * length, h * d).index_select(0, sg.inverse).view(bsz, length, h, d)
 
         # backward scan, confined to each visual segment, strictly future
-        plan = layout.backward_plan(order) if self.mate.bidirectional else None
-        if plan is not None:
-            dt_b = F.softplus(self.dt_proj_bwd(u).float() + self.dt_bias_bwd) * layout.valid[..., None]
+        bg = layout.backward_gather(order) if self.mate.bidirectional else None
+        if bg is not None:
+            dt_b = F.softplus(dtb_raw.float() + self.dt_bias_bwd) * layout.valid[..., None]
             a_b = -torch.exp(self.A_log_bwd.float())
+            xb = flat[:, : 2 * kv].index_select(0, bg.index).view(bsz, length, 2, hk, d)
+            cb = flat[:, 2 * kv :].index_select(0, bg.next_index).view(bsz, length, h, d)
+            dtb = dt_b.reshape(bsz * length, h).index_select(0, bg.index).view(bsz, length, h)
             yb = ssd_scan(
-                _gather_seq(x, plan.index), _gather_seq(dt_b, plan.index), a_b, _gather_seq(b, plan.index),
-                _gather_seq(c, plan.next_index), reset=plan.reset, chunk_size=self.mate.chunk_size,
-                backend=self.mate.ssd_backend,
+                xb[:, :, 0], dtb, a_b, xb[:, :, 1], cb, scale=d**-0.5, plan=bg.plan,
+                chunk_size=self.mate.chunk_size, backend=self.mate.ssd_backend,
             )  # fmt: skip
-            yb = F.pad(yb, (0, 0, 0, 0, 1, 0))[:, :length] * (~plan.reset)[..., None, None]
-            y = y + _gather_seq(yb, plan.inverse)
+            back = yb.reshape(bsz * length, h * d).index_select(0, bg.out_index).view(bsz, length, h, d)
+            y = torch.addcmul(y, back, bg.keep.to(y.dtype))
         return y

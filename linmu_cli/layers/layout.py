@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from linmu_cli.ops.ssd import ResetPlan, reset_plan
+
 
 @dataclass(frozen=True)
 class Segment:
@@ -70,6 +72,34 @@ class BackwardPlan:
     reset: torch.Tensor
     next_index: torch.Tensor
     inverse: torch.Tensor
+
+
+@dataclass
+class ScanGather:
+    """One scan order as flat (B*L,) row gathers, built on the host once per forward (docs/design.md §3).
+
+    `index[b*L + r]` is the flat token-order position scanned at step r of row b; `inverse` maps back. They
+    are applied with `index_select` on (B*L, width) views: no index arithmetic on the GPU per layer.
+    """
+
+    index: torch.Tensor
+    inverse: torch.Tensor
+
+
+@dataclass
+class BackwardGather:
+    """The segment-confined, strictly-future backward scan of one scan order as flat gathers.
+
+    Step r scans `index[r]` (x, B, dt) with the query of `next_index[r]` (the token scanned next); the scan is
+    restarted where `plan.reset`; token t reads its output from step `out_index[t]`, masked by `keep[t]`
+    (False at text tokens and at each segment's last token in scan order, whose future is empty).
+    """
+
+    index: torch.Tensor
+    next_index: torch.Tensor
+    out_index: torch.Tensor
+    keep: torch.Tensor  # (B, L, 1, 1) bool
+    plan: ResetPlan
 
 
 @dataclass
@@ -170,6 +200,48 @@ class TokenLayout:
             inverse = torch.argsort(index, dim=1)
             put = self._put
             self._cache[key] = BackwardPlan(put(index), put(reset), put(next_index), put(inverse))
+        return self._cache[key]
+
+    def _flat(self, index: torch.Tensor) -> torch.Tensor:
+        return (index + torch.arange(self.batch)[:, None] * self.length).reshape(-1)
+
+    def scan_gather(self, order: str) -> ScanGather | None:
+        """Flat gathers into and out of scan order `order`, once per forward; None when nothing moves."""
+        pair = self.scan_index(order) if (order != "thw" and self.has_vision) else None
+        if pair is None:
+            return None
+        key = ("scan_gather", order)
+        if key not in self._cache:
+            index = torch.arange(self.length).repeat(self.batch, 1)
+            for b, segs in enumerate(self.segments):
+                for s in segs:
+                    index[b, s.start : s.end] = s.start + scan_permutation(s, order)
+            inverse = torch.argsort(index, dim=1)
+            self._cache[key] = ScanGather(self._put(self._flat(index)), self._put(self._flat(inverse)))
+        return self._cache[key]
+
+    def backward_gather(self, order: str) -> BackwardGather | None:
+        """The backward scan of `backward_plan(order)` as flat gathers plus host-built resets; None without
+        vision. Output of token t = scan output at the step before t's (strictly future), 0 where reset."""
+        if not self.has_vision:
+            return None
+        key = ("backward_gather", order)
+        if key not in self._cache:
+            index = torch.arange(self.length).repeat(self.batch, 1)
+            reset = torch.ones(self.batch, self.length, dtype=torch.bool)
+            for b, segs in enumerate(self.segments):
+                for s in segs:
+                    index[b, s.start : s.end] = s.start + scan_permutation(s, order).flip(0)
+                    reset[b, s.start + 1 : s.end] = False
+            next_index = torch.cat([index[:, 1:], index[:, -1:]], dim=1)
+            step = torch.argsort(index, dim=1)  # step at which each token is scanned
+            keep = ~torch.gather(reset, 1, step)  # the step before exists inside the same segment
+            out_index = (step - 1).clamp_min(0)
+            put = self._put
+            self._cache[key] = BackwardGather(
+                put(self._flat(index)), put(self._flat(next_index)), put(self._flat(out_index)),
+                put(keep[..., None, None]), reset_plan(reset, put),
+            )  # fmt: skip
         return self._cache[key]
 
     def window_plan(self, window: Sequence[int], shifted: bool) -> WindowPlan | None:

@@ -17,6 +17,8 @@ from linmu_cli.layers.floor import mixers_skipped
 from linmu_cli.layers.layout import TokenLayout
 from linmu_cli.ops.window_attention import sliding_block, sliding_window_attention, window_attention
 
+_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
@@ -47,14 +49,34 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class LocalSwin(nn.Module):
-    def __init__(self, hidden: int, heads: int, kv_heads: int, head_dim: int, mate: MateConfig):
+    def __init__(self, hidden: int, heads: int, kv_heads: int, head_dim: int, mate: MateConfig,
+                 shared_with: nn.Module | None = None):  # fmt: skip
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
         self.mate = mate
+        if shared_with is not None:
+            # shared_projections: Flex-MA's Q/K/V/O, held outside the module tree (no duplicate parameter names;
+            # they are saved and trained as Flex-MA's)
+            self.__dict__["_shared_with"] = [shared_with]
+            return
         self.q_proj = nn.Linear(hidden, heads * head_dim, bias=True)
         self.k_proj = nn.Linear(hidden, kv_heads * head_dim, bias=True)
         self.v_proj = nn.Linear(hidden, kv_heads * head_dim, bias=True)
         self.o_proj = nn.Linear(heads * head_dim, hidden, bias=False)
+
+    def __getattr__(self, name: str):
+        shared = self.__dict__.get("_shared_with")
+        if shared is not None and name in _PROJECTIONS:
+            return getattr(shared[0], name)
+        return super().__getattr__(name)
+
+    @property
+    def shared(self) -> bool:
+        return "_shared_with" in self.__dict__
+
+    def projection_parts(self) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """(weight, bias) of q, k, v, for the block's one input GEMM."""
+        return [(m.weight, m.bias) for m in (self.q_proj, self.k_proj, self.v_proj)]
 
     def forward(
         self,
@@ -63,11 +85,15 @@ class LocalSwin(nn.Module):
         layout: TokenLayout,
         layer_idx: int,
         state: MateLayerState | None,
+        qkv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """u (B, L, hidden) -> per-head outputs (B, L, H, d), before the output projection."""
+        """u (B, L, hidden) -> per-head outputs (B, L, H, d), before the output projection.
+
+        `qkv`: the q, k, v projections already computed (the block's one GEMM), before RoPE.
+        """
         bsz, length, _ = u.shape
         d, scale = self.head_dim, self.head_dim**-0.5
-        q, k, v = self._qkv(u, position_embeddings)
+        q, k, v = self._qkv(u, position_embeddings, qkv)
         skip = mixers_skipped()  # bench floor (layers/floor.py): projections, RoPE and the ring, no attention
 
         # text: causal sliding window over the cached ring followed by this chunk
@@ -105,12 +131,13 @@ class LocalSwin(nn.Module):
             out = window_attention(q, k, v, plan, scale, out=out)
         return out
 
-    def _qkv(self, u: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]):
+    def _qkv(self, u: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor], qkv=None):
         bsz, length, _ = u.shape
         cos, sin = position_embeddings
-        q = apply_rope(self.q_proj(u).view(bsz, length, self.heads, self.head_dim), cos, sin)
-        k = apply_rope(self.k_proj(u).view(bsz, length, self.kv_heads, self.head_dim), cos, sin)
-        return q, k, self.v_proj(u).view(bsz, length, self.kv_heads, self.head_dim)
+        q, k, v = qkv if qkv is not None else (self.q_proj(u), self.k_proj(u), self.v_proj(u))
+        q = apply_rope(q.view(bsz, length, self.heads, self.head_dim), cos, sin)
+        k = apply_rope(k.view(bsz, length, self.kv_heads, self.head_dim), cos, sin)
+        return q, k, v.view(bsz, length, self.kv_heads, self.head_dim)
 
     def ring_step(
         self,

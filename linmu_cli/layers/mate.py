@@ -17,6 +17,7 @@ from linmu_cli.layers.cache import LinMUCache
 from linmu_cli.layers.flex_ma import FlexMA
 from linmu_cli.layers.layout import TokenLayout, current_layout
 from linmu_cli.layers.local_swin import LocalSwin
+from linmu_cli.ops.fused_linear import fused_linear
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +34,8 @@ class MateAttention(nn.Module):
         if mate.use_flex:
             self.flex = FlexMA(hidden, heads, kv_heads, head_dim, text_config.rms_norm_eps, mate)
         if mate.use_swin:
-            self.swin = LocalSwin(hidden, heads, kv_heads, head_dim, mate)
+            shared = self.flex if mate.use_flex and mate.shared_projections else None
+            self.swin = LocalSwin(hidden, heads, kv_heads, head_dim, mate, shared_with=shared)
         if mate.use_flex and mate.use_swin:
             self.fuse = nn.Linear(hidden, heads if mate.fusion == "head" else 1, bias=True)
 
@@ -89,21 +91,66 @@ class MateAttention(nn.Module):
         layout = self._layout(hidden_states, kwargs)
         state = cache.layer(self.layer_idx) if cache is not None else None
         u = hidden_states
-        flex = self.flex(u, layout, self.layer_idx, state) if self.mate.use_flex else None
+        flex_in = qkv = logit = None
+        fast = self._fast(u)
+        if fast:
+            flex_in, qkv, logit = self._project(u, layout)
+        flex = self.flex(u, layout, self.layer_idx, state, inputs=flex_in) if self.mate.use_flex else None
         swin = (
-            self.swin(u, position_embeddings, layout, self.layer_idx, state) if self.mate.use_swin else None
+            self.swin(u, position_embeddings, layout, self.layer_idx, state, qkv=qkv)
+            if self.mate.use_swin
+            else None
         )
         if cache is not None:
             cache.advance(self.layer_idx, u.shape[1])
-        return self._combine(u, flex, swin), None
+        return self._combine(u, flex, swin, logit, fast), None
 
-    def _combine(self, u: torch.Tensor, flex: torch.Tensor | None, swin: torch.Tensor | None) -> torch.Tensor:
+    def _fast(self, u: torch.Tensor) -> bool:
+        """A prefill chunk on CUDA with a fast backend: one input GEMM, fused output (issue 11). One decode
+        token keeps the per-module projections (concatenating the weights would cost more than it saves)."""
+        return u.is_cuda and u.shape[1] > 1 and self.mate.ssd_backend != "torch"
+
+    def _project(self, u: torch.Tensor, layout: TokenLayout):
+        """Every input projection of the block from one GEMM over concatenated weights (names unchanged):
+        Flex-MA's [x, B, C], gate, dt(s); Local-Swin's q, k, v (slices of Flex-MA's with shared projections);
+        the fusion logit. Returns (FlexInputs or None, (q, k, v) or None, logit or None)."""
+        parts: list = []
+        n_flex = 0
+        if self.mate.use_flex:
+            parts += self.flex.projection_parts(layout)
+            n_flex = len(parts)
+        own_swin = self.mate.use_swin and not self.swin.shared
+        if own_swin:
+            parts += self.swin.projection_parts()
+        if hasattr(self, "fuse"):
+            parts.append((self.fuse.weight, self.fuse.bias))
+        pieces = fused_linear(u, parts)
+        flex_in = self.flex.unpack(pieces[:n_flex]) if self.mate.use_flex else None
+        qkv = None
+        if own_swin:
+            qkv = tuple(pieces[n_flex : n_flex + 3])
+        elif self.mate.use_swin:  # shared: Flex-MA's conv input is [v, k, q]
+            kv = self.flex.kv_heads * self.head_dim
+            xbc = flex_in.xbc
+            qkv = (xbc[..., 2 * kv :], xbc[..., kv : 2 * kv], xbc[..., :kv])
+        logit = pieces[-1] if hasattr(self, "fuse") else None
+        return flex_in, qkv, logit
+
+    def _combine(self, u: torch.Tensor, flex: torch.Tensor | None, swin: torch.Tensor | None,
+                 logit: torch.Tensor | None = None, fast: bool = False) -> torch.Tensor:  # fmt: skip
         if swin is None:
             return self.flex.o_proj(flex.flatten(2))
         if flex is None:
             return self.swin.o_proj(swin.flatten(2))
-        a = torch.sigmoid(self.fuse(u))[..., None]  # (B, L, 1 or H, 1)
-        return self.flex.o_proj((a * flex).flatten(2)) + self.swin.o_proj(((1 - a) * swin).flatten(2))
+        a = torch.sigmoid(self.fuse(u) if logit is None else logit)[..., None]  # (B, L, 1 or H, 1)
+        if not fast:  # the reference: the formula of docs/design.md §5 as written
+            return self.flex.o_proj((a * flex).flatten(2)) + self.swin.o_proj(((1 - a) * swin).flatten(2))
+        if self.swin.shared:  # one W_o: W_o (a flex + (1 - a) swin), the mix in one lerp kernel
+            return self.flex.o_proj(torch.lerp(swin, flex, a.to(swin.dtype)).flatten(2))
+        # two W_o: the second GEMM accumulates into the first's output (no separate add)
+        out = self.flex.o_proj((a * flex).flatten(2))
+        rows = ((1 - a) * swin).reshape(-1, self.heads * self.head_dim)
+        return torch.addmm(out.reshape(-1, out.shape[-1]), rows, self.swin.o_proj.weight.t()).view(out.shape)
 
     def static_step(self, u: torch.Tensor, position_embeddings, state) -> torch.Tensor:
         """One generated token (B, 1, hidden) against fixed-address buffers, all updated in place.

@@ -39,6 +39,7 @@ import importlib.util
 import re
 import sys
 import types
+from dataclasses import dataclass
 
 import torch
 
@@ -55,7 +56,10 @@ __all__ = [
     "ssd_fla",
     "ssd_mamba",
     "ssd_naive",
+    "ResetPlan",
+    "reset_plan",
     "ssd_scan",
+    "ssd_scan_gqa",
 ]
 
 SSD_BACKENDS = ("torch", "fla", "mamba")
@@ -388,9 +392,37 @@ def _split_segments(reset_cpu: torch.Tensor, T: int):
     return cu, starts, rows, first_of_row, last_idx
 
 
+@dataclass(frozen=True)
+class ResetPlan:
+    """Resets of a (b, l) scan prepared on the host once (per layout), so no scan reads them back.
+
+    fla splits flattened rows with ``cu_seqlens`` (it needs a host copy too), mamba takes ``seq_idx``;
+    building both from a host tensor once per forward keeps every layer free of host syncs
+    (docs/design.md §6, issue 11).
+    """
+
+    reset: torch.Tensor  # (b, l) bool, on the device
+    seq_idx: torch.Tensor  # (b, l) int32, on the device: cumsum of reset per row
+    cu_seqlens: torch.Tensor  # (N + 1,) int64, on the device
+    cu_seqlens_cpu: torch.Tensor  # the same on the host
+    rows: torch.Tensor  # (N,) row of each piece, on the device
+    first_of_row: torch.Tensor  # (N,) bool, on the device
+    last_idx: torch.Tensor  # (b,) piece that ends each row, on the device
+
+
+def reset_plan(reset_cpu: torch.Tensor, put=None) -> ResetPlan:
+    """A :class:`ResetPlan` from a host (b, l) bool tensor; ``put`` moves a host tensor to the device."""
+    put = put or (lambda t: t)
+    reset_cpu = reset_cpu.to("cpu", torch.bool)
+    cu, _starts, rows, first_of_row, last_idx = _split_segments(reset_cpu, reset_cpu.shape[1])
+    seq_idx = torch.cumsum(reset_cpu.to(torch.int32), dim=1, dtype=torch.int32)
+    return ResetPlan(put(reset_cpu), put(seq_idx), put(cu), cu, put(rows), put(first_of_row), put(last_idx))
+
+
 def _fla_call(
-    kernel, x, dt, A, B, C, reset=None, initial_state=None, chunk_size=None, return_final_state=False
-):
+    kernel, x, dt, A, B, C, reset=None, initial_state=None, chunk_size=None, return_final_state=False,
+    plan: ResetPlan | None = None,
+):  # fmt: skip
     """Map our SSD onto fla's ``chunk_simple_gla`` (``kernel``).
 
     fla: h_t = exp(g_t) h_{t-1} + k_t^T v_t, o_t = scale * q_t h_t, with q, k (B, T, H, K),
@@ -400,23 +432,36 @@ def _fla_call(
     segment gets its own initial state (the row's initial state for a row's first segment,
     zeros after a reset) and the final state of a row is that of its last segment.
     """
-    b, T, h, p = x.shape
     dtype = x.dtype
     q = C.to(dtype)
     k = (B.float() * dt.float()[..., None]).to(dtype)
-    v = x
     g = dt.float() * A.float()[None, None, :]
+    return _fla_run(kernel, q, k, x, g, 1.0, reset, initial_state, chunk_size, return_final_state, plan)
+
+
+def _fla_run(kernel, q, k, v, g, scale, reset, initial_state, chunk_size, return_final_state, plan):
+    """Call fla's kernel on prepared q, k, v, g; resets from ``plan`` (no sync) or from ``reset`` (one sync)."""
+    b, T, h, p = v.shape
+    dtype = v.dtype
     h0 = None
     if initial_state is not None:
         h0 = initial_state.float().transpose(-1, -2)  # (b, h, n, p) = fla [N, H, K, V]
     kw = {} if chunk_size is None else {"chunk_size": int(chunk_size)}
 
-    if reset is None:
-        o, ht = kernel(q, k, v, g=g, scale=1.0, initial_state=h0, output_final_state=return_final_state, **kw)
+    if reset is None and plan is None:
+        o, ht = kernel(
+            q, k, v, g=g, scale=scale, initial_state=h0, output_final_state=return_final_state, **kw
+        )
         y = o.to(dtype)
     else:
-        reset_cpu = reset.detach().to("cpu", torch.bool)
-        cu, _starts, rows, first_of_row, last_idx = _split_segments(reset_cpu, T)
+        if plan is None:
+            reset_cpu = reset.detach().to("cpu", torch.bool)  # host sync: pass a ResetPlan to avoid it
+            cu, _starts, rows, first_of_row, last_idx = _split_segments(reset_cpu, T)
+            cu_dev = cu.to(v.device)
+        else:
+            cu, cu_dev, rows, first_of_row, last_idx = (
+                plan.cu_seqlens_cpu, plan.cu_seqlens, plan.rows, plan.first_of_row, plan.last_idx
+            )  # fmt: skip
         hs = None
         if h0 is not None:
             dev_rows = rows.to(h0.device)
@@ -427,10 +472,10 @@ def _fla_call(
             k.reshape(1, b * T, h, -1),
             v.reshape(1, b * T, h, p),
             g=g.reshape(1, b * T, h),
-            scale=1.0,
+            scale=scale,
             initial_state=hs,
             output_final_state=return_final_state,
-            cu_seqlens=cu.to(x.device),
+            cu_seqlens=cu_dev,
             cu_seqlens_cpu=cu,
             **kw,
         )
@@ -454,8 +499,9 @@ def ssd_fla(x, dt, A, B, C, reset=None, initial_state=None, chunk_size=None, ret
 
 
 def _mamba_call(
-    kernel, x, dt, A, B, C, reset=None, initial_state=None, chunk_size=None, return_final_state=False
-):
+    kernel, x, dt, A, B, C, reset=None, initial_state=None, chunk_size=None, return_final_state=False,
+    plan: ResetPlan | None = None,
+):  # fmt: skip
     """Map our SSD onto mamba_ssm's ``mamba_chunk_scan_combined`` (``kernel``).
 
     mamba: x (b, l, h, p), dt (b, l, h), A (h,), B/C (b, l, g, n) with g = ngroups (= h here),
@@ -466,7 +512,9 @@ def _mamba_call(
     """
     dtype = x.dtype
     seq_idx = None
-    if reset is not None:
+    if plan is not None:
+        seq_idx = plan.seq_idx
+    elif reset is not None:
         seq_idx = torch.cumsum(reset.to(device=x.device, dtype=torch.int32), dim=1, dtype=torch.int32)
         seq_idx = seq_idx.contiguous()
     init = initial_state.float() if initial_state is not None else None
@@ -543,3 +591,61 @@ def ssd_scan(
         chunk_size=cs,
         return_final_state=return_final_state,
     )
+
+
+def _expand_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """(b, l, g, d) -> (b, l, heads, d), each group repeated heads // g times (= repeat_interleave)."""
+    b, T, g, d = t.shape
+    if g == heads:
+        return t
+    return t.unsqueeze(3).expand(b, T, g, heads // g, d).reshape(b, T, heads, d)
+
+
+def ssd_scan_gqa(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    scale: float = 1.0,
+    plan: ResetPlan | None = None,
+    initial_state: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+    return_final_state: bool = False,
+    backend: str = "auto",
+):
+    """The SSD scan with grouped values / keys and the query scale folded in (Flex-MA's fast entry).
+
+    x (b, l, g, p) and B (b, l, g, n) at key/value-head width (GQA, g divides h), C (b, l, h, n), dt (b, l, h):
+    y = ssd(x repeated, dt, A, B repeated, C * scale). The repetition happens once, at the kernel's input,
+    fused with work the kernel needs anyway (fla: k = B * dt, and its own ``scale``; mamba: x * scale), so
+    everything before the scan (gathers, conv) stays at key/value width. Resets come from ``plan``
+    (host-built: no sync). The torch backend is the reference: repeat, scale C, :func:`ssd_chunked`.
+    """
+    global _LAST_BACKEND
+    b, T, h, n = C.shape
+    need_backward = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, dt, A, B, C, initial_state)
+    )
+    name = select_ssd_backend(x.device, backend, need_backward=need_backward)
+    cs = chunk_size if chunk_size is not None else _DEFAULT_CHUNK[name]
+    _LAST_BACKEND = name
+    reset = plan.reset if plan is not None else None
+    if name == "torch":
+        return ssd_chunked(
+            _expand_heads(x, h), dt, A, _expand_heads(B, h), C * scale, reset=reset, initial_state=initial_state,
+            chunk_size=cs, return_final_state=return_final_state,
+        )  # fmt: skip
+    _require_cuda(name, x, dt, A, B, C, initial_state)
+    g = B.shape[2]
+    if name == "fla":
+        dtype = x.dtype
+        k = (B.unsqueeze(3) * dt.to(dtype).view(b, T, g, h // g, 1)).reshape(b, T, h, n)
+        v = _expand_heads(x, h)
+        gate = dt.float() * A.float()
+        return _fla_run(_import_fla(), C.to(dtype), k, v, gate, scale, None, initial_state, cs,
+                        return_final_state, plan)  # fmt: skip
+    hx = x.shape[2]
+    xs = x.unsqueeze(3).expand(b, T, hx, h // hx, x.shape[-1]) * scale  # repeat and scale in one kernel
+    return _mamba_call(_import_mamba(), xs.reshape(b, T, h, -1), dt, A, _expand_heads(B, h), C, None,
+                       initial_state, cs, return_final_state, plan)  # fmt: skip

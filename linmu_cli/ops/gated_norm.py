@@ -1,0 +1,70 @@
+"""Flex-MA's output: gate, then per-head RMSNorm (docs/design.md §3), as a reference and one Triton kernel.
+
+out = rmsnorm_per_head(y * silu(gate)) * weight. The reference computes it in float32 from y's dtype (what
+Flex-MA always ran); on CUDA the gated RMSNorm of mamba-ssm (or fla-core, same kernel lineage) does the gate,
+the per-head statistics and the scale in one pass, reading bf16 and writing bf16 (no float32 copies of the
+activations), with its own backward.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+
+import torch
+import torch.nn.functional as F
+
+_LAST_NORM_BACKEND: str | None = None
+
+
+def last_norm_backend() -> str | None:
+    """ "mamba", "fla" or "torch": which path the most recent :func:`gated_rmsnorm` took."""
+    return _LAST_NORM_BACKEND
+
+
+@functools.cache
+def _norm_kernel() -> tuple[str, object] | None:
+    """(name, rmsnorm_fn) of the first gated-norm kernel that imports (call only with CUDA), else None."""
+    try:
+        from linmu_cli.ops.ssd import _import_mamba
+
+        _import_mamba()  # the bare mamba_ssm package (no compiled extension)
+        return "mamba", importlib.import_module("mamba_ssm.ops.triton.layernorm_gated").rmsnorm_fn
+    except Exception:  # noqa: BLE001 - try the next provider
+        pass
+    try:
+        return "fla", importlib.import_module("fla.modules.norm.layernorm_gated").rmsnorm_fn
+    except Exception:  # noqa: BLE001 - none imports: the reference runs (and is reported)
+        return None
+
+
+def gated_rmsnorm_reference(
+    y: torch.Tensor, gate: torch.Tensor | None, weight: torch.Tensor, eps: float
+) -> torch.Tensor:
+    """y (B, L, H, d); gate (B, L, H*d) or None; weight (H*d,) -> (B, L, H, d) in y's dtype."""
+    h, d = y.shape[-2:]
+    if gate is not None:
+        y = y * F.silu(gate).view(*y.shape)
+    yf = y.float()
+    yf = yf * torch.rsqrt(yf.pow(2).mean(-1, keepdim=True) + eps)
+    return (yf * weight.float().view(h, d)).to(y.dtype)
+
+
+def gated_rmsnorm(
+    y: torch.Tensor, gate: torch.Tensor | None, weight: torch.Tensor, eps: float, fast: bool = True
+) -> torch.Tensor:
+    """The fused kernel when `fast` on CUDA and one imports; else the reference (`last_norm_backend()`)."""
+    global _LAST_NORM_BACKEND
+    kernel = _norm_kernel() if fast and y.is_cuda else None
+    if kernel is None:
+        _LAST_NORM_BACKEND = "torch"
+        return gated_rmsnorm_reference(y, gate, weight, eps)
+    name, fn = kernel
+    _LAST_NORM_BACKEND = name
+    shape = y.shape
+    flat = y.reshape(*shape[:-2], shape[-2] * shape[-1])
+    out = fn(flat, weight.to(y.dtype), None, z=gate, eps=eps, group_size=shape[-1], norm_before_gate=False)
+    return out.view(shape)
+
+
+__all__ = ["gated_rmsnorm", "gated_rmsnorm_reference", "last_norm_backend"]

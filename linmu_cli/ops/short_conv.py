@@ -1,0 +1,81 @@
+"""Flex-MA's short causal depthwise conv over (B, L, channels): a PyTorch reference and fla's Triton kernel.
+
+y[:, t, c] = bias[c] + sum_j weight[c, 0, j] * x[:, t - (W - 1) + j, c], with the `W - 1` inputs before the
+chunk taken from `prev` (the decode cache's conv tail) or zeros. The reference is `F.conv1d` on a transposed
+copy (what Flex-MA always ran); on CUDA fla-core's `causal_conv1d` reads the (B, L, C) activations in place,
+strided views included, with no transposes (issue 11, docs/design.md §3). CPU never touches Triton.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+_LAST_CONV_BACKEND: str | None = None
+
+
+def last_conv_backend() -> str | None:
+    """ "fla" or "torch": which path the most recent :func:`short_conv` took."""
+    return _LAST_CONV_BACKEND
+
+
+@functools.cache
+def _import_fla_conv():
+    from fla.modules.causal_conv1d import causal_conv1d
+
+    return causal_conv1d
+
+
+@functools.cache
+def conv_kernel_error() -> str | None:
+    """None when fla's conv kernel imports (call only with CUDA), else why not."""
+    try:
+        _import_fla_conv()
+    except Exception as e:  # noqa: BLE001 - report any import failure
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def short_conv_reference(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, prev: torch.Tensor | None = None
+) -> torch.Tensor:
+    """x (B, L, C); weight (C, 1, W); prev (B, C, W - 1) or None -> (B, L, C)."""
+    k = weight.shape[-1]
+    seq = x.transpose(1, 2)
+    if prev is None:
+        prev = seq.new_zeros(*seq.shape[:2], k - 1)
+    full = torch.cat([prev.to(seq.dtype), seq], dim=2)
+    return F.conv1d(full, weight, bias, groups=weight.shape[0]).transpose(1, 2)
+
+
+def short_conv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    prev: torch.Tensor | None = None,
+    fast: bool = True,
+) -> torch.Tensor:
+    """The conv on fla's kernel when `fast`, on CUDA, with no cached tail and the kernel importable; else the
+    reference. `last_conv_backend()` says which ran (a fast request that cannot run is not an error: the
+    reference is exact, and the choice is reported)."""
+    global _LAST_CONV_BACKEND
+    if fast and prev is None and x.is_cuda and conv_kernel_error() is None:
+        _LAST_CONV_BACKEND = "fla"
+        y, _ = _import_fla_conv()(x, weight.squeeze(1), bias, backend="triton")
+        return y
+    _LAST_CONV_BACKEND = "torch"
+    return short_conv_reference(x, weight, bias, prev)
+
+
+def conv_tail(x: torch.Tensor, prev: torch.Tensor | None, width: int) -> torch.Tensor:
+    """The last `width - 1` conv inputs (B, C, width - 1) after this chunk: the decode cache's conv state."""
+    seq = x.transpose(1, 2)
+    if prev is None:
+        prev = seq.new_zeros(*seq.shape[:2], width - 1)
+    full = torch.cat([prev.to(seq.dtype), seq[:, :, -(width - 1) :]], dim=2)
+    return full[:, :, full.shape[2] - (width - 1) :]
+
+
+__all__ = ["conv_tail", "last_conv_backend", "short_conv", "short_conv_reference"]

@@ -1,0 +1,164 @@
+"""The restructured M-MATE block (issue 11) on CPU: one input GEMM, host-built scan-order gathers, grouped
+(GQA) scans and the fused output combine equal the module-by-module reference; shared projections convert,
+save and train as Flex-MA's. CPU runs the PyTorch reference kernels (no Triton): the fast *plumbing* is forced
+on by patching the path switches, the kernels behind them fall back to their references on CPU by design."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_mate_block import HIDDEN, layout_of, make_block, rope, text_config
+
+from linmu_cli.config import MateConfig
+from linmu_cli.layers import flex_ma, mate
+from linmu_cli.layers.layout import Segment
+from linmu_cli.layers.mate import MateAttention
+from linmu_cli.ops.gated_norm import last_norm_backend
+from linmu_cli.ops.short_conv import last_conv_backend, short_conv, short_conv_reference
+
+
+def force_fast(monkeypatch):
+    monkeypatch.setattr(mate.MateAttention, "_fast", lambda self, u: u.shape[1] > 1)
+    monkeypatch.setattr(flex_ma.FlexMA, "fast_path", lambda self, u: True)
+
+
+def layout2():
+    segs = [[Segment(3, 2, 2, 3), Segment(17, 3, 1, 2)], [Segment(5, 2, 3, 2)]]
+    layout = layout_of(segs, 27, batch=2)
+    layout.valid[1, :2] = False  # left padding in row 1
+    return layout
+
+
+@pytest.mark.parametrize("layer_idx", [0, 1, 2])
+@pytest.mark.parametrize(
+    "fields", [{}, {"fusion": "head"}, {"shared_projections": True}, {"bidirectional": False}]
+)
+def test_fused_block_equals_reference_forward_and_backward(monkeypatch, layer_idx, fields):
+    ref = make_block(layer_idx, **fields).train()
+    fast = copy.deepcopy(ref)
+    layout = layout2()
+    u = torch.randn(2, 27, HIDDEN)
+    pe = tuple(t.expand(2, -1, -1) for t in rope(27))
+    out_ref = ref(u, position_embeddings=pe, linmu_layout=layout)[0]
+    out_ref[layout.valid].square().sum().backward()
+    force_fast(monkeypatch)
+    out = fast(u, position_embeddings=pe, linmu_layout=layout)[0]
+    out[layout.valid].square().sum().backward()
+    assert last_conv_backend() == "torch" and last_norm_backend() == "torch"  # CPU: the references ran
+    torch.testing.assert_close(out[layout.valid], out_ref[layout.valid], atol=2e-5, rtol=1e-4)
+    grads = {n: p.grad for n, p in ref.named_parameters()}
+    for n, p in fast.named_parameters():
+        torch.testing.assert_close(p.grad, grads[n], atol=5e-5, rtol=1e-3, msg=n)
+
+
+def old_flex(flex, u, layout, layer_idx):
+    """Flex-MA as it was computed before issue 11 (conv in token order, 28-head gathers), for the comparison."""
+    from linmu_cli.ops.ssd import ssd_scan
+
+    def gather(x, index):
+        return torch.take_along_dim(x, index.view(*index.shape, *([1] * (x.dim() - 2))), dim=1)
+
+    bsz, length, _ = u.shape
+    h, hk, d = flex.heads, flex.kv_heads, flex.head_dim
+    valid = layout.valid[..., None].to(u.dtype)
+    xbc = torch.cat([flex.v_proj(u), flex.k_proj(u), flex.q_proj(u)], dim=-1) * valid
+    k = flex.mate.d_conv
+    seq = xbc.transpose(1, 2)
+    full = torch.cat([seq.new_zeros(*seq.shape[:2], k - 1), seq], dim=2)
+    xbc = F.conv1d(full, flex.conv.weight, flex.conv.bias, groups=flex.conv_channels).transpose(1, 2)
+    x, b, c = torch.split(xbc, [hk * d, hk * d, h * d], dim=-1)
+    x = x.view(bsz, length, hk, d).repeat_interleave(h // hk, dim=2)
+    b = b.view(bsz, length, hk, d).repeat_interleave(h // hk, dim=2)
+    c = c.view(bsz, length, h, d) * d**-0.5
+    dt = F.softplus(flex.dt_proj(u).float() + flex.dt_bias) * layout.valid[..., None]
+    a = -torch.exp(flex.A_log.float())
+    order = flex.mate.scan_orders[layer_idx % len(flex.mate.scan_orders)]
+    perm = layout.scan_index(order)
+    xs, dts, bs, cs = (x, dt, b, c) if perm is None else (gather(t, perm[0]) for t in (x, dt, b, c))
+    y = ssd_scan(xs, dts, a, bs, cs, backend="torch")
+    if perm is not None:
+        y = gather(y, perm[1])
+    plan = layout.backward_plan(order)
+    dt_b = F.softplus(flex.dt_proj_bwd(u).float() + flex.dt_bias_bwd) * layout.valid[..., None]
+    yb = ssd_scan(gather(x, plan.index), gather(dt_b, plan.index), -torch.exp(flex.A_log_bwd.float()),
+                  gather(b, plan.index), gather(c, plan.next_index), reset=plan.reset, backend="torch")  # fmt: skip
+    yb = F.pad(yb, (0, 0, 0, 0, 1, 0))[:, :length] * (~plan.reset)[..., None, None]
+    y = y + gather(yb, plan.inverse) + flex.D[:, None] * x
+    y = (y * F.silu(flex.gate_proj(u)).view(bsz, length, h, d)).float()
+    y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + flex.eps)
+    return y * flex.norm_weight.view(h, d)
+
+
+@pytest.mark.parametrize("layer_idx", [0, 1, 2])
+def test_restructured_flex_equals_the_previous_implementation_with_conv(monkeypatch, layer_idx):
+    block = make_block(layer_idx)  # d_conv = 4, bidirectional, gate: every piece of the old path
+    layout = layout2()
+    u = torch.randn(2, 27, HIDDEN)
+    with torch.no_grad():
+        want = old_flex(block.flex, u, layout, layer_idx)
+        got = block.flex(u, layout, layer_idx, None)
+        force_fast(monkeypatch)
+        fused = block.flex(u, layout, layer_idx, None)
+    v = layout.valid
+    torch.testing.assert_close(got[v], want[v], atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(fused[v], want[v], atol=2e-5, rtol=1e-4)
+
+
+def test_backward_gather_reads_the_strictly_future_step():
+    layout = layout_of([[Segment(2, 1, 2, 2)]], 8)
+    bg = layout.backward_gather("thw")
+    plan = layout.backward_plan("thw")
+    step = torch.argsort(plan.index[0])
+    for t in range(8):
+        inside = (
+            2 <= t < 6 and t != 5
+        )  # the segment's last token (first step of the reversed scan) has no future
+        assert bool(bg.keep[0, t, 0, 0]) == inside
+        if inside:
+            assert int(bg.out_index[t]) == int(step[t]) - 1
+    assert torch.equal(bg.plan.reset, plan.reset)
+    assert bg.plan.cu_seqlens_cpu.tolist() == [
+        0,
+        1,
+        2,
+        6,
+        7,
+        8,
+    ]  # each text token alone, the segment in one piece
+
+
+def test_short_conv_without_cuda_runs_the_reference():
+    x, w, b = torch.randn(2, 9, 6), torch.randn(6, 1, 4), torch.randn(6)
+    torch.testing.assert_close(short_conv(x, w, b, fast=True), short_conv_reference(x, w, b))
+    assert last_conv_backend() == "torch"
+    want = F.conv1d(F.pad(x.transpose(1, 2), (3, 0)), w, b, groups=6).transpose(1, 2)
+    torch.testing.assert_close(short_conv_reference(x, w, b), want)
+
+
+def test_shared_projections_convert_save_and_train_as_flex():
+    cfg = text_config()
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLAttention
+
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    teacher = Qwen2VLAttention(cfg, layer_idx=0)
+    block = MateAttention.from_attention(teacher, cfg, MateConfig(shared_projections=True), 0)
+    names = set(block.state_dict())
+    assert not any(n.startswith("swin.") for n in names)  # one copy, saved under Flex-MA's names
+    assert {"flex.q_proj.weight", "flex.k_proj.bias", "flex.o_proj.weight"} <= names
+    assert block.swin.q_proj is block.flex.q_proj and block.swin.o_proj is block.flex.o_proj
+    torch.testing.assert_close(block.flex.q_proj.weight, teacher.q_proj.weight)
+    unshared = MateAttention.from_attention(teacher, cfg, MateConfig(), 0)
+    assert sum(p.numel() for p in block.parameters()) < sum(p.numel() for p in unshared.parameters())
+    # a shared model equals an unshared one whose two copies are equal (they start that way)
+    unshared.load_state_dict({**unshared.state_dict(), **block.state_dict()}, strict=False)
+    u = torch.randn(1, 10, HIDDEN)
+    layout = layout_of([[Segment(2, 1, 2, 2)]], 10)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            block(u, position_embeddings=rope(10), linmu_layout=layout)[0],
+            unshared(u, position_embeddings=rope(10), linmu_layout=layout)[0],
+        )
+    copied = copy.deepcopy(block)
+    assert copied.swin.q_proj is copied.flex.q_proj  # deepcopy keeps the sharing inside the copy
