@@ -10,8 +10,8 @@ and writes checkpoints.
 
 from __future__ import annotations
 
+import contextlib
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -43,16 +43,49 @@ def _init_distributed(recipe: Recipe) -> tuple[int, int, torch.device]:
     return rank, world, device
 
 
-def _prepare_output(out: Path, resume: bool, force: bool, is_main: bool) -> None:
-    if resume and force:
-        raise LinmuError("--resume continues a run and --force deletes it: pass one of them")
-    has_content = out.is_dir() and any(out.iterdir())
-    if has_content and not (resume or force):
-        raise LinmuError(f"{out} already holds a run: pass --resume to continue it or --force to start over")
-    if is_main:
-        if force and out.exists():
-            shutil.rmtree(out)
-        out.mkdir(parents=True, exist_ok=True)
+def check_launcher() -> None:
+    """`accelerate launch --num_processes N` on a machine without GPUs starts one process (its simple launcher)
+    and sets no WORLD_SIZE: refuse instead of silently training on one process (issue 14 item 24)."""
+    env = os.environ
+    if "WORLD_SIZE" in env or "ACCELERATE_USE_CPU" not in env or "MASTER_PORT" not in env:
+        return
+    raise LinmuError(
+        "accelerate launch started a single process (without GPUs it does not start several), so this run "
+        "would not be data parallel: on CPU run `torchrun --nproc_per_node N -m linmu_cli distill RECIPE ...`, "
+        "or drop --num_processes"
+    )
+
+
+def _on_main(rank: int, world: int, fn) -> Any:
+    """Run `fn` on rank 0 and give every rank its LinmuError (so all ranks stop, none waits at a barrier)."""
+    result, error = None, None
+    if rank == 0:
+        try:
+            result = fn()
+        except LinmuError as exc:
+            error = str(exc)
+    if world > 1:
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error is not None:
+        raise LinmuError(error)
+    return result
+
+
+def _check_inputs(recipe: Recipe, plan, processor) -> None:
+    """Everything a run reads, checked before OUTPUT is touched (issue 14 item 3): the manifest and every row's
+    media path, the synthetic tasks, each stage's init_from."""
+    from linmu_cli.distillation.data import SampleStream
+
+    SampleStream(recipe.data, processor, recipe.seed)
+    SampleStream(recipe.data, processor, recipe.seed, heldout=True)
+    for name in plan.train:
+        src = recipe.stages[name].init_from
+        if src and not (Path(src) / "config.json").is_file():
+            raise LinmuError(
+                f"stages.{name}.init_from={src}: not a LinMU checkpoint directory (no config.json)"
+            )
 
 
 def distill(
@@ -64,18 +97,23 @@ def distill(
     force: bool = False,
     console: Console | None = None,
 ) -> dict[str, Any]:
-    """Run the recipe's stages in order (or only `stage`); returns each stage's summary and report."""
-    from linmu_cli.distillation.trainer import Run, train_stage
+    """Run the recipe's stages in order (or only `stage`); returns each stage's summary and report.
+
+    Order (issue 14): recipe, plan (what runs, what a --force replaces: read only), teacher and data are all
+    checked before OUTPUT is written; then OUTPUT is locked, the plan re-checked under the lock and executed,
+    and training writes. A failure that left no checkpoint removes what it wrote."""
+    from linmu_cli.distillation import outputs
+    from linmu_cli.distillation.trainer import Run, train_stage, write_final
+    from linmu_cli.io import exclusive_lock
     from linmu_cli.sources import load_teacher
 
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe, overrides)
     if stage is not None and stage not in STAGES:
         raise LinmuError(f"--stage {stage!r}: choose one of {', '.join(STAGES)}")
-    rank, world, device = _init_distributed(recipe)
+    check_launcher()
     out = Path(recipe.output)
-    _prepare_output(out, resume, force, rank == 0)
-    if world > 1:
-        dist.barrier()
+    plan = outputs.make_plan(out, recipe, stage, resume, force)
+    rank, world, device = _init_distributed(recipe)
     dtype = torch.bfloat16 if recipe.dtype == "auto" and device.type == "cuda" else None
     dtype_name = (
         {None: "float32", torch.bfloat16: "bfloat16"}[dtype] if recipe.dtype == "auto" else recipe.dtype
@@ -83,16 +121,49 @@ def distill(
     torch.manual_seed(recipe.seed)
     teacher = load_teacher(recipe.teacher, dtype=dtype_name, device=str(device), seed=recipe.seed)
     teacher.model.requires_grad_(False)
-    run = Run(recipe, out, teacher, device, next(teacher.model.parameters()).dtype, rank, world,
-              console or Console())  # fmt: skip
-    if rank == 0:
-        (out / "recipe.yaml").write_text(dump_recipe(recipe))
-    results = {}
-    for name in [stage] if stage else STAGES:
-        if (out / name / "stage.json").is_file() and not stage:
-            run.print(f"[bold]{name}[/]: already complete in {out / name}, skipping")
-            continue
-        results[name] = train_stage(run, name)
-    if world > 1:
-        dist.barrier()
+    _check_inputs(recipe, plan, teacher.processor)
+    console = console or Console()
+    run = Run(recipe, out, teacher, device, next(teacher.model.parameters()).dtype, rank, world, console)
+    created = not out.exists()
+    with contextlib.ExitStack() as stack:
+
+        def lock_and_prepare():
+            out.mkdir(parents=True, exist_ok=True)
+            try:
+                stack.enter_context(exclusive_lock(out / outputs.LOCK, f"output={out}"))
+            except LinmuError:  # another run owns OUTPUT: touch nothing (only the directory we made)
+                if created:
+                    with contextlib.suppress(OSError):
+                        out.rmdir()
+                raise
+            try:
+                again = outputs.make_plan(out, recipe, stage, resume, force, verify=True)
+                for note in outputs.prepare(out, again):
+                    run.print(note, highlight=False, soft_wrap=True)
+                outputs.write_atomic(out / "recipe.yaml", dump_recipe(recipe))
+            except BaseException:
+                outputs.clean_failed(out, created)
+                raise
+            return again
+
+        plan = _on_main(rank, world, lock_and_prepare) or plan
+        if world > 1:  # every rank follows rank 0's plan; each loads the chosen checkpoint itself
+            box = [outputs.without_states(plan)]
+            dist.broadcast_object_list(box, src=0)
+            plan = box[0] if rank else plan
+        results = {}
+        try:
+            for name in STAGES:
+                if name in plan.kept and run.is_main:
+                    fixed = outputs.repair(out, name, lambda: write_final(run))
+                    run.print(f"[bold]{name}[/]: {'finished the outputs of' if fixed else 'already complete in'} "
+                              f"{out / name}{'' if name in plan.train else ', skipping'}")  # fmt: skip
+                if name in plan.train:
+                    results[name] = train_stage(run, name, plan)
+        except BaseException:
+            if run.is_main:
+                outputs.clean_failed(out, created)
+            raise
+        if world > 1:
+            dist.barrier()
     return results

@@ -8,6 +8,7 @@ where it stopped; with several processes, rank r takes samples r, r + world, ...
 from __future__ import annotations
 
 import json
+import os
 import random
 from collections import Counter
 from collections.abc import Iterator
@@ -42,10 +43,18 @@ class SkipSample(Exception):
         self.reason = reason
 
 
-def read_video(path: Path, frames: int, fps_cap: float | None) -> tuple[np.ndarray, float]:
-    """Uniformly sample an even number of frames with decord (no process-global bridge)."""
+def _quiet_decord():
+    """decord with ffmpeg's own logging off: a corrupt mp4 is one counted skip, not thousands of lines of decoder
+    noise on stderr (issue 14 item 15)."""
     import decord
 
+    decord.logging.set_level(decord.logging.QUIET)
+    return decord
+
+
+def read_video(path: Path, frames: int, fps_cap: float | None) -> tuple[np.ndarray, float]:
+    """Uniformly sample an even number of frames with decord (no process-global bridge)."""
+    decord = _quiet_decord()
     try:
         reader = decord.VideoReader(str(path), ctx=decord.cpu(0))
     except Exception as exc:  # decord raises its own DECORDError and RuntimeError
@@ -81,12 +90,17 @@ class ManifestSource:
             )
         except json.JSONDecodeError as exc:
             raise LinmuError(f"data.manifest {path}: not JSON / JSONL ({exc})") from None
-        if not rows:
-            raise LinmuError(f"data.manifest {path} is empty")
-        if len(rows) > cfg.heldout:  # the last `heldout` rows are kept out of training for the report
-            rows = rows[-cfg.heldout :] if heldout else rows[: -cfg.heldout or None]
-        self.rows, self.cfg = rows, cfg
+        if not isinstance(rows, list) or not rows:
+            raise LinmuError(f"data.manifest {path} is empty (or not a list of samples)")
         self.root = Path(cfg.media_root) if cfg.media_root else path.parent
+        for i, row in enumerate(rows):
+            check_row(row, i, path, self.root, cfg.allow_outside_root)
+        if len(rows) <= cfg.heldout:
+            raise LinmuError(f"data.manifest {path} has {len(rows)} samples, but data.heldout={cfg.heldout} "
+                             "of them are held out for the report: add samples or lower data.heldout")  # fmt: skip
+        # the last `heldout` rows are kept out of training for the report
+        rows = rows[-cfg.heldout :] if heldout else rows[: -cfg.heldout]
+        self.rows, self.cfg = rows, cfg
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -94,9 +108,11 @@ class ManifestSource:
     def example(self, index: int) -> Example:
         row = self.rows[index]
         turns = row.get("conversations") or []
-        human = next((t["value"] for t in turns if t.get("from") in ("human", "user")), None)
-        answer = next((t["value"] for t in turns if t.get("from") in ("gpt", "assistant")), None)
-        if human is None or answer is None:
+        if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
+            raise SkipSample("malformed", f"row {index}: conversations is not a list of turns")
+        human = next((t.get("value") for t in turns if t.get("from") in ("human", "user")), None)
+        answer = next((t.get("value") for t in turns if t.get("from") in ("gpt", "assistant")), None)
+        if not isinstance(human, str) or not isinstance(answer, str):
             raise SkipSample("malformed", f"row {index} has no human/gpt turn")
         question = human.replace("<image>", "").replace("<video>", "").strip()
         if "video" in row:
@@ -111,10 +127,33 @@ class ManifestSource:
         return Example("text", None, question, answer)
 
     def _media(self, rel: str) -> Path:
-        path = self.root / rel
+        path = self.root / rel  # confined to the root by check_row when the manifest was read
         if not path.is_file():
             raise SkipSample("missing file", str(path))
         return path
+
+
+def check_row(row: object, index: int, manifest: Path, root: Path, allow_outside_root: bool) -> None:
+    """One manifest row, checked before any training: an object whose `image` / `video` is a path string
+    inside data.media_root (issue 14 item 2: `../secret.png` or `/etc/...` would be read and trained on)."""
+    where = f"data.manifest {manifest} row {index}"
+    if not isinstance(row, dict):
+        raise LinmuError(f"{where} is {type(row).__name__} {row!r:.60}, not an object like "
+                         '{"image": "a.png", "conversations": [...]}')  # fmt: skip
+    for key in ("image", "video"):
+        if key not in row:
+            continue
+        rel = row[key]
+        if not isinstance(rel, str) or not rel:
+            raise LinmuError(f"{where}: {key!r} must be a path (a string), got {rel!r:.60}")
+        if allow_outside_root:
+            continue
+        if os.path.isabs(rel):
+            raise LinmuError(f"{where}: {key} path {rel!r} is absolute; media paths are relative to "
+                             f"data.media_root ({root}); set data.allow_outside_root: true to allow it")  # fmt: skip
+        if os.path.normpath(rel).split(os.sep)[0] == os.pardir:
+            raise LinmuError(f"{where}: {key} path {rel!r} leaves data.media_root ({root}); "
+                             "set data.allow_outside_root: true to allow it")  # fmt: skip
 
 
 def frames_for(cfg: DataConfig, index: int, seed: int = 0) -> int:

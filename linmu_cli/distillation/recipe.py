@@ -6,8 +6,10 @@ and each value is type-checked, so a typo never silently falls back to a default
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -40,6 +42,7 @@ class DataConfig:
     max_tokens: int = 8192  # longer samples are skipped
     heldout: int = 4  # held-out samples for the fidelity report
     on_error: str = "skip"  # "skip" bad samples (counted, reported) | "raise"
+    allow_outside_root: bool = False  # accept absolute media paths and `..` paths that leave media_root
 
 
 @dataclass
@@ -101,7 +104,7 @@ class Recipe:
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     @property
-    def mate(self) -> MateConfig:
+    def mate(self) -> MateConfig:  # the model section is type-checked by _check_model on load
         return MateConfig.from_dict(self.model)
 
     def to_dict(self) -> dict[str, Any]:
@@ -159,10 +162,10 @@ def _coerce(value: Any, tp, where: str) -> Any:
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp is float and isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
-        try:
-            return float(value)
-        except ValueError:
-            pass
+        with contextlib.suppress(ValueError):
+            value = float(value)
+    if tp is float and isinstance(value, float) and not math.isfinite(value):
+        raise LinmuError(f"{where}: expected a finite number, got {value!r}")
     if tp is Any or (
         isinstance(tp, type) and isinstance(value, tp) and not (tp is int and isinstance(value, bool))
     ):
@@ -208,11 +211,31 @@ def apply_override(raw: dict, item: str) -> None:
     node[parts[-1]] = value
 
 
-def _validate(recipe: Recipe) -> Recipe:
+def _check_model(model: dict[str, Any]) -> dict[str, Any]:
+    """Type-check the M-MATE fields like every other key (`text_window: true` is not an int, `vision_window: 5`
+    is not a list), naming the closest field for a typo, then let MateConfig check the values."""
+    hints = typing.get_type_hints(MateConfig)
+    names = [f.name for f in dataclasses.fields(MateConfig)]
+    checked = {}
+    for key, value in model.items():
+        if key not in names:
+            raise LinmuError(f"unknown key recipe.model.{key}{_suggest(key, names)}")
+        checked[key] = _coerce(value, hints[key], f"recipe.model.{key}")
     try:
-        recipe.mate  # noqa: B018  (validates the M-MATE fields)
+        MateConfig.from_dict(checked)
     except LinmuError as exc:
         raise LinmuError(f"recipe.model: {exc}") from None
+    return checked
+
+
+def _at_least(where: str, value: float, low: float, strict: bool = False) -> None:
+    if value < low or (strict and value == low):
+        raise LinmuError(f"{where}={value!r}: must be {'>' if strict else '>='} {low:g}")
+
+
+def _validate(recipe: Recipe) -> Recipe:
+    recipe.model = _check_model(recipe.model)
+    _at_least("recipe.seed", recipe.seed, 0)
     d = recipe.data
     if d.source not in ("synthetic", "manifest"):
         raise LinmuError(f"recipe.data.source={d.source!r}: choose 'synthetic' or 'manifest'")
@@ -225,6 +248,17 @@ def _validate(recipe: Recipe) -> Recipe:
         raise LinmuError(
             f"recipe.data.frames={d.frames!r}: need at least 2 frames per video (an int or a list)"
         )
+    if not d.tasks and d.source == "synthetic":
+        raise LinmuError("recipe.data.tasks: name at least one synthetic task")
+    _at_least("recipe.data.heldout", d.heldout, 1)  # the fidelity report averages over held-out samples
+    _at_least("recipe.data.size", d.size, 28)
+    _at_least("recipe.data.max_tokens", d.max_tokens, 1)
+    if d.max_pixels is not None:
+        _at_least("recipe.data.max_pixels", d.max_pixels, 28 * 28)
+    if d.fps is not None:
+        _at_least("recipe.data.fps", d.fps, 0, strict=True)
+    if recipe.dtype not in ("auto", "float32", "bfloat16", "float16"):
+        raise LinmuError(f"recipe.dtype={recipe.dtype!r}: choose auto, float32, bfloat16 or float16")
     if recipe.device not in ("auto", "cpu", "cuda") and not recipe.device.startswith("cuda:"):
         raise LinmuError(f"recipe.device={recipe.device!r}: choose auto, cpu or cuda")
     if recipe.distributed.strategy not in ("ddp", "fsdp"):
@@ -248,8 +282,22 @@ def _validate(recipe: Recipe) -> Recipe:
         for key in ("steps", "batch_size", "grad_accum", "save_every", "log_every"):
             if getattr(st, key) < 1:
                 raise LinmuError(f"{where}.{key}: must be >= 1")
-        if st.lr <= 0:
-            raise LinmuError(f"{where}.lr: must be > 0")
+        _at_least(f"{where}.lr", st.lr, 0, strict=True)
+        _at_least(f"{where}.warmup_steps", st.warmup_steps, 0)
+        _at_least(f"{where}.weight_decay", st.weight_decay, 0)
+        _at_least(f"{where}.max_grad_norm", st.max_grad_norm, 0, strict=True)
+        for key in ("hidden", "kl", "ce", "vision_weight"):
+            _at_least(f"{where}.loss.{key}", getattr(st.loss, key), 0)
+        _at_least(f"{where}.loss.temperature", st.loss.temperature, 0, strict=True)
+        if not (st.loss.hidden or st.loss.kl or st.loss.ce):
+            raise LinmuError(f"{where}.loss: hidden, kl and ce are all 0, so nothing would be learned")
+        if st.lora is not None:
+            _at_least(f"{where}.lora.rank", st.lora.rank, 1)
+            _at_least(f"{where}.lora.alpha", st.lora.alpha, 0, strict=True)
+            if not 0 <= st.lora.dropout < 1:
+                raise LinmuError(f"{where}.lora.dropout={st.lora.dropout!r}: must be in [0, 1)")
+            if not st.lora.target_modules:
+                raise LinmuError(f"{where}.lora.target_modules: name at least one module")
     return recipe
 
 

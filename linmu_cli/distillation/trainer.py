@@ -30,6 +30,7 @@ from linmu_cli.distillation import checkpoint, parallel
 from linmu_cli.distillation.data import SampleStream
 from linmu_cli.distillation.losses import logit_kl, relative_mse, token_weights
 from linmu_cli.distillation.objectives import EndToEndObjective, LayerwiseObjective, run_student, run_teacher
+from linmu_cli.distillation.outputs import Plan, update_report, write_atomic
 from linmu_cli.distillation.recipe import STAGES, LoraSettings, Recipe, StageConfig, dump_recipe
 from linmu_cli.errors import LinmuError
 from linmu_cli.io import atomic_directory
@@ -223,27 +224,26 @@ def report_table(name: str, before: dict, after: dict) -> Table:
     return table
 
 
-def _update_json(path: Path, key: str, value: Any) -> None:
-    data = json.loads(path.read_text()) if path.is_file() else {}
-    data[key] = value
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
-
-
-def _truncate_metrics(path: Path, stage: str, step: int) -> None:
-    """After a resume, drop lines that were logged past the checkpoint we continue from."""
+def truncate_metrics(path: Path, stage: str, step: int) -> int:
+    """At every stage start, keep only the lines of earlier stages and of this stage up to `step` (the
+    checkpoint continued from, 0 when starting): a kill before or during a checkpoint then never duplicates
+    steps (issue 14 item 8), and a line torn by a crash mid-append is dropped, not fatal (item 10).
+    Returns the number of unreadable lines dropped."""
     if not path.is_file():
-        return
+        return 0
     order = {s: i for i, s in enumerate(STAGES)}
-    keep = []
-    for line in path.read_text().splitlines():
-        rec = json.loads(line)
-        if order[rec["stage"]] < order[stage] or (rec["stage"] == stage and rec["step"] <= step):
+    keep, torn = [], 0
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            rec = json.loads(line)
+            here, at = order[rec["stage"]], int(rec["step"])
+        except (ValueError, KeyError, TypeError):
+            torn += bool(line.strip())
+            continue
+        if here < order[stage] or (here == order[stage] and at <= step):
             keep.append(line)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(x + "\n" for x in keep))
-    tmp.replace(path)
+    write_atomic(path, "".join(x + "\n" for x in keep))
+    return torn
 
 
 # --------------------------------------------------------------------------- training
@@ -264,18 +264,45 @@ def _heldout(run: Run) -> list[dict]:
     return [_to_device(stream.next_batch(1), run.device) for _ in range(run.recipe.data.heldout)]
 
 
-def train_stage(run: Run, name: str) -> dict[str, Any]:
-    """Train one stage to completion (resuming from its last step checkpoint when there is one)."""
+def _apply_resume_changes(cfg: StageConfig, optimizer, scheduler) -> None:
+    """A resume's override of lr / weight_decay / schedule is applied, not silently replaced by the restored
+    optimizer and scheduler state (issue 14 item 7)."""
+    factor = lr_lambda(cfg)(scheduler.last_epoch)
+    scheduler.base_lrs = [cfg.lr for _ in optimizer.param_groups]
+    for group in optimizer.param_groups:
+        group["initial_lr"], group["weight_decay"], group["lr"] = cfg.lr, cfg.weight_decay, cfg.lr * factor
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
+def _diverged(run: Run, ckpt_root: Path, step: int) -> Path | None:
+    """After a non-finite loss at step+1: a checkpoint of step `step` holds the weights that produced it, so it
+    is not good; set it aside and name the one before (issue 14 item 6: 'last good' held |w| = 1e30)."""
+    dirs = checkpoint.step_dirs(ckpt_root)
+    if run.is_main and dirs and dirs[-1] == checkpoint.step_dir(ckpt_root, step):
+        checkpoint.set_aside(dirs[-1], "diverged")
+        dirs = dirs[:-1]
+    return dirs[-1] if dirs else None
+
+
+def train_stage(run: Run, name: str, plan: Plan | None = None) -> dict[str, Any]:
+    """Train one stage to completion, continuing from the checkpoint the plan chose (outputs.make_plan)."""
     cfg, recipe = run.recipe.stages[name], run.recipe
     ckpt_root = run.out / "checkpoints" / name
-    resume_from = checkpoint.latest(ckpt_root)
+    if plan is None:  # called directly: continue from the newest intact checkpoint, if any
+        found = checkpoint.find_intact(ckpt_root)
+        plan = Plan([name], found={name: found} if found.path else {})
+    found = plan.found.get(name)
+    resume_from = found.path if found is not None else None
     torch.manual_seed(recipe.seed + STAGES.index(name))
     student, started_from = build_student(run, name)
     if cfg.lora is not None:
         inject_lora(student, cfg.lora)
     student.to(run.device)
     trainable = set_trainable(student, cfg.train)
-    state = checkpoint.load(resume_from) if resume_from is not None else None
+    state = None
+    if resume_from is not None:
+        state = found.state if found.state is not None else checkpoint.load(resume_from)
+    history = list(state.get("resume_changes", [])) if state is not None else []
     if state is not None:  # full tensors into the unsharded student
         named = dict(trainable)
         for key, tensor in state["trainable"].items():
@@ -313,13 +340,23 @@ def train_stage(run: Run, name: str) -> dict[str, Any]:
         step = state["step"]
         checkpoint.set_rng_state(state["rng"][run.rank] if isinstance(state["rng"], list) else state["rng"])
         run.print(f"[bold]{name}[/]: resuming at step {step} from {resume_from}")
-        if run.is_main:
-            _truncate_metrics(run.out / "metrics.jsonl", name, step)
+        changes = plan.changes.get(name) or []
+        if changes:
+            _apply_resume_changes(cfg, optimizer, scheduler)
+            history.append({"step": step, "changes": [[k, a, b] for k, a, b in changes]})
+            run.print(f"{name}: from step {step} on, as this recipe says: "
+                      f"{'; '.join(f'{k} {a!r} -> {b!r}' for k, a, b in changes)}", highlight=False)  # fmt: skip
     else:
         run.print(f"[bold]{name}[/]: starting from {started_from}; training {', '.join(cfg.train)} "
                   f"({sum(p.numel() for _, p in trainable):,} parameters), {cfg.mode}"
                   f"{' (' + recipe.distributed.strategy + f' x {run.world})' if run.world > 1 else ''}")  # fmt: skip
 
+    if run.is_main:
+        torn = truncate_metrics(run.out / "metrics.jsonl", name, step)
+        if torn:
+            run.print(
+                f"{name}: dropped {torn} torn line(s) of {run.out / 'metrics.jsonl'} (a crash mid-write)"
+            )
     teacher_layers = student.family.decoder_layers(run.teacher.model)
     want_logits = cfg.mode == "end_to_end" and bool(cfg.loss.kl)
     metrics_path = run.out / "metrics.jsonl"
@@ -344,14 +381,18 @@ def train_stage(run: Run, name: str) -> dict[str, Any]:
                 dist.all_reduce(stats)
                 stats[0] /= run.world
             loss = float(stats[0])
-            if not math.isfinite(loss):
-                last = checkpoint.latest(ckpt_root)
+            norm = nn.utils.clip_grad_norm_(params, cfg.max_grad_norm) if math.isfinite(loss) else None
+            grad_norm = (
+                float(norm.full_tensor() if parallel.is_dtensor(norm) else norm) if norm is not None else loss
+            )
+            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                last = _diverged(run, ckpt_root, step)
+                what = "loss" if not math.isfinite(loss) else "gradient norm"
                 raise NonFiniteLoss(
-                    f"{name}: the loss became {loss} at step {step + 1}; stopped without updating. Last good "
-                    f"checkpoint: {last or 'none yet'}. Lower stages.{name}.lr or check the data, then --resume"
+                    f"{name}: the {what} became {loss if what == 'loss' else grad_norm} at step {step + 1}; "
+                    f"stopped without updating. Last good checkpoint: {last or 'none yet'}. Lower "
+                    f"stages.{name}.lr or check the data, then --resume (with the new lr)"
                 )
-            norm = nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            grad_norm = float(norm.full_tensor() if parallel.is_dtensor(norm) else norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -371,11 +412,19 @@ def train_stage(run: Run, name: str) -> dict[str, Any]:
                     dist.all_gather_object(rngs, checkpoint.rng_state())
                 tensors = par.full_trainable(student)  # collective under FSDP
                 optim_state = par.optimizer_state(student, optimizer)  # collective under FSDP
+                bad = next((k for k, t in tensors.items() if not torch.isfinite(t).all()), None)
+                if bad is not None:  # never write a checkpoint that cannot be resumed from
+                    last = checkpoint.step_dirs(ckpt_root)
+                    raise NonFiniteLoss(
+                        f"{name}: {bad} became non-finite at step {step}; no checkpoint written. Last good "
+                        f"checkpoint: {last[-1] if last else 'none yet'}. Lower stages.{name}.lr, then --resume"
+                    )
                 if run.is_main:
                     checkpoint.save(ckpt_root, step, {
                         "trainable": tensors, "optimizer": optim_state, "scheduler": scheduler.state_dict(),
                         "rng": rngs, "data_positions": positions, "step": step,
                         "skipped": dict(data.skipped), "report_before": before,
+                        "recipe": recipe.to_dict(), "resume_changes": history,
                     })  # fmt: skip
                 run.barrier()
 
@@ -393,13 +442,15 @@ def train_stage(run: Run, name: str) -> dict[str, Any]:
     if cfg.lora is not None and run.is_main:
         merge_lora(student)
     result = {"stage": name, "started_from": started_from, "steps": step, "skipped_samples": dict(data.skipped),
-              "before": before, "after": after}  # fmt: skip
+              "before": before, "after": after, "resume_changes": history}  # fmt: skip
     if run.is_main:
         run.console.print(report_table(name, before, after))
         if data.skipped:
             run.print(f"{name}: skipped {sum(data.skipped.values())} bad samples: {dict(data.skipped)}")
         _write_stage(run, name, student, result)
-        _update_json(run.out / "report.json", name, {"before": before, "after": after})
+        update_report(run.out, set_={name: {"before": before, "after": after}})
+        if name == STAGES[-1]:
+            write_final(run)
     run.barrier()
     return result
 
@@ -411,8 +462,12 @@ def _write_stage(run: Run, name: str, student: nn.Module, result: dict[str, Any]
             run.teacher.processor.save_pretrained(tmp)
         (tmp / "recipe.yaml").write_text(dump_recipe(run.recipe))
         (tmp / "stage.json").write_text(json.dumps(result, indent=2) + "\n")
-    if name == STAGES[-1]:
-        with atomic_directory(run.out / "final", force=True) as tmp:
-            for f in (run.out / name).iterdir():
-                if f.is_file():
-                    os.link(f, tmp / f.name)  # hard links: no second copy of the weights
+
+
+def write_final(run: Run) -> None:
+    """OUTPUT/final/: the last stage's files as hard links (no second copy of the weights), written last, so
+    its presence means the run is complete."""
+    with atomic_directory(run.out / "final", force=True) as tmp:
+        for f in (run.out / STAGES[-1]).iterdir():
+            if f.is_file():
+                os.link(f, tmp / f.name)
