@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import functools
+import math
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -14,6 +16,8 @@ from rich.table import Table
 
 from linmu_cli.errors import LinmuError
 
+# Start-up stays light: torch, transformers and lmms-eval are imported inside the command bodies, so `--help`,
+# `--version` and argument errors answer in well under a second (tests/test_cli_startup.py).
 app = typer.Typer(
     name="linmu",
     help="Turn a pretrained vision-language model into a linear-complexity one (LinMU / M-MATE).",
@@ -24,6 +28,17 @@ app = typer.Typer(
 console = Console()
 err_console = Console(stderr=True)
 
+# Errors of the machine rather than of linmu: reported as one line with what to do, not a traceback.
+_DISK_ERRNOS = {errno.ENOSPC: "free some space or write somewhere else",
+                errno.EDQUOT: "free some space or write somewhere else",
+                errno.EROFS: "choose a writable place", errno.EACCES: "choose a place you may write to",
+                errno.EPERM: "choose a place you may write to"}  # fmt: skip
+
+
+def error_line(message: str) -> None:
+    """The one red line every bad input ends with."""
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True, markup=True)
+
 
 def user_errors(fn):
     """Bad input ends with one red line on stderr and exit code 2, never a traceback."""
@@ -33,16 +48,147 @@ def user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except LinmuError as exc:
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            error_line(_escape(str(exc)))
+            raise typer.Exit(2) from None
+        except OSError as exc:
+            if exc.errno not in _DISK_ERRNOS:
+                raise
+            where = f" {exc.filename}" if exc.filename else ""
+            error_line(_escape(f"cannot write{where}: {exc.strerror or exc}; {_DISK_ERRNOS[exc.errno]}"))
             raise typer.Exit(2) from None
 
     return wrapper
 
 
-def _parse_value(text: str):
+def _escape(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text)
+
+
+def cpu_threads() -> tuple[int, str]:
+    """(threads, why) for torch's CPU ops: the cores this process may use that nothing else runs on.
+
+    torch's default (one thread per core) thrashes on a shared machine (issue 14: one distillation step 4.7x
+    slower on 2 busy cores); $LINMU_NUM_THREADS overrides, and an OMP_NUM_THREADS already set is left alone.
+    """
+    explicit = os.environ.get("LINMU_NUM_THREADS", "").strip()
+    if explicit:
+        try:
+            n = int(explicit)
+        except ValueError:
+            raise LinmuError(f"LINMU_NUM_THREADS={explicit!r}: give a positive integer") from None
+        if n < 1:
+            raise LinmuError(f"LINMU_NUM_THREADS={explicit!r}: give a positive integer")
+        return n, "LINMU_NUM_THREADS"
+    if os.environ.get("OMP_NUM_THREADS", "").strip():
+        return int(os.environ["OMP_NUM_THREADS"]), "OMP_NUM_THREADS"
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:  # cgroup v2 CPU quota (containers): "max 100000" or "200000 100000"
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            usable = min(usable, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    try:  # tasks running right now (4th field "running/total"), this process included
+        busy = int(Path("/proc/loadavg").read_text().split()[3].split("/")[0]) - 1
+    except (OSError, ValueError, IndexError):
+        busy = 0
+    n = max(1, usable - max(0, busy))
+    return n, f"{usable} usable core(s), {max(0, busy)} busy at start"
+
+
+def apply_cpu_threads() -> tuple[int, str]:
+    """Set the thread count before torch starts its pools (env for this process and its children)."""
+    n, why = cpu_threads()
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(var, str(n))
+    if "torch" in sys.modules:  # in-process callers (tests, notebooks) that imported torch already
+        import torch
+
+        if torch.get_num_threads() != n and why == "LINMU_NUM_THREADS":
+            torch.set_num_threads(n)
+    return n, why
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        from linmu_cli import __version__
+
+        console.print(f"linmu {__version__}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version_callback, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
+    """Turn a pretrained vision-language model into a linear-complexity one (LinMU / M-MATE).
+
+    On CPU, torch gets one thread per core not busy when the command starts (LINMU_NUM_THREADS or
+    OMP_NUM_THREADS choose another count; `linmu doctor` shows the choice).
+    """
+    try:
+        apply_cpu_threads()
+    except LinmuError as exc:
+        error_line(_escape(str(exc)))
+        raise typer.Exit(2) from None
+
+
+def _parse_value(text: str) -> Any:
+    """A --set value typed like YAML (0.05, true, [2,8,8], null); what YAML cannot parse stays a string."""
     import yaml
 
-    return yaml.safe_load(text)
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _type_name(annotation: str) -> str:
+    return {"bool": "true or false", "int": "an integer", "float": "a number", "str": "a string",
+            "int | None": "an integer or null", "list[int]": "a list of integers",
+            "list[str]": "a list of strings"}.get(annotation, annotation)  # fmt: skip
+
+
+def _fits(annotation: str, value: Any) -> bool:
+    if annotation.endswith(" | None"):
+        return value is None or _fits(annotation.removesuffix(" | None"), value)
+    if annotation == "bool":
+        return isinstance(value, bool)
+    if annotation == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation == "float":
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation == "str":
+        return isinstance(value, str)
+    if annotation.startswith("list[") and annotation.endswith("]"):
+        return isinstance(value, list) and all(_fits(annotation[5:-1], v) for v in value)
+    return True
+
+
+def check_mate_types(fields: dict[str, Any], origin: dict[str, str] | None = None) -> None:
+    """A value of the wrong type (`--set dt_min=abc`, `vision_window=5`) is a LinmuError naming the field, its
+    type and an example, before MateConfig ever compares it."""
+    import dataclasses
+
+    from linmu_cli.config import MateConfig
+
+    defaults = MateConfig()
+    for f in dataclasses.fields(MateConfig):
+        if f.name not in fields or _fits(str(f.type), fields[f.name]):
+            continue
+        example = getattr(defaults, f.name)
+        shown = ("[" + ",".join(map(str, example)) + "]") if isinstance(example, list) else example
+        shown = str(shown).lower() if isinstance(shown, bool) or shown is None else shown
+        given = (origin or {}).get(f.name, repr(fields[f.name]))
+        raise LinmuError(f"--set {f.name}={given}: {f.name} takes {_type_name(str(f.type))}, "
+                         f"e.g. --set {f.name}={'null' if shown is None else shown}")  # fmt: skip
 
 
 def mate_overrides(
@@ -62,11 +208,14 @@ def mate_overrides(
     named = {"text_window": text_window, "fusion_init": fusion_init, "fusion": fusion, "use_flex": flex,
              "use_swin": swin, "bidirectional": bidirectional, "ssd_backend": ssd_backend}  # fmt: skip
     fields.update({k: v for k, v in named.items() if v is not None})
+    raw: dict[str, str] = {}
     for item in sets or []:
         key, sep, value = item.partition("=")
         if not sep:
             raise LinmuError(f"--set {item!r}: expected FIELD=VALUE, e.g. --set dt_max=0.05")
         fields[key.strip()] = _parse_value(value)
+        raw[key.strip()] = value
+    check_mate_types(fields, raw)
     return fields
 
 
@@ -120,11 +269,15 @@ def convert(
 
       linmu convert /ckpt/Qwen2-VL-7B-Instruct out/ --dtype bfloat16 --window 2,8,8 --text-window 1024
     """
+    fields = mate_overrides(window, text_window, scan_orders, fusion_init, fusion, flex, swin, bidirectional,
+                            ssd_backend, set_)  # fmt: skip
+    from transformers.utils import logging as hf_logging
+
     from linmu_cli.config import MateConfig
     from linmu_cli.conversion import convert as run_convert
 
-    fields = mate_overrides(window, text_window, scan_orders, fusion_init, fusion, flex, swin, bidirectional,
-                            ssd_backend, set_)  # fmt: skip
+    hf_logging.disable_progress_bar()  # no "Writing model shards" bars: the status line says what happens
+    hf_logging.set_verbosity_error()
     mate = MateConfig.from_dict(fields)
     with console.status(f"converting {source} ..."):
         report = run_convert(source, out, mate=mate, dtype=dtype, device=device, force=force,
@@ -226,7 +379,8 @@ def eval_(
     ] = None,  # fmt: skip
     output: Annotated[Path | None, typer.Option(help="Where results go (default: runs/eval-<time>).")] = None,
     batch_size: Annotated[
-        int | None, typer.Option(help="Requests per forward (same as batch_size=N).")
+        int | None,
+        typer.Option(help="Requests per forward, left-padded (plain lmms-eval: its own --batch_size N)."),
     ] = None,
     device: Annotated[
         str | None, typer.Option(help="cpu, cuda, cuda:N (default: cuda if available).")
@@ -235,6 +389,9 @@ def eval_(
         bool, typer.Option("--log-samples/--no-log-samples", help="Write every response per task.")
     ] = True,
     verbose: Annotated[bool, typer.Option(help="Show lmms-eval's own logs and progress bars.")] = False,
+    force: Annotated[
+        bool, typer.Option(help="Replace an --output that already holds an evaluation (refused without it).")
+    ] = False,
 ) -> None:
     """Score MODEL (and --teacher) with lmms-eval; print each task's main metric side by side.
 
@@ -251,15 +408,20 @@ def eval_(
 
       accelerate launch --num_processes 2 -m linmu_cli eval out/ --tasks linmu_synthetic
     """
-    from linmu_cli.evaluation.run import merge_model_args, quiet_lmms_eval, require_lmms_eval
+    from linmu_cli.evaluation.run import check_output, merge_model_args, quiet_lmms_eval, require_lmms_eval
 
-    require_lmms_eval()
-    args = merge_model_args(model_args, batch_size=batch_size, device=device)
+    # cheap checks first (no torch, no lmms-eval): a typo answers in a second
     if limit is not None and limit < 1:
         raise LinmuError(f"--limit must be at least 1, got {limit}")
+    if batch_size is not None and batch_size < 1:
+        raise LinmuError(f"--batch-size must be at least 1, got {batch_size}")
+    args = merge_model_args(model_args, batch_size=batch_size, device=device)
+    check_output(output, force)
+    require_lmms_eval()
     if not verbose:
         quiet_lmms_eval()
-    summary = _run_eval_with_progress(model, tasks, teacher, limit, include_path, args, output, log_samples)
+    summary = _run_eval_with_progress(model, tasks, teacher, limit, include_path, args, output, log_samples,
+                                      force)  # fmt: skip
     if not summary:  # a non-zero rank of `accelerate launch -m linmu_cli eval` / torchrun: rank 0 reports
         return
     console.print(eval_table(summary, model, teacher))
@@ -267,7 +429,8 @@ def eval_(
                   f"{', teacher/' if teacher else ''})", highlight=False, soft_wrap=True)  # fmt: skip
 
 
-def _run_eval_with_progress(model, tasks, teacher, limit, include_path, args, output, log_samples) -> dict:
+def _run_eval_with_progress(model, tasks, teacher, limit, include_path, args, output, log_samples,
+                            force=False) -> dict:  # fmt: skip
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from linmu_cli.evaluation.run import evaluate
@@ -278,23 +441,22 @@ def _run_eval_with_progress(model, tasks, teacher, limit, include_path, args, ou
     ids: dict = {}
 
     def on_progress(role: str, phase: str, done: int, total: int) -> None:
-        if phase in ("loading", "generating"):
-            what = (
-                f"{role}: loading {names.get(role)}" if phase == "loading" else "writing synthetic task data"
-            )
+        if phase == "loading":
+            what = f"{role}: loading {names.get(role)}"
             (bars.console if bars.live.is_started else err_console).print(what, highlight=False)
             return
         if not bars.live.is_started:
             bars.start()
         key = (role, phase)
-        if key not in ids:
-            ids[key] = bars.add_task(f"{role} {phase}", total=total)
+        if key not in ids:  # role "data": the synthetic tasks' samples, written once on first use
+            ids[key] = bars.add_task(phase if role == "data" else f"{role} {phase}", total=total)
         bars.update(ids[key], completed=done, total=total)
 
     rank0 = int(os.environ.get("RANK", "0")) == 0  # data-parallel launches: one set of bars
     try:
         return evaluate(model, tasks, teacher, limit=limit, include_path=include_path, model_args=args,
-                        output=output, log_samples=log_samples, progress=on_progress if rank0 else None)  # fmt: skip
+                        output=output, log_samples=log_samples, progress=on_progress if rank0 else None,
+                        force=force)  # fmt: skip
     finally:
         if bars.live.is_started:
             bars.stop()

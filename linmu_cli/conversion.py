@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,10 +15,11 @@ import torch
 import transformers
 
 from linmu_cli.config import MateConfig
+from linmu_cli.errors import LinmuError
 from linmu_cli.io import atomic_directory, check_output_dir
 from linmu_cli.models import convert_model
 from linmu_cli.ops import select_ssd_backend
-from linmu_cli.sources import load_teacher
+from linmu_cli.sources import check_device, load_teacher
 
 # Files of a source checkpoint that belong to the model's weights or config, not to its processor.
 _MODEL_FILES = (
@@ -78,26 +81,41 @@ def convert(
     start = time.perf_counter()
     mate = (mate if isinstance(mate, MateConfig) else MateConfig.from_dict(mate)).validate()
     out = Path(out)
+    teacher_out = Path(save_teacher) if save_teacher is not None else None
     check_output_dir(out, force)
-    if save_teacher is not None:
-        check_output_dir(Path(save_teacher), force)
-    backend = select_ssd_backend(torch.device(device), mate.ssd_backend)
+    if teacher_out is not None:
+        _check_distinct(out, teacher_out)
+        check_output_dir(teacher_out, force)
+    for where in (out, teacher_out):
+        if where is not None:
+            check_writable(where)
+    torch_device = check_device(device)
+    backend = select_ssd_backend(torch_device, mate.ssd_backend)
     teacher = load_teacher(source, dtype=dtype, device=device, seed=seed)
-    if save_teacher is not None:
-        with atomic_directory(Path(save_teacher), force) as tmp:
-            _save(teacher.model, teacher.processor, teacher.local_dir, tmp)
     student = convert_model(teacher.model, mate, seed=seed)
-    with atomic_directory(out, force) as tmp:
-        _save(student, teacher.processor, teacher.local_dir, tmp)
-        meta = {
-            "source": source,
-            "seed": seed,
-            "mate": mate.to_dict(),
-            "linmu_version": _version(),
-            "transformers_version": transformers.__version__,
-            "torch_version": torch.__version__,
-        }
-        (tmp / "linmu.json").write_text(json.dumps(meta, indent=2) + "\n")
+    meta = {
+        "source": source,
+        "seed": seed,
+        "mate": mate.to_dict(),
+        "linmu_version": _version(),
+        "transformers_version": transformers.__version__,
+        "torch_version": torch.__version__,
+    }
+    # Both directories are built beside their final names and renamed only when both are complete: a failure
+    # (full disk, Ctrl-C) leaves neither the teacher nor the student half-written.
+    try:
+        with (
+            atomic_directory(teacher_out, force) if teacher_out is not None else nullcontext() as teacher_tmp
+        ):
+            if teacher_tmp is not None:
+                _save(teacher.model, teacher.processor, teacher.local_dir, teacher_tmp)
+            with atomic_directory(out, force) as tmp:
+                _save(student, teacher.processor, teacher.local_dir, tmp)
+                (tmp / "linmu.json").write_text(json.dumps(meta, indent=2) + "\n")
+    except OSError as exc:
+        raise LinmuError(f"writing {out} failed: {exc.strerror or exc}"
+                         f"{' (' + str(exc.filename) + ')' if exc.filename else ''}; nothing was written. "
+                         "Free some space or choose another place") from None  # fmt: skip
     return ConvertReport(
         out=out,
         family=student.family.name,
@@ -107,8 +125,35 @@ def convert(
         ssd_backend=backend,
         seconds=time.perf_counter() - start,
         mate=mate.to_dict(),
-        teacher_out=Path(save_teacher) if save_teacher is not None else None,
+        teacher_out=teacher_out,
     )
+
+
+def _check_distinct(out: Path, teacher_out: Path) -> None:
+    """--save-teacher must be its own directory: not OUT, not inside it, not around it."""
+    a, b = out.expanduser().resolve(), teacher_out.expanduser().resolve()
+    if a == b or a in b.parents or b in a.parents:
+        raise LinmuError(f"--save-teacher {teacher_out} and OUT {out} overlap; give the teacher its own "
+                         "directory (e.g. --save-teacher teacher/ beside out/)")  # fmt: skip
+
+
+def check_writable(out: Path) -> None:
+    """Fail before loading anything when OUT's parent (or the nearest existing ancestor) cannot be written."""
+    parent = Path(out).expanduser().absolute().parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise LinmuError(f"cannot write {out}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise LinmuError(f"cannot write {out}: {parent} is not writable; choose a place you may write to")
+    try:  # os.access says yes for root on a read-only mount: try it
+        probe = parent / f".linmu-write-test-{os.getpid()}"
+        probe.mkdir()
+        probe.rmdir()
+    except OSError as exc:
+        raise LinmuError(
+            f"cannot write {out}: {parent}: {exc.strerror or exc}; choose a writable place"
+        ) from None
 
 
 def _version() -> str:

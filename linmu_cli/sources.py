@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,8 @@ HUB_ALIASES: dict[str, str] = {
     "qwen2.5-vl-32b": "Qwen/Qwen2.5-VL-32B-Instruct",
     "qwen2.5-vl-72b": "Qwen/Qwen2.5-VL-72B-Instruct",
 }
+# owner/name as the Hub spells them; anything else with a slash ("nope/", "a/b/c", "./x") is a local path
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
 TINY_ALIASES: dict[str, str] = {"tiny-qwen2-vl": "qwen2_vl", "tiny-qwen2.5-vl": "qwen2_5_vl"}
 DTYPES = {"auto": "auto", "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}  # fmt: skip
@@ -45,6 +48,24 @@ class Teacher:
     processor: object | None
     source: str
     local_dir: Path | None  # files to copy (tokenizer, processor, chat template) when loaded from disk
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """The torch device DEVICE names, or a LinmuError saying what exists here (before any weight loads)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise LinmuError(f"unknown device {str(device)!r}; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise LinmuError(f"device {device}: no CUDA GPU is available here (torch {torch.__version__}, "
+                             f"cuda {torch.version.cuda or 'not built'}); use --device cpu")  # fmt: skip
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise LinmuError(f"device {device}: only {torch.cuda.device_count()} GPU(s) here (cuda:0.."
+                             f"cuda:{torch.cuda.device_count() - 1})")  # fmt: skip
+    elif dev.type not in ("cpu", "mps", "xpu"):
+        raise LinmuError(f"device {device}: linmu runs on cpu or cuda")
+    return dev
 
 
 def parse_dtype(name: str) -> torch.dtype | str:
@@ -69,8 +90,9 @@ def _hub_snapshot(repo_id: str) -> Path:
         except Exception as exc:  # no network, gated repo, typo: all end the same way for the user
             reason = f"download failed: {type(exc).__name__}"
     raise LinmuError(
-        f"{repo_id} is not in the local Hugging Face cache and cannot be fetched ({reason}). On a machine with "
-        f"internet run `huggingface-cli download {repo_id}` and copy the cache (HF_HOME), or pass the "
+        f"{repo_id} is not in the local Hugging Face cache (nor a local directory) and cannot be fetched "
+        f"({reason}). On a machine with "
+        f"internet run `hf download {repo_id}` and copy the cache (HF_HOME), or pass the "
         "checkpoint's local directory instead of the hub id"
     )
 
@@ -88,6 +110,8 @@ def resolve_source(source: str) -> tuple[str, str | Path]:
         return "random", arch
     path = Path(source).expanduser()
     if path.exists():
+        if not path.is_dir():
+            raise LinmuError(f"{path} is a file; pass a Hugging Face checkpoint directory")
         if not (path / "config.json").is_file():
             raise LinmuError(f"{path} has no config.json: pass a Hugging Face checkpoint directory")
         return "dir", path
@@ -95,8 +119,11 @@ def resolve_source(source: str) -> tuple[str, str | Path]:
         return "tiny", TINY_ALIASES[source]
     if source in HUB_ALIASES:
         return "dir", _hub_snapshot(HUB_ALIASES[source])
-    if source.count("/") == 1 and not source.startswith((".", "/", "~")):
+    if _HUB_ID.fullmatch(source):
         return "dir", _hub_snapshot(source)
+    if source.startswith((".", "/", "~")) or "/" in source or os.sep in source:
+        raise LinmuError(f"{source}: no such directory (and not a hub id like Qwen/Qwen2-VL-7B-Instruct); "
+                         "check the path")  # fmt: skip
     raise LinmuError(f"unknown model {source!r}: not a directory, hub id or alias; known aliases: "
                      f"{', '.join(known_aliases())}")  # fmt: skip
 
@@ -104,9 +131,31 @@ def resolve_source(source: str) -> tuple[str, str | Path]:
 def read_model_type(path: Path) -> tuple[str, list[str]]:
     try:
         data = json.loads((path / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise LinmuError(f"cannot read {path / 'config.json'}: {exc}") from exc
-    return data.get("model_type", ""), data.get("architectures") or []
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise LinmuError(f"cannot read {path / 'config.json'}: {exc}; is the checkpoint complete?") from None
+    if not isinstance(data, dict):
+        raise LinmuError(f"{path / 'config.json'} holds a JSON {type(data).__name__}, not an object with "
+                         "model_type: the checkpoint is damaged (copy config.json again)")  # fmt: skip
+    model_type, archs = data.get("model_type", ""), data.get("architectures") or []
+    if not isinstance(model_type, str) or not isinstance(archs, list):
+        raise LinmuError(f"{path / 'config.json'}: model_type must be a string and architectures a list")
+    return model_type, [str(a) for a in archs]
+
+
+def load_pretrained(where: Path, what: str, load):
+    """Run a transformers `from_pretrained` call; a damaged checkpoint becomes one LinmuError saying what to do.
+
+    Truncated or corrupt safetensors (SafetensorError), missing weight files (OSError), shapes that do not match
+    the config (RuntimeError / ValueError): none of them is a linmu bug, all mean the files need replacing."""
+    try:
+        return load()
+    except LinmuError:
+        raise
+    except Exception as exc:  # the loader's own error types vary by transformers version and file format
+        detail = " ".join(str(exc).split())
+        detail = (detail if len(detail) <= 300 else detail[:297] + "...").rstrip(".")
+        raise LinmuError(f"cannot load the {what} in {where}: {type(exc).__name__}: {detail}. The checkpoint "
+                         "looks incomplete or damaged: copy (or convert) it again") from None  # fmt: skip
 
 
 def load_teacher(source: str, dtype: str = "auto", device: str = "cpu", seed: int = 0) -> Teacher:
@@ -133,7 +182,11 @@ def load_teacher(source: str, dtype: str = "auto", device: str = "cpu", seed: in
     if model_type.startswith("linmu_"):
         raise LinmuError(f"{where} is already a LinMU checkpoint ({model_type}); convert its teacher instead")
     family_for_model_type(model_type, archs)  # raises with the supported list
-    model = AutoModelForImageTextToText.from_pretrained(where, dtype=torch_dtype, device_map=None).to(device)
+    model = load_pretrained(
+        Path(where),
+        "model",
+        lambda: AutoModelForImageTextToText.from_pretrained(where, dtype=torch_dtype, device_map=None),
+    ).to(device)
     try:
         processor = AutoProcessor.from_pretrained(where)
     except Exception:  # a bare weights directory is still convertible
@@ -145,8 +198,11 @@ __all__ = [
     "HUB_ALIASES",
     "TINY_ALIASES",
     "Teacher",
+    "check_device",
     "families",
     "known_aliases",
+    "load_pretrained",
     "load_teacher",
+    "read_model_type",
     "resolve_source",
 ]

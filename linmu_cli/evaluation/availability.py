@@ -177,3 +177,80 @@ def _check_local(need: DatasetNeed) -> None:
             continue
         if not Path(path).exists():
             raise LinmuError(f"task {need.task}: data file {path} does not exist (from {need.yaml_path})")
+
+
+def _tasks_of(task_dict) -> list:
+    """The Task objects of lmms-eval's (nested: groups hold dicts) task dict."""
+    out = []
+    for value in task_dict.values():
+        if isinstance(value, dict):
+            out.extend(_tasks_of(value))
+        elif isinstance(value, tuple):
+            out.extend(v for v in value if hasattr(v, "eval_docs"))
+        elif hasattr(value, "eval_docs"):
+            out.append(value)
+    return out
+
+
+def _paths(visuals) -> list[str]:
+    items = visuals if isinstance(visuals, (list, tuple)) else [visuals]
+    flat = []
+    for v in items:
+        flat.extend(v if isinstance(v, (list, tuple)) else [v])
+    paths = []
+    for v in flat:
+        if isinstance(v, dict) and isinstance(v.get("path"), str) and v.get("bytes") is None:
+            v = v["path"]
+        if isinstance(v, (str, Path)):
+            paths.append(str(v))
+    return paths
+
+
+def check_media(task_manager, leaves: list[str], limit: int | float | None, offline: bool = False) -> None:
+    """Every media file the evaluated docs reference exists, or one LinmuError naming the missing ones.
+
+    lmms-eval resolves a doc's media only when the model asks for it: a Video-MME run with one missing video
+    loaded the model, answered the others and died in the task's `sys.exit`. Here each task's `doc_to_visual`
+    runs over the docs that will be evaluated (the first `limit`) before any model loads; a task whose first doc
+    gives in-memory images (MMMU) has nothing on disk to check and is skipped after that doc."""
+    from lmms_eval.tasks import get_task_dict
+
+    try:
+        with offline_hub() if offline else _nothing():
+            task_dict = get_task_dict(leaves, task_manager)
+    except (Exception, SystemExit) as exc:
+        detail = " ".join(str(exc).split()) or type(exc).__name__
+        raise LinmuError(f"lmms-eval could not load the tasks {', '.join(leaves)}: {type(exc).__name__}: "
+                         f"{detail[:400]}; --verbose shows its log") from None  # fmt: skip
+    for task in _tasks_of(task_dict):
+        if not task.config.doc_to_visual:
+            continue
+        docs = task.eval_docs
+        count = len(docs)
+        if limit is not None:
+            count = min(count, int(limit) if limit >= 1 else int(count * limit))
+        name = task.config.task
+        missing: list[str] = []
+        problems: list[str] = []
+        for i in range(count):
+            try:
+                paths = _paths(task.doc_to_visual(docs[i]))
+            except (Exception, SystemExit) as exc:  # videomme: sys.exit("video path:... does not exist")
+                problems.append(" ".join(str(exc).split()) or type(exc).__name__)
+                continue
+            if i == 0 and not paths:
+                break
+            missing.extend(p for p in paths if not Path(p).exists())
+        if missing or problems:
+            shown = list(dict.fromkeys(missing)) + problems
+            more = f" and {len(shown) - 5} more" if len(shown) > 5 else ""
+            raise LinmuError(
+                f"task {name}: {len(shown)} of the media files its {count} doc(s) need are missing or unreadable: "
+                f"{'; '.join(shown[:5])}{more}. Unpack the dataset's media where the task expects them (docs/eval.md, "
+                "'Where lmms-eval looks') or lower --limit; nothing was evaluated"
+            )
+
+
+@contextmanager
+def _nothing() -> Iterator[None]:
+    yield

@@ -18,6 +18,7 @@ processor with their sampled frame rate. Batches are left padded. A LinMU model 
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -30,23 +31,12 @@ from lmms_eval.api.instance import Instance
 from lmms_eval.api.model import lmms
 from PIL import Image
 
+from linmu_cli.evaluation.manifest import MODEL_ARGS, coerce_model_args, parse_arg_string
 from linmu_cli.evaluation.media import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, read_video
 
-MODEL_ARGS = (
-    "pretrained",
-    "device",
-    "dtype",
-    "batch_size",
-    "max_batch_size",
-    "max_num_frames",
-    "fps",
-    "max_pixels",
-    "min_pixels",
-    "max_new_tokens",
-    "system_prompt",
-    "attn_implementation",
-    "seed",
-)
+_PLACEHOLDER = re.compile(r"<image (\d+)>|<image>")  # MMMU's numbered images; LongVideoBench _i's frames
+
+__all__ = ["MODEL_ARGS", "LinMU", "load_model"]
 
 
 def _optional(value, cast):
@@ -56,8 +46,8 @@ def _optional(value, cast):
 def load_model(pretrained: str, device: torch.device, dtype: str = "auto", attn_implementation: str | None = None,
                seed: int = 0):  # fmt: skip
     """(model, processor) for anything `linmu convert` accepts as a source, plus LinMU checkpoints."""
-    import linmu_cli  # noqa: F401  (registers the LinMU classes with the Auto classes)
-    from linmu_cli.sources import load_teacher, parse_dtype, resolve_source
+    import linmu_cli.models  # noqa: F401  (registers the LinMU classes with the Auto classes)
+    from linmu_cli.sources import load_pretrained, load_teacher, parse_dtype, resolve_source
 
     torch_dtype = parse_dtype(str(dtype))
     kind, where = resolve_source(str(pretrained))
@@ -67,9 +57,24 @@ def load_model(pretrained: str, device: torch.device, dtype: str = "auto", attn_
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    model = AutoModelForImageTextToText.from_pretrained(where, dtype=torch_dtype, **extra)
-    processor = AutoProcessor.from_pretrained(where)
+    where = Path(where)
+    model = load_pretrained(
+        where, "model", lambda: AutoModelForImageTextToText.from_pretrained(where, dtype=torch_dtype, **extra)
+    )
+    processor = load_pretrained(where, "processor", lambda: AutoProcessor.from_pretrained(where))
     return model.to(device).eval(), processor
+
+
+def _blame(exc: Exception, task: str | None, doc_id: int | None) -> None:
+    """Mark which task (and doc) a request failed on, so `linmu eval` can name it; the exception is unchanged
+    otherwise (plain lmms-eval prints it as before)."""
+    if task is not None and not hasattr(exc, "linmu_task"):
+        exc.linmu_task = task  # type: ignore[attr-defined]
+        exc.linmu_doc = doc_id  # type: ignore[attr-defined]
+        exc.add_note(
+            f"linmu: while answering task {task}" + (f", doc {doc_id}" if doc_id is not None else "")
+        )
+    return exc
 
 
 def _keep_tuple(result: tuple[float, bool]):
@@ -103,6 +108,7 @@ class LinMU(lmms):
         system_prompt: str | None = None,
         attn_implementation: str | None = None,
         seed: int = 0,
+        interleave_visuals: bool = False,
         progress: Callable[[str, int, int], None] | None = None,
         **kwargs: Any,
     ) -> None:
@@ -111,6 +117,28 @@ class LinMU(lmms):
             raise ValueError(
                 f"linmu: unknown model_args {', '.join(sorted(kwargs))}; accepted: {', '.join(MODEL_ARGS)}"
             )
+        typed = coerce_model_args(
+            {
+                "batch_size": batch_size,
+                "max_batch_size": max_batch_size,
+                "max_num_frames": max_num_frames,
+                "fps": fps,
+                "max_pixels": max_pixels,
+                "min_pixels": min_pixels,
+                "max_new_tokens": max_new_tokens,
+                "seed": seed,
+                "interleave_visuals": interleave_visuals,
+            }  # fmt: skip
+        )
+        batch_size, max_num_frames, fps, seed = (
+            typed[k] for k in ("batch_size", "max_num_frames", "fps", "seed")
+        )
+        max_pixels, min_pixels, max_new_tokens = (
+            typed["max_pixels"],
+            typed["min_pixels"],
+            typed["max_new_tokens"],
+        )
+        self.interleave_visuals = bool(typed["interleave_visuals"])
         if str(batch_size).startswith("auto"):
             batch_size = 1  # no automatic batch-size search: pass batch_size=N
         self.batch_size_per_gpu = int(batch_size)
@@ -131,7 +159,13 @@ class LinMU(lmms):
             device = str(self.accelerator.device)
         elif device in (None, "", "auto"):
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        self._device = torch.device(device)
+        from linmu_cli.errors import LinmuError
+        from linmu_cli.sources import check_device
+
+        try:
+            self._device = check_device(device)
+        except LinmuError as exc:
+            raise ValueError(f"linmu: {exc}") from None
         self.pretrained = str(pretrained)
         self.model, self.processor = load_model(
             self.pretrained, self._device, dtype, attn_implementation, int(seed)
@@ -157,6 +191,15 @@ class LinMU(lmms):
             "loglikelihood_seconds": 0.0,
             "max_prompt_tokens": 0,
         }
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> LinMU:
+        """lmms-eval's constructor path. Its CLI always adds its own `--batch_size` (default 1) to the model args,
+        which `batch_size=N` inside --model_args would collide with (`got multiple values for keyword argument
+        'batch_size'`); a value given in --model_args wins over the CLI's."""
+        args = parse_arg_string(arg_string or "")
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k not in args}
+        return cls(**args, **extra)
 
     # lmms-eval reads these
     @property
@@ -238,9 +281,42 @@ class LinMU(lmms):
             f"linmu: unsupported visual of type {type(visual).__name__} (audio is not supported)"
         )
 
-    def _prompt(self, context: str, kinds: list[str]) -> str:
-        text = context.replace("<image>", "").strip() if kinds else context
-        content = [{"type": kind} for kind in kinds] + [{"type": "text", "text": text}]
+    def arrange(self, context: str, visuals: list) -> tuple[list[dict], list]:
+        """(chat content with a {"type": "visual"} slot per visual, the visuals in the order of their slots).
+
+        Default: every visual first, then the text (`<image>` tokens dropped). With `interleave_visuals=true`
+        (lmms-eval's qwen2_vl semantics) each `<image k>` placeholder (MMMU, 1-based) becomes the k-th visual and
+        each bare `<image>` (LongVideoBench `_i`: frames between subtitles) the next one, in place; text between
+        them stays where it was; a placeholder without a visual is dropped, as in lmms-eval. A context without
+        placeholders keeps the default layout."""
+        if not (self.interleave_visuals and visuals and _PLACEHOLDER.search(context)):
+            text = context.replace("<image>", "").strip() if visuals else context
+            return [{"type": "visual"} for _ in visuals] + [{"type": "text", "text": text}], list(visuals)
+        parts: list[dict] = []
+        ordered: list = []
+        pos = following = 0
+        for match in _PLACEHOLDER.finditer(context):
+            if context[pos : match.start()]:
+                parts.append({"type": "text", "text": context[pos : match.start()]})
+            if match.group(1) is not None:
+                index = int(match.group(1)) - 1
+            else:
+                index, following = following, following + 1
+            if 0 <= index < len(visuals):
+                parts.append({"type": "visual"})
+                ordered.append(visuals[index])
+            pos = match.end()
+        if context[pos:]:
+            parts.append({"type": "text", "text": context[pos:]})
+        return parts, ordered
+
+    def _request(self, context: str, visuals: list, images: list, videos: list, metadata: list) -> str:
+        """One request's chat prompt; its decoded visuals are appended to the batch lists in prompt order."""
+        content, ordered = self.arrange(context, visuals)
+        kinds = iter(self._collect_media(ordered, images, videos, metadata))
+        return self._prompt([{"type": next(kinds)} if c["type"] == "visual" else c for c in content])
+
+    def _prompt(self, content: list[dict]) -> str:
         messages = [{"role": "user", "content": content}]
         if self.system_prompt:
             messages.insert(0, {"role": "system", "content": self.system_prompt})
@@ -276,8 +352,7 @@ class LinMU(lmms):
     def _batch_inputs(self, contexts: list[str], visual_lists: list[list]) -> dict:
         prompts, images, videos, metadata = [], [], [], []
         for context, visuals in zip(contexts, visual_lists, strict=True):
-            kinds = self._collect_media(visuals, images, videos, metadata)
-            prompts.append(self._prompt(context, kinds))
+            prompts.append(self._request(context, visuals, images, videos, metadata))
         return self._encode(prompts, images, videos, metadata)
 
     def _report(self, phase: str, done: int, total: int) -> None:
@@ -306,8 +381,12 @@ class LinMU(lmms):
                 self._visuals(f, d, t, s)
                 for f, d, t, s in zip(doc_to_visual, doc_ids, tasks, splits, strict=True)
             ]
-            inputs = self._batch_inputs(list(contexts), visual_lists)
-            results.extend(self._generate(inputs, gen_kwargs))
+            try:
+                inputs = self._batch_inputs(list(contexts), visual_lists)
+                results.extend(self._generate(inputs, gen_kwargs))
+            except Exception as exc:
+                _blame(exc, tasks[0], doc_ids[0])
+                raise
             done += len(chunk)
             bar.update(len(chunk))
             self._report("generate", done, len(requests))
@@ -373,7 +452,7 @@ class LinMU(lmms):
                 doc = self.task_dict[task][split][doc_id]
                 continuation = target if isinstance(target, str) else str(target(doc))
                 visuals = self._visuals(doc_to_visual, doc_id, task, split)
-            items.append((context, continuation, visuals))
+            items.append((context, continuation, visuals, task if len(args) != 2 else None))
         # Longest context first; the choices of one doc share it and stay adjacent (stable sort), so its video
         # is decoded once.
         collator = utils.Collator(items, lambda a: (-len(self.tokenizer.encode(a[0])), a[0]))
@@ -383,7 +462,11 @@ class LinMU(lmms):
         )
         done = 0
         for chunk in collator.get_batched(n=self.batch_size, batch_fn=None):
-            results.extend(self._loglikelihood_batch(chunk))
+            try:
+                results.extend(self._loglikelihood_batch(chunk))
+            except Exception as exc:
+                _blame(exc, chunk[0][3], None)
+                raise
             done += len(chunk)
             bar.update(len(chunk))
             self._report("loglikelihood", done, len(items))
@@ -393,11 +476,10 @@ class LinMU(lmms):
         return [_keep_tuple(r) for r in collator.get_original(results)]
 
     def _loglikelihood_batch(self, chunk) -> list[tuple[float, bool]]:
-        contexts, continuations, visual_lists = zip(*chunk, strict=True)
+        """Chunk items: (context, continuation, visuals[, task])."""
         prompts, images, videos, metadata, n_cont = [], [], [], [], []
-        for context, continuation, visuals in chunk:
-            kinds = self._collect_media(visuals, images, videos, metadata)
-            prompt = self._prompt(context, kinds)
+        for context, continuation, visuals, *_ in chunk:
+            prompt = self._request(context, visuals, images, videos, metadata)
             # Tokens the continuation adds to the prompt (visual placeholders expand identically in both).
             n = len(self.tokenizer(prompt + continuation)["input_ids"]) - len(
                 self.tokenizer(prompt)["input_ids"]

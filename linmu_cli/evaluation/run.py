@@ -36,28 +36,30 @@ def require_lmms_eval() -> None:
 
 
 def parse_model_args(model_args: str | dict | None) -> dict[str, Any]:
-    """`k=v,k2=v2` (values typed like lmms-eval does) -> dict; unknown keys and `pretrained` are errors."""
-    from linmu_cli.evaluation.plugin import MODEL_ARGS
+    """`k=v,k2=v2` (values typed like lmms-eval does, then checked against each arg's type) -> dict; unknown keys,
+    `pretrained` and values of the wrong type are errors. Needs neither lmms-eval nor torch (fast errors)."""
+    from linmu_cli.evaluation.manifest import MODEL_ARGS, coerce_model_args, parse_arg_string
 
     if model_args is None or model_args == "":
         return {}
     if isinstance(model_args, dict):
         args = dict(model_args)
     else:
-        from lmms_eval.utils import simple_parse_args_string
-
         bad = [item for item in str(model_args).split(",") if item.strip() and "=" not in item]
         if bad:
             raise LinmuError(f"--model-args {model_args!r}: expected KEY=VALUE pairs separated by commas "
                              f"(e.g. max_num_frames=32,fps=1), got {bad[0]!r}")  # fmt: skip
-        args = simple_parse_args_string(str(model_args))
+        args = parse_arg_string(str(model_args))
     if "pretrained" in args:
         raise LinmuError("--model-args: give the checkpoint as MODEL (and --teacher), not pretrained=")
     unknown = sorted(set(args) - set(MODEL_ARGS))
     if unknown:
         raise LinmuError(f"--model-args: unknown key(s) {', '.join(unknown)}; accepted: "
                          f"{', '.join(a for a in MODEL_ARGS if a != 'pretrained')}")  # fmt: skip
-    return args
+    try:
+        return coerce_model_args(args, error=LinmuError)
+    except LinmuError as exc:
+        raise LinmuError(str(exc).replace("model arg ", "--model-args ", 1)) from None
 
 
 def merge_model_args(model_args: str | dict | None, **options: Any) -> dict[str, Any]:
@@ -69,18 +71,40 @@ def merge_model_args(model_args: str | dict | None, **options: Any) -> dict[str,
         if key in args:
             raise LinmuError(f"{key} given twice: as --{key.replace('_', '-')} and in --model-args")
         args[key] = value
-    return args
+    from linmu_cli.evaluation.manifest import coerce_model_args
+
+    return coerce_model_args(args, error=LinmuError)
+
+
+def check_output(output: str | Path | None, force: bool) -> None:
+    """An --output that already holds an evaluation is refused without --force (nothing is overwritten)."""
+    if output is None:
+        return
+    out = Path(output)
+    if out.exists() and not out.is_dir():
+        raise LinmuError(f"--output {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        what = "an earlier evaluation (summary.json)" if (out / "summary.json").exists() else "files"
+        raise LinmuError(f"--output {out} already holds {what}; pass --force to replace it, or choose another "
+                         "--output (the default is a new runs/eval-<time>)")  # fmt: skip
 
 
 def quiet_lmms_eval() -> None:
     """CLI runs: lmms-eval / transformers / datasets print only errors (to stderr), no progress bars of theirs."""
+    import functools
     import sys
 
     import datasets
+    import lmms_eval.api.task
     import lmms_eval.evaluator  # noqa: F401  (its imports configure loguru; reconfigure after them)
+    import tqdm
     import transformers
     from loguru import logger
 
+    # lmms-eval's "Building contexts" / "Postprocessing" bars (the modules' own `tqdm` names): linmu draws its own
+    for module in (lmms_eval.api.task, lmms_eval.evaluator):
+        if getattr(module, "tqdm", None) is tqdm.tqdm:
+            module.tqdm = functools.partial(tqdm.tqdm, disable=True)
     logger.remove()
     logger.add(sys.stderr, level="ERROR")
     transformers.utils.logging.set_verbosity_error()
@@ -181,6 +205,26 @@ def _write_raw(results: dict, out: Path) -> None:
         results["samples"] = samples
 
 
+def _failed_task(exc: BaseException) -> str | None:
+    """The task an lmms-eval failure belongs to: marked by the linmu model (requests), else the `task_name` /
+    `task_output` of the innermost lmms-eval frame that had one (metrics, aggregation)."""
+    task = getattr(exc, "linmu_task", None)
+    if task:
+        return str(task)
+    tb, found = exc.__traceback__, None
+    while tb is not None:
+        local = tb.tb_frame.f_locals
+        name = local.get("task_name")
+        output = local.get("task_output") or (local.get("self") if type(local.get("self")).__name__ == "TaskOutput"
+                                              else None)  # fmt: skip
+        if isinstance(name, str):
+            found = name
+        elif output is not None and isinstance(getattr(output, "task_name", None), str):
+            found = output.task_name
+        tb = tb.tb_next
+    return found
+
+
 def run_one(
     role: str,
     model: str,
@@ -192,8 +236,9 @@ def run_one(
     log_samples: bool,
     offline: bool,
     progress: Progress | None,
-) -> tuple[dict, dict]:
-    """Evaluate one model with lmms-eval; (lmms-eval results, model stats)."""
+) -> tuple[dict | None, dict]:
+    """Evaluate one model with lmms-eval; (lmms-eval results, model stats). A failure inside lmms-eval or a task's
+    code (an assertion, a missing file, `sys.exit`) is one LinmuError naming the model and the task."""
     from lmms_eval import evaluator
 
     from linmu_cli.evaluation.availability import offline_hub
@@ -203,17 +248,41 @@ def run_one(
     start = time.perf_counter()
     if report:
         report("loading", 0, 1)
-    lm = LinMU(pretrained=model, progress=report, **model_args)
+    try:
+        lm = LinMU(pretrained=model, progress=report, **model_args)
+    except ValueError as exc:  # the model's own argument checks (device, types)
+        raise LinmuError(str(exc).removeprefix("linmu: ")) from None
     loaded = time.perf_counter() - start
-    with offline_hub() if offline else nullcontext():
-        results = evaluator.simple_evaluate(model=lm, tasks=tasks, limit=limit, task_manager=tm,
-                                            log_samples=log_samples, verbosity="ERROR", bootstrap_iters=0)  # fmt: skip
+    try:
+        with offline_hub() if offline else nullcontext():
+            results = evaluator.simple_evaluate(model=lm, tasks=tasks, limit=limit, task_manager=tm,
+                                                log_samples=log_samples, verbosity="ERROR", bootstrap_iters=0)  # fmt: skip
+    except (LinmuError, KeyboardInterrupt):
+        raise
+    except (Exception, SystemExit) as exc:
+        task = _failed_task(exc)
+        where = f"task {task}" if task else f"one of the tasks ({', '.join(tasks)})"
+        detail = " ".join(str(exc).split()) or type(exc).__name__
+        detail = detail if len(detail) <= 400 else detail[:397] + "..."
+        kind = "exited" if isinstance(exc, SystemExit) else f"failed with {type(exc).__name__}"
+        hint = (" (MME scores question pairs: use an even --limit or none)"
+                if "pairwise" in detail else "; --verbose shows lmms-eval's log")  # fmt: skip
+        raise LinmuError(f"{role} {model}: {where} {kind}: {detail}{hint}") from None
     stats = dict(lm.stats, load_seconds=round(loaded, 3), seconds=round(time.perf_counter() - start, 3),
                  pretrained=str(model), processes=lm.world_size)  # fmt: skip
     lm.clean()
     del lm
     gc.collect()
+    if results is not None:
+        missing = [t for t in _leaves_of(tm, tasks) if t not in results.get("results", {})]
+        if missing:
+            raise LinmuError(f"{role} {model}: lmms-eval returned no results for task(s) {', '.join(missing)}; "
+                             "--verbose shows why")  # fmt: skip
     return results, stats
+
+
+def _leaves_of(tm, names: list[str]) -> list[str]:
+    return list(dict.fromkeys(t for name in names for t in leaf_tasks(tm, name)))
 
 
 def evaluate(
@@ -227,19 +296,27 @@ def evaluate(
     output: str | Path | None = None,
     log_samples: bool = True,
     progress: Progress | None = None,
+    force: bool = False,
 ) -> dict[str, Any]:
-    """Score MODEL (and TEACHER) on lmms-eval TASKS; write raw results + summary under OUTPUT; return the summary."""
-    require_lmms_eval()
-    from linmu_cli.evaluation.availability import check_available
-    from linmu_cli.evaluation.tasks import DATASETS, data_root, dataset_meta, dataset_ready, ensure_datasets
-    from linmu_cli.sources import resolve_source
+    """Score MODEL (and TEACHER) on lmms-eval TASKS; write raw results + summary under OUTPUT; return the summary.
 
+    Everything is checked before a model loads (tasks, datasets, every media file the tasks reference, OUTPUT);
+    OUTPUT appears only when both models were scored (written beside it, then renamed); an OUTPUT that already
+    holds files needs `force=True`."""
     names = _split_tasks(tasks)
     if limit is not None and (
         limit <= 0 or (isinstance(limit, float) and limit >= 1 and not limit.is_integer())
     ):
         raise LinmuError(f"--limit must be a positive number of samples per task, got {limit}")
     args = parse_model_args(model_args)
+    check_output(output, force)
+    require_lmms_eval()
+    from linmu_cli.evaluation.availability import check_available, check_media
+    from linmu_cli.evaluation.tasks import DATASETS, data_root, dataset_meta, dataset_ready, ensure_datasets
+    from linmu_cli.sources import check_device, resolve_source
+
+    if args.get("device") not in (None, "", "auto"):
+        check_device(str(args["device"]))
     models = {"student": str(model)} | ({"teacher": str(teacher)} if teacher is not None else {})
     for role, path in models.items():
         try:
@@ -255,26 +332,24 @@ def evaluate(
     ]
     generated = []
     if synthetic and not all(dataset_ready(data_root(evals), name) for name in DATASETS):
-        if progress:
-            progress("data", "generating", 0, 1)
-        generated = ensure_datasets(evals)
+        on_sample = (
+            (lambda done, total: progress("data", "writing synthetic task data", done, total))
+            if progress
+            else None
+        )
+        generated = ensure_datasets(evals, on_sample=on_sample)
     offline = check_available(tm, leaves)
+    check_media(tm, leaves, limit, offline)
 
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     out = Path(output) if output is not None else Path("runs") / f"eval-{stamp}"
-    if out.exists() and not out.is_dir():
-        raise LinmuError(f"--output {out} exists and is not a directory")
-    out.mkdir(parents=True, exist_ok=True)
 
     raw: dict[str, dict] = {}
     stats: dict[str, dict] = {}
     for role, path in models.items():
         raw[role], stats[role] = run_one(role, path, names, tm, limit=limit, model_args=args,
                                          log_samples=log_samples, offline=offline, progress=progress)  # fmt: skip
-        if raw[role] is None:  # a non-zero rank of a data-parallel launch: rank 0 gathers and writes
-            continue
-        _write_raw(raw[role], out / role)
-    if any(r is None for r in raw.values()):
+    if any(r is None for r in raw.values()):  # a non-zero rank of a data-parallel launch: rank 0 writes
         return {}
 
     rows = []
@@ -306,7 +381,12 @@ def evaluate(
         "lmms_eval_version": _version("lmms_eval"),
         "created": stamp,
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    from linmu_cli.io import atomic_directory
+
+    with atomic_directory(out, force=True) as tmp:  # emptiness / --force were checked before any model loaded
+        for role, results in raw.items():
+            _write_raw(results, tmp / role)
+        (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
 

@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -99,6 +100,7 @@ def generate_dataset(
     frames: int | None = None,
     size: int | None = None,
     force: bool = True,
+    on_sample: Callable[[], None] | None = None,
 ) -> Path:
     """Write `root/name/`: media files, `test.jsonl` and `meta.json` (atomically: all or nothing)."""
     if name not in DATASETS:
@@ -139,6 +141,8 @@ def generate_dataset(
                     "fps": VIDEO_FPS if sample.kind == "video" else None,
                 }
             )
+            if on_sample is not None:
+                on_sample()
         meta = {**asdict(spec), "count": count, "frames": frames, "size": size, "seed": seed,
                 "fps": VIDEO_FPS, "version": DATA_VERSION}  # fmt: skip
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
@@ -148,15 +152,30 @@ def generate_dataset(
     return out
 
 
-def ensure_datasets(evals: str | Path, names: list[str] | None = None, seed: int = EVAL_SEED) -> list[str]:
-    """Generate (with the defaults) every dataset in `names` (default: all) that is missing; return those made."""
+def ensure_datasets(
+    evals: str | Path,
+    names: list[str] | None = None,
+    seed: int = EVAL_SEED,
+    on_sample: Callable[[int, int], None] | None = None,
+) -> list[str]:
+    """Generate (with the defaults) every dataset in `names` (default: all) that is missing; return those made.
+
+    `on_sample(done, total)` follows the samples written over all missing datasets (the first run writes 700
+    PNGs / mp4s, ~80 MB: a progress bar, not a silent minute)."""
     root = data_root(Path(evals))
-    made = []
-    for name in names if names is not None else list(DATASETS):
-        if not dataset_ready(root, name):
-            generate_dataset(name, root, seed=seed)
-            made.append(name)
-    return made
+    missing = [n for n in (names if names is not None else list(DATASETS)) if not dataset_ready(root, n)]
+    total = sum(DATASETS[n].count for n in missing if n in DATASETS)
+    done = 0
+
+    def step() -> None:
+        nonlocal done
+        done += 1
+        if on_sample is not None:
+            on_sample(done, total)
+
+    for name in missing:
+        generate_dataset(name, root, seed=seed, on_sample=step)
+    return missing
 
 
 def dataset_meta(evals: str | Path, name: str) -> dict | None:
