@@ -87,13 +87,23 @@ class Family:
             else:
                 valid_full = torch.ones(batch, full, dtype=torch.bool)
                 valid_full[:, -length:] = layout.valid.cpu()
-            layout.segments = _chunk_segments(find_segments(kind, valid_full, grids), full - length)
+            if full > length and _grid_tokens(grids) == int(
+                (kind[:, -length:] * valid_full[:, -length:]).bool().sum()
+            ):
+                # grids of the new part only (a later turn passes only its new images / videos)
+                layout.segments = find_segments(kind[:, -length:], valid_full[:, -length:], grids)
+            else:
+                layout.segments = _chunk_segments(find_segments(kind, valid_full, grids), full - length)
         elif position_ids is not None and position_ids.dim() == 3 and position_ids.shape[0] in (3, 4):
             valid_cpu = layout.valid.cpu()
             kind = kind[:, -length:]
             grids = grids_from_positions(kind, valid_cpu, position_ids[-3:, :, -length:].cpu())
             layout.segments = find_segments(kind, valid_cpu, grids)
         return layout
+
+
+def _grid_tokens(grids: dict[int, list[tuple[int, int, int]]]) -> int:
+    return sum(t * h * w for grid in grids.values() for t, h, w in grid)
 
 
 def _chunk_segments(segments: list[list[Segment]], offset: int) -> list[list[Segment]]:

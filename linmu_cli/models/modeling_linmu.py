@@ -13,7 +13,13 @@ from functools import cache
 
 import torch
 from torch import nn
-from transformers import AttentionInterface, AutoConfig, AutoModel, AutoModelForImageTextToText
+from transformers import (
+    AttentionInterface,
+    AutoConfig,
+    AutoModel,
+    AutoModelForImageTextToText,
+    GenerationMixin,
+)
 
 from linmu_cli.config import MateConfig
 from linmu_cli.errors import LinmuError
@@ -127,6 +133,7 @@ class LinMUModelMixin:
             )
         layout = kwargs.pop("linmu_layout", None)
         if layout is None:
+            self._check_vision_inputs(input_ids, kwargs)
             layout = self.token_layout(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         # The layout travels both as a keyword (kept by gradient checkpointing for the recompute in backward)
         # and as a context variable (for code paths that drop unknown keywords).
@@ -134,6 +141,25 @@ class LinMUModelMixin:
             return super().forward(
                 input_ids=input_ids, attention_mask=attention_mask, linmu_layout=layout, **kwargs
             )
+
+    def _check_vision_inputs(self, input_ids, kwargs: dict) -> None:
+        """The teacher's error (same words) when pixel inputs and vision tokens disagree; without it the layout
+        would fail first, with a message about grids."""
+        if input_ids is None:
+            return
+        merge = self.config.vision_config.spatial_merge_size**2
+        for name, pixels, grid, token in (
+            ("Image", "pixel_values", "image_grid_thw", self.config.image_token_id),
+            ("Video", "pixel_values_videos", "video_grid_thw", self.config.video_token_id),
+        ):
+            if kwargs.get(pixels) is None or kwargs.get(grid) is None:
+                continue
+            tokens = int((input_ids == token).sum())
+            features = int(kwargs[grid].prod(-1).sum()) // merge
+            if tokens != features:
+                raise ValueError(
+                    f"{name} features and {name.lower()} tokens do not match, tokens: {tokens}, features: {features}"
+                )
 
     def token_layout(self, input_ids=None, attention_mask=None, **kwargs) -> TokenLayout:
         """Visual segments and padding of a batch given as the processor returns it (docs/design.md §2)."""
@@ -277,9 +303,12 @@ def linmu_classes(family_name: str, base: bool = False) -> tuple[type, type]:
 
     forward.__signature__ = _forward_signature(source)
     forward.__doc__ = source.forward.__doc__
+    # GenerationMixin named directly, as transformers asks of generative classes (a base via PreTrainedModel is
+    # being phased out)
+    bases = (LinMUModelMixin, source) if base else (LinMUModelMixin, source, GenerationMixin)
     model_cls = type(
         f"LinMU{source.__name__}",
-        (LinMUModelMixin, source),
+        bases,
         {
             "config_class": config_cls,
             "family": family,

@@ -1,0 +1,13 @@
+"""Markers of transformers' test-suite (as in its pyproject), so upstream's decorated tests collect cleanly."""
+
+UPSTREAM_MARKERS = (
+    "slow", "is_pipeline_test", "is_staging_test", "accelerate_tests", "not_device_test", "torch_compile_test",
+    "torch_export_test", "flash_attn_test", "flash_attn_3_test", "flash_attn_4_test", "all_flash_attn_test",
+    "bitsandbytes", "generate", "is_training_test", "is_tensor_parallel_test", "is_expert_parallel_test",
+    "is_fsdp_test", "export_test",
+)  # fmt: skip
+
+
+def pytest_configure(config):
+    for marker in UPSTREAM_MARKERS:
+        config.addinivalue_line("markers", marker)
