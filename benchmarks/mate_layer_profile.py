@@ -33,6 +33,9 @@ from linmu_cli.layers.floor import skip_mixers  # noqa: E402
 from linmu_cli.layers.layout import Segment, TokenLayout  # noqa: E402
 from linmu_cli.layers.mate import MateAttention  # noqa: E402
 from linmu_cli.ops import last_ssd_backend  # noqa: E402
+from linmu_cli.ops.fused_linear import fused_linear  # noqa: E402
+from linmu_cli.ops.gated_norm import last_norm_backend  # noqa: E402
+from linmu_cli.ops.short_conv import last_conv_backend  # noqa: E402
 from linmu_cli.ops.ssd_step import last_ssd_step_backend  # noqa: E402
 
 
@@ -58,7 +61,10 @@ def main() -> None:
     )
     ap.add_argument("--ssd-backend", default=None, help="fla | mamba | torch [default: fla when it imports]")
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument(
+        "--json", type=Path, default=Path(__file__).parent / "results" / "2026-12-01" / "layer_profile.json"
+    )
+    ap.add_argument("--no-decode", action="store_true", help="skip the decode-step timings")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA GPU")
@@ -74,11 +80,20 @@ def main() -> None:
     cfg._attn_implementation = "sdpa"
     torch.manual_seed(0)
     mate = MateConfig(ssd_backend=backend)
+
+    def make(m: MateConfig) -> MateAttention:
+        torch.manual_seed(0)
+        with torch.device(dev):
+            blk = MateAttention(cfg, m, layer_idx=1).to(dt)  # odd layer: shifted windows, "twh" scan order
+            for p in blk.parameters():
+                torch.nn.init.normal_(p, 0, 0.02)
+            blk.flex.init_new_parameters(0.02)
+        return blk
+
+    block = make(mate)
+    shared_block = make(mate.replace(shared_projections=True))
+    train_block = make(mate.replace(ssd_backend="auto"))  # training kernel (mamba-ssm on Hopper, design §8)
     with torch.device(dev):
-        block = MateAttention(cfg, mate, layer_idx=1).to(dt)  # odd layer: shifted windows, "twh" scan order
-        for p in block.parameters():
-            torch.nn.init.normal_(p, 0, 0.02)
-        block.flex.init_new_parameters(0.02)
         teacher = Qwen2VLAttention(cfg, layer_idx=0).to(dt)
     t = args.tokens // 256
     pre, post = 20, 17
@@ -98,8 +113,63 @@ def main() -> None:
         ms["teacher_attention"] = timed(lambda: teacher(u, attention_mask=None, position_embeddings=rope), r)
         ms["mate_layer"] = timed(lambda: block(u, position_embeddings=rope, linmu_layout=layout), r)
         res["ssd_backend_ran"] = last_ssd_backend()
+        res["conv_backend_ran"], res["norm_backend_ran"] = last_conv_backend(), last_norm_backend()
         with skip_mixers():
             ms["mate_layer_floor"] = timed(lambda: block(u, position_embeddings=rope, linmu_layout=layout), r)
+        ms["mate_layer_shared"] = timed(
+            lambda: shared_block(u, position_embeddings=rope, linmu_layout=layout), r
+        )
+        with skip_mixers():
+            ms["mate_layer_shared_floor"] = timed(
+                lambda: shared_block(u, position_embeddings=rope, linmu_layout=layout), r
+            )
+        # the dense work alone: the block's one input GEMM and its output GEMMs, and the teacher's
+        parts = [
+            *block.flex.projection_parts(layout),
+            *block.swin.projection_parts(),
+            (block.fuse.weight, block.fuse.bias),
+        ]
+        n_in = sum(w.shape[0] for w, _ in parts)
+        hd = 28 * 128
+        y_heads = torch.randn(1, length, hd, device=dev, dtype=dt)
+
+        def dense() -> None:
+            fused_linear(u, parts)
+            out = block.flex.o_proj(y_heads)
+            torch.addmm(out.view(-1, 3584), y_heads.view(-1, hd), block.swin.o_proj.weight.t())
+
+        ms["mate_dense_gemms"] = timed(dense, r)
+        t_parts = [(teacher.q_proj.weight, teacher.q_proj.bias), (teacher.k_proj.weight, teacher.k_proj.bias),
+                   (teacher.v_proj.weight, teacher.v_proj.bias)]  # fmt: skip
+        ms["teacher_dense_gemms"] = timed(lambda: (fused_linear(u, t_parts), teacher.o_proj(y_heads)), r)
+        flops = 2 * length * 3584 * (n_in + 2 * hd)
+        t_flops = 2 * length * 3584 * (4608 + hd)
+        res["dense_tflop"] = {"mate_layer": flops / 1e12, "teacher_attention": t_flops / 1e12}
+        res["tflops_per_s"] = {
+            "mate_dense_gemms": flops / ms["mate_dense_gemms"] / 1e9,
+            "mate_layer_floor": flops / ms["mate_layer_floor"] / 1e9,
+            "teacher_dense_gemms": t_flops / ms["teacher_dense_gemms"] / 1e9,
+        }
+    # forward + backward (training: distillation runs it) with the training kernel
+    grad_out = torch.randn(1, length, 3584, device=dev, dtype=dt) * 1e-3
+    ub = u.detach().requires_grad_(True)
+
+    def fwd_bwd(blk) -> None:
+        out = blk(ub, position_embeddings=rope, linmu_layout=layout)[0]
+        out.backward(grad_out)
+
+    with torch.no_grad():
+        ms["mate_layer_fwd_train_backend"] = timed(
+            lambda: train_block(u, position_embeddings=rope, linmu_layout=layout), r
+        )
+    ms["mate_layer_fwd_bwd"] = timed(lambda: fwd_bwd(train_block), r)
+    res["train_ssd_backend_ran"] = last_ssd_backend()
+    ms["teacher_attention_fwd_bwd"] = timed(
+        lambda: teacher(ub, attention_mask=None, position_embeddings=rope)[0].backward(grad_out), r
+    )
+    train_block.zero_grad(set_to_none=True)
+    teacher.zero_grad(set_to_none=True)
+    with torch.no_grad():
         flex, swin = block.flex, block.swin
         ms["flex_ma"] = timed(lambda: flex(u, layout, 1, None), r)
         with skip_mixers():
@@ -113,7 +183,8 @@ def main() -> None:
         b, c = torch.randn_like(x) * 0.1, torch.randn_like(x) * 0.1
         dtv = torch.rand(1, length, h, device=dev) * 0.05
         a = -torch.rand(h, device=dev) - 0.5
-        ms["scans_fwd_plus_bwd"] = timed(lambda: flex._scan(u, x, dtv, a, b, c, layout, 1, None), r)
+        xbc = torch.randn(1, length, 4608, device=dev, dtype=dt) * 0.1
+        ms["scans_fwd_plus_bwd"] = timed(lambda: flex._scan(xbc, dtv, a, dtv, layout, 1, None), r)
         q, k, v = swin._qkv(u, rope)
         from linmu_cli.ops.window_attention import sliding_block, sliding_window_attention, window_attention
 
@@ -128,7 +199,7 @@ def main() -> None:
             lambda: sliding_window_attention(qt, kt, vt, layout.valid, mate.text_window, d**-0.5), r
         )
         # decode step of this layer on fixed buffers
-        for batch in (1, 16, 256):
+        for batch in () if args.no_decode else (1, 16, 256):
             slot = torch.zeros(1, dtype=torch.long, device=dev)
             state = StaticLayerState(
                 torch.randn(batch, h, d, d, device=dev) * 0.01, torch.randn(batch, 4608, 3, device=dev, dtype=dt),
@@ -157,6 +228,18 @@ def main() -> None:
         table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70)
         print(table)
         res["profile_top"] = table
+        with skip_mixers(), profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+            block(u, position_embeddings=rope, linmu_layout=layout)
+            torch.cuda.synchronize()
+        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=70)
+        print(table)
+        res["profile_floor_top"] = table
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        fwd_bwd(train_block)
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=20, max_name_column_width=70)
+    print(table)
+    res["profile_fwd_bwd_top"] = table
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(res, indent=2) + "\n")

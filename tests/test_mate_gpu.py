@@ -13,7 +13,9 @@ from transformers import Qwen2VLTextConfig
 from linmu_cli.config import MateConfig
 from linmu_cli.layers.layout import Segment, TokenLayout
 from linmu_cli.layers.mate import MateAttention
-from linmu_cli.ops import last_ssd_backend, select_ssd_backend
+from linmu_cli.ops import SSDBackendError, last_ssd_backend, select_ssd_backend
+from linmu_cli.ops.gated_norm import gated_rmsnorm, gated_rmsnorm_reference, last_norm_backend
+from linmu_cli.ops.short_conv import conv_kernel_error, last_conv_backend, short_conv, short_conv_reference
 
 pytestmark = [
     pytest.mark.gpu,
@@ -25,7 +27,8 @@ def rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
-def test_fast_block_matches_reference_forward_and_backward():
+@pytest.mark.parametrize("shared", [False, True])
+def test_fast_block_matches_reference_forward_and_backward(shared):
     dev = torch.device("cuda")
     fast = select_ssd_backend(dev, "auto", need_backward=True)
     if fast == "torch":
@@ -34,13 +37,15 @@ def test_fast_block_matches_reference_forward_and_backward():
                             intermediate_size=256, num_hidden_layers=2, vocab_size=100)  # fmt: skip
     torch.manual_seed(0)
     length, seg = 1400, Segment(100, 4, 16, 16)  # 1024 video tokens
-    ref_block = MateAttention(cfg, MateConfig(ssd_backend="torch"), layer_idx=1)
+    ref_block = MateAttention(cfg, MateConfig(ssd_backend="torch", shared_projections=shared), layer_idx=1)
     for p in ref_block.parameters():
         torch.nn.init.normal_(p, 0, 0.02)
     ref_block.flex.init_new_parameters(0.02)
     ref_block = ref_block.to(dev, torch.bfloat16)
     fast_block = copy.deepcopy(ref_block)
-    fast_block.mate = fast_block.flex.mate = fast_block.swin.mate = MateConfig(ssd_backend=fast)
+    fast_block.mate = fast_block.flex.mate = fast_block.swin.mate = MateConfig(
+        ssd_backend=fast, shared_projections=shared
+    )
     valid = torch.ones(2, length, dtype=torch.bool)
     valid[1, :37] = False  # left padding
     layout = TokenLayout.text_only(2, length, dev, valid)
@@ -54,14 +59,94 @@ def test_fast_block_matches_reference_forward_and_backward():
     outs, grads = [], []
     for block in (ref_block, fast_block):
         out = block(u, position_embeddings=rope, linmu_layout=layout)[0]
-        ran = last_ssd_backend()
+        ran = last_ssd_backend(), last_conv_backend(), last_norm_backend()
         (out.float() * valid[..., None].to(dev)).square().mean().backward()
         outs.append(out)
         grads.append({n: p.grad for n, p in block.named_parameters()})
-    assert ran == fast
+    assert ran[0] == fast and ran[1] == "fla" and ran[2] in ("mamba", "fla"), ran
     fwd_err = rel(outs[1][valid], outs[0][valid])
-    grad_errs = {n: rel(grads[1][n], grads[0][n]) for n in grads[0] if ".flex." in f".{n}"}
-    print(f"\nfast backend {fast}: forward rel. error {fwd_err:.2e}; worst Flex-MA grad rel. error "
+    grad_errs = {n: rel(grads[1][n], grads[0][n]) for n in grads[0]}
+    print(f"\nfast backend {ran} (shared={shared}): forward rel. error {fwd_err:.2e}; worst grad rel. error "
           f"{max(grad_errs.values()):.2e} ({max(grad_errs, key=grad_errs.get)})")  # fmt: skip
     assert fwd_err < 2e-2
     assert all(e < 5e-2 for e in grad_errs.values()), grad_errs
+
+
+def test_short_conv_kernel_matches_reference_forward_and_backward():
+    if conv_kernel_error() is not None:
+        pytest.skip(f"fla-core's causal_conv1d does not import: {conv_kernel_error()}")
+    torch.manual_seed(0)
+    dev = torch.device("cuda")
+    z = torch.randn(2, 3000, 4608 + 100, device=dev, dtype=torch.bfloat16)
+    x = z[..., :4608]  # a strided slice, as the block's one GEMM hands it over
+    w = (torch.randn(4608, 1, 4, device=dev) * 0.5).bfloat16().requires_grad_(True)
+    b = (torch.randn(4608, device=dev) * 0.1).bfloat16().requires_grad_(True)
+    xs = [x.detach().requires_grad_(True), x.detach().contiguous().requires_grad_(True)]
+    y_fast = short_conv(xs[0], w, b, fast=True)
+    assert last_conv_backend() == "fla"
+    g = torch.randn_like(y_fast)
+    (gx, gw, gb) = torch.autograd.grad(y_fast, (xs[0], w, b), g)
+    y_ref = short_conv_reference(xs[1].float(), w.float(), b.float())
+    (rx, rw, rb) = torch.autograd.grad(y_ref, (xs[1], w, b), g.float())
+    errs = [rel(y_fast, y_ref), rel(gx, rx), rel(gw, rw), rel(gb, rb)]
+    print(f"\nfla causal_conv1d vs F.conv1d: rel. errors y/dx/dw/db {[f'{e:.1e}' for e in errs]}")
+    assert all(e < 1e-2 for e in errs), errs
+
+
+def test_gated_norm_kernel_matches_reference_forward_and_backward():
+    torch.manual_seed(0)
+    dev = torch.device("cuda")
+    y = torch.randn(1, 2000, 28, 128, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    z = torch.randn(1, 2000, 28 * 128 + 64, device=dev, dtype=torch.bfloat16)[..., : 28 * 128]
+    z.requires_grad_(True)
+    w = (1 + 0.1 * torch.randn(28 * 128, device=dev)).bfloat16().requires_grad_(True)
+    out = gated_rmsnorm(y, z, w, 1e-6, fast=True)
+    ran = last_norm_backend()
+    if ran == "torch":
+        pytest.skip("no gated RMSNorm kernel imports (mamba-ssm or fla-core)")
+    g = torch.randn_like(out)
+    fast_grads = torch.autograd.grad(out, (y, z, w), g)
+    ref = gated_rmsnorm_reference(y.float(), z.float(), w.float(), 1e-6)
+    ref_grads = torch.autograd.grad(ref, (y, z, w), g.float())
+    errs = [rel(out, ref)] + [rel(a, b) for a, b in zip(fast_grads, ref_grads, strict=True)]
+    print(f"\n{ran} gated rmsnorm vs reference: rel. errors out/dy/dz/dw {[f'{e:.1e}' for e in errs]}")
+    assert all(e < 1e-2 for e in errs), errs
+
+
+@pytest.mark.parametrize("backend", ["mamba", "fla"])
+def test_one_layer_prefill_captures_in_a_cuda_graph(backend):
+    """No host synchronisation in a prefill layer: capture fails on any sync (issue 11)."""
+    dev = torch.device("cuda")
+    try:
+        select_ssd_backend(dev, backend)
+    except SSDBackendError as e:
+        pytest.skip(str(e))
+    cfg = Qwen2VLTextConfig(hidden_size=3584, num_attention_heads=28, num_key_value_heads=4,
+                            intermediate_size=256, num_hidden_layers=2, vocab_size=100)  # fmt: skip
+    torch.manual_seed(0)
+    block = MateAttention(cfg, MateConfig(ssd_backend=backend), layer_idx=1)
+    for p in block.parameters():
+        torch.nn.init.normal_(p, 0, 0.02)
+    block.flex.init_new_parameters(0.02)
+    block = block.to(dev, torch.bfloat16).eval()
+    length = 40 + 4 * 256
+    layout = TokenLayout.text_only(1, length, dev)
+    layout.segments = [[Segment(20, 4, 16, 16)]]
+    u = torch.randn(1, length, 3584, device=dev, dtype=torch.bfloat16)
+    angles = torch.randn(1, length, 64, device=dev)
+    rope = (torch.cat([angles] * 2, -1).cos().bfloat16(), torch.cat([angles] * 2, -1).sin().bfloat16())
+    run = lambda: block(u, position_embeddings=rope, linmu_layout=layout)[0]  # noqa: E731
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.no_grad(), torch.cuda.stream(side):
+        for _ in range(2):  # warm-up: Triton autotuning, the layout's host-built plans
+            eager = run()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(graph):
+        static_out = run()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert last_ssd_backend() == backend
+    print(f"\n{backend}: one M-MATE layer captured; replay vs eager rel. error {rel(static_out, eager):.1e}")
+    assert rel(static_out, eager) < 1e-3

@@ -325,3 +325,32 @@ def test_cuda_wrapper_plumbing_with_fake_kernels(which, with_reset):
     torch.testing.assert_close(s, s_ref, atol=1e-5, rtol=1e-5)
     y_only = call(kernel, x, dt, A, B, C, reset, None, None, False)
     torch.testing.assert_close(y_only, ssd_naive(x, dt, A, B, C, reset, None)[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("with_plan", [False, True])
+@pytest.mark.parametrize("which", ["fla", "mamba"])
+def test_grouped_entry_maps_gqa_onto_the_kernels(monkeypatch, which, with_plan):
+    """ssd_scan_gqa: x / B at key-value width, the query scale and host-built resets reach each kernel as the
+    reference computes them (repeat, scale C, ssd_chunked); checked with the contract stand-ins above."""
+    torch.manual_seed(3)
+    b, T, h, g, p = 2, 37, 4, 2, 3
+    x, B = torch.randn(b, T, g, p), torch.randn(b, T, g, p) * 0.5
+    C = torch.randn(b, T, h, p)
+    dt, A = torch.rand(b, T, h) * 0.5, -torch.rand(h) - 0.2
+    plan = None
+    if with_plan:
+        reset = torch.zeros(b, T, dtype=torch.bool)
+        reset[0, 5], reset[1, 0], reset[1, 20] = True, True, True
+        plan = ssd_mod.reset_plan(reset)
+    want = ssd_mod.ssd_scan_gqa(x, dt, A, B, C, scale=0.3, plan=plan, backend="torch")
+    monkeypatch.setattr(ssd_mod, "select_ssd_backend", lambda *a, **k: which)
+    monkeypatch.setattr(ssd_mod, "_require_cuda", lambda *a, **k: None)
+
+    def fla_with_scale(q, k, v, scale=1.0, **kw):  # fla applies `scale` to q; the stand-in takes 1.0 only
+        return fake_chunk_simple_gla(q * scale, k, v, scale=1.0, **kw)
+
+    monkeypatch.setattr(ssd_mod, "_import_fla", lambda: fla_with_scale)
+    monkeypatch.setattr(ssd_mod, "_import_mamba", lambda: fake_mamba_chunk_scan_combined)
+    got = ssd_mod.ssd_scan_gqa(x, dt, A, B, C, scale=0.3, plan=plan, backend=which)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert ssd_mod.last_ssd_backend() == which
