@@ -180,7 +180,6 @@ def main() -> None:
         # the scans alone, on the projected inputs
         h, d = 28, 128
         x = torch.randn(1, length, h, d, device=dev, dtype=dt)
-        b, c = torch.randn_like(x) * 0.1, torch.randn_like(x) * 0.1
         dtv = torch.rand(1, length, h, device=dev) * 0.05
         a = -torch.rand(h, device=dev) - 0.5
         xbc = torch.randn(1, length, 4608, device=dev, dtype=dt) * 0.1
