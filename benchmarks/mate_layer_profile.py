@@ -179,7 +179,6 @@ def main() -> None:
             ms["local_swin_floor"] = timed(lambda: swin(u, rope, layout, 1, None), r)
         # the scans alone, on the projected inputs
         h, d = 28, 128
-        x = torch.randn(1, length, h, d, device=dev, dtype=dt)
         dtv = torch.rand(1, length, h, device=dev) * 0.05
         a = -torch.rand(h, device=dev) - 0.5
         xbc = torch.randn(1, length, 4608, device=dev, dtype=dt) * 0.1
