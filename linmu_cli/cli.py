@@ -98,9 +98,13 @@ def cpu_threads() -> tuple[int, str]:
     return n, f"{usable} usable core(s), {max(0, busy)} busy at start"
 
 
+_THREADS: tuple[int, str] | None = None  # what apply_cpu_threads chose, for `linmu doctor`
+
+
 def apply_cpu_threads() -> tuple[int, str]:
     """Set the thread count before torch starts its pools (env for this process and its children)."""
-    n, why = cpu_threads()
+    global _THREADS
+    n, why = _THREADS = cpu_threads()
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(var, str(n))
     if "torch" in sys.modules:  # in-process callers (tests, notebooks) that imported torch already
@@ -571,9 +575,13 @@ def bench(
 @user_errors
 def doctor() -> None:
     """Versions, CUDA, and which Flex-MA kernel paths import and run here."""
+    import torch
+
     from linmu_cli.doctor import collect
 
     info = collect()
+    n, why = _THREADS or cpu_threads()
+    info["cpu threads"] = f"{n} ({why}); torch uses {torch.get_num_threads()}"
     table = Table(title="linmu doctor", show_header=False)
     for key, value in info.items():
         table.add_row(key, str(value))
