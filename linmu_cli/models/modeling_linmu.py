@@ -207,7 +207,9 @@ class LinMUModelMixin:
             and (mask is None or mask.dim() != 2 or mask.shape[1] == full)
         ):
             new = full - seen
-            kwargs["next_sequence_length"] = new
+            if _generation_trims_by_length():
+                kwargs["next_sequence_length"] = new
+            # (before 5.2x generate() sliced input_ids by cache_position, from get_seq_length(): trimmed already)
             if embeds is None:
                 layout = self.family.build_layout(
                     self.config,
@@ -246,6 +248,14 @@ class LinMUModelMixin:
             )
         model_kwargs[name] = self.new_cache()
         return None
+
+
+@cache
+def _generation_trims_by_length() -> bool:
+    """Whether this transformers release's prepare_inputs_for_generation slices by `next_sequence_length`."""
+    return (
+        "next_sequence_length" in inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters
+    )
 
 
 def _refuse_packed_sequences(input_ids, attention_mask, kwargs: dict) -> None:
