@@ -40,7 +40,7 @@ from torch import nn
 
 from linmu_cli.errors import LinmuError
 
-SCHEMA = "linmu-bench/1"
+SCHEMA = "linmu-bench/2"
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
           "fp32": torch.float32, "float32": torch.float32}  # fmt: skip
 PREFIX_TOKENS, SUFFIX_TOKENS = (
@@ -264,11 +264,15 @@ class Memory:
         return False
 
 
+_OOM_TEXTS = ("out of memory", "ALLOC_FAILED", "can't allocate memory", "not enough memory", "bad_alloc")
+
+
 def _is_oom(exc: BaseException) -> bool:
-    if isinstance(exc, torch.OutOfMemoryError):
+    """CUDA's OutOfMemoryError, and the CPU allocator's RuntimeError ("DefaultCPUAllocator: can't allocate")."""
+    if isinstance(exc, torch.OutOfMemoryError | MemoryError):
         return True
     text = str(exc)
-    return isinstance(exc, RuntimeError) and ("out of memory" in text or "ALLOC_FAILED" in text)
+    return isinstance(exc, RuntimeError) and any(t in text for t in _OOM_TEXTS)
 
 
 def _free() -> None:
@@ -342,8 +346,13 @@ def measure_ttft(model: nn.Module, prompt: VideoPrompt, device: torch.device) ->
 
 
 def _summarize_ttft(runs: list[dict]) -> dict:
-    best = sorted(runs, key=lambda r: r["total_s"])[len(runs) // 2]  # the median run, split kept consistent
-    return {"status": "ok", **{k: best[k] for k in ("total_s", "vision_s", "prefill_s", "first_step_s")},
+    """Median over the runs: the middle run, or for an even count the mean of the two middle runs (every part
+    averaged over the same runs, so the split still sums to the total)."""
+    ordered = sorted(runs, key=lambda r: r["total_s"])
+    middle = ordered[(len(ordered) - 1) // 2 : len(ordered) // 2 + 1]
+    keys = ("total_s", "vision_s", "prefill_s", "first_step_s")
+    best = {k: sum(r[k] for r in middle) / len(middle) for k in keys}
+    return {"status": "ok", **best,
             "runs_s": [r["total_s"] for r in runs],
             "prefill_peak_bytes": max((r["peak_bytes"] for r in runs if r["peak_bytes"] is not None),
                                       default=None)}  # fmt: skip
@@ -402,9 +411,12 @@ def _n_steps(step_s: float, budget_s: float, cap: int, floor: int) -> int:
 class Decoding:
     """Decode-throughput measurements with shared settings."""
 
-    def __init__(self, device: torch.device, new_tokens: int, seconds: float, use_graph: bool):
+    def __init__(self, device: torch.device, new_tokens: int, seconds: float, use_graph: bool,
+                 teacher_kernel: str = "auto"):  # fmt: skip
         self.device, self.new_tokens, self.seconds, self.use_graph = device, new_tokens, seconds, use_graph
+        self.teacher_kernel = teacher_kernel
         self.clock = Clock(device)
+        self._weights: dict[int, int] = {}
 
     def _time(self, step: Callable[[], Any]) -> tuple[int, float]:
         """Time `step` after the caller's warm-up: a 2-step probe picks how many steps fit the time budget."""
@@ -426,7 +438,58 @@ class Decoding:
     def teacher(
         self, model: nn.Module, batch: int, prompt_len: int, start=None, check_only: bool = False
     ) -> dict:
-        """transformers forward with a DynamicCache: the real prefill cache (`start`) or a random one."""
+        """The served teacher (`teacher_decode`): static KV cache, q_len=1 decode kernel, one CUDA graph."""
+        from linmu_cli.teacher_decode import ServedTeacherDecoder
+
+        extra = self.new_tokens + 16  # the timed steps, the probe, the warm-up and graph-capture steps
+        with Memory(self.device) as mem, torch.no_grad():
+            if start is not None:
+                cache, token, pos = start
+                dec = ServedTeacherDecoder.from_cache(
+                    model, cache, token, pos, extra, kernel=self.teacher_kernel
+                )
+                fill = "prefill"
+            else:
+                kernel = "sdpa_masked" if check_only else self.teacher_kernel
+                dec = ServedTeacherDecoder.random(model, batch, prompt_len + 1, extra, kernel=kernel)
+                fill = "random"
+            if check_only:
+                dec.step()
+                self.clock.sync()
+                return {"status": "ok", "batch": batch}
+            loop = "eager"
+            if self.use_graph:
+                dec.capture()  # no fallback: a failed capture is this entry's error
+                loop = "CUDA graph"
+            else:
+                dec.step()
+            steps, seconds = self._time(dec.step)
+            cache_bytes, read = dec.nbytes(), dec.read_bytes()
+            choice = dec.choice
+            dec.release()
+        mode = f"{loop} (static KV cache, {choice.name} decode attention)"
+        entry = self._entry(batch, steps, seconds, fill, mode, cache_bytes, mem,
+                            step_bytes=self.weight_bytes(model) + read)  # fmt: skip
+        entry["attention_kernel"] = {
+            "name": choice.name,
+            "split_chunks": choice.chunks,
+            "trials_ms": choice.trials,
+        }
+        return entry
+
+    def weight_bytes(self, model: nn.Module) -> int:
+        """Bytes of weights one decode step reads: decoder layers, final norm, LM head (once per model)."""
+        key = id(model)
+        if key not in self._weights:
+            text = model.family.text_model(model) if hasattr(model, "family") else model.model.language_model
+            self._weights[key] = _bytes(nn.ModuleList([text.layers, text.norm, model.lm_head]))
+        return self._weights[key]
+
+    def teacher_hf(
+        self, model: nn.Module, batch: int, prompt_len: int, start=None, check_only: bool = False
+    ) -> dict:
+        """transformers forward with a DynamicCache (what `generate()` runs): the real prefill cache (`start`)
+        or a random one."""
         kw = _cache_kw(model)
         with Memory(self.device) as mem, torch.no_grad():
             if start is not None:
@@ -452,7 +515,8 @@ class Decoding:
                 return {"status": "ok", "batch": batch}
             steps, seconds = self._time(step)
         entry = self._entry(batch, steps, seconds, fill, "transformers eager, DynamicCache", cache_bytes, mem,
-                            prefill_held=cache_bytes if start is not None else 0)  # fmt: skip
+                            prefill_held=cache_bytes if start is not None else 0,
+                            step_bytes=self.weight_bytes(model) + cache_bytes)  # fmt: skip
         if start is not None:
             entry["prefill_cache_storage_bytes"] = storage_bytes(start[0])
         return entry
@@ -491,8 +555,12 @@ class Decoding:
                 dec.step()  # warm-up
             steps, seconds = self._time(dec.step)
             state_bytes = dec.nbytes()
+            written = sum(
+                t.numel() * t.element_size() for st in dec.states for t in (st.ssm, st.conv) if t is not None
+            )  # fmt: skip  (SSM state and conv tail: read and written back)
             dec.release()
-        entry = self._entry(batch, steps, seconds, fill, mode, state_bytes, mem)
+        entry = self._entry(batch, steps, seconds, fill, mode, state_bytes, mem,
+                            step_bytes=self.weight_bytes(model) + state_bytes + written)  # fmt: skip
         if held is not None:
             entry["prefill_cache_storage_bytes"] = held
         return entry
@@ -516,11 +584,16 @@ class Decoding:
                            prefill_held=cache.nbytes())  # fmt: skip
 
     @staticmethod
-    def _entry(batch, steps, seconds, fill, mode, cache_bytes, mem: Memory, prefill_held: int = 0) -> dict:
+    def _entry(batch, steps, seconds, fill, mode, cache_bytes, mem: Memory, prefill_held: int = 0,
+               step_bytes: int | None = None) -> dict:  # fmt: skip
         peak = None if mem.peak is None else mem.peak + prefill_held
-        return {"status": "ok", "batch": batch, "tokens_per_s": batch * steps / seconds,
-                "step_ms": 1000 * seconds / steps, "steps": steps, "cache_fill": fill, "mode": mode,
-                "cache_bytes": cache_bytes, "cache_bytes_per_seq": cache_bytes / batch, "peak_bytes": peak}  # fmt: skip
+        entry = {"status": "ok", "batch": batch, "tokens_per_s": batch * steps / seconds,
+                 "step_ms": 1000 * seconds / steps, "steps": steps, "cache_fill": fill, "mode": mode,
+                 "cache_bytes": cache_bytes, "cache_bytes_per_seq": cache_bytes / batch, "peak_bytes": peak}  # fmt: skip
+        if step_bytes is not None:  # roofline: bytes one step must move (weights + cache / state) per second
+            entry["bytes_per_step"] = step_bytes
+            entry["achieved_bytes_per_s"] = step_bytes * steps / seconds
+        return entry
 
 
 def search_batch(fits: Callable[[int], dict], cap: int) -> dict:
@@ -682,6 +755,9 @@ class _Runner:
         self.teacher, self.student, self.dev, self.dec = teacher, student, dev, decoding
         self.repeats, self.equal_batch, self.batch, self.cap = repeats, equal_batch, batch, cap
         self.deadline, self.say = deadline, say
+        self.one_run_above_s = (
+            3.0  # a teacher TTFT above this: one repeat (512+ frames at 7B shape on an H200)
+        )
 
     def out_of_time(self) -> bool:
         return self.deadline is not None and time.perf_counter() > self.deadline
@@ -704,8 +780,13 @@ class _Runner:
 
             res = guarded(prefill)
             if res["status"] == "ok":
-                fn = self.dec.linmu if name == "linmu" else self.dec.teacher
-                res = guarded(lambda fn=fn, m=m, start=held.pop("start"): fn(m, 1, prompt.lm_tokens, start))
+                fns = [self.dec.linmu] if name == "linmu" else [self.dec.teacher, self.dec.teacher_hf]
+                start = held.pop("start")
+                for fn in fns:
+                    res = guarded(lambda fn=fn, m=m, start=start: fn(m, 1, prompt.lm_tokens, start))
+                    if res.get("status") != "ok":
+                        break
+                del start
             if res.get("status") != "ok":
                 self.say(f"warning: warm-up of the {name} model: {res}")
             elif "failed" in res.get("mode", ""):
@@ -754,47 +835,58 @@ class _Runner:
                     starts[name] = holder.pop("start")
                 self.say(f"  TTFT {name:8s} run {rep + 1}: {res['total_s']:.3f} s (vision {res['vision_s']:.3f}, "
                          f"prefill {res['prefill_s']:.3f}, first step {res['first_step_s']:.3f})")  # fmt: skip
-            if runs["teacher"] and runs["teacher"][0]["total_s"] > 8:
+            if runs["teacher"] and runs["teacher"][0]["total_s"] > self.one_run_above_s:
                 break  # long runs (seconds of GPU work): one is plenty
         summary = {n: failed.get(n) or (_summarize_ttft(r) if r else SKIPPED) for n, r in runs.items()}
         return summary, starts
 
     def decode(self, prompt: VideoPrompt, starts: dict[str, Any]) -> dict[str, dict]:
-        """Batch 1 from the real prefill, then the equal batch and the largest batch on random caches."""
+        """Batch 1 from the real prefill, then the equal batch and the largest batch on random caches.
+
+        `teacher` is the served teacher (static KV cache + CUDA graph), `teacher_hf` transformers' generate()
+        path (batch 1 and the equal batch; its largest batch is not searched), `linmu` the fixed-buffer step."""
         p_len = prompt.lm_tokens
-        out: dict[str, dict] = {"teacher": {}, "linmu": {}}
-        for name, m in self.models().items():
-            fn = self.dec.linmu if name == "linmu" else self.dec.teacher
-            start = starts.pop(name, None)
-            if self.out_of_time():
-                out[name]["batch_1"] = SKIPPED
-            elif start is None:
-                out[name]["batch_1"] = {"status": "skipped", "reason": "no prefill to decode from"}
+        out: dict[str, dict] = {"teacher": {}, "teacher_hf": {}, "linmu": {}}
+        runs = {"teacher": (self.teacher, self.dec.teacher), "teacher_hf": (self.teacher, self.dec.teacher_hf),
+                "linmu": (self.student, self.dec.linmu)}  # fmt: skip
+
+        def measure(name: str, key: str, fn: Callable[[], dict]) -> None:
+            out[name][key] = SKIPPED if self.out_of_time() else guarded(fn)
+
+        held = {"teacher": starts.pop("teacher", None), "linmu": starts.pop("linmu", None)}
+        plan = [
+            ("teacher", "batch_1", "teacher"),
+            ("teacher_hf", "batch_1", "teacher"),  # served copy first:
+            ("linmu", "batch_1", "linmu"),
+            ("linmu", "batch_1_hf", "linmu"),
+        ]  # fmt: skip  (HF grows the cache)
+        for name, key, source in plan:
+            m, fn = runs[name]
+            if held[source] is None:
+                out[name][key] = {"status": "skipped", "reason": "no prefill to decode from"}
+            elif key == "batch_1_hf":
+                measure(name, key, lambda source=source: self.dec.linmu_hf(self.student, held[source]))
             else:
-                out[name]["batch_1"] = guarded(lambda fn=fn, m=m, start=start: fn(m, 1, p_len, start))
-                if name == "linmu" and not self.out_of_time():
-                    out[name]["batch_1_hf"] = guarded(
-                        lambda start=start: self.dec.linmu_hf(self.student, start)
-                    )
-            del start
+                measure(name, key, lambda fn=fn, m=m, source=source: fn(m, 1, p_len, held[source]))
+            if name == "teacher_hf" or key == "batch_1_hf":  # the last user of that prefill cache
+                held[source] = None
             _free()
-        for name, m in self.models().items():
-            fn = self.dec.linmu if name == "linmu" else self.dec.teacher
-            target = out[name]
-            eq = self.equal_batch
-            target["equal_batch"] = (
-                SKIPPED if self.out_of_time() else guarded(lambda fn=fn, m=m, eq=eq: fn(m, eq, p_len))
-            )
-            target["max_batch"] = SKIPPED if self.out_of_time() else self._largest(fn, m, p_len)
+        held.clear()
+        eq = self.equal_batch
+        for name, (m, fn) in runs.items():
+            measure(name, "equal_batch", lambda fn=fn, m=m: fn(m, eq, p_len))
+            if name != "teacher_hf":
+                out[name]["max_batch"] = SKIPPED if self.out_of_time() else self._largest(fn, m, p_len)
+        for name, target in out.items():
             for key in ("batch_1", "batch_1_hf", "equal_batch", "max_batch"):
                 e = target.get(key)
                 if e is None:
                     continue
                 if e.get("status") == "ok":
-                    self.say(f"  decode {name:8s} {key:11s} batch {e['batch']:5d}: {e['tokens_per_s']:10.1f} tok/s "
+                    self.say(f"  decode {name:10s} {key:11s} batch {e['batch']:5d}: {e['tokens_per_s']:10.1f} tok/s "
                              f"({e['step_ms']:.2f} ms/step, {e['cache_fill']} cache, {e['mode']})")  # fmt: skip
                 else:
-                    self.say(f"  decode {name:8s} {key:11s}: {e.get('status')} {e.get('error', '')}")
+                    self.say(f"  decode {name:10s} {key:11s}: {e.get('status')} {e.get('error', '')}")
         return out
 
     def _largest(self, fn, m: nn.Module, p_len: int) -> dict:
@@ -809,6 +901,204 @@ class _Runner:
             entry = guarded(lambda best=best: fn(m, best, p_len))
         entry["search"] = search
         return entry
+
+
+# ----------------------------------------------------------------------------------------------------- roofline
+def measure_ceilings(device: torch.device, dtype: torch.dtype) -> dict:
+    """The device's own limits, measured here in a few hundred ms: dense matmul rate in `dtype` and
+    device-to-device copy bandwidth (bytes read + written per second). The roofline columns divide by them."""
+    clock = Clock(device)
+    n = 8192 if device.type == "cuda" else 512
+    mdt = dtype if device.type == "cuda" else torch.float32
+    a = torch.randn(n, n, device=device).to(mdt)
+    b = torch.randn(n, n, device=device).to(mdt)
+    reps = 20 if device.type == "cuda" else 3
+    torch.matmul(a, b)
+    clock.sync()
+    t0 = clock.mark()
+    for _ in range(reps):
+        torch.matmul(a, b)
+    t1 = clock.mark()
+    clock.sync()
+    matmul = 2 * n**3 * reps / clock.seconds(t0, t1)
+    del a, b
+    numel = (1 << 29) if device.type == "cuda" else (1 << 23)  # 1 GiB / 16 MiB of bf16
+    src = torch.empty(numel, dtype=torch.bfloat16, device=device).fill_(1)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    clock.sync()
+    t0 = clock.mark()
+    for _ in range(reps):
+        dst.copy_(src)
+    t1 = clock.mark()
+    clock.sync()
+    copy = 2 * src.numel() * src.element_size() * reps / clock.seconds(t0, t1)
+    del src, dst
+    _free()
+    return {"matmul_flops_per_s": matmul, "matmul": f"{n}x{n}x{n} {str(mdt).replace('torch.', '')} x{reps}",
+            "copy_bytes_per_s": copy, "copy": f"{numel * 2 / 2**20:.0f} MiB bf16 copy_ x{reps}, read + write"}  # fmt: skip
+
+
+def _linear_flops(module: nn.Module, tokens: int) -> int:
+    return sum(
+        2 * m.in_features * m.out_features * tokens for m in module.modules() if isinstance(m, nn.Linear)
+    )
+
+
+def vision_flops(model: nn.Module, prompt: VideoPrompt) -> dict:
+    """Matrix FLOPs of the vision tower on `prompt` (analytic from shapes): linears, patch embedding, attention
+    (Qwen2-VL per frame; Qwen2.5-VL per frame on its full-attention blocks, per window elsewhere)."""
+    tower = model.model.visual
+    vc = tower.config
+    t, h, w = (int(x) for x in prompt.inputs["video_grid_thw"][0].tolist())
+    patches, per_frame = t * h * w, h * w
+    merge = vc.spatial_merge_size**2
+    linear = _linear_flops(tower.blocks, patches) + _linear_flops(tower.merger, patches // merge)
+    linear += 2 * tower.patch_embed.proj.weight.numel() * patches
+    dim = tower.blocks[0].attn.qkv.in_features
+    full = set(getattr(vc, "fullatt_block_indexes", None) or range(len(tower.blocks)))
+    win = (getattr(vc, "window_size", 0) // vc.patch_size) ** 2 or per_frame
+    attn = sum(
+        4 * dim * patches * (per_frame if i in full else min(win, per_frame))
+        for i in range(len(tower.blocks))
+    )
+    return {"linear": linear, "attention": attn}
+
+
+def prefill_flops(model: nn.Module, prompt: VideoPrompt, kind: str) -> dict:
+    """Matrix FLOPs of one TTFT run (analytic from shapes; `kind` teacher | linmu | floor): every nn.Linear of
+    the decoder layers on every LM token, the LM head on one, the vision tower, and softmax attention (the
+    teacher's causal attention; LinMU's 3D windows and text window; none in the floor). LinMU's scans are
+    not matrix work and are not counted (docs/design.md §3)."""
+    vis = vision_flops(model, prompt)
+    text = model.family.text_model(model) if hasattr(model, "family") else model.model.language_model
+    tc = model.config.get_text_config(decoder=True)
+    n = prompt.lm_tokens
+    linear = vis["linear"] + _linear_flops(text.layers, n) + 2 * model.lm_head.weight.numel()
+    width, layers = tc.num_attention_heads * (tc.hidden_size // tc.num_attention_heads), tc.num_hidden_layers
+    if kind == "teacher":
+        lm_attn = layers * 4 * width * n * (n + 1) // 2
+    elif kind == "linmu":
+        mate = model.mate_config
+        window = math.prod(mate.vision_window)
+        text_tokens = n - prompt.video_tokens
+        lm_attn = layers * 4 * width * (prompt.video_tokens * window + text_tokens * min(mate.text_window, n))
+    else:
+        lm_attn = 0
+    return {"linear": linear, "attention": vis["attention"] + lm_attn}
+
+
+def _add_roofline(entry: dict | None, flops: dict | None, ceilings: dict) -> None:
+    """Achieved TFLOP/s (TTFT entries) or bytes/s (decode entries) against the measured ceilings, in place."""
+    if not entry or entry.get("status") != "ok":
+        return
+    if flops is not None:
+        total = flops["linear"] + flops["attention"]
+        entry["flops"] = flops
+        entry["achieved_tflops"] = total / entry["total_s"] / 1e12
+        entry["of_matmul_peak"] = total / entry["total_s"] / ceilings["matmul_flops_per_s"]
+    elif "achieved_bytes_per_s" in entry:
+        entry["of_copy_bandwidth"] = entry["achieved_bytes_per_s"] / ceilings["copy_bytes_per_s"]
+
+
+# ----------------------------------------------------------------------------------------------------- preflight
+def _check_writable(path: Path | None, option: str) -> None:
+    """Fail before the bench, not after it (issue 14): the output's folder, or the nearest folder above it that
+    exists, must take a new file. Nothing is left behind (the probe file is removed, no folder is created)."""
+    if path is None:
+        return
+    if path.is_dir():
+        raise LinmuError(f"{option} {path}: is a directory; give a file name")
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        if not folder.is_dir():
+            raise NotADirectoryError(20, f"{folder} is not a directory")
+        probe = folder / f".linmu-bench-probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise LinmuError(f"{option} {path}: cannot write there ({exc.strerror or exc})") from None
+
+
+def available_bytes(device: torch.device) -> int:
+    """Memory a run can still take: free GPU memory, or the host's MemAvailable."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def estimate_bytes(config, frames: int, resolution: int, dtype: torch.dtype, weights: int) -> dict:
+    """Peak memory of one bench run at `frames` (the prefill dominates): weights + the random pixels + the
+    larger of the vision phase and the LM phase (hidden states, MLP intermediates, the teacher's KV cache).
+    At 512 frames, 7B shape, it gives 17.2 GiB against the measured 12.7 GiB prefill peak + 1.7 GiB of pixels
+    (docs/benchmarks.md): on the safe side, not by much (tests/test_bench.py)."""
+    vc, tc = config.vision_config, config.get_text_config(decoder=True)
+    b = torch.tensor([], dtype=dtype).element_size()
+    grid = (frames // vc.temporal_patch_size, resolution // vc.patch_size, resolution // vc.patch_size)
+    patches = grid[0] * grid[1] * grid[2]
+    tokens = patches // vc.spatial_merge_size**2 + PREFIX_TOKENS + SUFFIX_TOKENS + 2
+    channels = getattr(vc, "in_channels", None) or getattr(vc, "in_chans", 3)
+    pixels = patches * channels * vc.temporal_patch_size * vc.patch_size**2 * (4 + b)  # float32 randn + cast
+    embed = getattr(vc, "embed_dim", None) or vc.hidden_size
+    hidden_mlp = getattr(vc, "intermediate_size", None) or embed * getattr(vc, "mlp_ratio", 4)
+    vision = patches * (embed * 6 + hidden_mlp * 2) * b + patches * embed * 4 * 2  # + float32 rotary q, k
+    head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
+    kv = tokens * tc.num_hidden_layers * 2 * tc.num_key_value_heads * head_dim * b
+    lm = tokens * (tc.hidden_size * 8 + tc.intermediate_size * 3) * b + kv + tokens * 3 * 8 * 4
+    total = int(1.1 * (weights + pixels + max(vision, lm)))
+    return {"total": total, "weights": weights, "pixels": pixels, "vision": vision, "lm": lm, "kv_cache": kv}
+
+
+def _preflight_memory(config, frame_list: list[int], resolution: int, dtype: torch.dtype, weights: int,
+                      dev: torch.device, have: int | None = None) -> dict:  # fmt: skip
+    """Refuse a run that cannot fit before allocating anything big (issue 14: 8,000 frames on a CPU)."""
+    have = available_bytes(dev) if have is None else have
+    top = max(frame_list)
+    est = estimate_bytes(config, top, resolution, dtype, weights)
+    if est["total"] > have:
+        per_frame = max(1, (est["total"] - 1.1 * weights) / top)
+        fit = int((0.95 * have - 1.1 * weights) / per_frame) // 2 * 2
+        gib = lambda v: f"{v / 2**30:.1f} GiB"  # noqa: E731
+        hint = f"up to ~{fit} frames fit" if fit >= 2 else "not even 2 frames fit"
+        raise LinmuError(f"--frames {top} at {resolution}px needs about {gib(est['total'])} on {dev.type} (weights "
+                         f"{gib(weights)}, pixels {gib(est['pixels'])}, prefill {gib(max(est['vision'], est['lm']))}); "
+                         f"{gib(have)} available: {hint}, or lower --resolution")  # fmt: skip
+    return {"estimate_bytes": est["total"], "available_bytes": have, "frames": top}
+
+
+def _config_and_weights(model: str | None, arch: str | None, dtype: torch.dtype) -> tuple[Any, int]:
+    """The model config and its weight bytes in `dtype`, without building it (meta device)."""
+    from linmu_cli.archs import build_random_model
+
+    if arch is not None:
+        meta = (
+            build_random_model(arch, dtype, "meta")
+            if arch not in ("tiny-qwen2-vl", "tiny-qwen2.5-vl")
+            else None
+        )
+        if meta is None:
+            tiny = build_random_model(arch, dtype, "cpu")
+            return tiny.config, _bytes(tiny)
+        size = torch.tensor([], dtype=dtype).element_size()
+        return meta.config, sum(p.numel() for p in meta.parameters()) * size
+    from transformers import AutoConfig
+
+    import linmu_cli  # noqa: F401  (registers the LinMU config classes)
+
+    path = Path(model).expanduser()
+    if not (path / "config.json").is_file():
+        raise LinmuError(f"--model {model}: no config.json there; pass a checkpoint directory or use --arch")
+    config = AutoConfig.from_pretrained(path)
+    weights = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+    return config, weights
 
 
 def run_bench(
@@ -830,14 +1120,21 @@ def run_bench(
     graphs: bool = True,
     time_budget: float | None = None,
     decode_seconds: float | None = None,
+    fast_vision: bool = True,
+    vision_compile: bool | str = "auto",
+    teacher_kernel: str = "auto",
     progress: Progress | None = None,
 ) -> dict:
-    """Run the benchmark and return its result dict (the JSON written to `json_path`, schema `linmu-bench/1`).
+    """Run the benchmark and return its result dict (the JSON written to `json_path`, schema `linmu-bench/2`).
 
     `frames` are frame counts (ints or "64,128" strings); `batch` "auto" searches the largest decode batch by
-    doubling until out of memory (up to `max_batch`: 4096 on CUDA, 4 on CPU); `mate` overrides M-MATE fields
-    of the conversion; `time_budget` (s) turns measurements past it into "skipped"; `decode_seconds` is the
-    timing budget of one decode measurement (1.0 on CUDA). The JSON is rewritten after every frame count.
+    doubling until out of memory (up to `max_batch`: 4096 on CUDA, max(16, equal batch) on CPU); `mate`
+    overrides M-MATE fields of the conversion; `time_budget` (s) turns measurements past it into "skipped";
+    `decode_seconds` is the timing budget of one decode measurement (1.0 on CUDA); `fast_vision` runs both
+    models' vision towers through `linmu_cli.vision` (`vision_compile` as in `use_fast_vision`);
+    `teacher_kernel` is the served teacher's decode attention (auto: the fastest measured). Output files are
+    checked for writability and the run's memory is estimated before anything big is built; the JSON is
+    rewritten after every frame count.
     """
     started = time.perf_counter()
     say = progress or (lambda _msg: None)
@@ -845,19 +1142,45 @@ def run_bench(
     batch = parse_batch(batch)
     _check_args(model, arch, resolution, batch, new_tokens, repeats, device, plot_path, equal_batch)
     torch_dtype = _dtype(dtype)
+    json_path = Path(json_path) if json_path else None
+    plot_path = Path(plot_path) if plot_path else None
+    _check_writable(json_path, "--json")
+    _check_writable(plot_path, "--plot")
+    if teacher_kernel != "auto":
+        from linmu_cli.teacher_decode import KERNELS
+
+        if teacher_kernel not in KERNELS:
+            raise LinmuError(f"--teacher-kernel {teacher_kernel!r}: choose auto or {', '.join(KERNELS)}")
     dev = torch.device(device)
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())
-    cap = max_batch or (4096 if dev.type == "cuda" else 4)
+    cap = max_batch or (4096 if dev.type == "cuda" else max(16, equal_batch))
     decode_seconds = decode_seconds if decode_seconds is not None else (1.0 if dev.type == "cuda" else 0.05)
-    json_path = Path(json_path) if json_path else None
+    config, weights = _config_and_weights(model, arch, torch_dtype)
+    memory_check = _preflight_memory(config, frame_list, resolution, torch_dtype, weights, dev)
 
     say(f"building models ({arch or model}, {str(torch_dtype).replace('torch.', '')}, {dev}) ...")
     torch.manual_seed(0)
-    teacher, student, source = build_models(model, arch, torch_dtype, dev, dict(mate or {}))
+    try:
+        teacher, student, source = build_models(model, arch, torch_dtype, dev, dict(mate or {}))
+    except Exception as exc:
+        if _is_oom(exc):
+            raise LinmuError(
+                f"out of memory building the models on {dev} ({_gb(weights)} of weights)"
+            ) from None
+        raise
+    vision = "transformers (SDPA, one call per frame / window)"
+    if fast_vision:
+        from linmu_cli.vision import use_fast_vision
+
+        infos = [use_fast_vision(m, compile=vision_compile) for m in (teacher, student)]
+        vision = infos[0].describe() + " (both models)"
+    say("ceilings: measuring this device's matmul rate and copy bandwidth ...")
+    ceilings = measure_ceilings(dev, torch_dtype)
     use_graph = graphs and dev.type == "cuda"
-    runner = _Runner(teacher, student, dev, Decoding(dev, new_tokens, decode_seconds, use_graph), repeats,
-                     equal_batch, batch, cap, started + time_budget if time_budget else None, say)  # fmt: skip
+    decoding = Decoding(dev, new_tokens, decode_seconds, use_graph, teacher_kernel)
+    runner = _Runner(teacher, student, dev, decoding, repeats, equal_batch, batch, cap,
+                     started + time_budget if time_budget else None, say)  # fmt: skip
     result: dict[str, Any] = {
         "schema": SCHEMA,
         "environment": environment(dev, torch_dtype),
@@ -874,8 +1197,11 @@ def run_bench(
             "repeats": repeats,
             "decode_seconds": decode_seconds,
             "time_budget_s": time_budget,
+            "fast_vision": fast_vision,
+            "teacher_kernel": teacher_kernel,
             "mate": student.mate_config.to_dict(),
             "text_tokens": PREFIX_TOKENS + SUFFIX_TOKENS + 2,
+            "memory_check": memory_check,
         },  # fmt: skip
         "weights_bytes": {
             "teacher": _bytes(teacher),
@@ -884,6 +1210,9 @@ def run_bench(
         "results": [],
         "notes": NOTES,
     }
+    result["environment"]["ceilings"] = ceilings
+    say(f"ceilings: matmul {ceilings['matmul_flops_per_s'] / 1e12:.0f} TFLOP/s, copy "
+        f"{ceilings['copy_bytes_per_s'] / 1e12:.2f} TB/s (read + write)")  # fmt: skip
 
     warm = synthetic_video(teacher.config, frame_list[0], resolution, dev, torch_dtype)
     say(f"warm-up at {frame_list[0]} frames ({warm.lm_tokens} LM tokens) ...")
@@ -892,37 +1221,57 @@ def run_bench(
     from linmu_cli.ops import last_ssd_backend
     from linmu_cli.ops.ssd_step import last_ssd_step_backend
 
+    loop = "cuda_graph" if use_graph else "eager"
     kernels = {"flex_ma_prefill": last_ssd_backend(), "flex_ma_decode": last_ssd_step_backend(),
                "local_swin": "torch SDPA: batched 3D windows + text-query blocks of the sliding window",
-               "linmu_decode_loop": "cuda_graph" if use_graph else "eager",
+               "linmu_decode_loop": loop, "vision": vision,
                "teacher_attention": getattr(teacher.config, "_attn_implementation", None),
-               "teacher_decode_loop": "transformers eager, DynamicCache"}  # fmt: skip
+               "teacher_decode_loop": f"{loop}, static KV cache (linmu_cli.teacher_decode)",
+               "teacher_decode_attention": f"{teacher_kernel} (per entry: decode.*.attention_kernel)",
+               "teacher_hf_decode_loop": "transformers eager, DynamicCache"}  # fmt: skip
     result["environment"]["kernels"] = kernels
-    say(
-        f"kernels: {kernels['flex_ma_prefill']} scans, {kernels['flex_ma_decode']} decode step, "
-        f"{kernels['linmu_decode_loop']} decode loop; warm-up done at {time.perf_counter() - started:.0f} s"
-    )
+    say(f"kernels: {kernels['flex_ma_prefill']} scans, {kernels['flex_ma_decode']} decode step, {loop} decode "
+        f"loops; vision: {vision}; warm-up done at {time.perf_counter() - started:.0f} s")  # fmt: skip
 
     for n_frames in frame_list:
-        prompt = synthetic_video(teacher.config, n_frames, resolution, dev, torch_dtype)
+        try:
+            prompt = synthetic_video(teacher.config, n_frames, resolution, dev, torch_dtype)
+        except Exception as exc:
+            if not _is_oom(exc):
+                raise
+            say(f"{n_frames} frames: OOM building the synthetic video")
+            result["results"].append({"frames": n_frames, "status": "OOM", "ratios": {}})
+            _free()
+            continue
         say(
             f"{n_frames} frames: {prompt.lm_tokens} LM tokens ({time.perf_counter() - started:.0f} s elapsed)"
         )
         ttft, starts = runner.ttft(prompt)
+        for name, kind in (("teacher", "teacher"), ("linmu", "linmu"), ("floor", "floor")):
+            _add_roofline(ttft[name], prefill_flops(student if kind != "teacher" else teacher, prompt, kind),
+                          ceilings)  # fmt: skip
         decode = runner.decode(prompt, starts)
-        td, ld = decode["teacher"], decode["linmu"]
+        for entries in decode.values():
+            for entry in entries.values():
+                _add_roofline(entry, None, ceilings)
+        td, hd, ld = decode["teacher"], decode["teacher_hf"], decode["linmu"]
         result["results"].append({
             "frames": n_frames, "resolution": resolution, "video_tokens": prompt.video_tokens,
             "lm_tokens": prompt.lm_tokens,
             "teacher": {"ttft": ttft["teacher"], "decode": td},
+            "teacher_hf": {"decode": hd},
             "linmu": {"ttft": ttft["linmu"], "floor": ttft["floor"],
                       "ttft_over_floor": _ratio(ttft["linmu"], ttft["floor"], "total_s"), "decode": ld},
             "ratios": {
                 "ttft": _ratio(ttft["teacher"], ttft["linmu"], "total_s"),
                 "decode_batch_1": _ratio(ld.get("batch_1"), td.get("batch_1"), "tokens_per_s"),
-                "decode_batch_1_same_harness": _ratio(ld.get("batch_1_hf"), td.get("batch_1"), "tokens_per_s"),
                 "decode_equal_batch": _ratio(ld.get("equal_batch"), td.get("equal_batch"), "tokens_per_s"),
                 "decode_max_batch": _ratio(ld.get("max_batch"), td.get("max_batch"), "tokens_per_s"),
+                "decode_batch_1_vs_teacher_hf": _ratio(ld.get("batch_1"), hd.get("batch_1"), "tokens_per_s"),
+                "decode_equal_batch_vs_teacher_hf": _ratio(ld.get("equal_batch"), hd.get("equal_batch"),
+                                                           "tokens_per_s"),
+                "decode_batch_1_same_harness": _ratio(ld.get("batch_1_hf"), hd.get("batch_1"), "tokens_per_s"),
+                "teacher_served_over_hf_batch_1": _ratio(td.get("batch_1"), hd.get("batch_1"), "tokens_per_s"),
             },
         })  # fmt: skip
         result["crossover"] = crossover(result["results"])
@@ -937,7 +1286,7 @@ def run_bench(
     if json_path:
         _write_json(json_path, result)
     if plot_path:
-        save_plot(result, Path(plot_path))
+        save_plot(result, plot_path)
         result["plot"] = str(plot_path)
     return result
 
@@ -946,9 +1295,16 @@ NOTES = [
     "TTFT = vision tower + LM prefill (to the first token's logits) + the first decode step; median of the "
     "repeats. The floor is LinMU with its scans and window attention skipped (projections, gates, norms, MLPs "
     "and the vision tower still run).",
-    "Decode: teacher = transformers forward + DynamicCache; LinMU = fixed-buffer step (one CUDA graph on CUDA); "
-    "'batch_1_hf' = LinMU through the teacher's harness. cache_fill 'random' = caches of the real shapes filled "
+    "Decode: teacher = the served teacher (static KV cache pre-allocated to prompt + new tokens, q_len=1 decode "
+    "attention chosen by timing, one CUDA graph on CUDA: linmu_cli.teacher_decode); teacher_hf = transformers "
+    "forward + DynamicCache (what generate() runs); LinMU = fixed-buffer step (one CUDA graph on CUDA); "
+    "'batch_1_hf' = LinMU through transformers' harness. cache_fill 'random' = caches of the real shapes filled "
     "with random values instead of prefilling every sequence (decode cost does not depend on the values).",
+    "Roofline: TTFT achieved_tflops = analytic matrix FLOPs (linears, patch embedding, softmax attention; not "
+    "LinMU's scans) / TTFT, of_matmul_peak against the measured matmul rate; decode achieved_bytes_per_s = "
+    "bytes a step must move (decoder weights + LM head + KV cache read, or LinMU's state read and written) / "
+    "step time, of_copy_bandwidth against the measured copy bandwidth (environment.ceilings).",
+    "Vision: both models run the same vision tower code (environment.kernels.vision).",
     "Memory figures are bytes above what was allocated before the measurement (weights excluded).",
 ]
 
@@ -962,52 +1318,87 @@ def _get(d: dict, *keys, default=None):
     return d
 
 
-def save_plot(result: dict, path: Path) -> None:
-    """TTFT and decode throughput against frames, teacher and LinMU (plus the floor and batch-1 curves)."""
-    try:
-        import matplotlib
+PLOT_CURVES = {
+    "ttft": [("teacher (served)", ("teacher", "ttft", "total_s"), "o", "-", "tab:blue"),
+             ("LinMU", ("linmu", "ttft", "total_s"), "s", "-", "tab:orange"),
+             ("LinMU floor (no scans / window attention)", ("linmu", "floor", "total_s"), "^", "--", "tab:gray")],
+    "decode": [("teacher (served), largest batch", ("teacher", "decode", "max_batch", "tokens_per_s"), "o", "-",
+                "tab:blue"),
+               ("teacher (served), batch {eq}", ("teacher", "decode", "equal_batch", "tokens_per_s"), "o", "--",
+                "tab:blue"),
+               ("teacher (served), batch 1", ("teacher", "decode", "batch_1", "tokens_per_s"), "o", ":", "tab:blue"),
+               ("LinMU, largest batch", ("linmu", "decode", "max_batch", "tokens_per_s"), "s", "-", "tab:orange"),
+               ("LinMU, batch {eq}", ("linmu", "decode", "equal_batch", "tokens_per_s"), "s", "--", "tab:orange"),
+               ("LinMU, batch 1", ("linmu", "decode", "batch_1", "tokens_per_s"), "s", ":", "tab:orange"),
+               ("teacher (transformers generate), batch {eq}",
+                ("teacher_hf", "decode", "equal_batch", "tokens_per_s"), "x", ":", "tab:gray")],
+}  # fmt: skip
 
-        matplotlib.use("Agg")
+
+def make_figure(result: dict):
+    """The bench figure: TTFT (teacher, LinMU, floor; crossover marked) and decode tokens/s at batch 1, the
+    equal batch and the largest batch for both, against frames. Every curve has its own marker / line style,
+    every y axis readable tick labels; a single frame count gets labelled points."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import LogFormatterSciNotation, NullLocator
+
+    rows = [r for r in result["results"] if r.get("status") != "OOM"]
+    eq = result["config"]["equal_batch"]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.6))
+    frames = sorted({r["frames"] for r in rows})
+    single = len(frames) == 1
+    for ax, key in ((ax1, "ttft"), (ax2, "decode")):
+        for label, keys, marker, style, color in PLOT_CURVES[key]:
+            pts = [(r["frames"], _get(r, *keys)) for r in rows]
+            pts = [(f, v) for f, v in pts if isinstance(v, int | float)]
+            if not pts:
+                continue
+            x, y = zip(*pts, strict=True)
+            ax.plot(
+                x, y, marker=marker, linestyle=style, color=color, label=label.format(eq=eq), markersize=6
+            )
+            if single:
+                ax.annotate(f"{y[0]:.3g}", (x[0], y[0]), textcoords="offset points", xytext=(8, 0), fontsize=7,
+                            va="center", color=color)  # fmt: skip
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(LogFormatterSciNotation(labelOnlyBase=False))
+        ax.yaxis.set_minor_formatter(LogFormatterSciNotation(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
+        if single:
+            ax.set_xticks(frames, [str(f) for f in frames])
+            ax.set_xlim(frames[0] * 0.8, frames[0] * 1.3)
+        else:
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(frames, [str(f) for f in frames])
+            ax.xaxis.set_minor_locator(NullLocator())
+        ax.grid(True, which="both", alpha=0.25)
+    cross = result.get("crossover", {})
+    if cross.get("frames"):
+        ax1.axvline(cross["frames"], color="tab:green", linestyle="-.", linewidth=1)
+        ax1.text(cross["frames"], ax1.get_ylim()[1], f" TTFT crossover ~{cross['frames']} frames", fontsize=7,
+                 color="tab:green", va="top")  # fmt: skip
+    ax1.set(xlabel="frames", ylabel="TTFT (s)", title="Time to first token (lower is better)")
+    ax2.set(xlabel="frames", ylabel="tokens / s", title="Decode throughput (higher is better)")
+    ax1.legend(fontsize=7)
+    ax2.legend(fontsize=6, ncol=2)
+    env = result["environment"]
+    fig.suptitle(f"{result['config']['source']} - {env.get('gpu', env['device'])}, {env['dtype']}, "
+                 f"{result['config']['resolution']}px frames; vision: "
+                 f"{'linmu fast tower' if result['config'].get('fast_vision') else 'transformers'} (both)",
+                 fontsize=9)  # fmt: skip
+    fig.tight_layout()
+    return fig
+
+
+def save_plot(result: dict, path: Path) -> None:
+    """Write `make_figure(result)` as a PNG."""
+    try:
         import matplotlib.pyplot as plt
     except ImportError:
         raise LinmuError("--plot needs matplotlib: pip install 'linmu[bench]'") from None
-    rows = result["results"]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
-
-    def series(*keys):
-        pts = [(r["frames"], _get(r, *keys)) for r in rows]
-        return [f for f, v in pts if isinstance(v, int | float)], [
-            v for _, v in pts if isinstance(v, int | float)
-        ]
-
-    teacher_c, linmu_c = "tab:blue", "tab:orange"
-    curves = {
-        ax1: [("teacher", ("teacher", "ttft", "total_s"), "o-", teacher_c),
-              ("LinMU", ("linmu", "ttft", "total_s"), "s-", linmu_c),
-              ("LinMU floor (no scans / window attention)", ("linmu", "floor", "total_s"), "s:", linmu_c)],
-        ax2: [("teacher, largest batch", ("teacher", "decode", "max_batch", "tokens_per_s"), "o-", teacher_c),
-              ("LinMU, largest batch", ("linmu", "decode", "max_batch", "tokens_per_s"), "s-", linmu_c),
-              ("teacher, batch 1", ("teacher", "decode", "batch_1", "tokens_per_s"), "o:", teacher_c),
-              ("LinMU, batch 1", ("linmu", "decode", "batch_1", "tokens_per_s"), "s:", linmu_c)],
-    }  # fmt: skip
-    for ax, lines in curves.items():
-        for label, keys, style, color in lines:
-            x, y = series(*keys)
-            if x:
-                ax.plot(x, y, style, label=label, color=color)
-    ax1.set(yscale="log", xlabel="frames", ylabel="TTFT (s)", title="Time to first token")
-    ax2.set(yscale="log", xlabel="frames", ylabel="tokens / s", title="Decode throughput")
-    env = result["environment"]
-    fig.suptitle(f"{result['config']['source']} - {env.get('gpu', env['device'])}, {env['dtype']}, "
-                 f"{result['config']['resolution']}px frames", fontsize=9)  # fmt: skip
-    frames = [r["frames"] for r in rows]
-    for ax in (ax1, ax2):
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(frames, [str(f) for f in frames])
-        ax.minorticks_off()
-        ax.grid(True, which="major", alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
+    fig = make_figure(result)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -1038,52 +1429,71 @@ def _per_seq(decode: dict):
 
 
 def tables(result: dict) -> list:
-    """rich Tables for the terminal: TTFT, decode throughput, memory (every number is also in the JSON)."""
+    """rich Tables for the terminal, each narrow enough for 80 columns: TTFT, its split and roofline, decode
+    against the served teacher, largest batches, the transformers teacher, memory (all numbers are in the JSON)."""
     from rich.table import Table
 
     def table(title: str, cols: list[str]) -> Table:
         t = Table(title=title, title_justify="left")
         for col in cols:
-            t.add_column(col, justify="right")
+            t.add_column(col, justify="right", no_wrap=True)
         return t
 
     def mx(e):
         return (
-            f"{_cell(e, 'tokens_per_s', '.0f')} (b={e['batch']})"
+            f"{_cell(e, 'tokens_per_s', '.0f')} ({e['batch']})"
             if e and e.get("status") == "ok"
             else _cell(e, "", "")
         )
 
+    def pct(e, key):
+        return _fmt(100 * e[key], ".0f", "%") if e and e.get("status") == "ok" and key in e else "-"
+
     eq = result["config"]["equal_batch"]
-    t1 = table(
-        "TTFT in s (vision + prefill + first step)",
-        ["frames", "tokens", "teacher", "LinMU", "floor", "T/L", "L/floor", "T vision", "L prefill"],
+    t1 = table("TTFT in s (vision + prefill + first step)", ["frames", "tokens", "teacher", "LinMU", "floor", "T/L",
+                                                              "L/floor"])  # fmt: skip
+    t2 = table("TTFT split (s)", ["frames", "T vision", "L vision", "T prefill", "L prefill"])
+    t2b = table("TTFT matrix rate: TFLOP/s (of the measured peak)", ["frames", "teacher", "LinMU", "floor"])
+    t3 = table("Decode tok/s: LinMU vs the served teacher", ["frames", "T b=1", "L b=1", "x", f"T b={eq}", f"L b={eq}",
+                                                              "x"])  # fmt: skip
+    t4 = table(
+        "Decode at the largest batch (b) and of copy bandwidth",
+        ["frames", "T (b)", "L (b)", "x", "T BW", "L BW"],
     )
-    t2 = table(
-        "Decode tokens/s (ratio = LinMU / teacher)",
-        ["frames", "T b=1", "L b=1", "x", f"T b={eq}", f"L b={eq}", "x", "T largest", "L largest", "x"],
-    )
-    t3 = table(
-        "Memory (above weights)",
-        ["frames", "T prefill", "L prefill", "T decode b=1", "L decode b=1", "T cache/seq", "L state/seq"],
-    )
+    t5 = table("transformers teacher (generate() path) tok/s", ["frames", "HF b=1", f"HF b={eq}", "L/HF b=1",
+                                                                  f"L/HF b={eq}", "served/HF"])  # fmt: skip
+    t6 = table("Memory (above weights)", ["frames", "T prefill", "L prefill", "T dec b=1", "L dec b=1", "T /seq",
+                                          "L /seq"])  # fmt: skip
     for r in result["results"]:
-        t, lm, ra = r["teacher"]["ttft"], r["linmu"]["ttft"], r["ratios"]
-        td, ld = r["teacher"]["decode"], r["linmu"]["decode"]
-        t1.add_row(str(r["frames"]), f"{r['lm_tokens']:,}", _cell(t, "total_s", ".3f"), _cell(lm, "total_s", ".3f"),
-                   _cell(r["linmu"]["floor"], "total_s", ".3f"), _fmt(ra["ttft"], ".2f", "x"),
-                   _fmt(r["linmu"]["ttft_over_floor"], ".2f", "x"), _cell(t, "vision_s", ".3f"),
+        f = str(r["frames"])
+        if r.get("status") == "OOM":
+            for t in (t1, t2, t2b, t3, t4, t5, t6):
+                t.add_row(f, *["OOM"] * (len(t.columns) - 1))
+            continue
+        t, lm, fl, ra = r["teacher"]["ttft"], r["linmu"]["ttft"], r["linmu"]["floor"], r["ratios"]
+        td, ld, hd = r["teacher"]["decode"], r["linmu"]["decode"], _get(r, "teacher_hf", "decode", default={})
+        t1.add_row(f, f"{r['lm_tokens']:,}", _cell(t, "total_s", ".3f"), _cell(lm, "total_s", ".3f"),
+                   _cell(fl, "total_s", ".3f"), _fmt(ra.get("ttft"), ".2f", "x"),
+                   _fmt(r["linmu"]["ttft_over_floor"], ".2f", "x"))  # fmt: skip
+        rate = lambda e: f"{_cell(e, 'achieved_tflops', '.3g')} ({pct(e, 'of_matmul_peak')})"  # noqa: E731
+        t2.add_row(f, _cell(t, "vision_s", ".3f"), _cell(lm, "vision_s", ".3f"), _cell(t, "prefill_s", ".3f"),
                    _cell(lm, "prefill_s", ".3f"))  # fmt: skip
-        t2.add_row(str(r["frames"]), _cell(td.get("batch_1"), "tokens_per_s", ".1f"),
-                   _cell(ld.get("batch_1"), "tokens_per_s", ".1f"), _fmt(ra["decode_batch_1"], ".1f", "x"),
-                   _cell(td.get("equal_batch"), "tokens_per_s", ".0f"), _cell(ld.get("equal_batch"), "tokens_per_s", ".0f"),
-                   _fmt(ra["decode_equal_batch"], ".1f", "x"), mx(td.get("max_batch")), mx(ld.get("max_batch")),
-                   _fmt(ra["decode_max_batch"], ".1f", "x"))  # fmt: skip
-        t3.add_row(str(r["frames"]), _gb(_get(t, "prefill_peak_bytes")), _gb(_get(lm, "prefill_peak_bytes")),
+        t2b.add_row(f, rate(t), rate(lm), rate(fl))
+        t3.add_row(f, _cell(td.get("batch_1"), "tokens_per_s", ".1f"), _cell(ld.get("batch_1"), "tokens_per_s", ".1f"),
+                   _fmt(ra.get("decode_batch_1"), ".1f", "x"), _cell(td.get("equal_batch"), "tokens_per_s", ".0f"),
+                   _cell(ld.get("equal_batch"), "tokens_per_s", ".0f"), _fmt(ra.get("decode_equal_batch"), ".1f", "x"))  # fmt: skip
+        t4.add_row(f, mx(td.get("max_batch")), mx(ld.get("max_batch")), _fmt(ra.get("decode_max_batch"), ".1f", "x"),
+                   pct(td.get("max_batch"), "of_copy_bandwidth"), pct(ld.get("max_batch"), "of_copy_bandwidth"))  # fmt: skip
+        t5.add_row(f, _cell(hd.get("batch_1"), "tokens_per_s", ".1f"), _cell(hd.get("equal_batch"), "tokens_per_s", ".0f"),
+                   _fmt(ra.get("decode_batch_1_vs_teacher_hf"), ".1f", "x"),
+                   _fmt(ra.get("decode_equal_batch_vs_teacher_hf"), ".1f", "x"),
+                   _fmt(ra.get("teacher_served_over_hf_batch_1"), ".1f", "x"))  # fmt: skip
+        t6.add_row(f, _gb(_get(t, "prefill_peak_bytes")), _gb(_get(lm, "prefill_peak_bytes")),
                    _gb(_get(td, "batch_1", "peak_bytes")), _gb(_get(ld, "batch_1", "peak_bytes")),
                    _gb(_per_seq(td)), _gb(_per_seq(ld)))  # fmt: skip
-    return [t1, t2, t3]
+    return [t1, t2, t2b, t3, t4, t5, t6]
 
 
-__all__ = ["SCHEMA", "VideoPrompt", "crossover", "parse_frames", "run_bench", "save_plot", "synthetic_video",
+__all__ = ["SCHEMA", "VideoPrompt", "crossover", "estimate_bytes", "make_figure", "measure_ceilings", "parse_frames",
+           "run_bench", "save_plot", "synthetic_video",
            "tables", "teacher_from_student"]  # fmt: skip

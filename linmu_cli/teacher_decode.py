@@ -221,7 +221,8 @@ class ServedTeacherDecoder:
             t[:, :, :prompt].normal_(0, 0.5, generator=gen)
             t[:, :, prompt:].zero_()
         dev = keys[0].device
-        tokens = torch.randint(0, 1000, (batch, 1), generator=gen, device=dev)
+        vocab = model.lm_head.weight.shape[0]
+        tokens = torch.randint(0, min(vocab, 1000), (batch, 1), generator=gen, device=dev)
         positions = torch.full((3, batch, 1), prompt, dtype=torch.long, device=dev)
         return cls(model, keys, values, prompt, tokens, positions, kernel)
 

@@ -28,15 +28,30 @@ def test_cpu_smoke_run_writes_the_documented_json_and_plot(tmp_path):
     res = runner.invoke(app, ["bench", "--arch", "tiny-qwen2-vl", "--frames", "8", "--device", "cpu",
                               "--json", str(out), "--plot", str(png)])  # fmt: skip
     assert res.exit_code == 0, res.output
-    assert "TTFT" in res.output and "Decode tokens/s" in res.output and "crossover" in res.output
+    assert (
+        "TTFT" in res.output
+        and "Decode tok/s: LinMU vs the served teacher" in res.output
+        and "crossover" in res.output
+    )
     assert png.stat().st_size > 10_000
     data = json.loads(out.read_text())
-    assert data["schema"] == "linmu-bench/1"
+    assert data["schema"] == "linmu-bench/2"
     env = data["environment"]
-    for key in ("device", "torch", "transformers", "dtype", "python", "kernels"):
+    for key in ("device", "torch", "transformers", "dtype", "python", "kernels", "ceilings"):
         assert key in env
     assert env["kernels"]["flex_ma_prefill"] == "torch" and env["kernels"]["flex_ma_decode"] == "torch"
-    assert env["kernels"]["linmu_decode_loop"] == "eager"
+    assert (
+        env["kernels"]["linmu_decode_loop"] == "eager"
+        and "static KV cache" in env["kernels"]["teacher_decode_loop"]
+    )
+    assert env["kernels"]["teacher_hf_decode_loop"] == "transformers eager, DynamicCache"
+    assert env["kernels"]["vision"].startswith("linmu fast vision") and data["config"]["fast_vision"] is True
+    assert env["ceilings"]["matmul_flops_per_s"] > 0 and env["ceilings"]["copy_bytes_per_s"] > 0
+    assert (
+        0
+        < data["config"]["memory_check"]["estimate_bytes"]
+        < data["config"]["memory_check"]["available_bytes"]
+    )
     assert data["config"]["frames"] == [8] and data["config"]["mate"]["text_window"] == 512
     assert data["weights_bytes"]["teacher"] > data["weights_bytes"]["linmu_own"] > 0
     (row,) = data["results"]
@@ -47,22 +62,52 @@ def test_cpu_smoke_run_writes_the_documented_json_and_plot(tmp_path):
         parts = ttft["vision_s"] + ttft["prefill_s"] + ttft["first_step_s"]
         assert ttft["vision_s"] > 0 and parts == pytest.approx(ttft["total_s"], rel=1e-6)
         assert "prefill_peak_bytes" in ttft  # None on CPU
+        # roofline: analytic matrix FLOPs over the TTFT, against the measured matmul rate
+        assert ttft["flops"]["linear"] > 0 and ttft["achieved_tflops"] > 0 and ttft["of_matmul_peak"] > 0
+    assert (
+        row["teacher"]["ttft"]["flops"]["attention"] > row["linmu"]["floor"]["flops"]["attention"] > 0
+    )  # vision
     assert row["linmu"]["ttft_over_floor"] > 0
     for model in ("teacher", "linmu"):
         dec = row[model]["decode"]
         assert dec["batch_1"]["cache_fill"] == "prefill" and dec["batch_1"]["batch"] == 1
         assert dec["equal_batch"]["batch"] == 16 and dec["equal_batch"]["cache_fill"] == "random"
-        mx = dec["max_batch"]
-        assert mx["batch"] == 4 and mx["search"]["largest_fit"] == 4 and mx["search"]["tried"] == [1, 2, 4]
+        mx = dec["max_batch"]  # the CPU cap is the equal batch: the largest batch is never below it
+        assert (
+            mx["batch"] == 16
+            and mx["search"]["largest_fit"] == 16
+            and mx["search"]["tried"] == [1, 2, 4, 8, 16]
+        )
         for entry in (dec["batch_1"], dec["equal_batch"], mx):
             assert entry["status"] == "ok" and entry["tokens_per_s"] > 0 and entry["steps"] >= 2
             assert entry["cache_bytes_per_seq"] > 0 and "peak_bytes" in entry and entry["mode"]
+            assert entry["achieved_bytes_per_s"] == pytest.approx(
+                entry["bytes_per_step"] * 1000 / entry["step_ms"]
+            )
+            assert entry["of_copy_bandwidth"] > 0
+        assert (
+            mx["bytes_per_step"] > dec["batch_1"]["bytes_per_step"]
+        )  # 16 caches / states read instead of one
+    for entry in row["teacher"]["decode"].values():
+        assert entry["mode"] == "eager (static KV cache, split_kv decode attention)"
+        assert entry["attention_kernel"]["name"] == "split_kv"
+    hf = row["teacher_hf"]["decode"]
+    assert (
+        set(hf) == {"batch_1", "equal_batch"} and hf["batch_1"]["mode"] == "transformers eager, DynamicCache"
+    )
+    assert hf["equal_batch"]["batch"] == 16 and hf["batch_1"]["tokens_per_s"] > 0
     assert row["linmu"]["decode"]["batch_1_hf"]["mode"].startswith("transformers")
     # LinMU's decode state per sequence is the same at batch 1 (from the prefill) and batch 16 (random)
     ld = row["linmu"]["decode"]
     assert ld["equal_batch"]["cache_bytes_per_seq"] == ld["max_batch"]["cache_bytes_per_seq"]
-    assert set(row["ratios"]) == {"ttft", "decode_batch_1", "decode_batch_1_same_harness", "decode_equal_batch",
-                                  "decode_max_batch"}  # fmt: skip
+    assert set(row["ratios"]) == {"ttft", "decode_batch_1", "decode_equal_batch", "decode_max_batch",
+                                  "decode_batch_1_vs_teacher_hf", "decode_equal_batch_vs_teacher_hf",
+                                  "decode_batch_1_same_harness", "teacher_served_over_hf_batch_1"}  # fmt: skip
+    rd = row["ratios"]
+    assert rd["decode_batch_1"] == pytest.approx(
+        row["linmu"]["decode"]["batch_1"]["tokens_per_s"]
+        / row["teacher"]["decode"]["batch_1"]["tokens_per_s"]
+    )
     assert all(v > 0 for v in row["ratios"].values())
     assert "text" in data["crossover"] and data["elapsed_s"] > 0
 
@@ -307,3 +352,107 @@ def test_served_teacher_decoder_refuses_to_run_past_its_cache():
         dec.step()
     with pytest.raises(linmu_cli.LinmuError, match="unknown teacher decode kernel"):
         ServedTeacherDecoder.random(teacher, batch=1, prompt=30, new_tokens=2, kernel="magic")
+
+
+# ------------------------------------------------------------------------ issue 14: reliability of `linmu bench`
+def test_median_of_two_repeats_is_their_mean_not_the_slower_run():
+    runs = [{"total_s": t, "vision_s": t / 2, "prefill_s": t / 4, "first_step_s": t / 4, "peak_bytes": None}
+            for t in (1.0, 3.0)]  # fmt: skip
+    two = bench._summarize_ttft(runs)
+    assert two["total_s"] == 2.0 and two["vision_s"] + two["prefill_s"] + two["first_step_s"] == 2.0
+    three = bench._summarize_ttft([*runs, {**runs[0], "total_s": 2.5}])
+    assert three["total_s"] == 2.5
+
+
+def test_cpu_allocator_failure_is_reported_as_oom():
+    assert bench.guarded(lambda: {"x": torch.empty(1 << 60, dtype=torch.uint8)}) == {"status": "OOM"}
+
+
+def test_frames_beyond_the_memory_are_refused_before_anything_is_built(tmp_path):
+    out = tmp_path / "sub" / "b.json"
+    res = runner.invoke(app, ["bench", "--arch", "tiny-qwen2-vl", "--frames", "100000", "--device", "cpu",
+                              "--json", str(out)])  # fmt: skip
+    assert res.exit_code == 2 and "needs about" in res.output and "available" in res.output, res.output
+    assert "Traceback" not in res.output and not (tmp_path / "sub").exists()  # nothing written
+
+
+def test_memory_estimate_refuses_8000_frames_on_a_16_gib_machine(monkeypatch):
+    config = build_random_model("tiny-qwen2-vl", torch.float32, "cpu").config
+    small = bench.estimate_bytes(config, 8, 448, torch.bfloat16, 0)["total"]
+    big = bench.estimate_bytes(config, 8000, 448, torch.bfloat16, 0)["total"]
+    assert big > 16 * 2**30 and 900 < big / small < 1100  # linear in frames: 8000 frames need > 16 GiB
+    monkeypatch.setattr(bench, "available_bytes", lambda _dev: 16 * 2**30)
+    res = runner.invoke(app, ["bench", "--arch", "tiny-qwen2-vl", "--frames", "64,8000", "--device", "cpu"])
+    assert res.exit_code == 2 and "--frames 8000" in res.output and "16.0 GiB available" in res.output
+    assert "frames fit" in res.output
+
+
+def test_memory_estimate_is_close_to_the_measured_7b_prefill_peak():
+    """docs/benchmarks.md: 12.7 GiB teacher prefill peak above the weights at 512 frames, 7B shape, H200."""
+    from linmu_cli.archs import arch_config
+
+    est = bench.estimate_bytes(arch_config("qwen2-vl-7b"), 512, 448, torch.bfloat16, 0)
+    measured = 12.7 * 2**30 + est["pixels"]  # the pixels were allocated before the measured peak started
+    assert measured <= est["total"] <= 1.35 * measured  # never below what was measured, not far above it
+
+
+@pytest.mark.parametrize("where", ["file_parent", "proc"])
+def test_unwritable_json_fails_before_the_bench(tmp_path, where):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    target = blocker / "b.json" if where == "file_parent" else "/proc/linmu-bench/b.json"
+    res = runner.invoke(app, ["bench", "--arch", "tiny-qwen2-vl", "--frames", "8", "--device", "cpu",
+                              "--json", str(target)])  # fmt: skip
+    assert res.exit_code == 2 and "cannot write there" in res.output, res.output
+    assert "building models" not in res.output  # refused before anything ran
+
+
+def _one_row_result():
+    """A one-frame-count result with every curve of the plot (values as a CPU run would give)."""
+    ok = lambda v, **kw: {"status": "ok", "tokens_per_s": v, "batch": 1, **kw}  # noqa: E731
+    ttft = lambda t: {"status": "ok", "total_s": t}  # noqa: E731
+    row = {"frames": 8, "teacher": {"ttft": ttft(0.06), "decode": {"batch_1": ok(700.0), "equal_batch": ok(4000.0),
+                                                                  "max_batch": ok(4100.0)}},
+           "teacher_hf": {"decode": {"batch_1": ok(300.0), "equal_batch": ok(3000.0)}},
+           "linmu": {"ttft": ttft(0.15), "floor": ttft(0.09), "ttft_over_floor": 1.6,
+                     "decode": {"batch_1": ok(450.0), "equal_batch": ok(4300.0), "max_batch": ok(4400.0)}},
+           "ratios": {"ttft": 0.4}}  # fmt: skip
+    return {"results": [row], "config": {"equal_batch": 16, "source": "--arch tiny", "resolution": 448},
+            "environment": {"device": "cpu", "dtype": "bfloat16"}, "crossover": {"frames": None}}  # fmt: skip
+
+
+def test_single_frame_count_plot_has_labelled_distinct_points():
+    import matplotlib.pyplot as plt
+
+    fig = bench.make_figure(_one_row_result())
+    ttft_ax, decode_ax = fig.axes
+    for ax, n in ((ttft_ax, 3), (decode_ax, 7)):
+        lines = ax.get_lines()
+        assert len(lines) == n and all(line.get_marker() not in (None, "None", "") for line in lines)
+        styles = {(line.get_marker(), line.get_linestyle(), line.get_color()) for line in lines}
+        assert len(styles) == n  # LinMU and its floor (and every decode curve) look different
+        assert len(ax.texts) >= n  # each single point carries its value
+        fig.canvas.draw()
+        labels = [t.get_text() for t in ax.get_yticklabels() if t.get_text()]
+        assert labels, "log axis without tick labels"
+        assert [t.get_text() for t in ax.get_xticklabels()] == ["8"]
+    plt.close(fig)
+
+
+def test_tables_fit_80_columns_without_cutting_headers():
+    from rich.console import Console
+
+    result = json.loads(json.dumps(_one_row_result()))
+    row = result["results"][0]
+    row.update(lm_tokens=1061)
+    row["teacher"]["ttft"].update(vision_s=0.05, prefill_s=0.01, achieved_tflops=0.03, of_matmul_peak=0.2)
+    row["linmu"]["ttft"].update(vision_s=0.05, prefill_s=0.09, achieved_tflops=0.01, of_matmul_peak=0.1)
+    row["ratios"].update(decode_batch_1=0.6, decode_equal_batch=1.1, decode_max_batch=1.1)
+    for table in bench.tables(result):
+        console = Console(width=80, record=True)
+        console.print(table)
+        text = console.export_text()
+        assert "…" not in text, text
+        assert max(len(line) for line in text.splitlines()) <= 80
+        for col in table.columns:
+            assert str(col.header) in text
