@@ -91,7 +91,6 @@ def check_output(output: str | Path | None, force: bool) -> None:
 
 def quiet_lmms_eval() -> None:
     """CLI runs: lmms-eval / transformers / datasets print only errors (to stderr), no progress bars of theirs."""
-    import functools
     import sys
 
     import datasets
@@ -102,9 +101,12 @@ def quiet_lmms_eval() -> None:
     from loguru import logger
 
     # lmms-eval's "Building contexts" / "Postprocessing" bars (the modules' own `tqdm` names): linmu draws its own
+    def silent(*args: Any, **kwargs: Any):
+        return tqdm.tqdm(*args, **{**kwargs, "disable": True})  # they pass disable=(RANK != 0) themselves
+
     for module in (lmms_eval.api.task, lmms_eval.evaluator):
         if getattr(module, "tqdm", None) is tqdm.tqdm:
-            module.tqdm = functools.partial(tqdm.tqdm, disable=True)
+            module.tqdm = silent
     logger.remove()
     logger.add(sys.stderr, level="ERROR")
     transformers.utils.logging.set_verbosity_error()
