@@ -1146,6 +1146,8 @@ def run_bench(
     plot_path = Path(plot_path) if plot_path else None
     _check_writable(json_path, "--json")
     _check_writable(plot_path, "--plot")
+    if vision_compile not in ("auto", True, False):
+        raise LinmuError(f"--vision-compile {vision_compile!r}: choose auto, on or off")
     if teacher_kernel != "auto":
         from linmu_cli.teacher_decode import KERNELS
 

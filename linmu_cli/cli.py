@@ -544,6 +544,17 @@ def bench(
     decode_seconds: Annotated[
         float | None, typer.Option(help="Seconds of timing per decode measurement (default 1 on CUDA).")
     ] = None,
+    fast_vision: Annotated[
+        bool,
+        typer.Option("--fast-vision/--hf-vision", help="Both models' vision towers through linmu_cli.vision."),
+    ] = True,
+    vision_compile: Annotated[
+        str, typer.Option(help="Fuse the tower's rotary / activation with torch.compile: auto (CUDA) | on | off.")
+    ] = "auto",
+    teacher_kernel: Annotated[
+        str,
+        typer.Option(help="Served teacher's decode attention: auto (fastest measured), split_kv, sdpa_masked, matmul."),
+    ] = "auto",
 ) -> None:
     """TTFT, decode throughput and memory of a teacher and its LinMU conversion on a synthetic video.
 
@@ -561,7 +572,9 @@ def bench(
         model=model, arch=arch, frames=frames, resolution=resolution, batch=parse_batch(batch),
         new_tokens=new_tokens, dtype=dtype, device=device, json_path=json_out, plot_path=plot, repeats=repeats,
         equal_batch=equal_batch, max_batch=max_batch, mate=fields, graphs=graphs, time_budget=time_budget,
-        decode_seconds=decode_seconds, progress=lambda msg: console.print(msg, highlight=False, soft_wrap=True),
+        decode_seconds=decode_seconds, fast_vision=fast_vision, teacher_kernel=teacher_kernel,
+        vision_compile={"auto": "auto", "on": True, "off": False}.get(vision_compile, vision_compile),
+        progress=lambda msg: console.print(msg, highlight=False, soft_wrap=True),
     )  # fmt: skip
     for table in tables(result):
         console.print(table)
