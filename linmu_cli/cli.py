@@ -144,6 +144,14 @@ def _main(
         raise typer.Exit(2) from None
 
 
+def quick_device_check(device: str) -> None:
+    """`--device banana` answers before torch is imported (whether CUDA is there is checked later, with torch)."""
+    import re
+
+    if not re.fullmatch(r"(cpu|mps|(cuda|xpu)(:\d+)?)", device.strip()):
+        raise LinmuError(f"unknown device {device!r}; use cpu, cuda or cuda:N")
+
+
 def _parse_value(text: str) -> Any:
     """A --set value typed like YAML (0.05, true, [2,8,8], null); what YAML cannot parse stays a string."""
     import yaml
@@ -275,6 +283,7 @@ def convert(
     """
     fields = mate_overrides(window, text_window, scan_orders, fusion_init, fusion, flex, swin, bidirectional,
                             ssd_backend, set_)  # fmt: skip
+    quick_device_check(device)
     from transformers.utils import logging as hf_logging
 
     from linmu_cli.config import MateConfig
@@ -417,6 +426,8 @@ def eval_(
     # cheap checks first (no torch, no lmms-eval): a typo answers in a second
     if limit is not None and limit < 1:
         raise LinmuError(f"--limit must be at least 1, got {limit}")
+    if device is not None:
+        quick_device_check(device)
     if batch_size is not None and batch_size < 1:
         raise LinmuError(f"--batch-size must be at least 1, got {batch_size}")
     args = merge_model_args(model_args, batch_size=batch_size, device=device)
@@ -546,14 +557,19 @@ def bench(
     ] = None,
     fast_vision: Annotated[
         bool,
-        typer.Option("--fast-vision/--hf-vision", help="Both models' vision towers through linmu_cli.vision."),
+        typer.Option(
+            "--fast-vision/--hf-vision", help="Both models' vision towers through linmu_cli.vision."
+        ),
     ] = True,
     vision_compile: Annotated[
-        str, typer.Option(help="Fuse the tower's rotary / activation with torch.compile: auto (CUDA) | on | off.")
+        str,
+        typer.Option(help="Fuse the tower's rotary / activation with torch.compile: auto (CUDA) | on | off."),
     ] = "auto",
     teacher_kernel: Annotated[
         str,
-        typer.Option(help="Served teacher's decode attention: auto (fastest measured), split_kv, sdpa_masked, matmul."),
+        typer.Option(
+            help="Served teacher's decode attention: auto (fastest measured), split_kv, sdpa_masked, matmul."
+        ),
     ] = "auto",
 ) -> None:
     """TTFT, decode throughput and memory of a teacher and its LinMU conversion on a synthetic video.

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from contextlib import nullcontext
@@ -16,7 +15,7 @@ import transformers
 
 from linmu_cli.config import MateConfig
 from linmu_cli.errors import LinmuError
-from linmu_cli.io import atomic_directory, check_output_dir
+from linmu_cli.io import atomic_directory, check_output_dir, check_writable
 from linmu_cli.models import convert_model
 from linmu_cli.ops import select_ssd_backend
 from linmu_cli.sources import check_device, load_teacher
@@ -135,25 +134,6 @@ def _check_distinct(out: Path, teacher_out: Path) -> None:
     if a == b or a in b.parents or b in a.parents:
         raise LinmuError(f"--save-teacher {teacher_out} and OUT {out} overlap; give the teacher its own "
                          "directory (e.g. --save-teacher teacher/ beside out/)")  # fmt: skip
-
-
-def check_writable(out: Path) -> None:
-    """Fail before loading anything when OUT's parent (or the nearest existing ancestor) cannot be written."""
-    parent = Path(out).expanduser().absolute().parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise LinmuError(f"cannot write {out}: {parent} is not a directory")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise LinmuError(f"cannot write {out}: {parent} is not writable; choose a place you may write to")
-    try:  # os.access says yes for root on a read-only mount: try it
-        probe = parent / f".linmu-write-test-{os.getpid()}"
-        probe.mkdir()
-        probe.rmdir()
-    except OSError as exc:
-        raise LinmuError(
-            f"cannot write {out}: {parent}: {exc.strerror or exc}; choose a writable place"
-        ) from None
 
 
 def _version() -> str:

@@ -19,6 +19,25 @@ def check_output_dir(out: Path, force: bool) -> None:
         raise LinmuError(f"{out} exists and is not empty; pass --force to replace it")
 
 
+def check_writable(out: Path) -> None:
+    """Fail before loading anything when OUT's parent (or the nearest existing ancestor) cannot be written."""
+    parent = Path(out).expanduser().absolute().parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise LinmuError(f"cannot write {out}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise LinmuError(f"cannot write {out}: {parent} is not writable; choose a place you may write to")
+    try:  # os.access says yes for root on a read-only mount: try it
+        probe = parent / f".linmu-write-test-{os.getpid()}"
+        probe.mkdir()
+        probe.rmdir()
+    except OSError as exc:
+        raise LinmuError(
+            f"cannot write {out}: {parent}: {exc.strerror or exc}; choose a writable place"
+        ) from None
+
+
 @contextmanager
 def atomic_directory(out: Path, force: bool = False) -> Iterator[Path]:
     """Yield a temporary directory beside `out`; on success it replaces `out` by rename, on error it is removed."""

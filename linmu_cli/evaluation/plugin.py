@@ -47,7 +47,7 @@ def load_model(pretrained: str, device: torch.device, dtype: str = "auto", attn_
                seed: int = 0):  # fmt: skip
     """(model, processor) for anything `linmu convert` accepts as a source, plus LinMU checkpoints."""
     import linmu_cli.models  # noqa: F401  (registers the LinMU classes with the Auto classes)
-    from linmu_cli.sources import load_pretrained, load_teacher, parse_dtype, resolve_source
+    from linmu_cli.sources import load_pretrained, load_teacher, parse_dtype, read_model_type, resolve_source
 
     torch_dtype = parse_dtype(str(dtype))
     kind, where = resolve_source(str(pretrained))
@@ -58,6 +58,7 @@ def load_model(pretrained: str, device: torch.device, dtype: str = "auto", attn_
 
     extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
     where = Path(where)
+    read_model_type(where)  # a config.json that is not an object: one clear error, not transformers' trace
     model = load_pretrained(
         where, "model", lambda: AutoModelForImageTextToText.from_pretrained(where, dtype=torch_dtype, **extra)
     )

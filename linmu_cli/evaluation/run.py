@@ -87,6 +87,9 @@ def check_output(output: str | Path | None, force: bool) -> None:
         what = "an earlier evaluation (summary.json)" if (out / "summary.json").exists() else "files"
         raise LinmuError(f"--output {out} already holds {what}; pass --force to replace it, or choose another "
                          "--output (the default is a new runs/eval-<time>)")  # fmt: skip
+    from linmu_cli.io import check_writable
+
+    check_writable(out)
 
 
 def quiet_lmms_eval() -> None:
@@ -315,14 +318,16 @@ def evaluate(
     require_lmms_eval()
     from linmu_cli.evaluation.availability import check_available, check_media
     from linmu_cli.evaluation.tasks import DATASETS, data_root, dataset_meta, dataset_ready, ensure_datasets
-    from linmu_cli.sources import check_device, resolve_source
+    from linmu_cli.sources import check_device, read_model_type, resolve_source
 
     if args.get("device") not in (None, "", "auto"):
         check_device(str(args["device"]))
     models = {"student": str(model)} | ({"teacher": str(teacher)} if teacher is not None else {})
     for role, path in models.items():
         try:
-            resolve_source(path)
+            kind, where = resolve_source(path)
+            if kind == "dir":
+                read_model_type(Path(where))  # a damaged config.json fails here, before data or models load
         except LinmuError as exc:
             raise LinmuError(f"{'MODEL' if role == 'student' else '--teacher'}: {exc}") from None
 
