@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from linmu_cli.layers.cache import LinMUCache
+from linmu_cli.layers.cache import LinMUCache, MateLayerState
 
 
 @dataclass
@@ -158,10 +158,15 @@ class StaticDecoder:
         return self._step()
 
     @torch.no_grad()
-    def capture(self, warmup: int = 2) -> None:
-        """Record one step in a CUDA graph (after `warmup` eager steps on a side stream, as torch requires)."""
+    def capture(self, warmup: int = 2, keep_state: bool = False) -> None:
+        """Record one step in a CUDA graph (after `warmup` eager steps on a side stream, as torch requires).
+
+        The warm-up steps advance the state; `keep_state=True` puts every buffer back afterwards (in place, so
+        the graph's addresses stay valid): what `generate()` needs after a real prefill.
+        """
         if self.tokens.device.type != "cuda":
             raise RuntimeError("CUDA graphs need a CUDA device")
+        saved = [t.clone() for t in self._buffers()] if keep_state else None
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -172,6 +177,49 @@ class StaticDecoder:
         with torch.cuda.graph(graph):
             self.logits = self._step()
         self.graph = graph
+        if saved is not None:
+            for buf, old in zip(self._buffers(), saved, strict=True):
+                buf.copy_(old)
+
+    # ------------------------------------------------------------------ as generate()'s cache (docs/design.md §3-4)
+    def _buffers(self) -> list[torch.Tensor]:
+        """Every tensor a step reads and updates in place (the slot once: all layers share it)."""
+        out = [self.tokens, self.positions, self.slot]
+        for s in self.states:
+            out += [t for t in (s.ssm, s.conv, s.keys, s.values, s.key_valid) if t is not None]
+        return out
+
+    @torch.no_grad()
+    def feed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Decode the given next tokens (B, 1), not the step's own argmax; returns logits (B, vocab).
+
+        A copy: under a CUDA graph the logits buffer is overwritten by the next replay.
+        """
+        self.tokens.copy_(tokens)
+        return self.step().clone()
+
+    @torch.no_grad()
+    def select_rows(self, index: torch.Tensor) -> None:
+        """Reorder / pick batch rows in place (beam search), keeping every buffer's address."""
+        for buf in [self.tokens, self.positions, *[t for s in self.states for t in (s.ssm, s.conv, s.keys,
+                                                                                     s.values, s.key_valid)
+                                                   if t is not None]]:  # fmt: skip
+            dim = 1 if buf is self.positions else 0
+            buf.copy_(buf.index_select(dim, index.to(buf.device)))
+
+    def layer_states(self) -> list[MateLayerState]:
+        """The state as `LinMUCache` layers (oldest key first): to continue with a multi-token forward."""
+        out = []
+        order = (self.slot + 1 + torch.arange(self.window - 1, device=self.slot.device)) % self.window
+        for s in self.states:
+            state = MateLayerState(ssm=s.ssm.clone() if s.ssm is not None else None,
+                                   conv=s.conv.clone() if s.conv is not None else None)  # fmt: skip
+            if s.keys is not None:
+                state.keys = s.keys.index_select(2, order)
+                state.values = s.values.index_select(2, order)
+                state.key_valid = s.key_valid.index_select(1, order)
+            out.append(state)
+        return out
 
     def release(self) -> None:
         self.graph, self.logits, self.states = None, None, []

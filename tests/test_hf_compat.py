@@ -114,18 +114,61 @@ def test_training_forward_with_the_default_use_cache(tiny):
 
 
 @pytest.mark.parametrize("impl", ["static", "dynamic"])
-def test_cache_implementation_static_is_the_constant_size_cache(tiny, impl):
+def test_cache_implementation_static_and_dynamic_give_the_same_tokens_and_logits(tiny, impl):
     _, teacher, _ = tiny
     student = convert_model(teacher, MateConfig(text_window=6))
     ids = torch.randint(0, 900, (2, 12))
-    args = dict(input_ids=ids, max_new_tokens=5, do_sample=False, return_dict_in_generate=True)
+    args = dict(
+        input_ids=ids, max_new_tokens=5, do_sample=False, return_dict_in_generate=True, output_logits=True
+    )
     with torch.no_grad():
         got = student.generate(**args, cache_implementation=impl)
         want = student.generate(**args)
     assert torch.equal(got.sequences, want.sequences)
-    assert isinstance(output_cache(got), LinMUCache)
+    torch.testing.assert_close(torch.stack(got.logits), torch.stack(want.logits), atol=2e-5, rtol=1e-5)
+    cache = output_cache(got)
+    assert isinstance(cache, LinMUCache) and cache.get_seq_length() == 12 + 4
+    assert (cache.static is not None) == (impl == "static")
     with pytest.raises(ValueError, match="offloaded.*constant-size recurrent state"):
         student.generate(**args, cache_implementation="offloaded")
+
+
+@pytest.mark.parametrize("kind", ["text", "video"])
+@pytest.mark.parametrize("mode", ["greedy", "sample", "beams"])
+def test_fixed_buffer_decode_equals_the_cache_path(tiny, kind, mode):
+    """generate(cache_implementation="static") runs fast_decode's fixed-buffer step (a CUDA graph on CUDA; here
+    eager): the same logits as the LinMUCache path, with left padding, sampling and beam reordering."""
+    _, teacher, processor = tiny
+    student = convert_model(teacher, MateConfig(text_window=5, vision_window=[2, 1, 2]))
+    media = {"videos": [video(1), video(2, frames=4)]} if kind == "video" else {}
+    inputs = prompt_inputs(processor, ["hi", "a much longer question about it"], **media)
+    args = {"greedy": dict(do_sample=False), "sample": dict(do_sample=True, top_k=20, num_return_sequences=2),
+            "beams": dict(do_sample=False, num_beams=3)}[mode]  # fmt: skip
+    outs = []
+    for impl in ("static", None):
+        torch.manual_seed(3)
+        with torch.no_grad():
+            outs.append(student.generate(**inputs, **args, max_new_tokens=6, cache_implementation=impl,
+                                         return_dict_in_generate=True, output_scores=True))  # fmt: skip
+    got, want = outs
+    assert torch.equal(got.sequences, want.sequences)
+    torch.testing.assert_close(torch.stack(got.scores), torch.stack(want.scores), atol=2e-4, rtol=1e-4)
+
+
+def test_a_fixed_buffer_cache_continues_into_the_next_turn(tiny):
+    _, teacher, processor = tiny
+    student = convert_model(teacher, MateConfig(text_window=6))
+    first, follow = _turns(processor, None)
+    gen = dict(max_new_tokens=4, do_sample=False, return_dict_in_generate=True, output_logits=True)
+    with torch.no_grad():
+        out1 = student.generate(**first, **gen, cache_implementation="static")
+        cache = output_cache(out1)
+        assert cache.static is not None
+        ids = torch.cat([out1.sequences, follow], 1)
+        got = student.generate(input_ids=ids, attention_mask=torch.ones_like(ids), cache=cache, **gen)
+        want = student.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **gen)
+    assert torch.equal(got.sequences, want.sequences)
+    torch.testing.assert_close(torch.stack(got.logits), torch.stack(want.logits), atol=2e-4, rtol=1e-4)
 
 
 def test_auto_model_returns_the_bare_linmu_model(tiny, tmp_path):

@@ -48,6 +48,10 @@ class LinMUCache(Cache):
         self.layer_class_to_replicate = None
         self.offloading = False
         self.seen_tokens = 0
+        # generate(cache_implementation="static"): after the prefill the state moves into the fixed buffers of a
+        # `linmu_cli.fast_decode.StaticDecoder` (`static`), stepped in place (one CUDA graph on CUDA)
+        self.static_requested = False
+        self.static = None
 
     def __repr__(self) -> str:
         return f"LinMUCache(layers={len(self.layers)}, seen_tokens={self.seen_tokens}, bytes={self.nbytes()})"
@@ -64,7 +68,15 @@ class LinMUCache(Cache):
             self.seen_tokens += num_tokens
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for state in self.layers for _, t in state.tensors())
+        held = sum(t.numel() * t.element_size() for state in self.layers for _, t in state.tensors())
+        return held + (self.static.nbytes() if self.static is not None else 0)
+
+    def unfreeze(self) -> None:
+        """Move a fixed-buffer state back into per-layer states (for a multi-token forward or a batch change)."""
+        if self.static is not None:
+            self.layers = self.static.layer_states()
+            self.static.release()
+            self.static = None
 
     # --- the part of transformers' Cache interface that generation and the Qwen models use ---
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -104,24 +116,32 @@ class LinMUCache(Cache):
 
     @property
     def batch_size(self) -> int:
+        if self.static is not None:
+            return self.static.batch
         for state in self.layers:
             for _, t in state.tensors():
                 return t.shape[0]
         return 0
 
     def reset(self) -> None:
+        self.unfreeze()
         self.layers = [MateLayerState() for _ in self.layers]
         self.seen_tokens = 0
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.static is not None:
+            self.static.select_rows(beam_idx)  # in place: the CUDA graph keeps its addresses
+            return
         for state in self.layers:
             state.map(lambda t: t.index_select(0, beam_idx.to(t.device)))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
+        self.unfreeze()
         for state in self.layers:
             state.map(lambda t: t.repeat_interleave(repeats, dim=0))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.unfreeze()
         for state in self.layers:
             state.map(lambda t: t[indices])
 

@@ -131,6 +131,11 @@ class LinMUModelMixin:
                 f"a LinMU model keeps a LinMUCache, not a {type(cache).__name__}: pass the cache a LinMU model "
                 "returned, model.new_cache(), or none"
             )
+        if isinstance(cache, LinMUCache) and (cache.static_requested or cache.static is not None):
+            return self._fixed_buffer_forward(input_ids, attention_mask, kwargs, cache)
+        return self._linmu_forward(input_ids, attention_mask, kwargs)
+
+    def _linmu_forward(self, input_ids, attention_mask, kwargs: dict):
         layout = kwargs.pop("linmu_layout", None)
         if layout is None:
             self._check_vision_inputs(input_ids, kwargs)
@@ -141,6 +146,61 @@ class LinMUModelMixin:
             return super().forward(
                 input_ids=input_ids, attention_mask=attention_mask, linmu_layout=layout, **kwargs
             )
+
+    def _fixed_buffer_forward(self, input_ids, attention_mask, kwargs: dict, cache: LinMUCache):
+        """generate(cache_implementation="static"): prefill as usual, then decode on fixed buffers.
+
+        After a multi-token forward the state moves into a `StaticDecoder` (one CUDA graph on CUDA); each
+        one-token call is then one step on those buffers, with the token generate() chose (docs/design.md §3-4).
+        A later multi-token call (next turn) moves the state back first.
+        """
+        from linmu_cli.fast_decode import StaticDecoder
+
+        step = cache.static is not None and input_ids is not None and input_ids.shape[1] == 1
+        if step:
+            wanted = [
+                k for k in ("output_hidden_states", "labels", "inputs_embeds") if kwargs.get(k) is not None
+            ]
+            wanted = [k for k in wanted if kwargs[k] is not False]
+            if wanted:
+                raise ValueError(
+                    f"{', '.join(wanted)} with a fixed-buffer (cache_implementation='static') decode step: the step "
+                    "returns logits only; generate without cache_implementation='static' to get them"
+                )
+            positions = kwargs.get("position_ids")
+            if positions is not None:  # what generate() computed: follow it exactly
+                positions = positions[None].expand(3, -1, -1) if positions.dim() == 2 else positions[-3:]
+                cache.static.positions.copy_(positions[:, :, -1:])
+            logits = cache.static.feed(input_ids)[:, None]
+            cache.seen_tokens += 1
+            return cache.static_output(logits=logits, **{cache.static_output_field: cache})
+        cache.unfreeze()
+        seen: list[torch.Tensor] = []
+        hook = self.family.text_model(self).rotary_emb.register_forward_hook(
+            lambda module, args, out: seen.append(args[1])
+        )
+        try:
+            out = self._linmu_forward(input_ids, attention_mask, kwargs)
+        finally:
+            hook.remove()
+        if not hasattr(self, "lm_head"):
+            return out
+        positions = seen[-1]
+        positions = positions[None].expand(3, -1, -1) if positions.dim() == 2 else positions[-3:]
+        ref = out.logits
+        decoder = StaticDecoder.from_cache(
+            self,
+            cache,
+            tokens=torch.zeros(ref.shape[0], 1, dtype=torch.long, device=ref.device),
+            positions=positions[:, :, -1:] + 1,
+        )
+        if ref.device.type == "cuda":
+            decoder.capture(keep_state=True)
+        cache.layers = [type(layer)() for layer in cache.layers]  # the buffers hold the state now
+        cache.static = decoder
+        cache.static_output = type(out)
+        cache.static_output_field = next(k for k, v in out.items() if v is cache)
+        return out
 
     def _check_vision_inputs(self, input_ids, kwargs: dict) -> None:
         """The teacher's error (same words) when pixel inputs and vision tokens disagree; without it the layout
@@ -247,6 +307,8 @@ class LinMUModelMixin:
                 "leave it unset"
             )
         model_kwargs[name] = self.new_cache()
+        # "static": decode on fixed buffers, the CUDA-graph step on CUDA (linmu_cli.fast_decode.StaticDecoder)
+        model_kwargs[name].static_requested = impl == "static"
         return None
 
 
