@@ -105,8 +105,19 @@ def main() -> None:
     rope = (torch.cat([angles, angles], -1).cos().to(dt), torch.cat([angles, angles], -1).sin().to(dt))
     r = args.repeats
     res: dict = {"tokens": length, "video_tokens": t * 256, "ssd_backend": backend, "gpu": torch.cuda.get_device_name(0),
-                 "torch": torch.__version__, "ms": {}}  # fmt: skip
-    ms = res["ms"]
+                 "torch": torch.__version__}  # fmt: skip
+
+    class Loud(dict):
+        """Prints each timing as it lands and rewrites the JSON, so a run cut short still leaves its numbers."""
+
+        def __setitem__(self, key, value):
+            super().__setitem__(key, value)
+            print(f"{key:34s} {value:9.3f} ms", flush=True)
+            if args.json:
+                args.json.parent.mkdir(parents=True, exist_ok=True)
+                args.json.write_text(json.dumps(res, indent=2, default=str) + "\n")
+
+    ms = res["ms"] = Loud()
     print(f"one layer, {length} tokens ({t} frame pairs of 16x16), {backend} scans", flush=True)
 
     with torch.no_grad():
