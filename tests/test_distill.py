@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 import linmu_cli  # noqa: F401
 from linmu_cli.cli import app
-from linmu_cli.distillation import distill, load_recipe
+from linmu_cli.distillation import checkpoint, distill, load_recipe
 from linmu_cli.errors import LinmuError
 
 RECIPE = Path(__file__).parents[1] / "recipes" / "tiny.yaml"
@@ -120,7 +120,7 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path):
     with pytest.raises(LinmuError, match="the loss became"):
         distill(RECIPE, over)
     last = sorted((out / "checkpoints" / "stage1").glob("step-*"))[-1]
-    state = torch.load(last / "train_state.pt", weights_only=False)
+    state = checkpoint.load(last)
     assert all(torch.isfinite(t).all() for t in state["trainable"].values())
 
 
@@ -207,9 +207,7 @@ def test_two_processes_run_data_parallel(tmp_path):
         (s, i) for s, n in (("stage1", 6), ("stage2", 4), ("stage3", 4)) for i in range(1, n + 1)
     ]
     assert (out / "final" / "model.safetensors").exists()
-    state = torch.load(
-        sorted((out / "checkpoints" / "stage1").glob("step-*"))[-1] / "train_state.pt", weights_only=False
-    )
+    state = checkpoint.load(sorted((out / "checkpoints" / "stage1").glob("step-*"))[-1])
     assert len(state["data_positions"]) == 2
 
 

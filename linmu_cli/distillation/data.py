@@ -10,8 +10,10 @@ from __future__ import annotations
 import json
 import os
 import random
+import sys
 from collections import Counter
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,9 +54,30 @@ def _quiet_decord():
     return decord
 
 
+@contextmanager
+def _stderr_to_devnull() -> Iterator[None]:
+    """decord's own C++ log line ("ERROR opening: ...") ignores its log level: hide fd 2 while it decodes (the
+    reason travels in the exception, and the sample is counted as skipped)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 def read_video(path: Path, frames: int, fps_cap: float | None) -> tuple[np.ndarray, float]:
     """Uniformly sample an even number of frames with decord (no process-global bridge)."""
     decord = _quiet_decord()
+    with _stderr_to_devnull():
+        return _read_video(decord, path, frames, fps_cap)
+
+
+def _read_video(decord, path: Path, frames: int, fps_cap: float | None) -> tuple[np.ndarray, float]:
     try:
         reader = decord.VideoReader(str(path), ctx=decord.cpu(0))
     except Exception as exc:  # decord raises its own DECORDError and RuntimeError
