@@ -2,6 +2,8 @@
 
 - the SSD decode step through mamba-ssm's Triton kernel (in place) equals the PyTorch step;
 - the fixed-buffer decode step equals the transformers decode path, and its CUDA-graph replay equals eager;
+- the served teacher (static KV cache, every decode attention kernel, CUDA graph) equals transformers' path;
+- the fast vision tower equals transformers' at both real tower shapes in bf16 (eager and compiled);
 - a `linmu bench` run on the tiny model with CUDA events, memory stats and graphs gives a complete JSON.
 
 Run with `python3 -m pytest -s -m gpu tests/test_bench_gpu.py`.
@@ -86,6 +88,90 @@ def test_graph_replay_equals_eager_steps():
             assert rel(lb, la) < 1e-3
 
 
+@pytest.mark.parametrize("kernel", ["split_kv", "sdpa_masked", "matmul"])
+def test_served_teacher_matches_the_transformers_path_on_gpu(kernel):
+    """bf16 on the GPU: the served teacher's step (each kernel, then its CUDA-graph replay) against the
+    transformers forward on the same tokens."""
+    from linmu_cli.teacher_decode import ServedTeacherDecoder
+
+    dev = torch.device("cuda")
+    teacher, processor = build_tiny_teacher("qwen2_5_vl")
+    teacher = teacher.to(dev, torch.bfloat16)
+    inputs = prompt_inputs(processor, ["describe the video"], videos=[video(3)]).to(dev)
+    kw = bench._cache_kw(teacher)
+    with torch.no_grad():
+        out = teacher(**inputs, use_cache=True)
+        cache = output_cache(out)
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+        pos = bench._next_positions(teacher, inputs["input_ids"].shape[1], 1, dev)
+        served = ServedTeacherDecoder.from_cache(teacher, cache, token, pos, new_tokens=16, kernel=kernel)
+        for i in range(8):
+            if i == 3:
+                served.capture(warmup=0)  # later steps are graph replays
+            ref = teacher(input_ids=token, position_ids=pos, use_cache=True, **{kw: cache}).logits[:, -1]
+            got = served.step()
+            assert rel(got, ref) < 3e-2, (kernel, i, rel(got, ref))
+            token, pos = served.tokens.clone(), pos + 1
+
+
+def test_decode_kernels_agree_at_the_7b_shape_and_auto_picks_a_timed_one():
+    """Qwen2-VL-7B decode attention shape (4 kv heads x 7 queries, d=128) at 32k context, batch 1 and 16."""
+    from linmu_cli.teacher_decode import KERNELS, DecodeShape, sdpa_masked, split_chunks
+
+    dev = torch.device("cuda")
+    g = torch.Generator(device=dev).manual_seed(0)
+    for b in (1, 16):
+        prompt, cap = 32_805, 32_805 + 144
+        q = torch.randn(b, 4, 7, 128, device=dev, generator=g).bfloat16()
+        k = torch.randn(b, 4, cap, 128, device=dev, generator=g).bfloat16()
+        v = torch.randn(b, 4, cap, 128, device=dev, generator=g).bfloat16()
+        shape = DecodeShape(
+            torch.tensor([prompt + 5], device=dev), prompt, split_chunks(b, 4, prompt, dev), 128**-0.5
+        )
+        ref = sdpa_masked(q.float(), k.float(), v.float(), shape)
+        for name, fn in KERNELS.items():
+            got = fn(q, k, v, shape)
+            assert rel(got, ref) < 2e-2, (name, b, rel(got, ref))
+        print(f"\nbatch {b}: {shape.chunks} split-KV chunks of {shape.chunk}")
+
+
+def test_fast_vision_tower_matches_transformers_in_bf16():
+    """Both real tower shapes (7B configs, random weights, 4 frames at 448x448 and two images), bf16, eager
+    and compiled elementwise parts."""
+    import copy
+
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
+
+    from linmu_cli.archs import arch_config
+    from linmu_cli.vision import use_fast_vision
+
+    dev = torch.device("cuda")
+    grid = torch.tensor([[2, 32, 32], [1, 16, 22], [1, 20, 12]], device=dev)
+    n = int((grid[:, 0] * grid[:, 1] * grid[:, 2]).sum())
+    for alias, cls in (("qwen2-vl-7b", Qwen2VisionTransformerPretrainedModel),
+                       ("qwen2.5-vl-7b", Qwen2_5_VisionTransformerPretrainedModel)):  # fmt: skip
+        cfg = arch_config(alias).vision_config
+        torch.manual_seed(0)
+        with torch.device(dev):
+            ref_tower = cls._from_config(cfg, attn_implementation="sdpa", dtype=torch.bfloat16).eval()
+        x = torch.randn(n, 1176, device=dev).bfloat16()
+        with torch.no_grad():
+            ref = ref_tower(x, grid_thw=grid).pooler_output
+            for compile_ in (False, True):
+                tower = copy.deepcopy(ref_tower)
+                info = use_fast_vision(tower, compile=compile_)
+                got = tower(x, grid_thw=grid).pooler_output
+                print(
+                    f"\n{alias} compile={compile_}: rel. error {rel(got, ref):.1e}; {info.describe()}; {info.paths}"
+                )
+                assert rel(got, ref) < 2e-2, (alias, compile_)
+                assert info.compile_error is None
+                del tower
+        del ref_tower
+        torch.cuda.empty_cache()
+
+
 def test_bench_on_gpu_runs_every_measurement(tmp_path):
     res = bench.run_bench(arch="tiny-qwen2-vl", frames=[8, 16], device="cuda", json_path=tmp_path / "b.json",
                           repeats=1, max_batch=64, decode_seconds=0.2)  # fmt: skip
@@ -95,11 +181,17 @@ def test_bench_on_gpu_runs_every_measurement(tmp_path):
         for ttft in (row["teacher"]["ttft"], row["linmu"]["ttft"], row["linmu"]["floor"]):
             assert ttft["status"] == "ok" and ttft["prefill_peak_bytes"] > 0
         for model in ("teacher", "linmu"):
-            for key in ("batch_1", "equal_batch", "max_batch"):
+            for key in ("batch_1", "equal_batch", "max_batch"):  # teacher = the served teacher
                 entry = row[model]["decode"][key]
                 assert entry["status"] == "ok", (model, key, entry)
                 assert entry["peak_bytes"] > 0
         assert row["linmu"]["decode"]["max_batch"]["mode"].startswith("CUDA graph")
+        for key, entry in row["teacher"]["decode"].items():
+            assert entry["mode"].startswith("CUDA graph (static KV cache"), (key, entry["mode"])
+            assert entry["attention_kernel"]["name"] in entry["mode"]
+        assert row["teacher_hf"]["decode"]["batch_1"]["status"] == "ok"
+        for entry in (row["teacher"]["ttft"], row["teacher"]["decode"]["batch_1"]):
+            assert entry.get("of_matmul_peak", entry.get("of_copy_bandwidth")) > 0
         assert (
             row["linmu"]["decode"]["max_batch"]["batch"] == 64
         )  # the cap: the tiny model never fills an H200
