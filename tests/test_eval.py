@@ -328,7 +328,10 @@ def test_dataset_missing_offline_is_one_clear_error(env, tmp_path, task, dataset
             "given twice",
         ),
         (["--tasks", "linmu_video_count", "--include-path", "/nonexistent/dir"], "not a directory"),
-        (["--tasks", "linmu_video_count", "--teacher", "/nonexistent/teacher"], "--teacher: unknown model"),
+        (
+            ["--tasks", "linmu_video_count", "--teacher", "/nonexistent/teacher"],
+            "--teacher: /nonexistent/teacher: no such directory",
+        ),
     ],
 )
 def test_argument_errors_are_one_line_exit_2(env, args, message):

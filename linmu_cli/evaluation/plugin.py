@@ -8,7 +8,9 @@ Model args: `pretrained` (checkpoint directory, hub id in the HF cache, or a lin
 `batch_size`, `max_num_frames` (default 64), `fps` (sample this many frames per second, capped by
 `max_num_frames`; default: uniform over the whole video), `max_pixels` / `min_pixels` (per image / frame;
 default: the checkpoint's processor), `max_new_tokens` (cap on the task's), `system_prompt`,
-`attn_implementation` (the teacher's vision / text attention; LinMU decoders use M-MATE regardless).
+`attn_implementation` (the teacher's vision / text attention; LinMU decoders use M-MATE regardless),
+`interleave_visuals` (each visual at its `<image k>` / `<image>` placeholder instead of all first: `arrange`),
+`seed`. Values are typed and range-checked (`manifest.coerce_model_args`).
 
 Videos are decoded with decord into arrays (never through decord's process-global bridge) and handed to the
 processor with their sampled frame rate. Batches are left padded. A LinMU model decodes with its constant-size
