@@ -94,9 +94,9 @@ def split_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shape: DecodeSha
     out_h, lse_h = _flash_lse(qh, kh, vh, shape.scale)  # (B*Hkv, S, G, d), (B*Hkv, S, G)
     valid = _valid(shape, head, k.shape[2], q.device)
     out_t, lse_t = _math_lse(q, k[:, :, head:], v[:, :, head:], shape.scale, valid)  # (B, Hkv, G, d|.)
-    lse = torch.cat([lse_h.float().view(b, hk, s, g), lse_t[:, :, None]], dim=2)  # (B, Hkv, S+1, G)
+    lse = torch.cat([lse_h.float().reshape(b, hk, s, g), lse_t[:, :, None]], dim=2)  # (B, Hkv, S+1, G)
     w = torch.softmax(lse, dim=2)[..., None]
-    parts = torch.cat([out_h.float().view(b, hk, s, g, d), out_t[:, :, None]], dim=2)
+    parts = torch.cat([out_h.float().reshape(b, hk, s, g, d), out_t[:, :, None]], dim=2)
     return (w * parts).sum(2).to(q.dtype)
 
 

@@ -57,8 +57,13 @@ def _quick_gelu(x: torch.Tensor) -> torch.Tensor:
     return x * torch.sigmoid(1.702 * x)
 
 
-def _silu(x: torch.Tensor) -> torch.Tensor:
-    return F.silu(x)
+def _silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
+
+
+def _gated_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
+    """Qwen2.5-VL vision MLP with act(gate) * up as one fused kernel (same math as transformers')."""
+    return self.down_proj(self._linmu_silu_mul(self.gate_proj(x), self.up_proj(x)))
 
 
 @dataclass
@@ -229,19 +234,23 @@ def use_fast_vision(model: nn.Module, compile: bool | str = "auto") -> FastVisio
             module._linmu_fast = {"rotary": rotary, "plans": plans, "info": info}
             module.forward = types.MethodType(_fast_attention_forward, module)
             info.attention_modules += 1
+        if not do_compile:
+            continue
         act = getattr(module, "act", None) if hasattr(module, "fc1") else None
-        act = (
-            act
-            if act is not None
-            else (getattr(module, "act_fn", None) if hasattr(module, "gate_proj") else None)
-        )
-        if do_compile and act is not None and type(act).__name__ in ("QuickGELUActivation", "SiLUActivation",
-                                                                     "SiLU"):  # fmt: skip
-            fn = _quick_gelu if type(act).__name__ == "QuickGELUActivation" else _silu
-            name = "quick_gelu" if fn is _quick_gelu else "silu"
-            shared = getattr(tower, f"_linmu_{name}", None) or _Compiled(name, fn, info, True)
-            setattr(tower, f"_linmu_{name}", shared)
+        if (
+            act is not None and type(act).__name__ == "QuickGELUActivation"
+        ):  # Qwen2-VL: fc2(quick_gelu(fc1 x))
+            shared = getattr(tower, "_linmu_quick_gelu", None) or _Compiled(
+                "quick_gelu", _quick_gelu, info, True
+            )
+            tower._linmu_quick_gelu = shared
             act.forward = shared
+        gate_act = getattr(module, "act_fn", None) if hasattr(module, "gate_proj") else None
+        if gate_act is not None and type(gate_act).__name__ in ("SiLUActivation", "SiLU"):  # Qwen2.5-VL
+            shared = getattr(tower, "_linmu_silu_mul", None) or _Compiled("silu_mul", _silu_mul, info, True)
+            tower._linmu_silu_mul = shared
+            module._linmu_silu_mul = shared
+            module.forward = types.MethodType(_gated_mlp_forward, module)
     if info.attention_modules == 0:
         raise LinmuError(
             f"{type(tower).__name__}: no Qwen2-VL / Qwen2.5-VL vision attention modules to speed up"

@@ -97,3 +97,18 @@ def test_seq_plan_groups_equal_runs_and_pads_irregular_lists():
     assert plan.valid.sum().item() == bounds[-1] and plan.index[plan.valid].tolist() == list(
         range(bounds[-1])
     )
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_compiled_parts_are_wired_as_the_same_math(family, monkeypatch):
+    """compile=True patches the rotary, QuickGELU (Qwen2-VL) and silu(gate) * up (Qwen2.5-VL) functions; with
+    torch.compile replaced by the identity (no compiler on CPU CI), the patched tower still equals the original."""
+    ref_tower = tower(family)
+    fast_tower = copy.deepcopy(ref_tower)
+    monkeypatch.setattr(torch, "compile", lambda fn, dynamic=True: fn)
+    info = use_fast_vision(fast_tower, compile=True)
+    assert info.compiled == ["rotary", "quick_gelu" if family == "qwen2_vl" else "silu_mul"]
+    x, thw = pixels(GRIDS["mixed"])
+    with torch.no_grad():
+        torch.testing.assert_close(fast_tower(x, grid_thw=thw).pooler_output, ref_tower(x, grid_thw=thw).pooler_output,
+                                   atol=2e-5, rtol=1e-5)  # fmt: skip
