@@ -115,7 +115,7 @@ def test_resume_after_sigkill_reaches_the_same_weights(tmp_path, full_run):
 
 def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path):
     out = tmp_path / "nan"
-    over = [f"output={out}", *SHORT, "stages.stage1.steps=30", "stages.stage1.lr=1e30", "stages.stage1.max_grad_norm=1e30",
+    over = [f"output={out}", *SHORT, "stages.stage1.steps=30", "stages.stage1.lr=100", "stages.stage1.max_grad_norm=1e30",
             "stages.stage1.schedule=constant", "stages.stage1.save_every=1"]  # fmt: skip
     with pytest.raises(LinmuError, match="the loss became"):
         distill(RECIPE, over)

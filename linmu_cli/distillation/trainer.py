@@ -387,11 +387,13 @@ def train_stage(run: Run, name: str, plan: Plan | None = None) -> dict[str, Any]
             )
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                 last = _diverged(run, ckpt_root, step)
-                what = "loss" if not math.isfinite(loss) else "gradient norm"
+                what = (
+                    f"{loss}" if not math.isfinite(loss) else f"unusable (its gradient norm is {grad_norm})"
+                )
                 raise NonFiniteLoss(
-                    f"{name}: the {what} became {loss if what == 'loss' else grad_norm} at step {step + 1}; "
-                    f"stopped without updating. Last good checkpoint: {last or 'none yet'}. Lower "
-                    f"stages.{name}.lr or check the data, then --resume (with the new lr)"
+                    f"{name}: the loss became {what} at step {step + 1}; stopped without updating. Last good "
+                    f"checkpoint: {last or 'none yet'}. Lower stages.{name}.lr or check the data, then --resume "
+                    "(a resume applies the new lr)"
                 )
             optimizer.step()
             scheduler.step()
