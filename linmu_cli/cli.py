@@ -326,11 +326,18 @@ def distill(
         list[str] | None,
         typer.Argument(help="Overrides key.sub=value, e.g. stages.stage1.steps=50 output=runs/x."),
     ] = None,
-    stage: Annotated[str | None, typer.Option(help="Run only this stage (stage1, stage2 or stage3).")] = None,
+    stage: Annotated[
+        str | None,
+        typer.Option(help="Run only this stage (stage1, stage2 or stage3; stage2/3 need the previous one)."),
+    ] = None,
     resume: Annotated[
-        bool, typer.Option(help="Continue an interrupted run from its last step checkpoint.")
+        bool,
+        typer.Option(help="Continue an interrupted run from its last intact step checkpoint."),
     ] = False,
-    force: Annotated[bool, typer.Option(help="Delete OUTPUT and start over.")] = False,
+    force: Annotated[
+        bool,
+        typer.Option(help="Replace OUTPUT's run (with --stage: that stage and what follows), after checks."),
+    ] = False,
 ) -> None:
     """Three-stage distillation of a LinMU student from its frozen teacher (docs/design.md §1, §7).
 
@@ -345,7 +352,11 @@ def distill(
 
       linmu distill recipes/tiny.yaml --resume                         # after a crash
 
-      accelerate launch --num_processes 2 -m linmu_cli distill recipes/tiny.yaml   # data parallel
+      linmu distill recipes/tiny.yaml --stage stage2 --force           # retrain stage 2 (removes stage3, final)
+
+      accelerate launch --num_processes 2 -m linmu_cli distill recipes/qwen2-vl-7b.yaml   # data parallel, GPUs
+
+      torchrun --nproc_per_node 2 -m linmu_cli distill recipes/tiny.yaml   # data parallel, CPU too
 
       linmu distill recipes/qwen2-vl-7b.yaml teacher=random:qwen2-vl-7b data.source=synthetic data.size=448
 
