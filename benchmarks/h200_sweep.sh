@@ -43,7 +43,8 @@ echo "bench exit code $rc ($((SECONDS - T0)) s so far)" | tee -a "$OUT/bench.log
 
 if [ -z "${SKIP_VISION:-}" ]; then
   echo "== 2. vision tower alone: transformers vs linmu fast tower, ${VISION_FRAMES:-512} frames   ($((SECONDS - T0)) s so far)"
-  timeout -k 10 120 python3 benchmarks/vision_profile.py --frames "${VISION_FRAMES:-512}" --json "$OUT/vision.json" \
+  timeout -k 10 120 python3 benchmarks/vision_profile.py --frames "${VISION_FRAMES:-512}" --repeats "${VISION_REPEATS:-2}" \
+    --json "$OUT/vision.json" \
     2>&1 | tee "$OUT/vision.log" | tail -40
   rc=${PIPESTATUS[0]}; [ "$rc" -ne 0 ] && status=$rc
 fi
