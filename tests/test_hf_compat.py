@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 from conftest import image, output_cache, prompt_inputs, video
-from transformers import AutoModel
+from transformers import AutoModel, DataCollatorWithFlattening
 
 from linmu_cli.config import MateConfig
 from linmu_cli.layers.cache import LinMUCache
@@ -189,10 +189,14 @@ def test_packed_rows_are_refused_and_padded_rows_are_not(tiny):
     _, teacher, _ = tiny
     student = convert_model(teacher, MateConfig(text_window=8))
     a, b = torch.randint(0, 900, (1, 7)), torch.randint(0, 900, (1, 5))
-    packed = torch.cat([a, b], 1)
-    positions = torch.cat([torch.arange(7), torch.arange(5)])[None]
-    with torch.no_grad(), pytest.raises(ValueError, match="padding-free packing.*DataCollatorWithPadding"):
-        student(input_ids=packed, position_ids=positions, use_cache=False)
+    rows = [{"input_ids": a[0].tolist()}, {"input_ids": b[0].tolist()}]
+    for flash_kwargs in (False, True):  # position ids that restart; also cu_seq_lens for flash attention
+        batch = DataCollatorWithFlattening(return_tensors="pt", return_flash_attn_kwargs=flash_kwargs)(rows)
+        with (
+            torch.no_grad(),
+            pytest.raises(ValueError, match="padding-free packing.*DataCollatorWithPadding"),
+        ):
+            student(**batch, use_cache=False)
     # left padding with ones at padded positions (an old generate() convention) is not packing
     ids = torch.cat([torch.zeros(1, 2, dtype=torch.long), b], 1)
     mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1]])

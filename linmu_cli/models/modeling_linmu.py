@@ -375,20 +375,22 @@ def linmu_classes(family_name: str, base: bool = False) -> tuple[type, type]:
 
     forward.__signature__ = _forward_signature(source)
     forward.__doc__ = source.forward.__doc__
+
+    namespace = {"config_class": config_cls, "family": family, "source_class": source, "forward": forward,
+                 "__doc__": LinMUModelMixin.__doc__}  # fmt: skip
+    if not base:
+
+        def prepare_inputs_for_generation(self, *args, **kwargs):
+            return LinMUModelMixin.prepare_inputs_for_generation(self, *args, **kwargs)
+
+        # callers (and transformers' tests) read which inputs generation takes (inputs_embeds) from the signature
+        prepare_inputs_for_generation.__signature__ = inspect.signature(source.prepare_inputs_for_generation)
+        prepare_inputs_for_generation.__doc__ = LinMUModelMixin.prepare_inputs_for_generation.__doc__
+        namespace["prepare_inputs_for_generation"] = prepare_inputs_for_generation
     # GenerationMixin named directly, as transformers asks of generative classes (a base via PreTrainedModel is
     # being phased out)
     bases = (LinMUModelMixin, source) if base else (LinMUModelMixin, source, GenerationMixin)
-    model_cls = type(
-        f"LinMU{source.__name__}",
-        bases,
-        {
-            "config_class": config_cls,
-            "family": family,
-            "source_class": source,
-            "forward": forward,
-            "__doc__": LinMUModelMixin.__doc__,
-        },
-    )
+    model_cls = type(f"LinMU{source.__name__}", bases, namespace)
     if base:
         AutoModel.register(config_cls, model_cls, exist_ok=True)
     else:
