@@ -394,3 +394,27 @@ def test_accelerate_launch_on_cpu_says_it_runs_one_process(tmp_path):
         res.stderr[-2000:]
     )
     assert not out.exists()
+
+
+def test_stale_temporaries_of_dead_processes_are_removed_and_a_finished_rename_is_completed(tmp_path):
+    """Item 16 (linmu_cli.io, shared with convert / eval): `.NAME.tmp-PID` of a live process stays, of a dead
+    one goes; a kill between atomic_directory's two renames (NAME gone, `.NAME.old-PID` and the complete
+    `.NAME.tmp-PID` left) puts the new result in place instead of losing both."""
+    from linmu_cli.io import remove_stale_temporaries
+
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    pid = int(dead.stdout)
+    live = tmp_path / f".eval.tmp-{os.getpid()}"
+    gone = tmp_path / f".convert.tmp-{pid}"
+    for d in (live, gone, tmp_path / f".stage2.old-{pid}", tmp_path / f".stage2.tmp-{pid}"):
+        d.mkdir()
+    (tmp_path / f".stage2.tmp-{pid}" / "stage.json").write_text("{}")
+    removed = remove_stale_temporaries(tmp_path)
+    assert live.is_dir() and not gone.exists()
+    assert (tmp_path / "stage2" / "stage.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, "stage2"])
+    assert len(removed) == 2
+    remove_stale_temporaries(tmp_path, any_pid=True)  # the caller holds the directory's lock
+    assert not live.exists()
