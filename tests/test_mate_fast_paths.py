@@ -105,27 +105,21 @@ def test_restructured_flex_equals_the_previous_implementation_with_conv(monkeypa
     torch.testing.assert_close(fused[v], want[v], atol=2e-5, rtol=1e-4)
 
 
-def test_backward_gather_reads_the_strictly_future_step():
-    layout = layout_of([[Segment(2, 1, 2, 2)]], 8)
+def test_backward_gather_packs_each_segment_reversed_and_reads_the_strictly_future_step():
+    layout = layout_of([[Segment(2, 1, 2, 2)], [Segment(1, 1, 1, 2), Segment(4, 1, 1, 3)]], 8, batch=2)
     bg = layout.backward_gather("thw")
-    plan = layout.backward_plan("thw")
-    step = torch.argsort(plan.index[0])
-    for t in range(8):
-        inside = (
-            2 <= t < 6 and t != 5
-        )  # the segment's last token (first step of the reversed scan) has no future
-        assert bool(bg.keep[0, t, 0, 0]) == inside
-        if inside:
-            assert int(bg.out_index[t]) == int(step[t]) - 1
-    assert torch.equal(bg.plan.reset, plan.reset)
-    assert bg.plan.cu_seqlens_cpu.tolist() == [
-        0,
-        1,
-        2,
-        6,
-        7,
-        8,
-    ]  # each text token alone, the segment in one piece
+    assert (bg.rows, bg.steps) == (3, 4)  # one row per segment, padded to the longest
+    rows = bg.index.view(3, 4).tolist()
+    assert rows[0] == [5, 4, 3, 2]  # row 0's segment reversed
+    assert rows[1][:2] == [8 + 2, 8 + 1] and rows[2][:3] == [8 + 6, 8 + 5, 8 + 4]
+    assert bg.next_index.view(3, 4)[0].tolist() == [4, 3, 2, 2]
+    keep = bg.keep.view(-1).tolist()
+    for t in range(16):
+        seg_last = t in (5, 8 + 2, 8 + 6)  # first step of each reversed segment: nothing after it
+        inside = 2 <= t < 6 or 8 + 1 <= t < 8 + 3 or 8 + 4 <= t < 8 + 7
+        assert keep[t] == (inside and not seg_last)
+    assert int(bg.out_index[3]) == 1 and int(bg.out_index[2]) == 2  # token 3 at step 2 reads step 1
+    assert int(bg.out_index[8 + 4]) == 2 * 4 + 1
 
 
 def test_short_conv_without_cuda_runs_the_reference():

@@ -194,8 +194,9 @@ class FlexMA(nn.Module):
 
         The conv output xbc = [x, B, C] is put into scan order with one row gather (x and B at key/value
         width), using index maps the layout built once per forward (docs/design.md §3, issue 11); the
-        output comes back with one more. The backward scan gathers its inputs the same way and adds its
-        strictly-future output with one masked gather.
+        output comes back with one more. The backward scan gathers its inputs the same way, packed one
+        segment per row (no resets, text skipped, no host sync), and adds its strictly-future output with
+        one masked gather.
         """
         bsz, length, width = xbc.shape
         h, hk, d = self.heads, self.kv_heads, self.head_dim
@@ -223,13 +224,14 @@ class FlexMA(nn.Module):
         if bg is not None:
             dt_b = F.softplus(dtb_raw.float() + self.dt_bias_bwd) * layout.valid[..., None]
             a_b = -torch.exp(self.A_log_bwd.float())
-            xb = flat[:, : 2 * kv].index_select(0, bg.index).view(bsz, length, 2, hk, d)
-            cb = flat[:, 2 * kv :].index_select(0, bg.next_index).view(bsz, length, h, d)
-            dtb = dt_b.reshape(bsz * length, h).index_select(0, bg.index).view(bsz, length, h)
+            rows, steps = bg.rows, bg.steps
+            xb = flat[:, : 2 * kv].index_select(0, bg.index).view(rows, steps, 2, hk, d)
+            cb = flat[:, 2 * kv :].index_select(0, bg.next_index).view(rows, steps, h, d)
+            dtb = dt_b.reshape(bsz * length, h).index_select(0, bg.index).view(rows, steps, h)
             yb = ssd_scan(
-                xb[:, :, 0], dtb, a_b, xb[:, :, 1], cb, scale=d**-0.5, plan=bg.plan,
-                chunk_size=self.mate.chunk_size, backend=self.mate.ssd_backend,
+                xb[:, :, 0], dtb, a_b, xb[:, :, 1], cb, scale=d**-0.5, chunk_size=self.mate.chunk_size,
+                backend=self.mate.ssd_backend,
             )  # fmt: skip
-            back = yb.reshape(bsz * length, h * d).index_select(0, bg.out_index).view(bsz, length, h, d)
+            back = yb.reshape(rows * steps, h * d).index_select(0, bg.out_index).view(bsz, length, h, d)
             y = torch.addcmul(y, back, bg.keep.to(y.dtype))
         return y

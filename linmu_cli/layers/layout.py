@@ -15,8 +15,6 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from linmu_cli.ops.ssd import ResetPlan, reset_plan
-
 
 @dataclass(frozen=True)
 class Segment:
@@ -88,18 +86,22 @@ class ScanGather:
 
 @dataclass
 class BackwardGather:
-    """The segment-confined, strictly-future backward scan of one scan order as flat gathers.
+    """The segment-confined, strictly-future backward scan of one scan order, packed: one row per visual
+    segment (`rows` x `steps`, segments shorter than the longest padded at their end), so the scan needs no
+    resets, no `cu_seqlens` (fla reads those back to the host) and skips every text token.
 
-    Step r scans `index[r]` (x, B, dt) with the query of `next_index[r]` (the token scanned next); the scan is
-    restarted where `plan.reset`; token t reads its output from step `out_index[t]`, masked by `keep[t]`
-    (False at text tokens and at each segment's last token in scan order, whose future is empty).
+    Packed step (j, r) scans flat token `index[j*steps + r]` (x, B, dt) with the query of `next_index` (the
+    token scanned next); padding steps repeat a real token and only their own, discarded outputs see it.
+    Token t reads its output from packed step `out_index[t]`, masked by `keep[t]` (False at text tokens and
+    at each segment's last token in scan order, whose future is empty).
     """
 
     index: torch.Tensor
     next_index: torch.Tensor
     out_index: torch.Tensor
     keep: torch.Tensor  # (B, L, 1, 1) bool
-    plan: ResetPlan
+    rows: int
+    steps: int
 
 
 @dataclass
@@ -221,26 +223,28 @@ class TokenLayout:
         return self._cache[key]
 
     def backward_gather(self, order: str) -> BackwardGather | None:
-        """The backward scan of `backward_plan(order)` as flat gathers plus host-built resets; None without
-        vision. Output of token t = scan output at the step before t's (strictly future), 0 where reset."""
+        """The backward scan of `backward_plan(order)` as packed per-segment gathers, built on the host once
+        per forward; None without vision. Same math: each segment reversed, restarted, strictly future."""
         if not self.has_vision:
             return None
         key = ("backward_gather", order)
         if key not in self._cache:
-            index = torch.arange(self.length).repeat(self.batch, 1)
-            reset = torch.ones(self.batch, self.length, dtype=torch.bool)
-            for b, segs in enumerate(self.segments):
-                for s in segs:
-                    index[b, s.start : s.end] = s.start + scan_permutation(s, order).flip(0)
-                    reset[b, s.start + 1 : s.end] = False
+            segs = [(b, s) for b, row in enumerate(self.segments) for s in row]
+            steps = max(s.length for _, s in segs)
+            index = torch.empty(len(segs), steps, dtype=torch.long)
+            out_index = torch.zeros(self.batch * self.length, dtype=torch.long)
+            keep = torch.zeros(self.batch * self.length, dtype=torch.bool)
+            for j, (b, s) in enumerate(segs):
+                tokens = b * self.length + s.start + scan_permutation(s, order).flip(0)
+                index[j, : s.length] = tokens
+                index[j, s.length :] = tokens[-1]
+                out_index[tokens[1:]] = j * steps + torch.arange(s.length - 1)
+                keep[tokens[1:]] = True
             next_index = torch.cat([index[:, 1:], index[:, -1:]], dim=1)
-            step = torch.argsort(index, dim=1)  # step at which each token is scanned
-            keep = ~torch.gather(reset, 1, step)  # the step before exists inside the same segment
-            out_index = (step - 1).clamp_min(0)
             put = self._put
             self._cache[key] = BackwardGather(
-                put(self._flat(index)), put(self._flat(next_index)), put(self._flat(out_index)),
-                put(keep[..., None, None]), reset_plan(reset, put),
+                put(index.reshape(-1)), put(next_index.reshape(-1)), put(out_index),
+                put(keep.view(self.batch, self.length, 1, 1)), len(segs), steps,
             )  # fmt: skip
         return self._cache[key]
 

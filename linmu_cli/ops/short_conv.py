@@ -63,7 +63,10 @@ def short_conv(
     global _LAST_CONV_BACKEND
     if fast and prev is None and x.is_cuda and conv_kernel_error() is None:
         _LAST_CONV_BACKEND = "fla"
-        y, _ = _import_fla_conv()(x, weight.squeeze(1), bias, backend="triton")
+        # weights in the activations' dtype (float32 master weights in training): the kernel was verified
+        # against the reference that way on the H200; autograd carries the gradient back through the cast
+        w = weight.squeeze(1).to(x.dtype)
+        y, _ = _import_fla_conv()(x, w, bias.to(x.dtype) if bias is not None else None, backend="triton")
         return y
     _LAST_CONV_BACKEND = "torch"
     return short_conv_reference(x, weight, bias, prev)
