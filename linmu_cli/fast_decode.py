@@ -1,8 +1,10 @@
-"""Greedy decoding of a LinMU model on fixed buffers: no host syncs, no allocations that move, one CUDA graph.
+"""Decoding a LinMU model on fixed buffers: no host syncs, no allocations that move, one CUDA graph.
 
-`model.generate()` works with the `LinMUCache` but pays, per token, Python dispatch of every small op of 28
+`model.generate()` with the default `LinMUCache` pays, per token, Python dispatch of every small op of 28
 layers (thousands of kernel launches) and re-allocates the Local-Swin ring. Decoding a LinMU model needs only
-constant-size state, so a whole step can run on buffers whose addresses never change:
+constant-size state, so a whole step can run on buffers whose addresses never change. The bench steps a
+`StaticDecoder` directly; `model.generate(cache_implementation="static")` runs the same step (`feed`, with the
+token generate() chose: every decoding strategy, beams reordered in place) after a normal prefill:
 
 - Flex-MA: the SSM state (B, H, d, d) float32 and the conv tail, both updated in place by the decode step
   (`FlexMA.forward` with one token; mamba-ssm's `selective_state_update` on CUDA);

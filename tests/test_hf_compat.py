@@ -155,6 +155,24 @@ def test_fixed_buffer_decode_equals_the_cache_path(tiny, kind, mode):
     torch.testing.assert_close(torch.stack(got.scores), torch.stack(want.scores), atol=2e-4, rtol=1e-4)
 
 
+def test_a_copied_fixed_buffer_cache_continues_like_the_original(tiny):
+    _, teacher, _ = tiny
+    student = convert_model(teacher, MateConfig(text_window=4))
+    ids = torch.randint(0, 900, (2, 9))
+    with torch.no_grad():
+        out = student.generate(input_ids=ids, max_new_tokens=3, do_sample=False, cache_implementation="static",
+                               return_dict_in_generate=True)  # fmt: skip
+        cache = output_cache(out)
+        twin = copy.deepcopy(cache)
+        assert twin.static is None and twin.get_seq_length() == cache.get_seq_length() == 11
+        nxt = out.sequences[:, -1:]
+        a = student(input_ids=nxt, cache=cache).logits
+        b = student(input_ids=nxt, cache=twin).logits
+        full = student(input_ids=out.sequences, use_cache=False).logits[:, -1:]
+    torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(a, full, atol=2e-4, rtol=1e-4)
+
+
 def test_a_fixed_buffer_cache_continues_into_the_next_turn(tiny):
     _, teacher, processor = tiny
     student = convert_model(teacher, MateConfig(text_window=6))

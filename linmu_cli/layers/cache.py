@@ -7,6 +7,7 @@ scan's state S (H x d_v x d_k, float32), the last `d_conv - 1` conv inputs, and 
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -52,6 +53,19 @@ class LinMUCache(Cache):
         # `linmu_cli.fast_decode.StaticDecoder` (`static`), stepped in place (one CUDA graph on CUDA)
         self.static_requested = False
         self.static = None
+
+    def __deepcopy__(self, memo: dict) -> LinMUCache:
+        """A copy that owns its state; fixed buffers come back as per-layer states (a StaticDecoder holds the
+        model and a CUDA graph, neither of which a cache copy should duplicate)."""
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        for name, value in self.__dict__.items():
+            if name != "static":
+                setattr(new, name, copy.deepcopy(value, memo))
+        new.static = None
+        if self.static is not None:
+            new.layers = self.static.layer_states()
+        return new
 
     def __repr__(self) -> str:
         return f"LinMUCache(layers={len(self.layers)}, seen_tokens={self.seen_tokens}, bytes={self.nbytes()})"
