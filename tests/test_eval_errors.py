@@ -69,17 +69,21 @@ def _task_dir(tmp_path: Path, name: str, docs: list[dict], yaml_body: str, utils
 
 def test_output_with_an_earlier_evaluation_needs_force(evals, tmp_path):
     out = tmp_path / "o"
-    code, text = linmu("eval", "tiny-qwen2-vl", "--tasks", "linmu_image_color", "--limit", 1, "--output", out)
-    assert code == 0, text
-    first = json.loads((out / "summary.json").read_text())
-    assert "Building contexts" not in text and "Postprocessing" not in text  # 29: no lmms-eval bars
+    out.mkdir()
+    earlier = '{"tasks": [], "created": "earlier"}\n'
+    (out / "summary.json").write_text(earlier)
     code, text = linmu("eval", "tiny-qwen2-vl", "--tasks", "linmu_image_color", "--limit", 1, "--output", out)
     last_line_error(code, text, "already holds an earlier evaluation (summary.json); pass --force")
-    assert json.loads((out / "summary.json").read_text()) == first  # untouched
+    assert (
+        out / "summary.json"
+    ).read_text() == earlier and "loading" not in text  # untouched, refused at once
     code, text = linmu("eval", "tiny-qwen2-vl", "--tasks", "linmu_image_color", "--limit", 1, "--output", out,
-                       "--force")  # fmt: skip
+                       "--force", "--batch-size", 2)  # fmt: skip
     assert code == 0, text
-    assert json.loads((out / "summary.json").read_text())["created"] >= first["created"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["created"] != "earlier" and summary["tasks"][0]["task"] == "linmu_image_color"
+    assert summary["model_args"] == {"batch_size": 2} and (out / "student" / "results.json").is_file()
+    assert "Building contexts" not in text and "Postprocessing" not in text  # 29: no lmms-eval bars
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".o.")]  # written beside, renamed
 
 
