@@ -305,13 +305,24 @@ def test_stage_runs_one_stage_and_force_replaces_only_it_and_what_follows(base, 
     assert res.exit_code == 2 and (out / "final").is_dir()
     res = cli(f"output={out}", *SHORT, "--stage", "stage2", "--force")
     assert res.exit_code == 0, res.output
-    assert "removed stage2, stage3 and final" in res.text
+    assert "removed stage2, stage3 and final" in res.text and "stage2: starting from" in res.text
     assert not (out / "stage3").exists() and not (out / "final").exists()
     assert set(json.loads((out / "report.json").read_text())) == {"stage1", "stage2"}
     assert listing(out / "stage1") == stage1 and same_weights(out / "stage2", base / "stage2")
     res = cli(f"output={out}", *SHORT, "--stage", "stage3")
     assert res.exit_code == 0, res.output
     assert same_weights(out / "final", base / "final") and losses(out) == losses(base)
+
+
+def test_force_on_an_interrupted_stage_starts_it_over(base, tmp_path):
+    """Item 22: `--stage stage1 --force` on a stage killed midway retrains it from the start (its step
+    checkpoints go with it), never resuming from what it replaces."""
+    out = copy_run(base, tmp_path)
+    crash_in_stage1(out)
+    res = cli(f"output={out}", *SHORT, "--stage", "stage1", "--force")
+    assert res.exit_code == 0, res.output
+    assert "stage1: starting from conversion" in res.text and "resuming" not in res.text
+    assert losses(out) == losses(base, "stage1") and same_weights(out / "stage1", base / "stage1")
 
 
 # --------------------------------------------------------------------------- clear errors

@@ -160,7 +160,7 @@ def make_plan(out: Path, recipe: Recipe, stage: str | None, resume: bool, force:
             )
             raise LinmuError(f"{out / s} was trained with a different recipe ({_fields(diffs)}); a resume does not "
                              f"retrain a finished stage: drop the override, or pass `{hint}` to retrain")  # fmt: skip
-    running = next((s for s in plan.train if states[s] == "started"), None)
+    running = next((s for s in plan.train if states[s] == "started" and s not in plan.replace), None)
     if running is not None:
         root = out / "checkpoints" / running
         found = checkpoint.find_intact(root) if verify else None
