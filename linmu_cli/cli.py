@@ -20,7 +20,9 @@ from linmu_cli.errors import LinmuError
 # `--version` and argument errors answer in well under a second (tests/test_cli_startup.py).
 app = typer.Typer(
     name="linmu",
-    help="Turn a pretrained vision-language model into a linear-complexity one (LinMU / M-MATE).",
+    help="Turn a pretrained vision-language model into a linear-complexity one (LinMU / M-MATE).\n\n"
+    "On CPU, torch gets one thread per core that is not busy when the command starts; LINMU_NUM_THREADS (or "
+    "OMP_NUM_THREADS) sets another count, `linmu doctor` shows the choice.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -132,11 +134,7 @@ def _main(
         ),
     ] = False,
 ) -> None:
-    """Turn a pretrained vision-language model into a linear-complexity one (LinMU / M-MATE).
-
-    On CPU, torch gets one thread per core not busy when the command starts (LINMU_NUM_THREADS or
-    OMP_NUM_THREADS choose another count; `linmu doctor` shows the choice).
-    """
+    """Runs before every command: the CPU thread policy (cheap: environment only, torch is not imported)."""
     try:
         apply_cpu_threads()
     except LinmuError as exc:
