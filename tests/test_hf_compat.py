@@ -280,3 +280,30 @@ def test_vision_token_ids_without_grids_are_text_like_for_the_teacher(tiny, toke
         want = teacher(input_ids=ids, use_cache=False).logits
         got = student(input_ids=ids, use_cache=False).logits
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_layout_of_a_later_turn_from_all_grids_or_only_the_new_ones(tiny):
+    """Turn 2 brings a second image: its segment is found whether the grids cover the whole conversation or only
+    the new part, and a cache that ends inside an image is refused."""
+    _, teacher, processor = tiny
+    student = convert_model(teacher, MateConfig())
+    two = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "this"}]},
+         {"role": "assistant", "content": [{"type": "text", "text": "ok"}]},
+         {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "and this?"}]}],
+        add_generation_prompt=True, tokenize=False,
+    )  # fmt: skip
+    inputs = processor(text=[two], images=[image(1), image(2, 84)], return_tensors="pt")
+    ids, grids = inputs["input_ids"], inputs["image_grid_thw"]
+    first_end = (ids[0] == teacher.config.image_token_id).nonzero()[0].item() + int(grids[0].prod()) // 4
+    new = ids.shape[1] - (first_end + 3)
+    build = student.family.build_layout
+    whole = build(student.config, ids.shape[1], 1, ids.device, input_ids=ids, image_grid_thw=grids)
+    assert len(whole.segments[0]) == 2
+    want = [(s.start - (ids.shape[1] - new), s.t, s.h, s.w) for s in whole.segments[0][1:]]
+    for given in (grids, grids[1:]):
+        part = build(student.config, new, 1, ids.device, input_ids=ids, image_grid_thw=given)
+        assert [(s.start, s.t, s.h, s.w) for s in part.segments[0]] == want
+    inside = ids.shape[1] - first_end + 2  # the new part would start two tokens before the first image ends
+    with pytest.raises(ValueError, match="split between the cached prefix"):
+        build(student.config, inside, 1, ids.device, input_ids=ids, image_grid_thw=grids)
