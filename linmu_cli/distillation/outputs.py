@@ -128,7 +128,7 @@ def make_plan(out: Path, recipe: Recipe, stage: str | None, resume: bool, force:
             [s for s in STAGES if states[s] != "complete"],
             kept=[s for s in STAGES if states[s] == "complete"],
         )
-    else:  # fmt: skip
+    else:
         idx = STAGES.index(stage)
         later = [s for s in STAGES[idx + 1 :] if states[s] != "absent"]
         init_from = recipe.stages[stage].init_from
@@ -158,8 +158,8 @@ def make_plan(out: Path, recipe: Recipe, stage: str | None, resume: bool, force:
                 if any(k.startswith(f"stages.{s}.") for k, _, _ in diffs)
                 else "--force"
             )
-            raise LinmuError(f"{out / s} was trained with a different recipe ({_fields(diffs)}); a resume does not "
-                             f"retrain a finished stage: drop the override, or pass `{hint}` to retrain")  # fmt: skip
+            raise LinmuError(f"{out / s} was trained with a different recipe ({_fields(diffs)}); the finished "
+                             f"stages kept in OUTPUT must match it: drop the override, or pass `{hint}` to retrain")  # fmt: skip
     running = next((s for s in plan.train if states[s] == "started" and s not in plan.replace), None)
     if running is not None:
         root = out / "checkpoints" / running
