@@ -32,8 +32,10 @@ def layout2():
 
 @pytest.mark.parametrize("layer_idx", [0, 1, 2])
 @pytest.mark.parametrize(
-    "fields", [{}, {"fusion": "head"}, {"shared_projections": True}, {"bidirectional": False}]
-)
+    "fields",
+    [{}, {"fusion": "head"}, {"shared_projections": True}, {"bidirectional": False}, {"use_swin": False},
+     {"use_flex": False}, {"output_gate": False}, {"shared_projections": True, "fusion": "head"}],
+)  # fmt: skip
 def test_fused_block_equals_reference_forward_and_backward(monkeypatch, layer_idx, fields):
     ref = make_block(layer_idx, **fields).train()
     fast = copy.deepcopy(ref)
@@ -156,3 +158,26 @@ def test_shared_projections_convert_save_and_train_as_flex():
         )
     copied = copy.deepcopy(block)
     assert copied.swin.q_proj is copied.flex.q_proj  # deepcopy keeps the sharing inside the copy
+
+
+@pytest.mark.parametrize("fields", [{}, {"shared_projections": True}])
+def test_fused_prefill_then_decode_equals_the_full_recompute(monkeypatch, fields):
+    """A prefill on the fused path leaves the cache (conv tail, SSM state, ring) that decoding continues from."""
+    from linmu_cli.layers.cache import LinMUCache
+    from linmu_cli.layers.layout import TokenLayout
+
+    block = make_block(1, text_window=6, **fields)
+    n = 21
+    u = torch.randn(1, n, HIDDEN)
+    cos, sin = rope(n)
+    layout = layout_of([[Segment(3, 2, 2, 3)]], n - 1)
+    with torch.no_grad():
+        full = block(u, position_embeddings=(cos, sin), linmu_layout=layout_of([[Segment(3, 2, 2, 3)]], n))[0]
+        force_fast(monkeypatch)
+        cache = LinMUCache(2)
+        pre = block(u[:, :-1], position_embeddings=(cos[:, :-1], sin[:, :-1]), past_key_values=cache,
+                    linmu_layout=layout)[0]  # fmt: skip
+        step = block(u[:, -1:], position_embeddings=(cos[:, -1:], sin[:, -1:]), past_key_values=cache,
+                     linmu_layout=TokenLayout.text_only(1, 1, torch.device("cpu")))[0]  # fmt: skip
+    torch.testing.assert_close(pre, full[:, :-1], atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(step, full[:, -1:], atol=2e-5, rtol=1e-4)

@@ -114,21 +114,23 @@ class MateAttention(nn.Module):
         """Every input projection of the block from one GEMM over concatenated weights (names unchanged):
         Flex-MA's [x, B, C], gate, dt(s); Local-Swin's q, k, v (slices of Flex-MA's with shared projections);
         the fusion logit. Returns (FlexInputs or None, (q, k, v) or None, logit or None)."""
-        parts: list = []
-        n_flex = 0
-        if self.mate.use_flex:
-            parts += self.flex.projection_parts(layout)
-            n_flex = len(parts)
+        # wide outputs first (Flex-MA's [x, B, C] and gate, Local-Swin's q, k, v), the narrow step sizes and
+        # fusion logit last, so every wide slice starts at a 64-column boundary of the GEMM output
+        flex_parts = self.flex.projection_parts(layout) if self.mate.use_flex else []
+        n_wide = min(len(flex_parts), 1 + int(self.mate.output_gate))
         own_swin = self.mate.use_swin and not self.swin.shared
-        if own_swin:
-            parts += self.swin.projection_parts()
-        if hasattr(self, "fuse"):
-            parts.append((self.fuse.weight, self.fuse.bias))
-        pieces = fused_linear(u, parts)
-        flex_in = self.flex.unpack(pieces[:n_flex]) if self.mate.use_flex else None
+        swin_parts = self.swin.projection_parts() if own_swin else []
+        fuse_parts = [(self.fuse.weight, self.fuse.bias)] if hasattr(self, "fuse") else []
+        pieces = fused_linear(u, [*flex_parts[:n_wide], *swin_parts, *flex_parts[n_wide:], *fuse_parts])
+        n_swin = len(swin_parts)
+        flex_in = None
+        if self.mate.use_flex:
+            flex_in = self.flex.unpack(
+                [*pieces[:n_wide], *pieces[n_wide + n_swin : len(flex_parts) + n_swin]]
+            )
         qkv = None
         if own_swin:
-            qkv = tuple(pieces[n_flex : n_flex + 3])
+            qkv = tuple(pieces[n_wide : n_wide + 3])
         elif self.mate.use_swin:  # shared: Flex-MA's conv input is [v, k, q]
             kv = self.flex.kv_heads * self.head_dim
             xbc = flex_in.xbc
