@@ -59,6 +59,11 @@ def test_help_and_version_answer_without_torch():
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert "HEAVY []" in res.stdout, res.stdout + res.stderr
+    # `python -m linmu_cli` (what accelerate / torchrun run) takes the same light path
+    res = subprocess.run([sys.executable, "-X", "importtime", "-m", "linmu_cli", "--version"], capture_output=True,
+                         text=True, timeout=60)  # fmt: skip
+    imported = {line.rsplit("|", 1)[-1].strip() for line in res.stderr.splitlines() if "|" in line}
+    assert res.returncode == 0 and "linmu_cli.cli" in imported and not imported & {"torch", "transformers"}
     for argv in (["--version"], ["--help"], ["eval", "--help"], ["convert", "x"]):
         start = time.perf_counter()
         res = subprocess.run(
