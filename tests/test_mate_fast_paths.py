@@ -24,9 +24,13 @@ def force_fast(monkeypatch):
 
 
 def layout2():
-    segs = [[Segment(3, 2, 2, 3), Segment(17, 3, 1, 2)], [Segment(5, 2, 3, 2)]]
-    layout = layout_of(segs, 27, batch=2)
-    layout.valid[1, :2] = False  # left padding in row 1
+    from linmu_cli.layers.layout import TokenLayout
+
+    valid = torch.ones(2, 27, dtype=torch.bool)
+    valid[1, :2] = False  # left padding in row 1
+    layout = TokenLayout.text_only(2, 27, torch.device("cpu"), valid)
+    layout.segments = [[Segment(3, 2, 2, 3), Segment(17, 3, 1, 2)], [Segment(5, 2, 3, 2)]]
+    assert not layout.all_valid
     return layout
 
 

@@ -117,11 +117,15 @@ class TokenLayout:
 
     @classmethod
     def text_only(cls, batch: int, length: int, device: torch.device, valid: torch.Tensor | None = None):
+        known_all_valid = valid is None
         if valid is None:
             valid = torch.ones(batch, length, dtype=torch.bool, device=device)
-        return cls(
+        layout = cls(
             batch, length, valid.to(device=device, dtype=torch.bool), [[] for _ in range(batch)], device
         )
+        if known_all_valid:  # known on the host: `all_valid` then never reads the mask back from the GPU
+            layout._cache["all_valid"] = True
+        return layout
 
     @property
     def has_vision(self) -> bool:
