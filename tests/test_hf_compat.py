@@ -5,17 +5,24 @@ Each test compares LinMU with its own full recomputation, and with the teacher w
 """
 
 import copy
+import inspect
 
 import pytest
 import torch
 from conftest import image, output_cache, prompt_inputs, video
-from transformers import AutoModel, DataCollatorWithFlattening
+from transformers import AutoModel, DataCollatorWithFlattening, Qwen2VLForConditionalGeneration
 
 from linmu_cli.config import MateConfig
 from linmu_cli.layers.cache import LinMUCache
 from linmu_cli.models import convert_model
 
 EXACT = MateConfig(use_flex=False, text_window=4096)
+# the cache keyword of this transformers release: `cache` from 5.24 on, `past_key_values` before (design.md §8)
+CACHE = (
+    "cache"
+    if "cache" in inspect.signature(Qwen2VLForConditionalGeneration.forward).parameters
+    else "past_key_values"
+)
 
 
 def _turns(processor, media: str | None):
@@ -44,7 +51,7 @@ def _second_turn(model, first, follow, cache=None):
         if cache:
             turn1 = output_cache(out1)
             assert turn1.get_seq_length() == out1.sequences.shape[1] - 1  # the last token is not fed yet
-            out2 = model.generate(**inputs, cache=turn1, **gen)
+            out2 = model.generate(**inputs, **{CACHE: turn1}, **gen)
             assert turn1.get_seq_length() == ids.shape[1] + 3  # the conversation once, plus 3 generated
         else:
             for key in ("pixel_values", "pixel_values_videos"):
@@ -87,7 +94,7 @@ def test_a_prefix_cache_copied_and_reused_twice(tiny):
             suffix = torch.randint(0, 900, (1, 6), generator=torch.Generator().manual_seed(seed))
             ids = torch.cat([prefix, suffix], 1)
             reused = copy.deepcopy(cache)
-            got = student.generate(input_ids=ids, cache=reused, max_new_tokens=3, do_sample=False,
+            got = student.generate(input_ids=ids, **{CACHE: reused}, max_new_tokens=3, do_sample=False,
                                    return_dict_in_generate=True, output_logits=True)  # fmt: skip
             want = student.generate(input_ids=ids, max_new_tokens=3, do_sample=False,
                                     return_dict_in_generate=True, output_logits=True)  # fmt: skip
@@ -166,8 +173,8 @@ def test_a_copied_fixed_buffer_cache_continues_like_the_original(tiny):
         twin = copy.deepcopy(cache)
         assert twin.static is None and twin.get_seq_length() == cache.get_seq_length() == 11
         nxt = out.sequences[:, -1:]
-        a = student(input_ids=nxt, cache=cache).logits
-        b = student(input_ids=nxt, cache=twin).logits
+        a = student(input_ids=nxt, **{CACHE: cache}).logits
+        b = student(input_ids=nxt, **{CACHE: twin}).logits
         full = student(input_ids=out.sequences, use_cache=False).logits[:, -1:]
     torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
     torch.testing.assert_close(a, full, atol=2e-4, rtol=1e-4)
@@ -183,7 +190,7 @@ def test_a_fixed_buffer_cache_continues_into_the_next_turn(tiny):
         cache = output_cache(out1)
         assert cache.static is not None
         ids = torch.cat([out1.sequences, follow], 1)
-        got = student.generate(input_ids=ids, attention_mask=torch.ones_like(ids), cache=cache, **gen)
+        got = student.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **{CACHE: cache}, **gen)
         want = student.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **gen)
     assert torch.equal(got.sequences, want.sequences)
     torch.testing.assert_close(torch.stack(got.logits), torch.stack(want.logits), atol=2e-4, rtol=1e-4)
