@@ -153,13 +153,14 @@ class FlexMA(nn.Module):
         h, hk, d = self.heads, self.kv_heads, self.head_dim
         fast = self.fast_path(u)
         decode = state is not None and length == 1 and not layout.has_vision
+        prefill = fast and not decode  # the kernels of issue 11; one decode token keeps the reference ops
         if inputs is None:
-            inputs = self.project(u, layout, fused=fast and not decode)
+            inputs = self.project(u, layout, fused=prefill)
         xbc = inputs.xbc
-        if not (fast and layout.all_valid):
+        if not (prefill and layout.all_valid):  # (all_valid may read the mask back once: never in decode)
             xbc = xbc * layout.valid[..., None].to(xbc.dtype)  # padding stays zero
         if self.mate.d_conv > 0:
-            xbc = self._conv(xbc, state, fast and not decode)
+            xbc = self._conv(xbc, state, prefill)
         x, b, c = torch.split(xbc, [hk * d, hk * d, h * d], dim=-1)
         x, b, c = x.view(bsz, length, hk, d), b.view(bsz, length, hk, d), c.view(bsz, length, h, d)
         dt = F.softplus(inputs.dt_raw.float() + self.dt_bias) * layout.valid[..., None]
@@ -178,7 +179,7 @@ class FlexMA(nn.Module):
         # y + D * x with x at key/value width, broadcast over each group (no repeated copy of x)
         g = h // hk
         y = torch.addcmul(y.reshape(bsz, length, hk, g, d), self.D.to(y.dtype).view(hk, g, 1), x.unsqueeze(3))
-        return gated_rmsnorm(y.view(bsz, length, h, d), inputs.gate, self.norm_weight, self.eps, fast=fast)
+        return gated_rmsnorm(y.view(bsz, length, h, d), inputs.gate, self.norm_weight, self.eps, fast=prefill)
 
     def _scan(
         self,
