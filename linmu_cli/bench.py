@@ -1349,7 +1349,7 @@ def make_figure(result: dict):
 
     rows = [r for r in result["results"] if r.get("status") != "OOM"]
     eq = result["config"]["equal_batch"]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.6))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 5.4))
     frames = sorted({r["frames"] for r in rows})
     single = len(frames) == 1
     for ax, key in ((ax1, "ttft"), (ax2, "decode")):
@@ -1363,8 +1363,9 @@ def make_figure(result: dict):
                 x, y, marker=marker, linestyle=style, color=color, label=label.format(eq=eq), markersize=6
             )
             if single:
-                ax.annotate(f"{y[0]:.3g}", (x[0], y[0]), textcoords="offset points", xytext=(8, 0), fontsize=7,
-                            va="center", color=color)  # fmt: skip
+                text = f"{y[0]:,.0f}" if y[0] >= 100 else f"{y[0]:.3g}"
+                ax.annotate(text, (x[0], y[0]), textcoords="offset points", xytext=(8, 0), fontsize=7, va="center",
+                            color=color)  # fmt: skip
         ax.set_yscale("log")
         ax.yaxis.set_major_formatter(LogFormatterSciNotation(labelOnlyBase=False))
         ax.yaxis.set_minor_formatter(LogFormatterSciNotation(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
@@ -1383,8 +1384,11 @@ def make_figure(result: dict):
                  color="tab:green", va="top")  # fmt: skip
     ax1.set(xlabel="frames", ylabel="TTFT (s)", title="Time to first token (lower is better)")
     ax2.set(xlabel="frames", ylabel="tokens / s", title="Decode throughput (higher is better)")
-    ax1.legend(fontsize=7)
-    ax2.legend(fontsize=6, ncol=2)
+    for ax in (ax1, ax2):
+        if ax.get_lines():
+            ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
+        else:
+            ax.text(0.5, 0.5, "nothing measured", transform=ax.transAxes, ha="center", color="tab:gray")
     env = result["environment"]
     fig.suptitle(f"{result['config']['source']} - {env.get('gpu', env['device'])}, {env['dtype']}, "
                  f"{result['config']['resolution']}px frames; vision: "

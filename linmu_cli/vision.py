@@ -26,6 +26,7 @@ frames per batch); tests/test_bench_gpu.py checks it in bf16 on a GPU.
 from __future__ import annotations
 
 import types
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,8 +63,50 @@ def _silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 def _gated_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
-    """Qwen2.5-VL vision MLP with act(gate) * up as one fused kernel (same math as transformers')."""
-    return self.down_proj(self._linmu_silu_mul(self.gate_proj(x), self.up_proj(x)))
+    """Qwen2.5-VL vision MLP with act(gate) * up as one fused kernel (same math as transformers'); with padded
+    weights (`_padded_mlp`) the intermediate width is a multiple of 64."""
+    act = getattr(self, "_linmu_silu_mul", None) or _silu_mul
+    pad = getattr(self, "_linmu_pad", None)
+    if pad is None:
+        return self.down_proj(act(self.gate_proj(x), self.up_proj(x)))
+    gw, gb, uw, ub, dw = pad
+    return F.linear(act(F.linear(x, gw, gb), F.linear(x, uw, ub)), dw, self.down_proj.bias)
+
+
+# id(gate weight) -> padded copies, dropped with the weight (shared by a teacher and its LinMU student, whose
+# towers hold the same tensor objects)
+_PADDED: dict[int, tuple] = {}
+
+
+def _padded_mlp(module: nn.Module, multiple: int = 64) -> tuple[int, int] | None:
+    """Zero-pad a gated MLP's intermediate width to a multiple of `multiple` (Qwen2.5-VL: 3420 -> 3456).
+
+    On the H200 cuBLAS runs the 3420-wide GEMMs with an sm80 kernel at ~30% of the matrix rate (profile:
+    benchmarks/results/2026-12-01/issue12/vision.log); the padded rows of gate / up are zero, silu(0) * 0 = 0,
+    and the padded columns of down are zero: the same result (tests/test_vision.py). Inference only: the padded
+    copies do not follow later updates of the weights."""
+    width = module.gate_proj.out_features
+    if width % multiple == 0:
+        return None
+    wide = -(-width // multiple) * multiple
+    key = id(module.gate_proj.weight)
+    if key not in _PADDED:
+
+        def rows(t: torch.Tensor | None) -> torch.Tensor | None:
+            if t is None:
+                return None
+            out = t.new_zeros((wide, *t.shape[1:]))
+            out[:width] = t
+            return out
+
+        with torch.no_grad():
+            down = module.down_proj.weight.new_zeros(module.down_proj.out_features, wide)
+            down[:, :width] = module.down_proj.weight
+            _PADDED[key] = (rows(module.gate_proj.weight), rows(module.gate_proj.bias), rows(module.up_proj.weight),
+                            rows(module.up_proj.bias), down)  # fmt: skip
+        weakref.finalize(module.gate_proj.weight, _PADDED.pop, key, None)
+    module._linmu_pad = _PADDED[key]
+    return width, wide
 
 
 @dataclass
@@ -73,12 +116,15 @@ class FastVisionInfo:
     attention_modules: int = 0
     compiled: list[str] = field(default_factory=list)
     compile_error: str | None = None
+    mlp_padded: tuple[int, int] | None = None  # (width, padded width) of the gated MLPs
     paths: dict[str, int] = field(default_factory=dict)  # "runs" / "padded" -> calls
 
     def describe(self) -> str:
         comp = f"compiled {'+'.join(self.compiled)}" if self.compiled else "eager elementwise"
         if self.compile_error:
             comp += f" (compile failed, eager: {self.compile_error})"
+        if self.mlp_padded:
+            comp += f", MLP width padded {self.mlp_padded[0]} -> {self.mlp_padded[1]}"
         return (f"linmu fast vision: one SDPA call per run of equal-length sequences "
                 f"({self.attention_modules} attention modules), float32 rotary, {comp}")  # fmt: skip
 
@@ -214,18 +260,23 @@ def _vision_tower(model: nn.Module) -> nn.Module:
     raise LinmuError(f"{type(model).__name__} has no Qwen2-VL / Qwen2.5-VL vision tower (model.visual)")
 
 
-def use_fast_vision(model: nn.Module, compile: bool | str = "auto") -> FastVisionInfo:
+def use_fast_vision(
+    model: nn.Module, compile: bool | str = "auto", pad_mlp: bool | str = "auto"
+) -> FastVisionInfo:
     """Switch the vision tower of `model` (a Qwen2-VL / Qwen2.5-VL teacher or LinMU model) to the fast path.
 
     Same weights, same outputs (float32: to rounding; bf16: to bf16 tolerance). `compile="auto"` fuses the
     rotary and the MLP activation with torch.compile on CUDA only (on CPU it would need a C++ toolchain and
-    buys nothing). Idempotent; returns what was changed (also `fast_vision_info(model)`)."""
+    buys nothing); `pad_mlp="auto"` zero-pads Qwen2.5-VL's 3420-wide MLP to 3456 on CUDA (`_padded_mlp`; extra
+    memory: ~0.85 GB at 7B, shared by a teacher and its student). Idempotent; returns what was changed (also
+    `fast_vision_info(model)`)."""
     tower = _vision_tower(model)
     existing = getattr(tower, "_linmu_fast_info", None)
     if existing is not None:
         return existing
     device = next(tower.parameters()).device
     do_compile = device.type == "cuda" if compile == "auto" else bool(compile)
+    do_pad = device.type == "cuda" if pad_mlp == "auto" else bool(pad_mlp)
     info = FastVisionInfo()
     rotary = _Compiled("rotary", rotary_eager, info, do_compile)
     plans = _PlanCache()
@@ -234,6 +285,10 @@ def use_fast_vision(model: nn.Module, compile: bool | str = "auto") -> FastVisio
             module._linmu_fast = {"rotary": rotary, "plans": plans, "info": info}
             module.forward = types.MethodType(_fast_attention_forward, module)
             info.attention_modules += 1
+        gated = all(hasattr(module, n) for n in ("gate_proj", "up_proj", "down_proj", "act_fn"))
+        if do_pad and gated and type(module.act_fn).__name__ in ("SiLUActivation", "SiLU"):
+            info.mlp_padded = _padded_mlp(module) or info.mlp_padded
+            module.forward = types.MethodType(_gated_mlp_forward, module)
         if not do_compile:
             continue
         act = getattr(module, "act", None) if hasattr(module, "fc1") else None

@@ -136,8 +136,10 @@ def test_decode_kernels_agree_at_the_7b_shape_and_auto_picks_a_timed_one():
 
 
 def test_fast_vision_tower_matches_transformers_in_bf16():
-    """Both real tower shapes (7B configs, random weights, 4 frames at 448x448 and two images), bf16, eager
-    and compiled elementwise parts."""
+    """Both real tower shapes (7B configs, random weights, 2 frames at 448x448 and two odd-sized images), bf16,
+    eager and compiled elementwise parts. Two bf16 towers of 32 random layers differ by ~2e-2 whatever the code
+    (measured on the H200: transformers' SDPA-per-window vs one padded SDPA call), so the reference is the same
+    tower in float32: the fast bf16 tower must be as close to it as transformers' own bf16 tower."""
     import copy
 
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
@@ -157,16 +159,16 @@ def test_fast_vision_tower_matches_transformers_in_bf16():
             ref_tower = cls._from_config(cfg, attn_implementation="sdpa", dtype=torch.bfloat16).eval()
         x = torch.randn(n, 1176, device=dev).bfloat16()
         with torch.no_grad():
-            ref = ref_tower(x, grid_thw=grid).pooler_output
+            exact = copy.deepcopy(ref_tower).float()(x.float(), grid_thw=grid).pooler_output
+            hf_err = rel(ref_tower(x, grid_thw=grid).pooler_output, exact)
             for compile_ in (False, True):
                 tower = copy.deepcopy(ref_tower)
                 info = use_fast_vision(tower, compile=compile_)
-                got = tower(x, grid_thw=grid).pooler_output
-                print(
-                    f"\n{alias} compile={compile_}: rel. error {rel(got, ref):.1e}; {info.describe()}; {info.paths}"
-                )
-                assert rel(got, ref) < 2e-2, (alias, compile_)
-                assert info.compile_error is None
+                err = rel(tower(x, grid_thw=grid).pooler_output, exact)
+                print(f"\n{alias} compile={compile_}: rel. error vs float32 {err:.1e} (transformers bf16: "
+                      f"{hf_err:.1e}); {info.describe()}; {info.paths}")  # fmt: skip
+                assert err <= 1.25 * hf_err + 2e-3, (alias, compile_, err, hf_err)
+                assert info.compile_error is None and sum(info.paths.values()) == 32
                 del tower
         del ref_tower
         torch.cuda.empty_cache()

@@ -112,3 +112,18 @@ def test_compiled_parts_are_wired_as_the_same_math(family, monkeypatch):
     with torch.no_grad():
         torch.testing.assert_close(fast_tower(x, grid_thw=thw).pooler_output, ref_tower(x, grid_thw=thw).pooler_output,
                                    atol=2e-5, rtol=1e-5)  # fmt: skip
+
+
+def test_padded_mlp_width_gives_the_same_tower():
+    """pad_mlp zero-pads Qwen2.5-VL's gated MLP (here 96 -> 128 wide): same outputs, weights untouched."""
+    ref_tower = tower("qwen2_5_vl")
+    fast_tower = copy.deepcopy(ref_tower)
+    before = fast_tower.blocks[0].mlp.gate_proj.weight.clone()
+    info = use_fast_vision(fast_tower, compile=False, pad_mlp=True)
+    assert info.mlp_padded == (96, 128) and "padded 96 -> 128" in info.describe()
+    assert fast_tower.blocks[0].mlp._linmu_pad[0].shape == (128, 64)
+    assert torch.equal(fast_tower.blocks[0].mlp.gate_proj.weight, before)
+    x, thw = pixels(GRIDS["mixed"])
+    with torch.no_grad():
+        torch.testing.assert_close(fast_tower(x, grid_thw=thw).pooler_output, ref_tower(x, grid_thw=thw).pooler_output,
+                                   atol=2e-5, rtol=1e-5)  # fmt: skip
