@@ -429,3 +429,23 @@ def test_stale_temporaries_of_dead_processes_are_removed_and_a_finished_rename_i
     assert len(removed) == 2
     remove_stale_temporaries(tmp_path, any_pid=True)  # the caller holds the directory's lock
     assert not live.exists()
+
+
+def test_unwritable_output_and_a_full_disk_are_one_line_errors(base, tmp_path, monkeypatch):
+    """Item 12 (distill): a read-only place failed with a traceback after the teacher loaded; a full disk
+    while writing a checkpoint ended in `OSError: No space left on device`."""
+    import errno
+
+    res = cli("output=/proc/linmu-run", *SHORT)
+    assert res.exit_code == 2 and "cannot write /proc/linmu-run" in res.text, res.output
+    out = copy_run(base, tmp_path)
+    crash_in_stage1(out)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(out / "checkpoints"))
+
+    monkeypatch.setattr(checkpoint, "save", full)
+    res = cli(f"output={out}", *SHORT, "--stage", "stage1", "--resume")
+    assert res.exit_code == 2 and "No space left on device" in res.text and "then --resume" in res.text
+    assert "Traceback" not in res.output
+    assert (out / "checkpoints" / "stage1" / "step-0000003" / "state.json").is_file()

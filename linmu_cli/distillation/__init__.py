@@ -11,6 +11,7 @@ and writes checkpoints.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,9 @@ def _init_distributed(recipe: Recipe) -> tuple[int, int, torch.device]:
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return rank, world, device
+
+
+WRITE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)  # disk full, read-only
 
 
 def check_launcher() -> None:
@@ -104,7 +108,7 @@ def distill(
     and training writes. A failure that left no checkpoint removes what it wrote."""
     from linmu_cli.distillation import outputs
     from linmu_cli.distillation.trainer import Run, train_stage, write_final
-    from linmu_cli.io import exclusive_lock
+    from linmu_cli.io import check_writable, exclusive_lock
     from linmu_cli.sources import load_teacher
 
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe, overrides)
@@ -113,6 +117,7 @@ def distill(
     check_launcher()
     out = Path(recipe.output)
     plan = outputs.make_plan(out, recipe, stage, resume, force)
+    check_writable(out / outputs.LOCK)  # a read-only place fails now, not after the teacher loaded
     rank, world, device = _init_distributed(recipe)
     dtype = torch.bfloat16 if recipe.dtype == "auto" and device.type == "cuda" else None
     dtype_name = (
@@ -160,9 +165,14 @@ def distill(
                               f"{out / name}{'' if name in plan.train else ', skipping'}")  # fmt: skip
                 if name in plan.train:
                     results[name] = train_stage(run, name, plan)
-        except BaseException:
+        except BaseException as exc:
             if run.is_main:
                 outputs.clean_failed(out, created)
+            if isinstance(exc, OSError) and exc.errno in WRITE_ERRORS:
+                raise LinmuError(
+                    f"writing under {out} failed: {exc.strerror} ({exc.filename or out}); the step checkpoints "
+                    "written so far are intact: free space (or fix permissions), then --resume"
+                ) from None
             raise
         if world > 1:
             dist.barrier()
