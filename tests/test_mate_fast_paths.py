@@ -185,3 +185,44 @@ def test_fused_prefill_then_decode_equals_the_full_recompute(monkeypatch, fields
                      linmu_layout=TokenLayout.text_only(1, 1, torch.device("cpu")))[0]  # fmt: skip
     torch.testing.assert_close(pre, full[:, :-1], atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(step, full[:, -1:], atol=2e-5, rtol=1e-4)
+
+
+def test_shared_projection_model_generates_round_trips_and_rebuilds_its_teacher(tiny, tmp_path):
+    """shared_projections end to end: convert, cached generation == recompute, save/load, teacher rebuild."""
+    from conftest import prompt_inputs, video
+    from transformers import AutoModelForImageTextToText
+
+    from linmu_cli.bench import teacher_from_student
+    from linmu_cli.distillation.trainer import set_trainable
+    from linmu_cli.errors import LinmuError
+    from linmu_cli.models import convert_model
+
+    _, teacher, processor = tiny
+    student = convert_model(
+        teacher, MateConfig(text_window=6, vision_window=[2, 1, 2], shared_projections=True)
+    )
+    assert not any(".self_attn.swin." in n for n, _ in student.named_parameters())
+    inputs = prompt_inputs(processor, ["what moves?"], videos=[video(1)])
+    with torch.no_grad():
+        gen = student.generate(**inputs, max_new_tokens=4, do_sample=False, output_logits=True,
+                               return_dict_in_generate=True)  # fmt: skip
+        seq = gen.sequences
+        full = dict(inputs, input_ids=seq, attention_mask=torch.ones_like(seq))
+        full["mm_token_type_ids"] = F.pad(inputs["mm_token_type_ids"], (0, 4))
+        logits = student(**full, use_cache=False).logits
+    n = inputs["input_ids"].shape[1]
+    for step, step_logits in enumerate(gen.logits):
+        torch.testing.assert_close(step_logits, logits[:, n - 1 + step], atol=2e-4, rtol=1e-4)
+    student.save_pretrained(tmp_path)
+    loaded = AutoModelForImageTextToText.from_pretrained(tmp_path)
+    assert loaded.mate_config.shared_projections
+    a, b = student.state_dict(), loaded.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    rebuilt = teacher_from_student(student)  # its attention weights are the shared ones
+    layer = student.model.language_model.layers[0].self_attn
+    assert rebuilt.model.language_model.layers[0].self_attn.q_proj.weight is layer.flex.q_proj.weight
+    # stage 1 ("flex") trains the shared projections; "swin" alone holds nothing and says so
+    names = [name for name, _ in set_trainable(student, ["flex"])]
+    assert any(name.endswith("self_attn.flex.q_proj.weight") for name in names)
+    with pytest.raises(LinmuError, match="hold no parameters"):
+        set_trainable(student, ["swin"])
