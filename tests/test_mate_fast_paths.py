@@ -226,3 +226,18 @@ def test_shared_projection_model_generates_round_trips_and_rebuilds_its_teacher(
     assert any(name.endswith("self_attn.flex.q_proj.weight") for name in names)
     with pytest.raises(LinmuError, match="hold no parameters"):
         set_trainable(student, ["swin"])
+
+
+def test_complete_windows_skip_the_mask_and_give_the_same_attention():
+    from linmu_cli.layers.layout import WindowPlan
+    from linmu_cli.ops.window_attention import window_attention
+
+    layout = layout_of([[Segment(1, 2, 4, 4)]], 34)
+    plan = layout.window_plan([2, 2, 2], False)
+    assert (
+        plan.full and not layout.window_plan([2, 2, 2], True).full
+    )  # shifted partitions have partial windows
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 34, 4, 8), torch.randn(1, 34, 2, 8), torch.randn(1, 34, 2, 8)
+    masked = WindowPlan(plan.index, plan.valid, plan.src, plan.dst, full=False)
+    torch.testing.assert_close(window_attention(q, k, v, plan, 0.3), window_attention(q, k, v, masked, 0.3))

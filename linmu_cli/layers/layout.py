@@ -54,6 +54,7 @@ class WindowPlan:
     # with integer indices built on the host (a boolean-mask scatter would sync with the GPU in every layer)
     src: torch.Tensor | None = None
     dst: torch.Tensor | None = None
+    full: bool = False  # every window complete (known on the host): no mask, so SDPA may take a fused kernel
 
 
 @dataclass
@@ -270,7 +271,7 @@ class TokenLayout:
             src = valid.reshape(-1).nonzero().squeeze(1)
             dst = index.reshape(-1)[src]
             put = self._put
-            self._cache[key] = WindowPlan(put(index), put(valid), put(src), put(dst))
+            self._cache[key] = WindowPlan(put(index), put(valid), put(src), put(dst), bool(valid.all()))
         return self._cache[key]
 
 
