@@ -127,8 +127,14 @@ def test_cpu_smoke_run_writes_the_documented_json_and_plot(tmp_path):
         (["--arch", "tiny-qwen2-vl", "--frames", "8", "--device", "tpu"], "choose cuda or cpu"),
         (["--arch", "tiny-qwen2-vl", "--frames", "8", "--new-tokens", "0"], "--new-tokens"),
         (["--model", "/no/such/dir", "--frames", "8", "--device", "cpu"], "no config.json"),
-        (["--arch", "tiny-qwen2-vl", "--frames", "8", "--teacher-kernel", "magic"], "--teacher-kernel 'magic'"),
-        (["--arch", "tiny-qwen2-vl", "--frames", "8", "--vision-compile", "maybe"], "--vision-compile 'maybe'"),
+        (
+            ["--arch", "tiny-qwen2-vl", "--frames", "8", "--teacher-kernel", "magic"],
+            "--teacher-kernel 'magic'",
+        ),
+        (
+            ["--arch", "tiny-qwen2-vl", "--frames", "8", "--vision-compile", "maybe"],
+            "--vision-compile 'maybe'",
+        ),
     ],
 )
 def test_bad_arguments_are_one_clear_line(args, message):
