@@ -1091,12 +1091,17 @@ def _config_and_weights(model: str | None, arch: str | None, dtype: torch.dtype)
         return meta.config, sum(p.numel() for p in meta.parameters()) * size
     from transformers import AutoConfig
 
-    import linmu_cli  # noqa: F401  (registers the LinMU config classes)
+    import linmu_cli.models  # noqa: F401  (registers the LinMU config classes)
 
     path = Path(model).expanduser()
     if not (path / "config.json").is_file():
         raise LinmuError(f"--model {model}: no config.json there; pass a checkpoint directory or use --arch")
-    config = AutoConfig.from_pretrained(path)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (ValueError, KeyError, OSError) as exc:
+        raise LinmuError(
+            f"--model {model}: cannot read its config.json ({type(exc).__name__}: {exc})"
+        ) from None
     weights = sum(f.stat().st_size for f in path.glob("*.safetensors"))
     return config, weights
 
@@ -1213,8 +1218,8 @@ def run_bench(
         "notes": NOTES,
     }
     result["environment"]["ceilings"] = ceilings
-    say(f"ceilings: matmul {ceilings['matmul_flops_per_s'] / 1e12:.0f} TFLOP/s, copy "
-        f"{ceilings['copy_bytes_per_s'] / 1e12:.2f} TB/s (read + write)")  # fmt: skip
+    say(f"ceilings: matmul {ceilings['matmul_flops_per_s'] / 1e12:.3g} TFLOP/s, copy "
+        f"{ceilings['copy_bytes_per_s'] / 1e12:.3g} TB/s (read + write)")  # fmt: skip
 
     warm = synthetic_video(teacher.config, frame_list[0], resolution, dev, torch_dtype)
     say(f"warm-up at {frame_list[0]} frames ({warm.lm_tokens} LM tokens) ...")

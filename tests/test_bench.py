@@ -464,3 +464,19 @@ def test_tables_fit_80_columns_without_cutting_headers():
         assert max(len(line) for line in text.splitlines()) <= 80
         for col in table.columns:
             assert str(col.header) in text
+
+
+def test_bench_runs_on_a_linmu_checkpoint_dir(tmp_path):
+    """`--model DIR` of a converted checkpoint: config read without building (memory check), teacher rebuilt."""
+    from linmu_cli.conversion import convert
+
+    report = convert("tiny-qwen2-vl", tmp_path / "linmu")
+    res = runner.invoke(app, ["bench", "--model", str(report.out), "--frames", "8", "--device", "cpu", "--repeats", "1",
+                              "--decode-seconds", "0.01", "--json", str(tmp_path / "b.json")])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    data = json.loads((tmp_path / "b.json").read_text())
+    assert (
+        "LinMU checkpoint" in data["config"]["source"]
+        and data["config"]["memory_check"]["estimate_bytes"] > 0
+    )
+    assert data["results"][0]["ratios"]["ttft"] > 0
