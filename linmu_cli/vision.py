@@ -37,6 +37,7 @@ from torch import nn
 from linmu_cli.errors import LinmuError
 
 _ATTENTION_CLASSES = ("VisionAttention", "Qwen2_5_VLVisionAttention")
+_INDEX_LIMIT = 2**31 - 1  # elements one compiled elementwise call may see
 _PAD_ABOVE_RUNS = 8  # more equal-length runs than this: one padded, masked batch instead of one call per run
 
 
@@ -141,13 +142,26 @@ class _Compiled:
     def __call__(self, *args):
         if self.compiled is not None:
             try:
-                return self.compiled(*args)
+                return self._chunked(*args)
             except Exception as exc:  # noqa: BLE001 - recorded in fast_vision_info, printed by the bench
                 self.compiled = None
                 self.info.compile_error = f"{self.name}: {type(exc).__name__}: {str(exc)[:160]}"
                 if self.name in self.info.compiled:
                     self.info.compiled.remove(self.name)
         return self.fn(*args)
+
+    def _chunked(self, *args):
+        """Inputs over 2^31 elements (the MLP activation at 2,048 frames: 1M patches x 5120) in row chunks, so a
+        kernel compiled on small shapes never meets 32-bit index overflow; results written into one output."""
+        rows = args[0].shape[0]
+        per_row = max(1, max(a.numel() for a in args) // max(rows, 1))
+        step = max(1, _INDEX_LIMIT // per_row)
+        if rows <= step:
+            return self.compiled(*args)
+        parts = [self.compiled(*(a[i : i + step] for a in args)) for i in range(0, rows, step)]
+        if isinstance(parts[0], tuple):
+            return tuple(torch.cat([p[j] for p in parts]) for j in range(len(parts[0])))
+        return torch.cat(parts)
 
 
 # ------------------------------------------------------------------------------------------- attention

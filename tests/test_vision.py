@@ -127,3 +127,18 @@ def test_padded_mlp_width_gives_the_same_tower():
     with torch.no_grad():
         torch.testing.assert_close(fast_tower(x, grid_thw=thw).pooler_output, ref_tower(x, grid_thw=thw).pooler_output,
                                    atol=2e-5, rtol=1e-5)  # fmt: skip
+
+
+def test_compiled_parts_split_inputs_beyond_32_bit_indexing(monkeypatch):
+    """Inputs over 2^31 elements are run in row chunks (no 32-bit index overflow in a kernel compiled small)."""
+    from linmu_cli import vision
+
+    calls = []
+    monkeypatch.setattr(
+        torch, "compile", lambda fn, dynamic=True: lambda *a: calls.append(a[0].shape[0]) or fn(*a)
+    )
+    part = vision._Compiled("quick_gelu", vision._quick_gelu, vision.FastVisionInfo(), True)
+    x = torch.randn(10, 3)
+    monkeypatch.setattr(vision, "_INDEX_LIMIT", 8)  # 2 rows of 3 elements per chunk
+    torch.testing.assert_close(part(x), vision._quick_gelu(x))
+    assert calls == [2, 2, 2, 2, 2]
