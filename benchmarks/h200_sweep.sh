@@ -39,6 +39,8 @@ timeout -k 10 $((BUDGET + 80)) python3 -m linmu_cli bench --arch qwen2-vl-7b --f
   --dtype bf16 --device cuda --json "$OUT/bench.json" "${PLOT[@]}" --time-budget "$BUDGET" --decode-seconds 0.5 \
   2>&1 | tee -a "$OUT/bench.log"
 rc=${PIPESTATUS[0]}
+# 124 / 137 (its own hard timeout) would read as the device call timing out: report it as 3
+if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then echo "bench hit its hard timeout ($((BUDGET + 80)) s)"; rc=3; fi
 echo "bench exit code $rc ($((SECONDS - T0)) s so far)" | tee -a "$OUT/bench.log"
 [ "$rc" -ne 0 ] && status=$rc
 
@@ -51,7 +53,7 @@ elif [ -z "${SKIP_VISION:-}" ]; then
   timeout -k 5 "$VISION_LEFT" python3 benchmarks/vision_profile.py --frames "${VISION_FRAMES:-512}" --repeats "${VISION_REPEATS:-1}" \
     --json "$OUT/vision.json" \
     2>&1 | tee "$OUT/vision.log" | tail -40
-  rc=${PIPESTATUS[0]}; [ "$rc" -ne 0 ] && status=$rc
+  rc=${PIPESTATUS[0]}; { [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; } && rc=4; [ "$rc" -ne 0 ] && status=$rc
 fi
 
 if [ -f "$OUT/bench.json" ]; then  # also after a timeout: tables, targets, markdown and plot from the partial JSON
