@@ -12,13 +12,18 @@ Per frame count it reports, for the teacher and for LinMU:
 - the LinMU floor: the same LinMU model with its scans and window attention skipped (layers/floor.py), and
   LinMU TTFT as a multiple of it;
 - decode throughput (tokens/s) at batch 1 (cache from the real prefill), at an equal batch for both (16) and at
-  the largest batch that fits (doubling search until out of memory), the larger batches on caches filled with
-  random values of the right shapes (decode cost does not depend on them; the output says so per entry);
+  the largest batch that fits (doubling search until out of memory; at least the equal batch on CPU), the larger
+  batches on caches filled with random values of the right shapes (decode cost does not depend on them; the
+  output says so per entry);
 - peak memory of prefill and of decoding, cache bytes per sequence; "OOM" where something does not fit.
 
-Decoding: the teacher runs transformers' forward with its DynamicCache (what `generate()` does); LinMU runs its
-fixed-buffer step (`linmu_cli.fast_decode`), captured in a CUDA graph on CUDA, and also, at batch 1, through
-the same transformers forward as the teacher (`batch_1_hf`) for a same-harness comparison.
+Decoding (issue 12): the headline teacher is the teacher as it is served (`linmu_cli.teacher_decode`: static KV
+cache, the fastest measured q_len=1 decode attention, one CUDA graph per step); `teacher_hf` is transformers'
+forward with its DynamicCache (what `generate()` does). LinMU runs its fixed-buffer step
+(`linmu_cli.fast_decode`), captured in a CUDA graph on CUDA, and also, at batch 1, through transformers' forward
+(`batch_1_hf`) for a same-harness comparison. Both models run the same vision tower (`linmu_cli.vision`, unless
+`fast_vision=False`). Roofline fields compare each TTFT with the device's measured matrix rate and each decode
+step with its measured copy bandwidth (`measure_ceilings`). Schema `linmu-bench/2` (docs/benchmarks.md).
 """
 
 from __future__ import annotations
