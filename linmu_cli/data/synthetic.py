@@ -14,7 +14,7 @@ Tasks:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -124,14 +124,3 @@ def generate(task: str, index: int, seed: int = 0, frames: int = 16, size: int =
     if task not in TASKS:
         raise KeyError(f"unknown synthetic task {task!r}; known: {', '.join(TASKS)}")
     return TASKS[task](task_seed(seed, task, index), frames=frames, size=size)
-
-
-def stream(
-    tasks: list[str], seed: int = 0, start: int = 0, frames: int = 16, size: int = 56
-) -> Iterator[Sample]:
-    """Round-robin over `tasks` forever, from sample number `start` (for resumable data positions)."""
-    i = start
-    while True:
-        task = tasks[i % len(tasks)]
-        yield generate(task, i // len(tasks), seed=seed, frames=frames, size=size)
-        i += 1
