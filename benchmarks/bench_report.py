@@ -47,7 +47,7 @@ def check_targets(result: dict, vision: dict | None = None) -> list[tuple[str, s
     for key, lim in SERVED_BANDWIDTH_MIN.items():
         entry = _get(_row(result, 512) or {}, "teacher", "decode", key) or {}
         b = entry.get("batch", "?")
-        add(f"served teacher decode at batch {b}, 512 frames, within {1 / lim:.1f}x of its bandwidth floor",
+        add(f"{who} decode at batch {b}, 512 frames, within {1 / lim:.1f}x of its bandwidth floor",
             entry.get("of_copy_bandwidth"), lambda v, lim=lim: v >= lim, "{:.0%} of copy bandwidth")  # fmt: skip
     if vision:
         for alias, fam in vision.get("families", {}).items():

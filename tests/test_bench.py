@@ -480,3 +480,23 @@ def test_bench_runs_on_a_linmu_checkpoint_dir(tmp_path):
         and data["config"]["memory_check"]["estimate_bytes"] > 0
     )
     assert data["results"][0]["ratios"]["ttft"] > 0
+
+
+def test_bench_report_labels_the_teacher_by_schema():
+    """benchmarks/bench_report.py: v2 results are against the served teacher, v1 files against the eager one."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_report.py"
+    spec = importlib.util.spec_from_file_location("bench_report", path)
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    result = _one_row_result()
+    row = result["results"][0]
+    row.update(lm_tokens=1061)
+    row["ratios"].update(decode_batch_1=0.6, decode_equal_batch=1.1, decode_max_batch=1.1)
+    v2 = report.markdown({**result, "schema": "linmu-bench/2"})
+    assert "TTFT served teacher (s)" in v2 and "| 8 | 1,061 | 0.06 | 0.15 | 0.09 | 0.40x | 1.60x |" in v2
+    assert "0.6x / 1.1x / 1.1x" in v2 and "300 / 3000" in v2  # ratios, then the transformers teacher column
+    v1 = report.markdown({**result, "schema": "linmu-bench/1"})
+    assert "eager teacher (linmu-bench/1)" in v1 and "served" not in v1
