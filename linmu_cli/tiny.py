@@ -21,6 +21,9 @@ import transformers
 from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
+from linmu_cli.models.family import Family, families
+
+# The families whose tiny teachers are built here (their layout constants and vision widths are below).
 TINY_FAMILIES = ("qwen2_vl", "qwen2_5_vl")
 
 # Qwen2-VL's special tokens, in the real checkpoint's id order (151643, 151644, ...).
@@ -93,25 +96,13 @@ _BPE_VOCAB_SIZE = 1024  # target size of the learned byte-level vocabulary (256 
 PATCH_SIZE, MERGE_SIZE, TEMPORAL_PATCH_SIZE = 14, 2, 2
 MIN_PIXELS, MAX_PIXELS = 56 * 56, 112 * 112
 
-_FAMILY_CLASSES = {
-    "qwen2_vl": {
-        "config": "Qwen2VLConfig",
-        "model": "Qwen2VLForConditionalGeneration",
-        "processor": "Qwen2VLProcessor",
-    },
-    "qwen2_5_vl": {
-        "config": "Qwen2_5_VLConfig",
-        "model": "Qwen2_5_VLForConditionalGeneration",
-        "processor": "Qwen2_5_VLProcessor",
-    },
-}
 
-
-def _family_class(family: str, kind: str) -> Any:
-    """Look up the real transformers class; unknown families fail loudly rather than falling back."""
-    if family not in _FAMILY_CLASSES:
-        raise ValueError(f"unknown tiny family {family!r}; expected one of {TINY_FAMILIES}")
-    return getattr(transformers, _FAMILY_CLASSES[family][kind])
+def _family(name: str) -> Family:
+    """The family's adapter (its transformers config / model / processor classes, `linmu_cli.models.family`);
+    unknown families fail loudly rather than falling back."""
+    if name not in TINY_FAMILIES:
+        raise ValueError(f"unknown tiny family {name!r}; expected one of {TINY_FAMILIES}")
+    return families()[name]
 
 
 @functools.cache
@@ -202,7 +193,7 @@ def build_tiny_processor(family: str, max_pixels: int = MAX_PIXELS) -> transform
     (`second_per_grid_ts` = 2/24); pass `video_metadata=[VideoMetadata(total_num_frames=T, fps=...)]` to
     give its M-RoPE temporal positions real seconds.
     """
-    processor_cls = _family_class(family, "processor")
+    processor_cls = _family(family).processor_class
     layout = {"patch_size": PATCH_SIZE, "merge_size": MERGE_SIZE, "temporal_patch_size": TEMPORAL_PATCH_SIZE}
     image_processor = transformers.Qwen2VLImageProcessor(
         min_pixels=MIN_PIXELS, max_pixels=max_pixels, **layout
@@ -237,7 +228,7 @@ def tiny_config(family: str, vocab_size: int, **overrides: Any) -> transformers.
     Text fields (`num_hidden_layers=4`, `hidden_size=...`) go to `text_config`, top-level fields
     (`image_token_id`, ...) to the top, and `vision_config={...}` / `text_config={...}` dicts are merged.
     """
-    config_cls = _family_class(family, "config")
+    config_cls = _family(family).config_class
     token_ids = config_token_ids()
     text_over, vision_over = overrides.pop("text_config", {}), overrides.pop("vision_config", {})
     top_fields = {f.name for f in dataclasses.fields(config_cls)} - {"text_config", "vision_config"}
@@ -301,7 +292,7 @@ def build_tiny_teacher(
     tokenizer = processor.tokenizer
     vocab_size = -(-len(tokenizer) // 64) * 64  # round up, like real checkpoints pad their vocab
     config = tiny_config(family, vocab_size, **config_overrides)
-    model_cls = _family_class(family, "model")
+    model_cls = _family(family).model_class
     with torch.random.fork_rng(devices=[]):  # seed the init without disturbing the caller's RNG stream
         torch.manual_seed(seed)
         model = model_cls._from_config(config, attn_implementation="sdpa", dtype=torch.float32)

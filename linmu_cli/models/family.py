@@ -1,8 +1,10 @@
 """What differs between source VLM families, behind one small adapter each.
 
-A family says which transformers classes it converts, where the decoder layers live and how the visual
-segments of a batch are found. Adding a family (Qwen3-VL, LLaVA-OneVision, ...) is one new file that defines
-a `Family` and calls `register_family`; `modeling_linmu` builds the LinMU config / model classes from it.
+A `Family` names a source family's transformers classes (config, model, bare model, processor: what
+`linmu_cli.tiny` builds tiny teachers from) and the LinMU classes written out on them, and says where the
+decoder layers live and how the visual segments of a batch are found (docs/design.md §2). Adding a family
+(Qwen3-VL, LLaVA-OneVision, ...) is one new file beside `qwen2_vl.py` that writes its LinMU classes and calls
+`register_family`, plus its Auto registration in `models/__init__.py`.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers import PretrainedConfig
 
 from linmu_cli.errors import LinmuError
 from linmu_cli.layers.layout import Segment, TokenLayout, find_segments
@@ -18,28 +21,38 @@ from linmu_cli.layers.layout import Segment, TokenLayout, find_segments
 
 @dataclass(frozen=True)
 class Family:
+    """One source family: its transformers classes and the LinMU classes that extend them."""
+
     name: str  # source model_type, e.g. "qwen2_vl"
     config_class: type  # the source family's transformers config class
     model_class: type  # the source family's *ForConditionalGeneration class
-    base_class: type | None = None  # its bare *Model class (no LM head): what AutoModel returns
+    base_class: type  # its bare *Model class (no LM head): what AutoModel returns
+    processor_class: type  # its processor (tokenizer + image / video processors)
+    linmu_config_class: type  # LinMU<config_class>: the source config plus `mate` (own model_type)
+    linmu_model_class: type  # LinMU<model_class>: every decoder self_attn an M-MATE block
+    linmu_base_class: type  # LinMU<base_class>: the bare model with M-MATE blocks
 
     @property
     def linmu_model_type(self) -> str:
-        return f"linmu_{self.name}"
+        """The model_type a converted checkpoint's config.json carries, e.g. "linmu_qwen2_vl"."""
+        return self.linmu_config_class.model_type
 
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
+        """The language decoder's layers, whose `self_attn` a LinMU model replaces (docs/design.md §1)."""
         return self.text_model(model).layers
 
     def text_model(self, model: nn.Module) -> nn.Module:
+        """The language model of a teacher or LinMU model, with or without the LM head."""
         # the *ForConditionalGeneration class wraps the bare model in `.model`; the bare model has none
         return getattr(model, "model", model).language_model
 
-    def text_config(self, config):
+    def text_config(self, config: PretrainedConfig) -> PretrainedConfig:
+        """The decoder's config: what the M-MATE blocks are sized from."""
         return config.get_text_config(decoder=True)
 
     def build_layout(
         self,
-        config,
+        config: PretrainedConfig,
         length: int,
         batch: int,
         device: torch.device,
@@ -162,11 +175,13 @@ _FAMILIES: dict[str, Family] = {}
 
 
 def register_family(family: Family) -> Family:
+    """Make a family known to `families()` / `family_for_model_type` (conversion, loading, tiny teachers)."""
     _FAMILIES[family.name] = family
     return family
 
 
 def families() -> dict[str, Family]:
+    """Every registered family by source model_type."""
     return dict(_FAMILIES)
 
 

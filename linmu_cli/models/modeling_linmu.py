@@ -1,28 +1,27 @@
-"""LinMU checkpoints: a config subclass (own model_type) and a model subclass per source family.
+"""What every LinMU model class shares (`LinMUModelMixin`) and `convert_model()`, teacher -> student.
 
-`LinMU<Family>ForConditionalGeneration` is the family's transformers class with every decoder self-attention
-swapped for an M-MATE block. It builds its token layout once per forward, creates its constant-size cache for
-`generate()`, and is registered with the Auto classes so `AutoModelForImageTextToText.from_pretrained(out)`
-returns it after `import linmu_cli`.
+The classes themselves are written out in their family's file (`qwen2_vl.py`, `qwen2_5_vl.py`), as transformers'
+modular files do: `LinMU<Source>Model(LinMUModelMixin, <Source>Model)` and
+`LinMU<Source>ForConditionalGeneration(LinMUGenerationMixin, <Source>ForConditionalGeneration)` are the source
+classes with every decoder self-attention swapped for an M-MATE block (docs/design.md §1). `LinMUModelMixin`
+builds the token layout once per forward (docs/design.md §2), keeps the constant-size LinMUCache
+(docs/design.md §3-4) and refuses what a recurrent state cannot do; `LinMUGenerationMixin` adds what generate()
+needs. `models/__init__.py` registers the classes with the Auto classes.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
+from collections.abc import Callable
 from functools import cache
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
-from transformers import (
-    AttentionInterface,
-    AutoConfig,
-    AutoModel,
-    AutoModelForImageTextToText,
-    GenerationMixin,
-)
+from transformers import AttentionInterface, GenerationMixin
 
 from linmu_cli.config import MateConfig
-from linmu_cli.errors import LinmuError
 from linmu_cli.layers.cache import LinMUCache
 from linmu_cli.layers.layout import TokenLayout, use_layout
 from linmu_cli.layers.mate import MateAttention
@@ -37,6 +36,20 @@ def _no_dense_attention(*args, **kwargs):
 
 # A registered name without a mask function: transformers then skips building any (L x L) causal mask.
 AttentionInterface.register(LINMU_ATTENTION, _no_dense_attention)
+
+
+_Method = TypeVar("_Method", bound=Callable[..., Any])
+
+
+def same_signature_as(source: Callable[..., Any]) -> Callable[[_Method], _Method]:
+    """Decorator: the method reports the signature of the transformers method it overrides.
+
+    generate(), the Trainer and transformers' tests read which inputs a model takes from `forward`'s signature,
+    and those parameters change between transformers releases (`cache` from 5.24 on, `past_key_values` before:
+    docs/design.md §8). A LinMU override takes `*args, **kwargs` and points `__wrapped__` at the source method,
+    as `functools.wraps` does, so `inspect.signature` shows the installed release's parameters.
+    """
+    return functools.wraps(source, assigned=(), updated=())
 
 
 @cache
@@ -67,12 +80,16 @@ LINMU_CACHE_IMPLEMENTATIONS = ("static", "dynamic")
 
 
 class LinMUModelMixin:
-    """Behaviour shared by every LinMU model class; `family` and `source_class` are set on each concrete class."""
+    """Behaviour shared by every LinMU model class: put first in the bases, before the transformers class it
+    extends (`class LinMUQwen2VLModel(LinMUModelMixin, Qwen2VLModel)`), so `super()` here is that class."""
 
-    family: Family
-    source_class: type  # the transformers class this one extends (ForConditionalGeneration or the bare Model)
     # A recurrent state cannot be rolled back: transformers then refuses assisted / prompt-lookup decoding.
     _is_stateful = True
+
+    @property
+    def family(self) -> Family:
+        """The source family's adapter (where the decoder layers are, how segments are found), by model_type."""
+        return family_for_model_type(self.config.model_type)
 
     def __init__(self, config, *args, **kwargs):
         super().__init__(config, *args, **kwargs)
@@ -91,7 +108,7 @@ class LinMUModelMixin:
     def _use_linmu_attention(self) -> None:
         self.family.text_model(self).config._attn_implementation = LINMU_ATTENTION
 
-    def set_attn_implementation(self, attn_implementation, *args, **kwargs):
+    def set_attn_implementation(self, attn_implementation: str | dict, *args: Any, **kwargs: Any) -> Any:
         """The vision tower takes the requested implementation; the decoder keeps M-MATE, which needs no dense
         (L x L) mask (building one would cost O(L^2) memory for nothing)."""
         out = super().set_attn_implementation(attn_implementation, *args, **kwargs)
@@ -107,10 +124,13 @@ class LinMUModelMixin:
                 module._tp_plan = {k: v for k, v in plan.items() if "self_attn" not in k}
 
     def new_cache(self) -> LinMUCache:
+        """An empty cache for this model: per layer the SSM state, conv tail and text-window ring (§3-4)."""
         return LinMUCache(len(self.family.decoder_layers(self)))
 
-    def forward(self, *args, **kwargs):
-        kwargs = _bind_forward_args(self.source_class, self, args, kwargs)
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The source forward on M-MATE blocks: a LinMUCache when none is given, the token layout built once,
+        and errors for what a recurrent decoder cannot return or run (attention weights, packed rows)."""
+        kwargs = _bind_forward_args(type(self), self, args, kwargs)
         input_ids, attention_mask = kwargs.pop("input_ids", None), kwargs.pop("attention_mask", None)
         if kwargs.get("output_attentions") or (
             kwargs.get("output_attentions") is None and getattr(self.config, "output_attentions", False)
@@ -120,7 +140,7 @@ class LinMUModelMixin:
                 "state-space scan and windowed attention); call without output_attentions"
             )
         _refuse_packed_sequences(input_ids, attention_mask, kwargs)
-        name = _cache_arg(self.source_class)
+        name = _cache_arg(type(self))
         cache = kwargs.get(name)
         if cache is None and kwargs.get("use_cache") is not False:
             # also in training: the HF Trainer calls forward with the config's use_cache=True, and the decoder
@@ -221,10 +241,12 @@ class LinMUModelMixin:
                     f"{name} features and {name.lower()} tokens do not match, tokens: {tokens}, features: {features}"
                 )
 
-    def token_layout(self, input_ids=None, attention_mask=None, **kwargs) -> TokenLayout:
+    def token_layout(
+        self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None, **kwargs: Any
+    ) -> TokenLayout:
         """Visual segments and padding of a batch given as the processor returns it (docs/design.md §2)."""
         ref = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
-        cache = kwargs.get(_cache_arg(self.source_class))
+        cache = kwargs.get(_cache_arg(type(self)))
         if ref.shape[1] == 1 and isinstance(cache, LinMUCache) and cache.get_seq_length() > 0:
             # One token continuing a cached sequence is a generated (text) token: visual segments arrive whole
             # in the prompt. Not looking for vision tokens keeps the decode step free of host syncs.
@@ -243,7 +265,14 @@ class LinMUModelMixin:
             **{k: kwargs.get(k) for k in names},
         )
 
-    def prepare_inputs_for_generation(self, input_ids, *args, **kwargs):
+
+class LinMUGenerationMixin(LinMUModelMixin):
+    """What generate() needs on top of LinMUModelMixin: the LM-head classes' bases start with it
+    (`class LinMUQwen2VLForConditionalGeneration(LinMUGenerationMixin, Qwen2VLForConditionalGeneration, ...)`)."""
+
+    def prepare_inputs_for_generation(
+        self, input_ids: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> dict[str, Any]:
         """Feed only what the cache has not seen when generate() continues a returned cache.
 
         transformers trims the cached prefix of `input_ids` only when some cache layer is not linear; a LinMU
@@ -290,7 +319,7 @@ class LinMUModelMixin:
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         """generate() gets a LinMUCache; `cache_implementation` "static" / "dynamic" mean that cache (it is
         fixed-size already, docs/design.md §3-4); other layouts are refused with the reason."""
-        name = _cache_arg(self.source_class)
+        name = _cache_arg(type(self))
         impl = generation_config.cache_implementation
         if model_kwargs.get(name) is not None or generation_config.use_cache is False:
             user = model_kwargs.get(name)
@@ -347,63 +376,14 @@ def _refuse_packed_sequences(input_ids, attention_mask, kwargs: dict) -> None:
         )
 
 
-@cache
 def linmu_classes(family_name: str, base: bool = False) -> tuple[type, type]:
-    """(config class, model class) of the LinMU variant of a registered family, registered with Auto*.
+    """(config class, model class) of the LinMU variant of a registered family (e.g. "qwen2_vl").
 
-    `base=True` gives the bare model (no LM head), what `AutoModel.from_pretrained(out)` returns.
+    `base=True` gives the bare model (no LM head), what `AutoModel.from_pretrained(out)` returns. The classes are
+    written out in the family's file and registered with the Auto classes by `linmu_cli.models`.
     """
     family = families()[family_name]
-    if base:
-        config_cls, _ = linmu_classes(family_name)
-        source = family.base_class
-        if source is None:
-            raise LinmuError(f"family {family_name} defines no bare model class")
-    else:
-        source = family.model_class
-        config_cls = type(
-            f"LinMU{family.config_class.__name__}",
-            (family.config_class,),
-            {
-                "model_type": family.linmu_model_type,
-                "__doc__": f"{family.name} config plus an M-MATE `mate` dict.",
-            },
-        )
-
-    def forward(self, *args, **kwargs):
-        return LinMUModelMixin.forward(self, *args, **kwargs)
-
-    forward.__signature__ = _forward_signature(source)
-    forward.__doc__ = source.forward.__doc__
-
-    namespace = {"config_class": config_cls, "family": family, "source_class": source, "forward": forward,
-                 "__doc__": LinMUModelMixin.__doc__}  # fmt: skip
-    if not base:
-
-        def prepare_inputs_for_generation(self, *args, **kwargs):
-            return LinMUModelMixin.prepare_inputs_for_generation(self, *args, **kwargs)
-
-        # callers (and transformers' tests) read which inputs generation takes (inputs_embeds) from the signature
-        prepare_inputs_for_generation.__signature__ = inspect.signature(source.prepare_inputs_for_generation)
-        prepare_inputs_for_generation.__doc__ = LinMUModelMixin.prepare_inputs_for_generation.__doc__
-        namespace["prepare_inputs_for_generation"] = prepare_inputs_for_generation
-    # GenerationMixin named directly, as transformers asks of generative classes (a base via PreTrainedModel is
-    # being phased out)
-    bases = (LinMUModelMixin, source) if base else (LinMUModelMixin, source, GenerationMixin)
-    model_cls = type(f"LinMU{source.__name__}", bases, namespace)
-    if base:
-        AutoModel.register(config_cls, model_cls, exist_ok=True)
-    else:
-        AutoConfig.register(family.linmu_model_type, config_cls, exist_ok=True)
-        AutoModelForImageTextToText.register(config_cls, model_cls, exist_ok=True)
-    return config_cls, model_cls
-
-
-def register_all() -> None:
-    for name, family in families().items():
-        linmu_classes(name)
-        if family.base_class is not None:
-            linmu_classes(name, base=True)
+    return family.linmu_config_class, family.linmu_base_class if base else family.linmu_model_class
 
 
 def _attention_prefixes(model: nn.Module, family: Family) -> list[str]:
@@ -424,7 +404,7 @@ def convert_model(teacher: nn.Module, mate: MateConfig, seed: int = 0) -> nn.Mod
     """A LinMU student that shares every non-attention tensor with `teacher` (no copy) and whose M-MATE
     blocks are initialized from the teacher's attention layers. The teacher is left unchanged."""
     family = family_for_model_type(teacher.config.model_type, getattr(teacher.config, "architectures", None))
-    config_cls, model_cls = linmu_classes(family.name)
+    config_cls, model_cls = family.linmu_config_class, family.linmu_model_class
     data = teacher.config.to_dict()
     for key in ("model_type", "architectures", "transformers_version"):
         data.pop(key, None)
