@@ -6,15 +6,23 @@ Each test compares LinMU with its own full recomputation, and with the teacher w
 
 import copy
 import inspect
+import json
 
 import pytest
 import torch
 from conftest import image, output_cache, prompt_inputs, video
-from transformers import AutoModel, DataCollatorWithFlattening, Qwen2VLForConditionalGeneration
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForImageTextToText,
+    DataCollatorWithFlattening,
+    Qwen2VLForConditionalGeneration,
+)
 
 from linmu_cli.config import MateConfig
 from linmu_cli.layers.cache import LinMUCache
-from linmu_cli.models import convert_model
+from linmu_cli.models import convert_model, linmu_classes
+from linmu_cli.models.family import families
 
 EXACT = MateConfig(use_flex=False, text_window=4096)
 # the cache keyword of this transformers release: `cache` from 5.24 on, `past_key_values` before (design.md §8)
@@ -208,6 +216,34 @@ def test_auto_model_returns_the_bare_linmu_model(tiny, tmp_path):
         got = bare(**inputs).last_hidden_state
         want = student(**inputs, output_hidden_states=True).hidden_states[-1]
     torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+def test_the_written_out_classes_are_what_conversion_and_the_auto_classes_give(tiny, tmp_path):
+    """docs/design.md §8: a config subclass with its own model_type, registered with the Auto classes; the
+    LinMU classes are the ones in the family's file, with the installed release's forward signature."""
+    name, teacher, _ = tiny
+    family = families()[name]
+    source = family.model_class.__name__
+    config_cls, model_cls = linmu_classes(name)
+    assert (config_cls, model_cls) == (family.linmu_config_class, family.linmu_model_class)
+    assert linmu_classes(name, base=True)[1] is family.linmu_base_class
+    assert model_cls.__module__ == config_cls.__module__ == f"linmu_cli.models.{name}"
+    assert model_cls.__name__ == f"LinMU{source}" and config_cls.model_type == f"linmu_{name}"
+    for linmu, src in ((model_cls, family.model_class), (family.linmu_base_class, family.base_class)):
+        assert inspect.signature(linmu.forward) == inspect.signature(src.forward)
+    assert inspect.signature(model_cls.prepare_inputs_for_generation) == inspect.signature(
+        family.model_class.prepare_inputs_for_generation
+    )
+    assert model_cls.can_generate() and not family.linmu_base_class.can_generate()
+    student = convert_model(teacher, MateConfig(text_window=32))
+    assert type(student) is model_cls and student.family is family
+    student.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["model_type"] == f"linmu_{name}" and saved["architectures"] == [f"LinMU{source}"]
+    assert saved["mate"] == MateConfig(text_window=32).to_dict()
+    assert type(AutoConfig.from_pretrained(tmp_path)) is config_cls
+    assert type(AutoModelForImageTextToText.from_pretrained(tmp_path)) is model_cls
+    assert type(AutoModel.from_pretrained(tmp_path)) is family.linmu_base_class
 
 
 def test_packed_rows_are_refused_and_padded_rows_are_not(tiny):

@@ -9,6 +9,7 @@ import torch
 import transformers
 from PIL import Image
 
+from linmu_cli.models.family import families
 from linmu_cli.tiny import (
     QWEN2_VL_CHAT_TEMPLATE,
     SPECIAL_TOKENS,
@@ -140,6 +141,20 @@ def test_config_shapes_and_token_ids(family: str) -> None:
     assert deeper.text_config.rope_parameters["mrope_section"] == [4, 6, 6]  # rescaled to head_dim 32
     with pytest.raises(ValueError, match="unknown tiny_config overrides"):
         tiny_config(family, 960, not_a_field=1)
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_classes_come_from_the_family_object(family: str) -> None:
+    """tiny.py keeps no table of its own: config, processor and model classes are the family's."""
+    fam = families()[family]
+    assert type(tiny_config(family, vocab_size=960)) is fam.config_class
+    assert type(build_tiny_processor(family)) is fam.processor_class
+    assert type(build_tiny_teacher(family)[0]) is fam.model_class
+
+
+def test_an_unknown_tiny_family_fails_loudly() -> None:
+    with pytest.raises(ValueError, match="unknown tiny family 'llava'"):
+        tiny_config("llava", vocab_size=960)
 
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)
