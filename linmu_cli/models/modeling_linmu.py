@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 import torch
 from torch import nn
-from transformers import AttentionInterface, GenerationMixin
+from transformers import AttentionInterface, GenerationMixin, PretrainedConfig
 
 from linmu_cli.config import MateConfig
 from linmu_cli.layers.cache import LinMUCache
@@ -91,7 +91,9 @@ class LinMUModelMixin:
         """The source family's adapter (where the decoder layers are, how segments are found), by model_type."""
         return family_for_model_type(self.config.model_type)
 
-    def __init__(self, config, *args, **kwargs):
+    def __init__(self, config: PretrainedConfig, *args: Any, **kwargs: Any) -> None:
+        """The source model, then every decoder self_attn replaced by a freshly initialised M-MATE block
+        (`convert_model` initialises them from a teacher instead; `from_pretrained` loads them)."""
         super().__init__(config, *args, **kwargs)
         mate = self.mate_config
         text_config = self.family.text_config(config)
@@ -103,6 +105,7 @@ class LinMUModelMixin:
 
     @property
     def mate_config(self) -> MateConfig:
+        """The M-MATE sizes, from the config's `mate` dict (what config.json saves)."""
         return MateConfig.from_dict(self.config.mate)
 
     def _use_linmu_attention(self) -> None:
