@@ -8,6 +8,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import prompt_inputs, video
 from test_mate_block import HIDDEN, layout_of, make_block, rope, text_config
 
 from linmu_cli.config import MateConfig
@@ -189,7 +190,6 @@ def test_fused_prefill_then_decode_equals_the_full_recompute(monkeypatch, fields
 
 def test_shared_projection_model_generates_round_trips_and_rebuilds_its_teacher(tiny, tmp_path):
     """shared_projections end to end: convert, cached generation == recompute, save/load, teacher rebuild."""
-    from conftest import prompt_inputs, video
     from transformers import AutoModelForImageTextToText
 
     from linmu_cli.bench import teacher_from_student
