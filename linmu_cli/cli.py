@@ -311,11 +311,6 @@ def convert(
     console.print(table)
 
 
-def _not_yet(name: str, issue: str) -> None:
-    err_console.print(f"[yellow]linmu {name} is not implemented yet[/] ({issue}).")
-    raise typer.Exit(2)
-
-
 @app.command()
 @user_errors
 def distill(

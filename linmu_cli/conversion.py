@@ -13,6 +13,7 @@ from typing import Any
 import torch
 import transformers
 
+from linmu_cli import __version__
 from linmu_cli.config import MateConfig
 from linmu_cli.errors import LinmuError
 from linmu_cli.io import atomic_directory, check_output_dir, check_writable
@@ -96,7 +97,7 @@ def convert(
         "source": source,
         "seed": seed,
         "mate": mate.to_dict(),
-        "linmu_version": _version(),
+        "linmu_version": __version__,
         "transformers_version": transformers.__version__,
         "torch_version": torch.__version__,
     }
@@ -134,9 +135,3 @@ def _check_distinct(out: Path, teacher_out: Path) -> None:
     if a == b or a in b.parents or b in a.parents:
         raise LinmuError(f"--save-teacher {teacher_out} and OUT {out} overlap; give the teacher its own "
                          "directory (e.g. --save-teacher teacher/ beside out/)")  # fmt: skip
-
-
-def _version() -> str:
-    from linmu_cli import __version__
-
-    return __version__

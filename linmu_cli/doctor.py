@@ -2,19 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.metadata as md
 import platform
 
 import torch
 
 from linmu_cli.ops import available_ssd_backends, select_ssd_backend, ssd_chunked, ssd_scan
-
-
-def _version(pkg: str) -> str:
-    try:
-        return md.version(pkg)
-    except md.PackageNotFoundError:
-        return "not installed"
+from linmu_cli.versions import package_version
 
 
 def _check_backend(name: str, device: torch.device) -> str:
@@ -37,15 +30,20 @@ def _check_backend(name: str, device: torch.device) -> str:
 
 
 def collect() -> dict[str, str]:
+    """What `linmu doctor` prints: versions, the GPU, and per Flex-MA backend whether it imports and agrees."""
+
+    def installed(name: str) -> str:
+        return package_version(name) or "not installed"
+
     info = {
         "python": platform.python_version(),
-        "linmu": _version("linmu"),
+        "linmu": installed("linmu"),
         "torch": torch.__version__,
-        "transformers": _version("transformers"),
-        "peft": _version("peft"),
-        "fla-core": _version("fla-core"),
-        "mamba-ssm": _version("mamba-ssm"),
-        "triton": _version("triton"),
+        "transformers": installed("transformers"),
+        "peft": installed("peft"),
+        "fla-core": installed("fla-core"),
+        "mamba-ssm": installed("mamba-ssm"),
+        "triton": installed("triton"),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "not available",
     }
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -302,7 +302,3 @@ class SampleStream:
                 return to_inputs(self.processor, examples, self.cfg.max_tokens, self.cfg.max_pixels)
             except SkipSample as exc:
                 self._skip(exc)
-
-    def batches(self, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
-        while True:
-            yield self.next_batch(batch_size)

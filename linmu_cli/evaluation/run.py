@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from linmu_cli.errors import LinmuError
+from linmu_cli.versions import package_version
 
 Progress = Callable[[str, str, int, int], None]  # (role, phase, done, total)
 
@@ -385,7 +386,7 @@ def evaluate(
         else {},
         "generated_datasets": generated,
         "output": str(out),
-        "lmms_eval_version": _version("lmms_eval"),
+        "lmms_eval_version": package_version("lmms_eval"),
         "created": stamp,
     }
     from linmu_cli.io import atomic_directory
@@ -403,12 +404,3 @@ def _data_file(tm, task: str) -> str:
     config = utils.load_yaml_config(tm.task_index[task]["yaml_path"], mode="simple")
     files = (config.get("dataset_kwargs") or {}).get("data_files") or {}
     return next(iter(files.values())) if isinstance(files, dict) else str(files)
-
-
-def _version(package: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(package.replace("_", "-"))
-    except PackageNotFoundError:
-        return None
