@@ -355,12 +355,25 @@ def distill(
 
     (the last: the real 7B shape with random weights, for speed and scaling tests without a checkpoint)
     """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
     from transformers.utils import logging as hf_logging
 
     from linmu_cli.distillation import distill as run_distill
 
     hf_logging.disable_progress_bar()
-    results = run_distill(recipe, overrides or [], stage=stage, resume=resume, force=force, console=console)
+    columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[info]}"), TimeRemainingColumn()]  # fmt: skip
+    with Progress(*columns, console=console, disable=os.environ.get("RANK", "0") != "0") as bars:
+        tasks: dict[str, Any] = {}
+
+        def draw(p) -> None:  # a trainer.StepProgress, rank 0 only
+            if p.stage not in tasks:
+                tasks[p.stage] = bars.add_task(p.stage, total=p.steps, completed=p.step, info="")
+            info = "" if p.loss is None else f"loss {p.loss:.4f}  {p.tokens_per_s:,.0f} tok/s"
+            bars.update(tasks[p.stage], total=p.steps, completed=p.step, info=info)
+
+        results = run_distill(recipe, overrides or [], stage=stage, resume=resume, force=force,
+                              console=console, progress=draw)  # fmt: skip
     for name, res in results.items():
         if res.get("after"):
             console.print(f"{name}: mean rel. hidden error {res['before']['mean_rel_error']:.4f} -> "

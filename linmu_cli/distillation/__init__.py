@@ -13,8 +13,9 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -22,6 +23,9 @@ from rich.console import Console
 
 from linmu_cli.distillation.recipe import STAGES, Recipe, dump_recipe, load_recipe
 from linmu_cli.errors import LinmuError
+
+if TYPE_CHECKING:
+    from linmu_cli.distillation.trainer import StepProgress
 
 __all__ = ["STAGES", "Recipe", "distill", "load_recipe"]
 
@@ -100,8 +104,12 @@ def distill(
     resume: bool = False,
     force: bool = False,
     console: Console | None = None,
+    progress: Callable[[StepProgress], None] | None = None,
 ) -> dict[str, Any]:
     """Run the recipe's stages in order (or only `stage`); returns each stage's summary and report.
+
+    Quiet unless asked: messages go to `console` (else the `linmu_cli.distillation` logger) and every
+    optimizer step to `progress` (a `trainer.StepProgress`, rank 0 only), which the CLI draws as bars.
 
     Order (issue 14): recipe, plan (what runs, what a --force replaces: read only), teacher and data are all
     checked before OUTPUT is written; then OUTPUT is locked, the plan re-checked under the lock and executed,
@@ -127,8 +135,8 @@ def distill(
     teacher = load_teacher(recipe.teacher, dtype=dtype_name, device=str(device), seed=recipe.seed)
     teacher.model.requires_grad_(False)
     _check_inputs(recipe, plan, teacher.processor)
-    console = console or Console()
-    run = Run(recipe, out, teacher, device, next(teacher.model.parameters()).dtype, rank, world, console)
+    model_dtype = next(teacher.model.parameters()).dtype
+    run = Run(recipe, out, teacher, device, model_dtype, rank, world, console, progress)
     created = not out.exists()
     with contextlib.ExitStack() as stack:
 

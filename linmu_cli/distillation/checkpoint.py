@@ -48,6 +48,40 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def seeded_rng_state(*entropy: int) -> dict[str, Any]:
+    """The python / numpy / torch (/ CUDA) generator states that seeding from `entropy` gives, without
+    touching this process's current generators."""
+    seed = int(np.random.SeedSequence(list(entropy)).generate_state(1)[0])
+    saved = rng_state()
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # seeds every CUDA device too
+    state = rng_state()
+    set_rng_state(saved)
+    return state
+
+
+def place_rank(state: dict[str, Any], rank: int, world: int, seed: int) -> tuple[int, dict[str, Any]]:
+    """Data position and RNG state of `rank` when the checkpoint `state` resumes with `world` processes.
+
+    The run's samples form one global order; sample i goes to rank i mod world as that rank's position
+    i // world (`data.SampleStream`). With the checkpoint's own number of processes every rank gets back its
+    own position and RNG, so the run continues bit for bit. With another number, every rank continues the
+    global order at the first sample after the last one any rank read, rounded up to a multiple of `world`:
+    no sample is read twice, and none is passed over when that sample number is already a multiple of
+    `world` (always when going down to one process; otherwise fewer than `world` are), unless bad samples
+    made the old ranks drift apart (then the ones the slower ranks had not reached are passed over). Rank r
+    keeps old rank r's RNG when there was one; a new rank's is seeded from (seed, step, rank)."""
+    positions = [int(p) for p in state["data_positions"]]
+    rngs = state["rng"] if isinstance(state["rng"], list) else [state["rng"]] * len(positions)
+    if len(positions) == world:
+        return positions[rank], rngs[rank]
+    old = len(positions)
+    after_last = max(((p - 1) * old + r + 1 for r, p in enumerate(positions) if p > 0), default=0)
+    rng = rngs[rank] if rank < old else seeded_rng_state(seed, int(state["step"]), rank)
+    return -(-after_last // world), rng
+
+
 def step_dir(root: Path, step: int) -> Path:
     return root / f"step-{step:07d}"
 

@@ -37,7 +37,8 @@ RESUMABLE = (
     "save_every",
     "log_every",
     "gradient_checkpointing",
-)  # fmt: skip  (a resume applies these to a running stage)
+    "grad_accum",
+)  # fmt: skip  (a resume applies these to a running stage; grad_accum keeps the global batch on another world)
 
 
 def stage_state(out: Path, name: str) -> str:

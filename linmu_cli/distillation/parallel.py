@@ -2,19 +2,45 @@
 
 Only the trainable modules are ever sharded (M-MATE branches, fusion, LoRA adapters): the frozen tensors stay
 shared with the teacher, so FSDP saves exactly what grows with training (float32 master weights, gradients,
-AdamW state). Checkpoints always hold full tensors, so a run can resume with the same number of processes
-whatever the strategy.
+AdamW state). Checkpoints always hold full tensors and optimizer states (keyed by parameter index on one
+process or DDP, by parameter name under FSDP; either loads into any strategy), so a run can resume with
+another strategy or number of processes: FSDP shards the full tensors again for the new world.
 """
 
 from __future__ import annotations
 
 from contextlib import nullcontext
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from linmu_cli.errors import LinmuError
+
+
+def _trainable_names(student: nn.Module) -> list[str]:
+    """Names of the trainable parameters in optimizer order (the trainer passes them in this order)."""
+    return [n for n, p in student.named_parameters() if p.requires_grad]
+
+
+def by_index(student: nn.Module, state: dict[str, Any]) -> dict[str, Any]:
+    """An optimizer state keyed by parameter name (FSDP's full state dict) re-keyed by index, as
+    `Optimizer.load_state_dict` wants; a state keyed by index is returned as it is."""
+    if all(isinstance(k, int) for k in state["state"]):
+        return state
+    index = {n: i for i, n in enumerate(_trainable_names(student))}
+    groups = [{**g, "params": [index[n] for n in g["params"]]} for g in state["param_groups"]]
+    return {"state": {index[n]: v for n, v in state["state"].items()}, "param_groups": groups}
+
+
+def by_name(student: nn.Module, state: dict[str, Any]) -> dict[str, Any]:
+    """The inverse of `by_index`: an optimizer state keyed by index re-keyed by parameter name."""
+    if not all(isinstance(k, int) for k in state["state"]):
+        return state
+    names = _trainable_names(student)
+    groups = [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]]
+    return {"state": {names[i]: v for i, v in state["state"].items()}, "param_groups": groups}
 
 
 def is_dtensor(t: torch.Tensor) -> bool:
@@ -41,7 +67,7 @@ class Single:
         return optimizer.state_dict()
 
     def load_optimizer_state(self, student: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
-        optimizer.load_state_dict(state)
+        optimizer.load_state_dict(by_index(student, state))
 
     @property
     def shards(self) -> bool:
@@ -99,7 +125,10 @@ class FSDP(Single):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
         set_optimizer_state_dict(
-            student, optimizer, optim_state_dict=state, options=StateDictOptions(full_state_dict=True)
+            student,
+            optimizer,
+            optim_state_dict=by_name(student, state),
+            options=StateDictOptions(full_state_dict=True),
         )
 
     @property

@@ -3,25 +3,30 @@
 Each stage builds its student from the previous stage's output (or the teacher's conversion for stage 1),
 trains the parameter groups its recipe names, writes resumable step checkpoints, and ends with a loadable
 checkpoint in OUTPUT/<stage>/ plus a fidelity report. Stage 3 also writes OUTPUT/final/ with LoRA merged.
+`StageRun` is one stage (setup, resume, loss step, checkpoint, finish); it draws nothing itself: messages go
+to the run's console (or the `linmu_cli.distillation` logger) and step progress to the run's callback.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.errors import MarkupError
 from rich.table import Table
+from rich.text import Text
 from safetensors import safe_open
 from torch import nn
 
@@ -44,10 +49,27 @@ GROUP_PATTERNS = {
     "lora": "lora_",
 }
 
+log = logging.getLogger("linmu_cli.distillation")
+
+
+@dataclass(frozen=True)
+class StepProgress:
+    """What a run's progress callback receives (rank 0 only): once when a stage starts (`step` is where it
+    starts or resumes, no loss yet) and after every optimizer step."""
+
+    stage: str
+    step: int
+    steps: int
+    loss: float | None = None
+    tokens_per_s: float | None = None
+
 
 @dataclass
 class Run:
-    """Everything a stage needs that does not change between stages."""
+    """Everything a stage needs that does not change between stages.
+
+    `console` None keeps the Python API quiet (messages go to the `linmu_cli.distillation` logger); the CLI
+    passes its console and a `progress` callback that draws the bars."""
 
     recipe: Recipe
     out: Path
@@ -56,7 +78,8 @@ class Run:
     dtype: torch.dtype
     rank: int = 0
     world: int = 1
-    console: Console = field(default_factory=Console)
+    console: Console | None = None
+    progress: Callable[[StepProgress], None] | None = None
 
     @property
     def is_main(self) -> bool:
@@ -66,9 +89,23 @@ class Run:
         if self.world > 1:
             dist.barrier()
 
-    def print(self, *args, **kwargs) -> None:
-        if self.is_main:
+    def print(self, *args: Any, **kwargs: Any) -> None:
+        """Rank 0 only: rich markup to the console, or its plain text to the logger."""
+        if not self.is_main:
+            return
+        if self.console is not None:
             self.console.print(*args, **kwargs)
+        else:
+            text = " ".join(_plain(a) for a in args if isinstance(a, str)).strip()
+            if text:
+                log.info(text)
+
+
+def _plain(markup: str) -> str:
+    try:
+        return Text.from_markup(markup).plain
+    except MarkupError:  # a message quoting something that looks like a closing tag
+        return markup
 
 
 class NonFiniteLoss(LinmuError):
@@ -284,186 +321,264 @@ def _diverged(run: Run, ckpt_root: Path, step: int) -> Path | None:
     return dirs[-1] if dirs else None
 
 
-def train_stage(run: Run, name: str, plan: Plan | None = None) -> dict[str, Any]:
-    """Train one stage to completion, continuing from the checkpoint the plan chose (outputs.make_plan)."""
-    cfg, recipe = run.recipe.stages[name], run.recipe
-    ckpt_root = run.out / "checkpoints" / name
-    if plan is None:  # called directly: continue from the newest intact checkpoint, if any
-        found = checkpoint.find_intact(ckpt_root)
-        plan = Plan([name], found={name: found} if found.path else {})
-    found = plan.found.get(name)
-    resume_from = found.path if found is not None else None
-    torch.manual_seed(recipe.seed + STAGES.index(name))
-    student, started_from = build_student(run, name)
-    if cfg.lora is not None:
-        inject_lora(student, cfg.lora)
-    student.to(run.device)
-    trainable = set_trainable(student, cfg.train)
-    state = None
-    if resume_from is not None:
-        state = found.state if found.state is not None else checkpoint.load(resume_from)
-    history = list(state.get("resume_changes", [])) if state is not None else []
-    if state is not None:  # full tensors into the unsharded student
-        named = dict(trainable)
-        for key, tensor in state["trainable"].items():
-            named[key].data.copy_(tensor)
-    heldout = _heldout(run) if run.is_main else []
-    before = (
-        state["report_before"]
-        if state is not None
-        else fidelity(run, student, heldout)
-        if run.is_main
-        else None
-    )
-    student.train()
-    if cfg.gradient_checkpointing and cfg.mode == "end_to_end":
-        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    par = parallel.strategy(recipe.distributed.strategy, run.world)
-    par.prepare(student)  # FSDP: shards the trainable modules (parameters become DTensors)
-    objective: nn.Module = (
-        LayerwiseObjective(student, cfg.loss, cfg.gradient_checkpointing)
-        if cfg.mode == "layerwise"
-        else EndToEndObjective(student, cfg.loss)
-    )
-    wrapped = par.wrap(objective)
-    params = [p for p in student.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-    data = SampleStream(recipe.data, run.teacher.processor, recipe.seed, rank=run.rank, world=run.world)
+class StageRun:
+    """One stage of a run, in the shape of a torchtune recipe.
 
-    step = 0
-    if state is not None:
-        par.load_optimizer_state(student, optimizer, state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        data.position = state["data_positions"][run.rank]
-        data.skipped.update(state.get("skipped", {}))
-        step = state["step"]
-        checkpoint.set_rng_state(state["rng"][run.rank] if isinstance(state["rng"], list) else state["rng"])
-        run.print(f"[bold]{name}[/]: resuming at step {step} from {resume_from}")
-        changes = plan.changes.get(name) or []
-        if changes:
-            _apply_resume_changes(cfg, optimizer, scheduler)
-            history.append({"step": step, "changes": [[k, a, b] for k, a, b in changes]})
-            run.print(f"{name}: from step {step} on, as this recipe says: "
-                      f"{'; '.join(f'{k} {a!r} -> {b!r}' for k, a, b in changes)}", highlight=False)  # fmt: skip
-    else:
-        run.print(f"[bold]{name}[/]: starting from {started_from}; training {', '.join(cfg.train)} "
-                  f"({sum(p.numel() for _, p in trainable):,} parameters), {cfg.mode}"
-                  f"{' (' + recipe.distributed.strategy + f' x {run.world})' if run.world > 1 else ''}")  # fmt: skip
+    `setup` builds the student (loading a step checkpoint's full tensors before anything is sharded), the
+    parallel strategy, the objective, the optimizer, the schedule and the data stream; `resume` restores the
+    rest of the checkpoint into them; `train` repeats `_loss_step` and the optimizer step, logging and calling
+    `save_checkpoint`; `finish` writes the stage output and the report. `train_stage` runs the four in order.
+    """
 
-    if run.is_main:
-        torn = truncate_metrics(run.out / "metrics.jsonl", name, step)
-        if torn:
-            run.print(
-                f"{name}: dropped {torn} torn line(s) of {run.out / 'metrics.jsonl'} (a crash mid-write)"
-            )
-    teacher_layers = student.family.decoder_layers(run.teacher.model)
-    want_logits = cfg.mode == "end_to_end" and bool(cfg.loss.kl)
-    metrics_path = run.out / "metrics.jsonl"
-    columns = [TextColumn(f"[bold]{name}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-               TimeRemainingColumn()]  # fmt: skip
-    with Progress(*columns, console=run.console, disable=not run.is_main, transient=False) as progress:
-        task = progress.add_task(name, total=cfg.steps, completed=step, info="")
-        while step < cfg.steps:
-            t0, tokens, totals = time.perf_counter(), 0, {}
-            for micro in range(cfg.grad_accum):
-                batch = _to_device(data.next_batch(cfg.batch_size), run.device)
-                layout = student.token_layout(**batch)
-                tp = run_teacher(run.teacher.model, teacher_layers, batch, want_logits)
-                with par.no_sync(wrapped, micro == cfg.grad_accum - 1), _autocast(run):
-                    terms = wrapped(tp, layout) if cfg.mode == "layerwise" else wrapped(batch, tp, layout)
-                    (terms["loss"] / cfg.grad_accum).backward()
-                for k, v in terms.items():
-                    totals[k] = totals.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
-                tokens += int(layout.valid.sum())
+    def __init__(self, run: Run, name: str, plan: Plan | None = None) -> None:
+        self.run, self.name = run, name
+        self.cfg: StageConfig = run.recipe.stages[name]
+        self.ckpt_root = run.out / "checkpoints" / name
+        if plan is None:  # called directly: continue from the newest intact checkpoint, if any
+            found = checkpoint.find_intact(self.ckpt_root)
+            plan = Plan([name], found={name: found} if found.path else {})
+        self.plan = plan
+        self.step = 0
+        self.state: dict[str, Any] | None = None  # the checkpoint resumed from
+        self.history: list[dict[str, Any]] = []  # resume_changes, carried from checkpoint to checkpoint
+
+    # ------------------------------------------------------------------ setup
+
+    def _fresh_student(self) -> tuple[nn.Module, str]:
+        student, started_from = build_student(self.run, self.name)
+        if self.cfg.lora is not None:
+            inject_lora(student, self.cfg.lora)
+        student.to(self.run.device)
+        return student, started_from
+
+    def setup(self) -> None:
+        """Everything the loop needs; the order (seed, student, checkpoint tensors, report, sharding,
+        optimizer) is what makes a resumed run repeat the uninterrupted one bit for bit."""
+        run, cfg, recipe = self.run, self.cfg, self.run.recipe
+        found = self.plan.found.get(self.name)
+        self.resume_from = found.path if found is not None else None
+        torch.manual_seed(recipe.seed + STAGES.index(self.name))
+        self.student, self.started_from = self._fresh_student()
+        self.trainable = set_trainable(self.student, cfg.train)
+        if self.resume_from is not None:
+            self.state = found.state if found.state is not None else checkpoint.load(self.resume_from)
+            self.history = list(self.state.get("resume_changes", []))
+            named = dict(self.trainable)
+            for key, tensor in self.state["trainable"].items():  # full tensors into the unsharded student
+                named[key].data.copy_(tensor)
+        self.heldout = _heldout(run) if run.is_main else []
+        if self.state is not None:
+            self.before = self.state["report_before"]
+        else:
+            self.before = fidelity(run, self.student, self.heldout) if run.is_main else None
+        self.student.train()
+        if cfg.gradient_checkpointing and cfg.mode == "end_to_end":
+            self.student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.par = parallel.strategy(recipe.distributed.strategy, run.world)
+        self.par.prepare(self.student)  # FSDP: shards the trainable modules (parameters become DTensors)
+        objective: nn.Module = (
+            LayerwiseObjective(self.student, cfg.loss, cfg.gradient_checkpointing)
+            if cfg.mode == "layerwise"
+            else EndToEndObjective(self.student, cfg.loss)
+        )
+        self.wrapped = self.par.wrap(objective)
+        self.params = [p for p in self.student.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
+        self.data = SampleStream(
+            recipe.data, run.teacher.processor, recipe.seed, rank=run.rank, world=run.world
+        )
+        self.teacher_layers = self.student.family.decoder_layers(run.teacher.model)
+        self.want_logits = cfg.mode == "end_to_end" and bool(cfg.loss.kl)
+
+    # ------------------------------------------------------------------ resume
+
+    def resume(self) -> None:
+        """Restore optimizer, schedule, step, data positions and RNG from the checkpoint (if any), apply the
+        recipe changes a resume may make, and cut metrics.jsonl back to the step continued from."""
+        run, name, cfg = self.run, self.name, self.cfg
+        state = self.state
+        if state is not None:
+            self.par.load_optimizer_state(self.student, self.optimizer, state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.step = state["step"]
+            self.data.skipped.update(state.get("skipped", {}))
+            saved_world = len(state["data_positions"])
+            seed = run.recipe.seed + STAGES.index(name)
+            self.data.position, rng = checkpoint.place_rank(state, run.rank, run.world, seed)
+            checkpoint.set_rng_state(rng)
+            run.print(f"[bold]{name}[/]: resuming at step {self.step} from {self.resume_from}")
+            changes = [[k, a, b] for k, a, b in self.plan.changes.get(name) or []]
+            if changes:
+                _apply_resume_changes(cfg, self.optimizer, self.scheduler)
+            if saved_world != run.world:
+                changes.append(["processes", saved_world, run.world])
+            if changes:
+                self.history.append({"step": self.step, "changes": changes})
+                run.print(f"{name}: from step {self.step} on, as this recipe says: "
+                          f"{'; '.join(f'{k} {a!r} -> {b!r}' for k, a, b in changes)}", highlight=False)  # fmt: skip
+        else:
+            run.print(f"[bold]{name}[/]: starting from {self.started_from}; training {', '.join(cfg.train)} "
+                      f"({sum(p.numel() for _, p in self.trainable):,} parameters), {cfg.mode}"
+                      f"{' (' + run.recipe.distributed.strategy + f' x {run.world})' if run.world > 1 else ''}")  # fmt: skip
+        if run.is_main:
+            torn = truncate_metrics(run.out / "metrics.jsonl", name, self.step)
+            if torn:
+                run.print(
+                    f"{name}: dropped {torn} torn line(s) of {run.out / 'metrics.jsonl'} (a crash mid-write)"
+                )
+
+    # ------------------------------------------------------------------ training
+
+    def _loss_step(self) -> tuple[dict[str, float], int]:
+        """Forward and backward over `grad_accum` micro-batches (gradients synchronised on the last one);
+        returns this rank's loss terms (means over the micro-batches) and its number of valid tokens."""
+        run, cfg = self.run, self.cfg
+        tokens, totals = 0, {}
+        for micro in range(cfg.grad_accum):
+            batch = _to_device(self.data.next_batch(cfg.batch_size), run.device)
+            layout = self.student.token_layout(**batch)
+            tp = run_teacher(run.teacher.model, self.teacher_layers, batch, self.want_logits)
+            with self.par.no_sync(self.wrapped, micro == cfg.grad_accum - 1), _autocast(run):
+                terms = (
+                    self.wrapped(tp, layout) if cfg.mode == "layerwise" else self.wrapped(batch, tp, layout)
+                )
+                (terms["loss"] / cfg.grad_accum).backward()
+            for k, v in terms.items():
+                totals[k] = totals.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
+            tokens += int(layout.valid.sum())
+        return totals, tokens
+
+    def _stop_non_finite(self, loss: float, grad_norm: float) -> None:
+        last = _diverged(self.run, self.ckpt_root, self.step)
+        what = f"{loss}" if not math.isfinite(loss) else f"unusable (its gradient norm is {grad_norm})"
+        raise NonFiniteLoss(
+            f"{self.name}: the loss became {what} at step {self.step + 1}; stopped without updating. Last good "
+            f"checkpoint: {last or 'none yet'}. Lower stages.{self.name}.lr or check the data, then --resume "
+            "(a resume applies the new lr)"
+        )
+
+    def _notify(self, loss: float | None = None, tokens_per_s: float | None = None) -> None:
+        if self.run.progress is not None and self.run.is_main:
+            self.run.progress(StepProgress(self.name, self.step, self.cfg.steps, loss, tokens_per_s))
+
+    def train(self) -> None:
+        """Optimizer steps until `steps`: loss step, all-reduce, clip, NaN stop, update, log, checkpoint."""
+        run, cfg, name = self.run, self.cfg, self.name
+        metrics_path = run.out / "metrics.jsonl"
+        self._notify()
+        while self.step < cfg.steps:
+            t0 = time.perf_counter()
+            totals, tokens = self._loss_step()
             stats = torch.tensor([totals["loss"], float(tokens)], dtype=torch.float64, device=run.device)
             if run.world > 1:
                 dist.all_reduce(stats)
                 stats[0] /= run.world
             loss = float(stats[0])
-            norm = nn.utils.clip_grad_norm_(params, cfg.max_grad_norm) if math.isfinite(loss) else None
+            norm = nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm) if math.isfinite(loss) else None
             grad_norm = (
                 float(norm.full_tensor() if parallel.is_dtensor(norm) else norm) if norm is not None else loss
             )
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-                last = _diverged(run, ckpt_root, step)
-                what = (
-                    f"{loss}" if not math.isfinite(loss) else f"unusable (its gradient norm is {grad_norm})"
-                )
-                raise NonFiniteLoss(
-                    f"{name}: the loss became {what} at step {step + 1}; stopped without updating. Last good "
-                    f"checkpoint: {last or 'none yet'}. Lower stages.{name}.lr or check the data, then --resume "
-                    "(a resume applies the new lr)"
-                )
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
+                self._stop_non_finite(loss, grad_norm)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
             rate = float(stats[1]) / (time.perf_counter() - t0)
-            record = {"stage": name, "step": step, **{k: round(v, 6) for k, v in totals.items()}, "loss": loss,
-                      "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm, "tokens_per_s": round(rate, 1)}  # fmt: skip
-            if run.is_main and (step % cfg.log_every == 0 or step == cfg.steps):
+            record = {"stage": name, "step": self.step, **{k: round(v, 6) for k, v in totals.items()},
+                      "loss": loss, "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                      "tokens_per_s": round(rate, 1)}  # fmt: skip
+            if run.is_main and (self.step % cfg.log_every == 0 or self.step == cfg.steps):
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(record) + "\n")
-            progress.update(task, completed=step, info=f"loss {loss:.4f}  {rate:,.0f} tok/s")
-            if step % cfg.save_every == 0 or step == cfg.steps:
-                positions, rngs = [data.position], [checkpoint.rng_state()]
-                if run.world > 1:
-                    positions, rngs = [None] * run.world, [None] * run.world
-                    dist.all_gather_object(positions, data.position)
-                    dist.all_gather_object(rngs, checkpoint.rng_state())
-                tensors = par.full_trainable(student)  # collective under FSDP
-                optim_state = par.optimizer_state(student, optimizer)  # collective under FSDP
-                bad = next((k for k, t in tensors.items() if not torch.isfinite(t).all()), None)
-                if bad is not None:  # never write a checkpoint that cannot be resumed from
-                    last = checkpoint.step_dirs(ckpt_root)
-                    raise NonFiniteLoss(
-                        f"{name}: {bad} became non-finite at step {step}; no checkpoint written. Last good "
-                        f"checkpoint: {last[-1] if last else 'none yet'}. Lower stages.{name}.lr, then --resume"
-                    )
-                if run.is_main:
-                    checkpoint.save(ckpt_root, step, {
-                        "trainable": tensors, "optimizer": optim_state, "scheduler": scheduler.state_dict(),
-                        "rng": rngs, "data_positions": positions, "step": step,
-                        "skipped": dict(data.skipped), "report_before": before,
-                        "recipe": recipe.to_dict(), "resume_changes": history,
-                    })  # fmt: skip
-                run.barrier()
+            self._notify(loss, rate)
+            if self.step % cfg.save_every == 0 or self.step == cfg.steps:
+                self.save_checkpoint()
 
-    if par.shards:  # an unsharded copy for the report and the saved checkpoint (rank 0)
-        tensors = par.full_trainable(student)
+    def save_checkpoint(self) -> None:
+        """A step checkpoint of full tensors (collective: every rank calls it; rank 0 writes), with every
+        rank's data position and RNG; refused if a weight became non-finite."""
+        run, data = self.run, self.data
+        positions, rngs = [data.position], [checkpoint.rng_state()]
+        if run.world > 1:
+            positions, rngs = [None] * run.world, [None] * run.world
+            dist.all_gather_object(positions, data.position)
+            dist.all_gather_object(rngs, checkpoint.rng_state())
+        tensors = self.par.full_trainable(self.student)  # collective under FSDP
+        optim_state = self.par.optimizer_state(self.student, self.optimizer)  # collective under FSDP
+        bad = next((k for k, t in tensors.items() if not torch.isfinite(t).all()), None)
+        if bad is not None:  # never write a checkpoint that cannot be resumed from
+            last = checkpoint.step_dirs(self.ckpt_root)
+            raise NonFiniteLoss(
+                f"{self.name}: {bad} became non-finite at step {self.step}; no checkpoint written. Last good "
+                f"checkpoint: {last[-1] if last else 'none yet'}. Lower stages.{self.name}.lr, then --resume"
+            )
         if run.is_main:
-            student, _ = build_student(run, name)
-            if cfg.lora is not None:
-                inject_lora(student, cfg.lora)
-            student.to(run.device)
-            named = dict(student.named_parameters())
-            for key, tensor in tensors.items():
-                named[key].data = tensor.to(run.device)
-    after = fidelity(run, student, heldout) if run.is_main else None
-    if cfg.lora is not None and run.is_main:
-        merge_lora(student)
-    result = {"stage": name, "started_from": started_from, "steps": step, "skipped_samples": dict(data.skipped),
-              "before": before, "after": after, "resume_changes": history}  # fmt: skip
-    if run.is_main:
-        run.console.print(report_table(name, before, after))
-        if data.skipped:
-            run.print(f"{name}: skipped {sum(data.skipped.values())} bad samples: {dict(data.skipped)}")
-        _write_stage(run, name, student, result)
-        update_report(run.out, set_={name: {"before": before, "after": after}})
-        if name == STAGES[-1]:
-            write_final(run)
-    run.barrier()
-    return result
+            checkpoint.save(self.ckpt_root, self.step, {
+                "trainable": tensors, "optimizer": optim_state, "scheduler": self.scheduler.state_dict(),
+                "rng": rngs, "data_positions": positions, "step": self.step,
+                "skipped": dict(data.skipped), "report_before": self.before,
+                "recipe": run.recipe.to_dict(), "resume_changes": self.history,
+            })  # fmt: skip
+        run.barrier()
+
+    # ------------------------------------------------------------------ finish
+
+    def finish(self) -> dict[str, Any]:
+        """The report after training, the stage output (LoRA merged for stage 3), report.json, final/."""
+        run, name, student = self.run, self.name, self.student
+        if self.par.shards:  # an unsharded copy for the report and the saved checkpoint (rank 0)
+            tensors = self.par.full_trainable(student)
+            if run.is_main:
+                student, _ = self._fresh_student()
+                named = dict(student.named_parameters())
+                for key, tensor in tensors.items():
+                    named[key].data = tensor.to(run.device)
+        after = fidelity(run, student, self.heldout) if run.is_main else None
+        if self.cfg.lora is not None and run.is_main:
+            merge_lora(student)
+        result = {"stage": name, "started_from": self.started_from, "steps": self.step,
+                  "skipped_samples": dict(self.data.skipped), "before": self.before, "after": after,
+                  "resume_changes": self.history}  # fmt: skip
+        if run.is_main:
+            run.print(report_table(name, self.before, after))
+            if self.data.skipped:
+                run.print(
+                    f"{name}: skipped {sum(self.data.skipped.values())} bad samples: {dict(self.data.skipped)}"
+                )
+            _write_stage(run, name, student, result)
+            update_report(run.out, set_={name: {"before": self.before, "after": after}})
+            if name == STAGES[-1]:
+                write_final(run)
+        run.barrier()
+        return result
+
+
+def train_stage(run: Run, name: str, plan: Plan | None = None) -> dict[str, Any]:
+    """Train one stage to completion, continuing from the checkpoint the plan chose (outputs.make_plan)."""
+    stage = StageRun(run, name, plan)
+    stage.setup()
+    stage.resume()
+    stage.train()
+    return stage.finish()
 
 
 def _write_stage(run: Run, name: str, student: nn.Module, result: dict[str, Any]) -> None:
-    with atomic_directory(run.out / name, force=True) as tmp:
-        student.save_pretrained(tmp)
-        if run.teacher.processor is not None:
-            run.teacher.processor.save_pretrained(tmp)
-        (tmp / "recipe.yaml").write_text(dump_recipe(run.recipe))
-        (tmp / "stage.json").write_text(json.dumps(result, indent=2) + "\n")
+    from transformers.utils import logging as hf_logging
+
+    bars_were_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # the trainer draws nothing itself (save_pretrained's shard bar)
+    try:
+        with atomic_directory(run.out / name, force=True) as tmp:
+            student.save_pretrained(tmp)
+            if run.teacher.processor is not None:
+                run.teacher.processor.save_pretrained(tmp)
+            (tmp / "recipe.yaml").write_text(dump_recipe(run.recipe))
+            (tmp / "stage.json").write_text(json.dumps(result, indent=2) + "\n")
+    finally:
+        if bars_were_on:
+            hf_logging.enable_progress_bar()
 
 
 def write_final(run: Run) -> None:
