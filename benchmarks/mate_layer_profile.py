@@ -36,7 +36,7 @@ from linmu_cli.ops import last_ssd_backend  # noqa: E402
 from linmu_cli.ops.fused_linear import fused_linear  # noqa: E402
 from linmu_cli.ops.gated_norm import last_norm_backend  # noqa: E402
 from linmu_cli.ops.short_conv import last_conv_backend  # noqa: E402
-from linmu_cli.ops.ssd_step import last_ssd_step_backend  # noqa: E402
+from linmu_cli.ops.ssd import last_ssd_step_backend  # noqa: E402
 
 
 def timed(fn, repeats: int) -> float:

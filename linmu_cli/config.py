@@ -1,4 +1,4 @@
-"""M-MATE hyper-parameters: one dataclass, saved inside the converted checkpoint's config.
+"""M-MATE hyper-parameters: one dataclass, saved inside the converted checkpoint's config (but for the kernel choice).
 
 Every size of the method that the paper does not pin down is a field here (docs/design.md §1): recipes and the
 `linmu convert` options set them, and `validate()` rejects values that cannot work before any weight moves.
@@ -7,13 +7,17 @@ Every size of the method that the paper does not pin down is a field here (docs/
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
 from linmu_cli.errors import LinmuError
 
+logger = logging.getLogger(__name__)
+
 SCAN_AXES = "thw"
 SSD_BACKENDS = ("auto", "torch", "fla", "mamba")
+RUNTIME_FIELDS = ("ssd_backend",)  # chosen per run, never saved in a checkpoint
 FUSION_MODES = ("token", "head")
 
 
@@ -45,8 +49,10 @@ class MateConfig:
     # Flex-MA and Local-Swin use one set of Q/K/V/O (Flex-MA's parameters; both start as the teacher's anyway):
     # about 18% fewer dense FLOPs per layer (issue 11). Only with both branches on.
     shared_projections: bool = False
-    # Kernel choice (runtime; "auto" picks by device and capability).
-    ssd_backend: str = "auto"
+    # Kernel choice: a runtime setting like transformers' attn_implementation, not a checkpoint field. to_dict()
+    # (what config.json saves) leaves it out and from_saved() ignores a value an older checkpoint carries; set it
+    # per run (`--ssd-backend`, a recipe's model section, `linmu_cli.layers.mate.set_ssd_backend`).
+    ssd_backend: str = field(default="auto", metadata={"runtime": True})
 
     def validate(self) -> MateConfig:
         """Raise LinmuError naming the first invalid field; return self for chaining."""
@@ -84,7 +90,8 @@ class MateConfig:
         return self
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The fields a checkpoint saves: every M-MATE size, not the runtime kernel choice (RUNTIME_FIELDS)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in RUNTIME_FIELDS}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> MateConfig:
@@ -98,5 +105,17 @@ class MateConfig:
             )
         return cls(**data).validate()
 
+    @classmethod
+    def from_saved(cls, data: dict[str, Any] | None) -> MateConfig:
+        """From a checkpoint's saved `mate` dict. Checkpoints written before the kernel choice became a runtime
+        setting carry `ssd_backend`: it is ignored (the kernel is chosen where the model runs, "auto" unless set)."""
+        data = dict(data or {})
+        dropped = {k: data.pop(k) for k in RUNTIME_FIELDS if k in data}
+        if any(v != "auto" for v in dropped.values()):
+            logger.info("ignoring %s saved in the checkpoint's M-MATE config: a runtime setting", dropped)
+        return cls.from_dict(data)
+
     def replace(self, **changes: Any) -> MateConfig:
-        return MateConfig.from_dict({**self.to_dict(), **changes})
+        """A validated copy with `changes` (runtime fields carried over unless changed)."""
+        runtime = {k: getattr(self, k) for k in RUNTIME_FIELDS}
+        return MateConfig.from_dict({**self.to_dict(), **runtime, **changes})

@@ -159,3 +159,33 @@ def test_windows_are_local_and_shifted_on_odd_layers():
         with torch.no_grad():
             diff = (run(block, changed, layout) - run(block, u, layout)).abs().sum(-1)[0]
         assert {i for i in range(16) if diff[i] > 0} == affected
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+def test_decode_continues_a_trained_conv_from_its_cached_tail(steps):
+    """Prefill + decode steps equal the full forward with a conv that is not the identity (a trained one): the
+    decode step reads the cached conv tail before it overwrites it in place."""
+    from linmu_cli.layers.cache import LinMUCache
+
+    block = make_block(1, text_window=6)
+    with torch.no_grad():
+        block.flex.conv.weight.normal_(0, 0.5)
+    n, seg = 21, Segment(3, 2, 2, 3)
+    u = torch.randn(1, n, HIDDEN)
+    cos, sin = rope(n)
+    with torch.no_grad():
+        full = block(u, position_embeddings=(cos, sin), linmu_layout=layout_of([[seg]], n))[0]
+        cache = LinMUCache(2)
+        k = n - steps
+        outs = [block(u[:, :k], position_embeddings=(cos[:, :k], sin[:, :k]), past_key_values=cache,
+                      linmu_layout=layout_of([[seg]], k))[0]]  # fmt: skip
+        for t in range(k, n):
+            outs.append(block(u[:, t : t + 1], position_embeddings=(cos[:, t : t + 1], sin[:, t : t + 1]),
+                              past_key_values=cache, linmu_layout=layout_of([[]], 1))[0])  # fmt: skip
+    torch.testing.assert_close(torch.cat(outs, 1), full, atol=2e-5, rtol=1e-4)
+
+
+def test_a_block_called_without_its_layout_raises():
+    block = make_block()
+    with pytest.raises(ValueError, match="needs the token layout"):
+        block(torch.randn(1, 5, HIDDEN), position_embeddings=rope(5))

@@ -241,3 +241,35 @@ def test_complete_windows_skip_the_mask_and_give_the_same_attention():
     q, k, v = torch.randn(1, 34, 4, 8), torch.randn(1, 34, 2, 8), torch.randn(1, 34, 2, 8)
     masked = WindowPlan(plan.index, plan.valid, plan.src, plan.dst, full=False)
     torch.testing.assert_close(window_attention(q, k, v, plan, 0.3), window_attention(q, k, v, masked, 0.3))
+
+
+def test_ssd_backend_is_a_runtime_setting_not_a_saved_field(tiny, tmp_path):
+    """Like attn_implementation: the blocks run the backend they were given, config.json never carries it, an
+    older checkpoint that does still loads (its value ignored), and `set_ssd_backend` changes it at run time."""
+    import json
+
+    from transformers import AutoModelForImageTextToText
+
+    from linmu_cli.errors import LinmuError
+    from linmu_cli.layers.mate import set_ssd_backend
+    from linmu_cli.models import convert_model
+
+    _, teacher, _ = tiny
+    mate_cfg = MateConfig(text_window=8, ssd_backend="torch")
+    assert "ssd_backend" not in mate_cfg.to_dict() and mate_cfg.replace(text_window=4).ssd_backend == "torch"
+    student = convert_model(teacher, mate_cfg)
+    blocks = [m for m in student.modules() if isinstance(m, MateAttention)]
+    assert blocks and all(b.mate.ssd_backend == b.flex.mate.ssd_backend == "torch" for b in blocks)
+    student.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert "ssd_backend" not in config["mate"]
+    config["mate"]["ssd_backend"] = "fla"  # what a checkpoint of an earlier linmu carries
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    loaded = AutoModelForImageTextToText.from_pretrained(tmp_path)
+    assert loaded.mate_config.ssd_backend == "auto"
+    with torch.no_grad():
+        loaded(input_ids=torch.randint(0, 100, (1, 6)), use_cache=False)  # runs on CPU ("fla" would raise)
+    set_ssd_backend(loaded, "torch")
+    assert all(m.flex.mate.ssd_backend == "torch" for m in loaded.modules() if isinstance(m, MateAttention))
+    with pytest.raises(LinmuError, match="ssd_backend"):
+        set_ssd_backend(loaded, "triton")

@@ -1,4 +1,6 @@
-"""CPU tests of the SSD scan: chunked reference vs the sequential ground truth."""
+"""CPU tests of the SSD scan: chunked reference vs the sequential ground truth, backend selection, and the
+argument plumbing of the CUDA adapters (ops/ssd/fla.py, ops/ssd/mamba.py) with contract stand-ins.
+Every path against the naive scan through one helper: tests/ops/."""
 
 from __future__ import annotations
 
@@ -17,6 +19,8 @@ from linmu_cli.ops import (
     ssd_scan,
 )
 from linmu_cli.ops import ssd as ssd_mod
+from linmu_cli.ops.ssd import fla as fla_mod
+from linmu_cli.ops.ssd import mamba as mamba_mod
 
 
 def make_inputs(b, T, h, p, n, *, seed=0, reset_prob=0.0, with_init=False, dtype=torch.float32):
@@ -317,7 +321,7 @@ def test_cuda_wrapper_plumbing_with_fake_kernels(which, with_reset):
         reset[2, 17] = True
     else:
         reset = None
-    call = ssd_mod._fla_call if which == "fla" else ssd_mod._mamba_call
+    call = fla_mod._fla_call if which == "fla" else mamba_mod._mamba_call
     kernel = fake_chunk_simple_gla if which == "fla" else fake_mamba_chunk_scan_combined
     y, s = call(kernel, x, dt, A, B, C, reset, init, None, True)
     y_ref, s_ref = ssd_naive(x, dt, A, B, C, reset, init)
@@ -344,13 +348,13 @@ def test_grouped_entry_maps_gqa_onto_the_kernels(monkeypatch, which, with_plan):
         plan = ssd_mod.reset_plan(reset)
     want = ssd_mod.ssd_scan_gqa(x, dt, A, B, C, scale=0.3, plan=plan, backend="torch")
     monkeypatch.setattr(ssd_mod, "select_ssd_backend", lambda *a, **k: which)
-    monkeypatch.setattr(ssd_mod, "_require_cuda", lambda *a, **k: None)
+    monkeypatch.setattr(ssd_mod, "require_cuda", lambda *a, **k: None)
 
     def fla_with_scale(q, k, v, scale=1.0, **kw):  # fla applies `scale` to q; the stand-in takes 1.0 only
         return fake_chunk_simple_gla(q * scale, k, v, scale=1.0, **kw)
 
-    monkeypatch.setattr(ssd_mod, "_import_fla", lambda: fla_with_scale)
-    monkeypatch.setattr(ssd_mod, "_import_mamba", lambda: fake_mamba_chunk_scan_combined)
+    monkeypatch.setattr(fla_mod, "_import_fla", lambda: fla_with_scale)
+    monkeypatch.setattr(mamba_mod, "_import_mamba", lambda: fake_mamba_chunk_scan_combined)
     got = ssd_mod.ssd_scan_gqa(x, dt, A, B, C, scale=0.3, plan=plan, backend=which)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert ssd_mod.last_ssd_backend() == which

@@ -17,14 +17,12 @@ from torch import nn
 
 from linmu_cli.config import MateConfig
 from linmu_cli.layers.cache import MateLayerState
-from linmu_cli.layers.floor import mixers_skipped
 from linmu_cli.layers.layout import TokenLayout
 from linmu_cli.ops.fused_linear import fused_linear
 from linmu_cli.ops.gated_norm import gated_rmsnorm
 from linmu_cli.ops.short_conv import conv_tail, short_conv
-from linmu_cli.ops.ssd import _expand_heads
-from linmu_cli.ops.ssd import ssd_scan_gqa as ssd_scan  # grouped entry; the name the bench floor test counts
-from linmu_cli.ops.ssd_step import ssd_step
+from linmu_cli.ops.ssd import expand_heads, ssd_step
+from linmu_cli.ops.ssd import ssd_scan_gqa as ssd_scan  # grouped entry (the bench floor patches this name)
 
 
 class FlexInputs(NamedTuple):
@@ -35,6 +33,13 @@ class FlexInputs(NamedTuple):
     dt_raw: torch.Tensor
     dtb_raw: torch.Tensor | None
     gate: torch.Tensor | None
+
+
+def fast_kernels(u: torch.Tensor, mate: MateConfig) -> bool:
+    """The one kernel switch of an M-MATE block: on CUDA the fast paths (one input GEMM, Triton conv and gated
+    norm, grouped scans) run unless the runtime `ssd_backend` is "torch", which keeps the pure-PyTorch reference
+    everywhere; CPU always runs the references and never touches Triton (docs/design.md §8)."""
+    return u.is_cuda and mate.ssd_backend != "torch"
 
 
 def _init_dt_bias(heads: int, dt_min: float, dt_max: float) -> torch.Tensor:
@@ -89,9 +94,8 @@ class FlexMA(nn.Module):
         self.norm_weight.fill_(1.0)
 
     def fast_path(self, u: torch.Tensor) -> bool:
-        """The CUDA kernels (fused GEMM, Triton conv and gated norm, grouped scans) run unless the backend is
-        "torch", which keeps the pure-PyTorch reference everywhere (and CPU never touches Triton)."""
-        return u.is_cuda and self.mate.ssd_backend != "torch"
+        """Whether this branch runs its CUDA kernels on `u` (see `fast_kernels`)."""
+        return fast_kernels(u, self.mate)
 
     def projection_parts(self, layout: TokenLayout) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
         """(weight, bias) of the input projections in the order `unpack` expects: [x, B, C] merged (the conv
@@ -124,18 +128,6 @@ class FlexMA(nn.Module):
             pieces.append(self.dt_proj_bwd(u))
         return self.unpack(pieces)
 
-    def _conv(self, xbc: torch.Tensor, state: MateLayerState | None, fast: bool) -> torch.Tensor:
-        """Causal depthwise conv in token order, continuing from the cached tail (ops/short_conv.py)."""
-        k = self.mate.d_conv
-        prev = state.conv if state is not None and state.conv is not None else None
-        if state is not None:
-            tail = conv_tail(xbc, prev, k).detach()
-            if state.conv is not None and state.conv.shape == tail.shape and xbc.shape[1] == 1:
-                state.conv.copy_(tail)  # decode: in place (fixed address, CUDA-graph safe)
-            else:
-                state.conv = tail.clone()  # a copy: a view would keep the whole prompt's inputs alive
-        return short_conv(xbc, self.conv.weight, self.conv.bias, prev, fast=fast)
-
     def forward(
         self,
         u: torch.Tensor,
@@ -147,39 +139,45 @@ class FlexMA(nn.Module):
         """u (B, L, hidden) -> per-head outputs (B, L, H, d), before the output projection.
 
         `inputs`: the projections already computed (the block's one GEMM); else computed here. Conv, the
-        step sizes, both scans and the D skip stay at key/value-head width for x and B (GQA, issue 11).
+        step sizes, both scans and the D skip stay at key/value-head width for x and B (GQA). The cache
+        (`state`: conv tail and SSM state) is read once at the start and written once at the end.
         """
         bsz, length, _ = u.shape
         h, hk, d = self.heads, self.kv_heads, self.head_dim
-        fast = self.fast_path(u)
         decode = state is not None and length == 1 and not layout.has_vision
-        prefill = fast and not decode  # the kernels of issue 11; one decode token keeps the reference ops
+        fast = self.fast_path(u) and not decode  # the kernel choice: one decode token keeps the reference ops
+        conv_prev, ssm_prev = (state.conv, state.ssm) if state is not None else (None, None)
         if inputs is None:
-            inputs = self.project(u, layout, fused=prefill)
+            inputs = self.project(u, layout, fused=fast)
         xbc = inputs.xbc
-        if not (prefill and layout.all_valid):  # (all_valid may read the mask back once: never in decode)
+        if not (fast and layout.all_valid):  # (all_valid may read the mask back once: never in decode)
             xbc = xbc * layout.valid[..., None].to(xbc.dtype)  # padding stays zero
-        if self.mate.d_conv > 0:
-            xbc = self._conv(xbc, state, prefill)
+        conv_next = None
+        if self.mate.d_conv > 0:  # causal depthwise conv in token order, continuing from the cached tail
+            if state is not None:
+                conv_next = conv_tail(xbc, conv_prev, self.mate.d_conv).detach()
+            xbc = short_conv(xbc, self.conv.weight, self.conv.bias, conv_prev, fast=fast)
         x, b, c = torch.split(xbc, [hk * d, hk * d, h * d], dim=-1)
         x, b, c = x.view(bsz, length, hk, d), b.view(bsz, length, hk, d), c.view(bsz, length, h, d)
         dt = F.softplus(inputs.dt_raw.float() + self.dt_bias) * layout.valid[..., None]
         a = -torch.exp(self.A_log.float())
 
-        if mixers_skipped():  # bench floor (layers/floor.py): no scans, everything around them runs
-            y = _expand_heads(x, h)
-        elif decode:  # one recurrence step (ops/ssd_step.py)
-            ssm = state.ssm if state.ssm is not None else x.new_zeros(bsz, h, d, d, dtype=torch.float32)
-            y, ssm = ssd_step(_expand_heads(x, h)[:, 0], dt[:, 0], a, _expand_heads(b, h)[:, 0],
-                              (c * d**-0.5)[:, 0], ssm, backend=self.mate.ssd_backend)  # fmt: skip
-            state.ssm, y = ssm.detach(), y[:, None]
+        if decode:  # one recurrence step (ops/ssd/step.py), in place outside autograd
+            ssm = ssm_prev if ssm_prev is not None else x.new_zeros(bsz, h, d, d, dtype=torch.float32)
+            y, ssm_next = ssd_step(expand_heads(x, h)[:, 0], dt[:, 0], a, expand_heads(b, h)[:, 0],
+                                   (c * d**-0.5)[:, 0], ssm, backend=self.mate.ssd_backend)  # fmt: skip
+            y = y[:, None]
         else:
-            y = self._scan(xbc, dt, a, inputs.dtb_raw, layout, layer_idx, state)
+            y, ssm_next = self._scan(
+                xbc, dt, a, inputs.dtb_raw, layout, layer_idx, ssm_prev, state is not None
+            )
+        if state is not None:
+            _write_state(state, conv_next, ssm_next.detach(), length == 1)
 
         # y + D * x with x at key/value width, broadcast over each group (no repeated copy of x)
         g = h // hk
         y = torch.addcmul(y.reshape(bsz, length, hk, g, d), self.D.to(y.dtype).view(hk, g, 1), x.unsqueeze(3))
-        return gated_rmsnorm(y.view(bsz, length, h, d), inputs.gate, self.norm_weight, self.eps, fast=prefill)
+        return gated_rmsnorm(y.view(bsz, length, h, d), inputs.gate, self.norm_weight, self.eps, fast=fast)
 
     def _scan(
         self,
@@ -189,15 +187,16 @@ class FlexMA(nn.Module):
         dtb_raw: torch.Tensor | None,
         layout: TokenLayout,
         layer_idx: int,
-        state: MateLayerState | None,
-    ) -> torch.Tensor:
-        """Forward SSD scan over every token plus the segment-confined backward scan: (B, L, H, d).
+        initial_state: torch.Tensor | None,
+        final: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Forward SSD scan over every token plus the segment-confined backward scan: (y (B, L, H, d), the
+        forward scan's final state when `final`, else None).
 
         The conv output xbc = [x, B, C] is put into scan order with one row gather (x and B at key/value
-        width), using index maps the layout built once per forward (docs/design.md §3, issue 11); the
-        output comes back with one more. The backward scan gathers its inputs the same way, packed one
-        segment per row (no resets, text skipped, no host sync), and adds its strictly-future output with
-        one masked gather.
+        width), using index maps the layout built once per forward (docs/design.md §3); the output comes
+        back with one more. The backward scan gathers its inputs the same way, packed one segment per row
+        (no resets, text skipped, no host sync), and adds its strictly-future output with one masked gather.
         """
         bsz, length, width = xbc.shape
         h, hk, d = self.heads, self.kv_heads, self.head_dim
@@ -208,15 +207,12 @@ class FlexMA(nn.Module):
         scanned = flat if sg is None else flat.index_select(0, sg.index)
         dts = dt if sg is None else dt_flat.index_select(0, sg.index).view(bsz, length, h)
         xs, bs, cs = torch.split(scanned.view(bsz, length, width), [kv, kv, h * d], dim=-1)
-        init = state.ssm if state is not None else None
         y = ssd_scan(
             xs.view(bsz, length, hk, d), dts, a, bs.view(bsz, length, hk, d), cs.view(bsz, length, h, d),
-            scale=d**-0.5, initial_state=init, chunk_size=self.mate.chunk_size,
-            return_final_state=state is not None, backend=self.mate.ssd_backend,
+            scale=d**-0.5, initial_state=initial_state, chunk_size=self.mate.chunk_size,
+            return_final_state=final, backend=self.mate.ssd_backend,
         )  # fmt: skip
-        if state is not None:
-            y, final = y
-            state.ssm = final.detach()
+        y, final_state = y if final else (y, None)
         if sg is not None:
             y = y.reshape(bsz * length, h * d).index_select(0, sg.inverse).view(bsz, length, h, d)
 
@@ -235,4 +231,17 @@ class FlexMA(nn.Module):
             )  # fmt: skip
             back = yb.reshape(rows * steps, h * d).index_select(0, bg.out_index).view(bsz, length, h, d)
             y = torch.addcmul(y, back, bg.keep.to(y.dtype))
-        return y
+        return y, final_state
+
+
+def _write_state(state: MateLayerState, conv: torch.Tensor | None, ssm: torch.Tensor, decode: bool) -> None:
+    """The one place Flex-MA writes its cache, after every read of it (docs/design.md §3: decoding keeps the
+    forward state and the conv tail). One decode token overwrites the conv buffer in place (fixed address: CUDA
+    graphs and the fixed-buffer decoder keep it); a chunk stores a copy (a view would keep the whole prompt's
+    conv inputs alive). The SSM state of a decode step is already the updated buffer itself (ops/ssd/step.py)."""
+    if conv is not None:
+        if decode and state.conv is not None and state.conv.shape == conv.shape:
+            state.conv.copy_(conv)
+        else:
+            state.conv = conv.clone()
+    state.ssm = ssm

@@ -1,15 +1,14 @@
 """Token layout of one forward chunk: where the visual segments are and how each layer walks them.
 
-Built once per model forward (docs/design.md §2) and shared by every M-MATE block: the gather indices of the
+Built once per model forward (docs/design.md §2) and handed to every M-MATE block as its `linmu_layout` keyword
+(the one way it reaches the layers; a block called without one raises): the gather indices of the
 Rotary Major-Scan orders, the segment-confined backward scan and the 3D Swin windows are all computed here,
 lazily and memoized, so a layer only does tensor gathers.
 """
 
 from __future__ import annotations
 
-import contextvars
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -52,8 +51,8 @@ class WindowPlan:
     valid: torch.Tensor
     # every vision token sits in exactly one slot: out_flat[dst] = windows_flat[src] scatters the results back
     # with integer indices built on the host (a boolean-mask scatter would sync with the GPU in every layer)
-    src: torch.Tensor | None = None
-    dst: torch.Tensor | None = None
+    src: torch.Tensor
+    dst: torch.Tensor
     full: bool = False  # every window complete (known on the host): no mask, so SDPA may take a fused kernel
 
 
@@ -340,20 +339,3 @@ def find_segments(
                 pos = seg.end
         out.append(segs)
     return out
-
-
-_CURRENT: contextvars.ContextVar[TokenLayout | None] = contextvars.ContextVar("linmu_layout", default=None)
-
-
-@contextmanager
-def use_layout(layout: TokenLayout) -> Iterator[TokenLayout]:
-    """Make `layout` visible to every M-MATE block called inside the block (one model forward)."""
-    token = _CURRENT.set(layout)
-    try:
-        yield layout
-    finally:
-        _CURRENT.reset(token)
-
-
-def current_layout() -> TokenLayout | None:
-    return _CURRENT.get()

@@ -8,14 +8,17 @@ Q, K, V, O and applies the teacher's (M-)RoPE exactly as the teacher does.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from linmu_cli.config import MateConfig
 from linmu_cli.layers.cache import MateLayerState
-from linmu_cli.layers.floor import mixers_skipped
 from linmu_cli.layers.layout import TokenLayout
-from linmu_cli.ops.window_attention import sliding_block, sliding_window_attention, window_attention
+from linmu_cli.ops.window_attention import (
+    decode_attention,
+    sliding_block,
+    sliding_window_attention,
+    window_attention,
+)
 
 _PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
@@ -23,23 +26,6 @@ _PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
-
-
-def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, key_valid: torch.Tensor,
-                     scale: float) -> torch.Tensor:  # fmt: skip
-    """One query token per row over a set of cached keys: q (B, 1, H, d), keys / values (B, H_kv, R, d),
-    key_valid (B, R) -> (B, 1, H, d).
-
-    The H / H_kv query heads sharing a key head are laid out as H / H_kv query positions of that head, so the
-    masked attention is a plain multi-head SDPA call (fused CUDA kernels; no `enable_gqa` with a mask).
-    """
-    bsz, _, heads, dim = q.shape
-    kv_heads = keys.shape[1]
-    out = F.scaled_dot_product_attention(
-        q.reshape(bsz, kv_heads, heads // kv_heads, dim), keys, values, attn_mask=key_valid[:, None, None, :],
-        scale=scale,
-    )  # fmt: skip
-    return out.reshape(bsz, 1, heads, dim)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -94,9 +80,8 @@ class LocalSwin(nn.Module):
         bsz, length, _ = u.shape
         d, scale = self.head_dim, self.head_dim**-0.5
         q, k, v = self._qkv(u, position_embeddings, qkv)
-        skip = mixers_skipped()  # bench floor (layers/floor.py): projections, RoPE and the ring, no attention
 
-        # text: causal sliding window over the cached ring followed by this chunk
+        # text: causal sliding window over the cached ring (read once, here) followed by this chunk
         keys, values, key_valid = k.transpose(1, 2), v.transpose(1, 2), layout.valid
         cached = state is not None and state.keys is not None
         if cached:
@@ -105,9 +90,7 @@ class LocalSwin(nn.Module):
             key_valid = torch.cat([state.key_valid, key_valid], dim=1)
         past = keys.shape[2] - length
         window = self.mate.text_window
-        if skip:
-            out = q
-        elif cached and length == 1:  # decode: the ring holds at most window - 1 keys, all in the window
+        if cached and length == 1:  # decode: the ring holds at most window - 1 keys, all in the window
             mask = torch.cat([state.key_valid, torch.ones_like(layout.valid)], dim=1)  # the token sees itself
             out = decode_attention(q, keys, values, mask, scale)
         else:
@@ -118,15 +101,11 @@ class LocalSwin(nn.Module):
             out = sliding_window_attention(queries, keys, values, key_valid, window, scale, blocks)
             out = out[:, :, past:].transpose(1, 2)
         if state is not None:
-            start = max(keys.shape[2] - (window - 1), 0)
-            keys, values, key_valid = keys[:, :, start:], values[:, :, start:], key_valid[:, start:]
-            if length > 1:  # copies: views would keep the whole prompt's keys and values alive
-                keys, values, key_valid = keys.clone(), values.clone(), key_valid.clone()
-            state.keys, state.values, state.key_valid = keys.detach(), values.detach(), key_valid
+            _write_ring(state, keys, values, key_valid, window, length)
 
         # vision: full attention inside (shifted) 3D windows of each segment, written over the text result
         shifted = self.mate.shift_windows and layer_idx % 2 == 1
-        plan = layout.window_plan(self.mate.vision_window, shifted) if not skip else None
+        plan = layout.window_plan(self.mate.vision_window, shifted)
         if plan is not None:
             out = window_attention(q, k, v, plan, scale, out=out)
         return out
@@ -159,3 +138,14 @@ class LocalSwin(nn.Module):
         values.index_copy_(2, slot, v.transpose(1, 2).to(values.dtype))
         key_valid.index_fill_(1, slot, True)
         return decode_attention(q, keys, values, key_valid, self.head_dim**-0.5)
+
+
+def _write_ring(state: MateLayerState, keys: torch.Tensor, values: torch.Tensor, key_valid: torch.Tensor,
+                window: int, length: int) -> None:  # fmt: skip
+    """The one place Local-Swin writes its cache: the last `window - 1` keys / values (docs/design.md §4, constant
+    memory), copies after a chunk (views would keep the whole prompt's keys and values alive)."""
+    start = max(keys.shape[2] - (window - 1), 0)
+    keys, values, key_valid = keys[:, :, start:], values[:, :, start:], key_valid[:, start:]
+    if length > 1:
+        keys, values, key_valid = keys.clone(), values.clone(), key_valid.clone()
+    state.keys, state.values, state.key_valid = keys.detach(), values.detach(), key_valid

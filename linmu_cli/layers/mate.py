@@ -6,7 +6,6 @@ token (or per token and head). Both branches are initialized from the teacher la
 
 from __future__ import annotations
 
-import logging
 import math
 
 import torch
@@ -14,12 +13,10 @@ from torch import nn
 
 from linmu_cli.config import MateConfig
 from linmu_cli.layers.cache import LinMUCache
-from linmu_cli.layers.flex_ma import FlexMA
-from linmu_cli.layers.layout import TokenLayout, current_layout
+from linmu_cli.layers.flex_ma import FlexMA, fast_kernels
+from linmu_cli.layers.layout import TokenLayout
 from linmu_cli.layers.local_swin import LocalSwin
 from linmu_cli.ops.fused_linear import fused_linear
-
-logger = logging.getLogger(__name__)
 
 
 class MateAttention(nn.Module):
@@ -61,15 +58,20 @@ class MateAttention(nn.Module):
         return block
 
     def _layout(self, hidden_states: torch.Tensor, kwargs: dict) -> TokenLayout:
+        """The chunk's token layout, from the `linmu_layout` keyword: the one way it reaches a block (LinMU models
+        build it once per forward, docs/design.md §2). Without it the block cannot tell vision from text: an error,
+        never a silent "all text"."""
         bsz, length, _ = hidden_states.shape
-        layout = kwargs.get("linmu_layout") or current_layout()
-        if layout is None or (layout.batch, layout.length) != (bsz, length):
-            if layout is not None:
-                raise ValueError(
-                    f"token layout is for ({layout.batch}, {layout.length}) but the block got ({bsz}, {length})"
-                )
-            logger.debug("M-MATE block called outside a LinMU model forward: treating the input as text")
-            layout = TokenLayout.text_only(bsz, length, hidden_states.device)
+        layout = kwargs.get("linmu_layout")
+        if layout is None:
+            raise ValueError(
+                "an M-MATE block needs the token layout of its input: call it with linmu_layout=TokenLayout(...) "
+                "(a LinMU model's forward builds it; for text only, TokenLayout.text_only(batch, length, device))"
+            )
+        if (layout.batch, layout.length) != (bsz, length):
+            raise ValueError(
+                f"token layout is for ({layout.batch}, {layout.length}) but the block got ({bsz}, {length})"
+            )
         return layout
 
     def forward(
@@ -106,9 +108,9 @@ class MateAttention(nn.Module):
         return self._combine(u, flex, swin, logit, fast), None
 
     def _fast(self, u: torch.Tensor) -> bool:
-        """A prefill chunk on CUDA with a fast backend: one input GEMM, fused output (issue 11). One decode
-        token keeps the per-module projections (concatenating the weights would cost more than it saves)."""
-        return u.is_cuda and u.shape[1] > 1 and self.mate.ssd_backend != "torch"
+        """A chunk on CUDA with a fast backend: one input GEMM, fused output. One decode token keeps the
+        per-module projections (concatenating the weights would cost more than it saves)."""
+        return fast_kernels(u, self.mate) and u.shape[1] > 1
 
     def _project(self, u: torch.Tensor, layout: TokenLayout):
         """Every input projection of the block from one GEMM over concatenated weights (names unchanged):
@@ -168,3 +170,17 @@ class MateAttention(nn.Module):
             swin = self.swin.ring_step(u, position_embeddings, state.keys, state.values, state.key_valid,
                                        state.slot)  # fmt: skip
         return self._combine(u, flex, swin)
+
+
+def set_ssd_backend(model: nn.Module, backend: str) -> None:
+    """Run every M-MATE block of `model` on SSD backend `backend` ("auto", "torch", "fla", "mamba").
+
+    The kernel choice is a runtime setting, like transformers' attn_implementation: it is not saved in the
+    checkpoint (MateConfig.to_dict leaves it out), so a loaded model runs "auto" until this is called.
+    """
+    for module in model.modules():
+        if isinstance(module, MateAttention):
+            mate = module.mate.replace(ssd_backend=backend)  # validates the name
+            for part in (module, getattr(module, "flex", None), getattr(module, "swin", None)):
+                if part is not None:
+                    part.mate = mate

@@ -23,7 +23,7 @@ from transformers import AttentionInterface, GenerationMixin, PretrainedConfig
 
 from linmu_cli.config import MateConfig
 from linmu_cli.layers.cache import LinMUCache
-from linmu_cli.layers.layout import TokenLayout, use_layout
+from linmu_cli.layers.layout import TokenLayout
 from linmu_cli.layers.mate import MateAttention
 from linmu_cli.models.family import Family, families, family_for_model_type
 
@@ -105,8 +105,9 @@ class LinMUModelMixin:
 
     @property
     def mate_config(self) -> MateConfig:
-        """The M-MATE sizes, from the config's `mate` dict (what config.json saves)."""
-        return MateConfig.from_dict(self.config.mate)
+        """The M-MATE sizes, from the config's `mate` dict (what config.json saves; the runtime `ssd_backend`
+        an older checkpoint may carry there is ignored, see MateConfig.from_saved)."""
+        return MateConfig.from_saved(self.config.mate)
 
     def _use_linmu_attention(self) -> None:
         self.family.text_model(self).config._attn_implementation = LINMU_ATTENTION
@@ -163,12 +164,11 @@ class LinMUModelMixin:
         if layout is None:
             self._check_vision_inputs(input_ids, kwargs)
             layout = self.token_layout(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-        # The layout travels both as a keyword (kept by gradient checkpointing for the recompute in backward)
-        # and as a context variable (for code paths that drop unknown keywords).
-        with use_layout(layout):
-            return super().forward(
-                input_ids=input_ids, attention_mask=attention_mask, linmu_layout=layout, **kwargs
-            )
+        # The layout reaches every M-MATE block as this keyword (transformers passes it down, and gradient
+        # checkpointing keeps it for the recompute in backward); a block called without one raises.
+        return super().forward(
+            input_ids=input_ids, attention_mask=attention_mask, linmu_layout=layout, **kwargs
+        )
 
     def _fixed_buffer_forward(self, input_ids, attention_mask, kwargs: dict, cache: LinMUCache):
         """generate(cache_implementation="static"): prefill as usual, then decode on fixed buffers.

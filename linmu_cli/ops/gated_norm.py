@@ -26,7 +26,7 @@ def last_norm_backend() -> str | None:
 def _norm_kernel() -> tuple[str, object] | None:
     """(name, rmsnorm_fn) of the first gated-norm kernel that imports (call only with CUDA), else None."""
     try:
-        from linmu_cli.ops.ssd import _import_mamba
+        from linmu_cli.ops.ssd.mamba import _import_mamba
 
         _import_mamba()  # the bare mamba_ssm package (no compiled extension)
         return "mamba", importlib.import_module("mamba_ssm.ops.triton.layernorm_gated").rmsnorm_fn

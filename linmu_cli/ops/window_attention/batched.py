@@ -1,15 +1,18 @@
-"""Softmax attention restricted to local windows, as batched SDPA calls (no dense L x L masks).
+"""Softmax attention restricted to local windows, as batched SDPA calls (no dense L x L masks, docs/design.md §4).
 
-Both functions allow every query to attend to itself, so a query whose other keys are all masked (padding)
-gives a finite value instead of NaN; such outputs are discarded by the caller.
+Every function lets each query attend to itself, so a query whose other keys are all masked (padding) gives a
+finite value instead of NaN; such outputs are discarded by the caller. `naive.py` is the dense reference.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 
-from linmu_cli.layers.layout import WindowPlan
+if TYPE_CHECKING:  # the plan is built by the layout (layers/layout.py); ops only read its index tensors
+    from linmu_cli.layers.layout import WindowPlan
 
 
 def _sdpa(
@@ -28,11 +31,17 @@ def window_attention(
     scale: float,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Full attention inside each window of `plan`.
+    """Full attention inside each window of `plan`, all windows in one SDPA call.
 
-    q (B, L, H, d), k / v (B, L, H_kv, d). Returns (B, L, H, d): the windowed output at vision positions, zeros
-    elsewhere; or, given `out` (B, L, H, d), writes the vision positions into it (in place when it is contiguous)
-    and returns it.
+    Args:
+        q: (B, L, H, d) queries; k, v: (B, L, H_kv, d) keys / values (GQA: H_kv divides H).
+        plan: the padded windows (`TokenLayout.window_plan`): `index` into the flattened (B*L) chunk, `valid`
+            slots, and the host-built scatter `src` -> `dst`.
+        scale: the softmax scale.
+        out: (B, L, H, d) or None; given, the vision positions are written into it (in place when contiguous).
+
+    Returns:
+        (B, L, H, d): the windowed output at vision positions; zeros (or `out`'s values) elsewhere.
     """
     batch, length, heads, dim = q.shape
     flat = lambda x: x.reshape(batch * length, x.shape[2], dim)  # noqa: E731
@@ -45,10 +54,8 @@ def window_attention(
     result = (
         q.new_zeros(batch * length, heads, dim) if out is None else out.reshape(batch * length, heads, dim)
     )
-    if plan.src is not None:  # integer scatter prepared on the host: no sync
-        result[plan.dst] = att.reshape(-1, heads, dim)[plan.src].to(result.dtype)
-    else:
-        result[plan.index[plan.valid]] = att[plan.valid].to(result.dtype)
+    # integer scatter prepared on the host: no sync
+    result[plan.dst] = att.reshape(-1, heads, dim)[plan.src].to(result.dtype)
     return result.view(batch, length, heads, dim)
 
 
@@ -61,12 +68,21 @@ def sliding_window_attention(
     scale: float,
     blocks: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Causal attention of each position over the `window` keys ending at itself.
+    """Causal attention of each position over the `window` keys ending at itself (text tokens, docs/design.md §4).
 
-    q (B, H, N, d), k / v (B, H_kv, N, d), key_valid (B, N). Blocked: with blocks of size min(window, N), a
-    query sees at most its own and the previous block, so cost is O(N * window), not O(N^2). `blocks` (rows,
-    block numbers), e.g. from `TokenLayout.text_blocks(sliding_block(window, N))`, restricts the work to those
-    query blocks; the other outputs are zeros.
+    Blocked: with blocks of size min(window, N), a query sees at most its own and the previous block, so the
+    cost is O(N * window), not O(N^2).
+
+    Args:
+        q: (B, H, N, d) queries; k, v: (B, H_kv, N, d).
+        key_valid: (B, N) bool, False at padding (a query still sees itself).
+        window: keys a query sees, itself included.
+        scale: the softmax scale.
+        blocks: (rows, block numbers) of the query blocks to compute, e.g. from
+            `TokenLayout.text_blocks(sliding_block(window, N))`; None: all.
+
+    Returns:
+        (B, H, N, d); outside `blocks` zeros.
     """
     batch, heads, n, dim = q.shape
     kv_heads = k.shape[1]
@@ -106,3 +122,30 @@ def sliding_window_attention(
 def sliding_block(window: int, n: int) -> int:
     """The block size `sliding_window_attention` uses for `n` positions (for `TokenLayout.text_blocks`)."""
     return min(window, n)
+
+
+def decode_attention(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, key_valid: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """One query token per row over a set of cached keys (the decode step of the text window).
+
+    The H / H_kv query heads sharing a key head are laid out as H / H_kv query positions of that head, so the
+    masked attention is a plain multi-head SDPA call (fused CUDA kernels; no `enable_gqa` with a mask).
+
+    Args:
+        q: (B, 1, H, d); keys, values: (B, H_kv, R, d); key_valid: (B, R) bool.
+        scale: the softmax scale.
+
+    Returns:
+        (B, 1, H, d).
+    """
+    bsz, _, heads, dim = q.shape
+    kv_heads = keys.shape[1]
+    out = F.scaled_dot_product_attention(
+        q.reshape(bsz, kv_heads, heads // kv_heads, dim), keys, values, attn_mask=key_valid[:, None, None, :],
+        scale=scale,
+    )  # fmt: skip
+    return out.reshape(bsz, 1, heads, dim)
+
+
+__all__ = ["decode_attention", "sliding_block", "sliding_window_attention", "window_attention"]

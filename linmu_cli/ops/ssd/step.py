@@ -1,0 +1,94 @@
+"""One decode step of the SSD recurrence, updating the state in place (the decode path of Flex-MA, docs/design.md §3).
+
+    S <- exp(dt A) S + dt x B^T,    y = S C        (per batch row and head; S (b, h, p, n) float32)
+
+A single token needs no chunked scan: on CUDA with mamba-ssm importable this is mamba's Triton
+`selective_state_update` (one kernel that reads and writes S once, in place, so CUDA graphs can capture it);
+elsewhere a few in-place PyTorch ops in float32. Both give y in x's dtype.
+
+In grad mode with inputs that require grad the step is functional (a new state; nothing is modified in place).
+`naive.ssd_step_naive` is the reference both paths are tested against.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+
+import torch
+
+from linmu_cli.ops.ssd.backends import _backend_import_error
+from linmu_cli.ops.ssd.mamba import _import_mamba
+
+_LAST_STEP_BACKEND: str | None = None
+
+
+def last_ssd_step_backend() -> str | None:
+    """ "mamba" or "torch": which path ran the most recent :func:`ssd_step`."""
+    return _LAST_STEP_BACKEND
+
+
+@functools.cache
+def _import_state_update():
+    _import_mamba()  # registers the bare mamba_ssm package without its compiled extension
+    return importlib.import_module("mamba_ssm.ops.triton.selective_state_update").selective_state_update
+
+
+def step_backend(device: torch.device | str, requested: str = "auto") -> str:
+    """The step kernel for `device`: mamba's on CUDA when it imports (unless `requested` is "torch")."""
+    if torch.device(device).type != "cuda" or requested == "torch":
+        return "torch"
+    return "mamba" if _backend_import_error("mamba") is None else "torch"
+
+
+def ssd_step(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    state: torch.Tensor,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token of the recurrence; outside autograd `state` is updated in place (CUDA-graph safe).
+
+    Args:
+        x: (b, h, p) values.
+        dt: (b, h) positive step sizes.
+        A: (h,) negative decay rates.
+        B: (b, h, n) keys.
+        C: (b, h, n) queries.
+        state: (b, h, p, n) float32, the state before this token.
+        backend: "auto" (mamba's kernel on CUDA when it imports) or "torch"; other names mean "auto".
+
+    Returns:
+        (y (b, h, p) in x.dtype, new state). Outside autograd the new state is `state` itself; a row with
+        dt = 0 and x = 0 (padding) keeps its state.
+    """
+    global _LAST_STEP_BACKEND
+    functional = torch.is_grad_enabled() and any(t.requires_grad for t in (x, dt, A, B, C, state))
+    name = "torch" if functional else step_backend(x.device, backend)
+    _LAST_STEP_BACKEND = name
+    if name == "mamba":
+        b, h, p = x.shape
+        n = B.shape[-1]
+        # dt and A are per head: stride-0 views over p (and n) make the kernel take its scalar-decay path.
+        dt_e = dt.float()[..., None].expand(b, h, p)
+        a_e = A.float()[:, None, None].expand(h, p, n)
+        zero = torch.zeros((), device=x.device, dtype=torch.float32).expand(h, p)
+        # D must be a tensor: mamba-ssm 2.3.2 unpacks `*(D.stride(0), D.stride(1)) if D is not None else 0`,
+        # which raises "Value after * must be an iterable, not int" for D=None (seen on the H200).
+        y = _import_state_update()(state, x, dt_e, a_e, B.to(x.dtype), C.to(x.dtype), D=zero, dt_bias=zero)
+        return y, state
+    dtf = dt.float()
+    decay = torch.exp(dtf * A.float())[..., None, None]  # (b, h, 1, 1)
+    inp = (dtf[..., None] * x.float())[..., None] * B.float()[:, :, None, :]  # (b, h, p, n)
+    if functional:
+        state = state * decay + inp
+    else:
+        state.mul_(decay).add_(inp)
+    y = torch.einsum("bhpn,bhn->bhp", state, C.float())
+    return y.to(x.dtype), state
+
+
+__all__ = ["last_ssd_step_backend", "ssd_step", "step_backend"]
