@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from linmu_cli.bench import _get, save_plot, tables  # noqa: E402
+from linmu_cli.bench import lookup, save_plot, tables  # noqa: E402
 
 # Issue 12 targets (one H200, Qwen2-VL-7B shape, bf16, 448x448 frames), against the served teacher.
 TTFT_RATIO_MIN = {64: 1.0, 512: 1.45, 1024: 2.1, 2048: 3.5}  # with the prefill issue's LinMU work
@@ -42,10 +42,10 @@ def check_targets(result: dict, vision: dict | None = None) -> list[tuple[str, s
         out.append((name, shown, "-" if value is None else ("met" if ok(value) else "MISSED")))
 
     for f, lim in TTFT_RATIO_MIN.items():
-        add(f"TTFT {who}/LinMU >= {lim}x at {f} frames", _get(_row(result, f) or {}, "ratios", "ttft"),
+        add(f"TTFT {who}/LinMU >= {lim}x at {f} frames", lookup(_row(result, f) or {}, "ratios", "ttft"),
             lambda v, lim=lim: v >= lim)  # fmt: skip
     for key, lim in SERVED_BANDWIDTH_MIN.items():
-        entry = _get(_row(result, 512) or {}, "teacher", "decode", key) or {}
+        entry = lookup(_row(result, 512) or {}, "teacher", "decode", key) or {}
         b = entry.get("batch", "?")
         add(f"{who} decode at batch {b}, 512 frames, within {1 / lim:.1f}x of its bandwidth floor",
             entry.get("of_copy_bandwidth"), lambda v, lim=lim: v >= lim, "{:.0%} of copy bandwidth")  # fmt: skip
@@ -59,11 +59,11 @@ def check_targets(result: dict, vision: dict | None = None) -> list[tuple[str, s
                 best.get("speedup"), lambda v: v >= VISION_SPEEDUP_MIN)  # fmt: skip
     for f in [r["frames"] for r in result["results"]]:
         r = _row(result, f) or {}
-        vals = [_get(r, "ratios", k) for k in ("decode_batch_1", "decode_equal_batch", "decode_max_batch")]
+        vals = [lookup(r, "ratios", k) for k in ("decode_batch_1", "decode_equal_batch", "decode_max_batch")]
         shown = " / ".join("-" if v is None else f"{v:.1f}x" for v in vals)
         out.append((f"decode LinMU/{who} at batch 1 / {result['config']['equal_batch']} / largest, {f} frames",
                     shown, "reported"))  # fmt: skip
-    per_seq = {r["frames"]: _get(r, "linmu", "decode", "batch_1", "prefill_cache_storage_bytes")
+    per_seq = {r["frames"]: lookup(r, "linmu", "decode", "batch_1", "prefill_cache_storage_bytes")
                for r in result["results"]}  # fmt: skip
     values = {v for v in per_seq.values() if v is not None}
     out.append(("LinMU decode memory per sequence independent of frames (prefill cache storage)",
@@ -86,11 +86,11 @@ def markdown(result: dict, vision: dict | None = None) -> str:
         return format(x, spec) if isinstance(x, int | float) else "-"
 
     def d(r, m, key):
-        e = _get(r, m, "decode", key) or {}
+        e = lookup(r, m, "decode", key) or {}
         return v(e.get("tokens_per_s"), ".0f") if e.get("status") == "ok" else e.get("status", "-")
 
     def mx(r, m):
-        e = _get(r, m, "decode", "max_batch") or {}
+        e = lookup(r, m, "decode", "max_batch") or {}
         return (
             f"{v(e.get('tokens_per_s'), '.0f')} ({e['batch']})"
             if e.get("status") == "ok"
@@ -106,8 +106,8 @@ def markdown(result: dict, vision: dict | None = None) -> str:
             v(ra.get(k), ".1f") + "x" for k in ("decode_batch_1", "decode_equal_batch", "decode_max_batch")
         )
         lines.append(
-            f"| {r['frames']} | {r['lm_tokens']:,} | {v(_get(r, 'teacher', 'ttft', 'total_s'), '.2f')} | "
-            f"{v(_get(r, 'linmu', 'ttft', 'total_s'), '.2f')} | {v(_get(r, 'linmu', 'floor', 'total_s'), '.2f')} | "
+            f"| {r['frames']} | {r['lm_tokens']:,} | {v(lookup(r, 'teacher', 'ttft', 'total_s'), '.2f')} | "
+            f"{v(lookup(r, 'linmu', 'ttft', 'total_s'), '.2f')} | {v(lookup(r, 'linmu', 'floor', 'total_s'), '.2f')} | "
             f"{v(ra.get('ttft'), '.2f')}x | {v(r['linmu']['ttft_over_floor'], '.2f')}x | "
             f"{d(r, 'teacher', 'batch_1')} / {d(r, 'linmu', 'batch_1')} | "
             f"{d(r, 'teacher', 'equal_batch')} / {d(r, 'linmu', 'equal_batch')} | "

@@ -90,8 +90,7 @@ def tower_flops(tower, frames: int, res: int) -> float:
     m = _M()
     m.model = _M()
     m.model.visual = tower
-    f = vision_flops(m, VideoPrompt(frames, res, 0, {"video_grid_thw": grid}))
-    return f["linear"] + f["attention"]
+    return vision_flops(m, VideoPrompt(frames, res, 0, {"video_grid_thw": grid})).total
 
 
 def main() -> None:

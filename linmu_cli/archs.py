@@ -13,12 +13,17 @@ device. `tiny-qwen2-vl` / `tiny-qwen2.5-vl` are the embedded tiny teachers (`lin
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from linmu_cli.errors import LinmuError
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
+
+    from linmu_cli.models.family import Family
 
 # Qwen2-VL / Qwen2.5-VL special token ids (identical in every released size).
 _QWEN_IDS = {
@@ -89,20 +94,27 @@ TINY_ARCHS = {"tiny-qwen2-vl": "qwen2_vl", "tiny-qwen2.5-vl": "qwen2_5_vl"}
 
 
 def known_archs() -> list[str]:
+    """Every `--arch` alias: the real shapes, then the tiny teachers."""
     return [*ARCHS, *TINY_ARCHS]
 
 
-def arch_config(alias: str, token_ids: dict[str, int] | None = None):
+def _family(name: str) -> Family:
+    """The registered family of a source model_type: its transformers config and model classes."""
+    import linmu_cli.models  # noqa: F401  (importing the family files registers them)
+    from linmu_cli.models.family import families
+
+    return families()[name]
+
+
+def arch_config(alias: str, token_ids: dict[str, int] | None = None) -> PretrainedConfig:
     """The transformers config (Qwen2VLConfig / Qwen2_5_VLConfig) of a real-shape alias.
 
     `token_ids` replaces the special token ids (image/video/vision start/end, bos/eos/pad), e.g. with those of
     the tiny tokenizer for `random:ALIAS` teachers."""
     if alias not in ARCHS:
         raise LinmuError(f"unknown --arch {alias!r}; known: {', '.join(known_archs())}")
-    import transformers
-
     arch = ARCHS[alias]
-    cls = {"qwen2_vl": transformers.Qwen2VLConfig, "qwen2_5_vl": transformers.Qwen2_5_VLConfig}[arch.family]
+    cls = _family(arch.family).config_class
     text = dict(arch.text)
     tie = text.pop("tie_word_embeddings")
     ids = dict(_QWEN_IDS)
@@ -128,10 +140,7 @@ def build_random_model(
         model, _ = build_tiny_teacher(TINY_ARCHS[alias], seed=0)
         return model.to(device=device, dtype=dtype).eval()
     config = arch_config(alias, token_ids)
-    import transformers
-
-    cls = {"qwen2_vl": transformers.Qwen2VLForConditionalGeneration,
-           "qwen2_5_vl": transformers.Qwen2_5_VLForConditionalGeneration}[ARCHS[alias].family]  # fmt: skip
+    cls = _family(ARCHS[alias].family).model_class
     with torch.device(device):
         model = cls._from_config(config, dtype=dtype, attn_implementation="sdpa")
     return model.eval()

@@ -220,7 +220,7 @@ def test_static_decoder_equals_the_transformers_decode_path(tiny):
             out = student(**inputs, use_cache=True)
             cache = output_cache(out)
             token = out.logits[:, -1].argmax(-1, keepdim=True)
-            pos = bench._next_positions(student, inputs["input_ids"].shape[1], 1, torch.device("cpu"))
+            pos = bench.next_positions(student, inputs["input_ids"].shape[1], 1, torch.device("cpu"))
             fast = StaticDecoder.from_cache(student, cache, token, pos)
             for _ in range(7):
                 ref = student(input_ids=token, position_ids=pos, cache=cache, use_cache=True).logits[:, -1]
@@ -323,11 +323,11 @@ def test_served_teacher_decoder_equals_the_transformers_decode_path(tiny, kernel
         out = teacher(**inputs, use_cache=True)
         cache = output_cache(out)
         token = out.logits[:, -1].argmax(-1, keepdim=True)
-        pos = bench._next_positions(teacher, inputs["input_ids"].shape[1], 1, torch.device("cpu"))
+        pos = bench.next_positions(teacher, inputs["input_ids"].shape[1], 1, torch.device("cpu"))
         served = ServedTeacherDecoder.from_cache(teacher, cache, token, pos, new_tokens=8, kernel=kernel)
         assert served.choice.name == kernel and served.prompt == inputs["input_ids"].shape[1]
         for _ in range(6):
-            kw = {bench._cache_kw(teacher): cache}
+            kw = {bench.cache_kw(teacher): cache}
             ref = teacher(input_ids=token, position_ids=pos, use_cache=True, **kw).logits[:, -1]
             torch.testing.assert_close(served.step(), ref, atol=1e-4, rtol=1e-4)
             token, pos = ref.argmax(-1, keepdim=True), pos + 1
@@ -366,9 +366,9 @@ def test_served_teacher_decoder_refuses_to_run_past_its_cache():
 def test_median_of_two_repeats_is_their_mean_not_the_slower_run():
     runs = [{"total_s": t, "vision_s": t / 2, "prefill_s": t / 4, "first_step_s": t / 4, "peak_bytes": None}
             for t in (1.0, 3.0)]  # fmt: skip
-    two = bench._summarize_ttft(runs)
+    two = bench.summarize_ttft(runs)
     assert two["total_s"] == 2.0 and two["vision_s"] + two["prefill_s"] + two["first_step_s"] == 2.0
-    three = bench._summarize_ttft([*runs, {**runs[0], "total_s": 2.5}])
+    three = bench.summarize_ttft([*runs, {**runs[0], "total_s": 2.5}])
     assert three["total_s"] == 2.5
 
 
@@ -386,10 +386,11 @@ def test_frames_beyond_the_memory_are_refused_before_anything_is_built(tmp_path)
 
 def test_memory_estimate_refuses_8000_frames_on_a_16_gib_machine(monkeypatch):
     config = build_random_model("tiny-qwen2-vl", torch.float32, "cpu").config
-    small = bench.estimate_bytes(config, 8, 448, torch.bfloat16, 0)["total"]
-    big = bench.estimate_bytes(config, 8000, 448, torch.bfloat16, 0)["total"]
+    small = bench.estimate_bytes(config, 8, 448, torch.bfloat16, 0).total
+    big = bench.estimate_bytes(config, 8000, 448, torch.bfloat16, 0).total
     assert big > 16 * 2**30 and 900 < big / small < 1100  # linear in frames: 8000 frames need > 16 GiB
-    monkeypatch.setattr(bench, "available_bytes", lambda _dev: 16 * 2**30)
+    # the memory check reads the free memory in linmu_cli.bench.timing
+    monkeypatch.setattr(bench.timing, "available_bytes", lambda _dev: 16 * 2**30)
     res = runner.invoke(app, ["bench", "--arch", "tiny-qwen2-vl", "--frames", "64,8000", "--device", "cpu"])
     assert res.exit_code == 2 and "--frames 8000" in res.output and "16.0 GiB available" in res.output
     assert "frames fit" in res.output
@@ -400,8 +401,8 @@ def test_memory_estimate_is_close_to_the_measured_7b_prefill_peak():
     from linmu_cli.archs import arch_config
 
     est = bench.estimate_bytes(arch_config("qwen2-vl-7b"), 512, 448, torch.bfloat16, 0)
-    measured = 12.7 * 2**30 + est["pixels"]  # the pixels were allocated before the measured peak started
-    assert measured <= est["total"] <= 1.35 * measured  # never below what was measured, not far above it
+    measured = 12.7 * 2**30 + est.pixels  # the pixels were allocated before the measured peak started
+    assert measured <= est.total <= 1.35 * measured  # never below what was measured, not far above it
 
 
 @pytest.mark.parametrize("where", ["file_parent", "proc"])

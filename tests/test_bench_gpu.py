@@ -61,7 +61,7 @@ def test_static_decoder_matches_the_transformers_path_on_gpu():
         out = student(**inputs, use_cache=True)
         cache = output_cache(out)
         token = out.logits[:, -1].argmax(-1, keepdim=True)
-        pos = bench._next_positions(student, inputs["input_ids"].shape[1], 1, dev)
+        pos = bench.next_positions(student, inputs["input_ids"].shape[1], 1, dev)
         fast = StaticDecoder.from_cache(student, cache, token, pos)
         for _ in range(9):  # token by token; the ring of 6 wraps around
             ref = student(input_ids=token, position_ids=pos, cache=cache, use_cache=True).logits[:, -1]
@@ -98,12 +98,12 @@ def test_served_teacher_matches_the_transformers_path_on_gpu(kernel):
     teacher, processor = build_tiny_teacher("qwen2_5_vl")
     teacher = teacher.to(dev, torch.bfloat16)
     inputs = prompt_inputs(processor, ["describe the video"], videos=[video(3)]).to(dev)
-    kw = bench._cache_kw(teacher)
+    kw = bench.cache_kw(teacher)
     with torch.no_grad():
         out = teacher(**inputs, use_cache=True)
         cache = output_cache(out)
         token = out.logits[:, -1].argmax(-1, keepdim=True)
-        pos = bench._next_positions(teacher, inputs["input_ids"].shape[1], 1, dev)
+        pos = bench.next_positions(teacher, inputs["input_ids"].shape[1], 1, dev)
         served = ServedTeacherDecoder.from_cache(teacher, cache, token, pos, new_tokens=16, kernel=kernel)
         for i in range(8):
             if i == 3:
