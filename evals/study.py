@@ -1,10 +1,11 @@
-"""The quality study of issue 6: does distillation keep a skilled teacher's accuracy, and what does each part buy?
+"""The quality study: does distillation keep a skilled teacher's accuracy, and what does each part buy?
 
     python evals/study.py --teacher evals/teacher --out runs/study --markdown docs/quality.md
 
 Runs `linmu distill recipes/synthetic.yaml` once in full and once per ablation (same data, same total number of
 optimizer steps), then scores the teacher, the converted-but-undistilled model, each stage and every ablation on
-held-out synthetic samples by greedy generation (exact match), plus top-1 agreement with the teacher's answers.
+held-out synthetic samples by greedy generation (exact match after `normalize_answer`, the rule of the lmms-eval
+tasks), plus top-1 agreement with the teacher's answers.
 Length generalization: the final model and the teacher again at 2x and 4x the distillation frame count.
 Every row of the written tables names the command that reproduces it.
 """
@@ -28,6 +29,7 @@ import linmu_cli  # noqa: E402
 from linmu_cli.data import synthetic  # noqa: E402
 from linmu_cli.distillation import distill, load_recipe  # noqa: E402
 from linmu_cli.distillation.recipe import STAGES  # noqa: E402
+from linmu_cli.evaluation.answers import normalize_answer  # noqa: E402
 from linmu_cli.evaluation.greedy import greedy_answers  # noqa: E402
 from linmu_cli.models import convert_model  # noqa: E402
 
@@ -73,7 +75,7 @@ def answers(
         samples = [synthetic.generate(task, i, EVAL_SEED, frames, size) for i in range(n)]
         replies = greedy_answers(model, processor, samples, batch_size=batch)
         out[task] = [
-            (r.strip().strip(".").lower(), s.answer.lower()) for r, s in zip(replies, samples, strict=True)
+            (normalize_answer(r), normalize_answer(s.answer)) for r, s in zip(replies, samples, strict=True)
         ]
     return out
 

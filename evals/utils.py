@@ -3,10 +3,10 @@
 A doc is one line of `data/<dataset>/test.jsonl`: `media` (path relative to `data/`), `kind` (image | video),
 `question`, `answer` (one word), `choices`, `answer_index`. Missing datasets are generated (seed 12345) the first
 time a linmu task is loaded, so `lmms-eval --include_path evals/ --tasks linmu_video_count` works from a clean
-checkout.
+checkout. Scoring and data generation are linmu's (`linmu_cli.evaluation.answers`, `.tasks`): without linmu
+installed, the package of the checkout these files live in is used.
 """
 
-import string
 from pathlib import Path
 
 from PIL import Image
@@ -14,12 +14,18 @@ from PIL import Image
 EVALS = Path(__file__).resolve().parent
 DATA = EVALS / "data"
 
+try:
+    from linmu_cli.evaluation.answers import normalize_answer
+except ImportError:  # linmu not installed: use the checkout these tasks live in (scoring is linmu's one rule)
+    import sys
+
+    sys.path.insert(0, str(EVALS.parent))
+    from linmu_cli.evaluation.answers import normalize_answer
+
 
 def _ensure_data():
-    try:
-        from linmu_cli.evaluation.tasks import ensure_datasets
-    except ImportError:  # linmu not installed: the data must have been generated already
-        return
+    from linmu_cli.evaluation.tasks import ensure_datasets
+
     ensure_datasets(EVALS)
 
 
@@ -43,14 +49,7 @@ def doc_to_choice(doc):
     return list(doc["choices"])
 
 
-_PUNCTUATION = str.maketrans("", "", string.punctuation)
-
-
-def normalize(text):
-    """Lowercase, no punctuation, single spaces: 'Red.' == 'red', ' 3 ' == '3'."""
-    return " ".join(str(text).lower().translate(_PUNCTUATION).split())
-
-
 def process_results(doc, results):
+    """Exact match after `linmu_cli.evaluation.answers.normalize_answer` (case, punctuation, spacing)."""
     prediction = results[0] if results else ""
-    return {"exact_match": float(normalize(prediction) == normalize(doc["answer"]))}
+    return {"exact_match": float(normalize_answer(prediction) == normalize_answer(doc["answer"]))}

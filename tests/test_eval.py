@@ -8,7 +8,6 @@ check it against lmms-eval's raw results, a direct greedy-generate loop and the 
 import json
 import re
 import shutil
-import string
 import subprocess
 import sys
 from pathlib import Path
@@ -24,7 +23,8 @@ from linmu_cli.cli import app  # noqa: E402
 from linmu_cli.conversion import convert  # noqa: E402
 from linmu_cli.data import synthetic  # noqa: E402
 from linmu_cli.evaluation import tasks as eval_tasks  # noqa: E402
-from linmu_cli.evaluation.media import frame_indices, read_video  # noqa: E402
+from linmu_cli.evaluation.answers import normalize_answer  # noqa: E402
+from linmu_cli.media import frame_indices, read_video  # noqa: E402
 
 REPO_EVALS = Path(__file__).resolve().parents[1] / "evals"
 COUNT = 8  # samples per generated dataset in tests
@@ -190,10 +190,6 @@ def test_linmu_eval_prints_teacher_student_delta_from_lmms_eval_results(run):
     assert 0 < s < 1 and 0 < t < 1 and s != t
 
 
-def _normalize(text: str) -> str:
-    return " ".join(text.lower().translate(str.maketrans("", "", string.punctuation)).split())
-
-
 def _direct_inputs(processor, doc, evals: Path, suffix: str = ""):
     """A prompt built by hand, as a user of transformers would: chat template, decord frames, processor."""
     import decord
@@ -230,7 +226,7 @@ def test_plugin_equals_a_direct_greedy_loop(run, env, role):
                 out = model.generate(**inputs, max_new_tokens=8, do_sample=False)
             text = processor.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
             assert sample["filtered_resps"] == [text]
-            hits.append(float(_normalize(text) == _normalize(sample["doc"]["answer"])))
+            hits.append(float(normalize_answer(text) == normalize_answer(sample["doc"]["answer"])))
         assert _metric(raw, task, "exact_match") == pytest.approx(np.mean(hits))
     # multiple choice: the choice with the lowest mean negative log-likelihood, computed by hand
     hits = []

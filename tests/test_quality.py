@@ -1,4 +1,4 @@
-"""Issue 6 in miniature (CI): a short distillation of the committed skilled teacher beats the undistilled conversion.
+"""The quality study in miniature (CI): a short distillation of the skilled teacher beats the plain conversion.
 
 The full study (evals/study.py -> docs/quality.md) runs 700 steps per recipe and nine ablations; this runs the
 same pipeline with 110 steps and 8 held-out samples per task, and checks a real signal: the distilled student

@@ -10,10 +10,7 @@ from __future__ import annotations
 import json
 import os
 import random
-import sys
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +18,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from linmu_cli import media
 from linmu_cli.data import synthetic
+from linmu_cli.data.chat import chat_prompt, question_content
 from linmu_cli.distillation.recipe import DataConfig
 from linmu_cli.errors import LinmuError
 
@@ -45,56 +44,23 @@ class SkipSample(Exception):
         self.reason = reason
 
 
-def _quiet_decord():
-    """decord with ffmpeg's own logging off: a corrupt mp4 is one counted skip, not thousands of lines of decoder
-    noise on stderr (issue 14 item 15)."""
-    import decord
-
-    decord.logging.set_level(decord.logging.QUIET)
-    return decord
-
-
-@contextmanager
-def _stderr_to_devnull() -> Iterator[None]:
-    """decord's own C++ log line ("ERROR opening: ...") ignores its log level: hide fd 2 while it decodes (the
-    reason travels in the exception, and the sample is counted as skipped)."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, 2)
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
-
-
 def read_video(path: Path, frames: int, fps_cap: float | None) -> tuple[np.ndarray, float]:
-    """Uniformly sample an even number of frames with decord (no process-global bridge)."""
-    decord = _quiet_decord()
-    with _stderr_to_devnull():
-        return _read_video(decord, path, frames, fps_cap)
+    """`frames` frames, spread uniformly (an even number; a short video repeats frames), capped at `fps_cap` per
+    second of video; and the frame rate they represent. A file decord cannot decode is a counted skip
+    ("corrupt video"); `linmu_cli.media.read_video` keeps the decoder's noise off stderr."""
 
+    def pick(total: int, source_fps: float) -> np.ndarray:
+        want = frames
+        if fps_cap:
+            want = min(want, max(2, int(total / (source_fps or 1.0) * fps_cap)))
+        want = max(2, want - want % 2)
+        return np.linspace(0, total - 1, want).round().astype(int)
 
-def _read_video(decord, path: Path, frames: int, fps_cap: float | None) -> tuple[np.ndarray, float]:
-    try:
-        reader = decord.VideoReader(str(path), ctx=decord.cpu(0))
-    except Exception as exc:  # decord raises its own DECORDError and RuntimeError
-        raise SkipSample("corrupt video", f"{path}: {exc}") from None
-    total, native_fps = len(reader), float(reader.get_avg_fps() or 1.0)
-    if total < 1:
-        raise SkipSample("corrupt video", f"{path}: no frames")
-    want = frames
-    if fps_cap:
-        want = min(want, max(2, int(total / native_fps * fps_cap)))
-    want = max(2, want - want % 2)
-    idx = np.linspace(0, total - 1, want).round().astype(int)
-    try:
-        clip = reader.get_batch(idx.tolist()).asnumpy()
-    except Exception as exc:
-        raise SkipSample("corrupt video", f"{path}: {exc}") from None
-    return clip, native_fps * want / max(total, 1)
+    try:  # num_threads=0: decord's default (ffmpeg picks the thread count)
+        clip = media.read_video(path, pick=pick, num_threads=0)
+    except media.VideoError as exc:
+        raise SkipSample("corrupt video", str(exc)) from None
+    return clip.frames, (clip.source_fps or 1.0) * len(clip.frames) / clip.total_frames
 
 
 class ManifestSource:
@@ -158,7 +124,7 @@ class ManifestSource:
 
 def check_row(row: object, index: int, manifest: Path, root: Path, allow_outside_root: bool) -> None:
     """One manifest row, checked before any training: an object whose `image` / `video` is a path string
-    inside data.media_root (issue 14 item 2: `../secret.png` or `/etc/...` would be read and trained on)."""
+    inside data.media_root: a shared manifest must not make training read `../secret.png` or `/etc/...`."""
     where = f"data.manifest {manifest} row {index}"
     if not isinstance(row, dict):
         raise LinmuError(f"{where} is {type(row).__name__} {row!r:.60}, not an object like "
@@ -232,12 +198,7 @@ def to_inputs(
     texts, images, videos, metadata = [], [], [], []
     for ex in examples:
         ex.media = fit_pixels(ex.media, max_pixels) if ex.media is not None else None
-        content = ([{"type": ex.kind}] if ex.kind != "text" else []) + [{"type": "text", "text": ex.question}]
-        msgs = [
-            {"role": "user", "content": content},
-            {"role": "assistant", "content": [{"type": "text", "text": ex.answer}]},
-        ]
-        texts.append(processor.apply_chat_template(msgs, tokenize=False))
+        texts.append(chat_prompt(processor, question_content(ex.kind, ex.question), answer=ex.answer))
         if ex.kind == "image":
             images.append(ex.media)
         elif ex.kind == "video":

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from PIL import Image
 
+from linmu_cli.data.chat import chat_prompt, question_content
 from linmu_cli.data.synthetic import Sample
 
 
@@ -26,14 +27,7 @@ def greedy_answers(
         chunk = samples[start : start + batch_size]
         if len({s.kind for s in chunk}) != 1:
             raise ValueError("greedy_answers: a batch mixes images and videos; pass one kind at a time")
-        prompts = [
-            processor.apply_chat_template(
-                [{"role": "user", "content": [{"type": s.kind}, {"type": "text", "text": s.question}]}],
-                add_generation_prompt=True,
-                tokenize=False,
-            )
-            for s in chunk
-        ]
+        prompts = [chat_prompt(processor, question_content(s.kind, s.question)) for s in chunk]
         media = (
             {"images": [Image.fromarray(s.media) for s in chunk]}
             if chunk[0].kind == "image"

@@ -115,7 +115,7 @@ def generate_dataset(
         raise LinmuError(f"--frames must be an even number >= 2 (frames come in pairs), got {frames}")
     if size < 56 or size % 28:
         raise LinmuError(f"--size must be a multiple of 28 and at least 56, got {size}")
-    from linmu_cli.evaluation.media import write_video
+    from linmu_cli.media import write_video
 
     out = Path(root) / name
     with atomic_directory(out, force=force) as tmp:
