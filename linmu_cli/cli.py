@@ -150,63 +150,15 @@ def quick_device_check(device: str) -> None:
         raise LinmuError(f"unknown device {device!r}; use cpu, cuda or cuda:N")
 
 
-def _parse_value(text: str) -> Any:
-    """A --set value typed like YAML (0.05, true, [2,8,8], null); what YAML cannot parse stays a string."""
-    import yaml
-
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
-
-
-def _type_name(annotation: str) -> str:
-    return {"bool": "true or false", "int": "an integer", "float": "a number", "str": "a string",
-            "int | None": "an integer or null", "list[int]": "a list of integers",
-            "list[str]": "a list of strings"}.get(annotation, annotation)  # fmt: skip
-
-
-def _fits(annotation: str, value: Any) -> bool:
-    if annotation.endswith(" | None"):
-        return value is None or _fits(annotation.removesuffix(" | None"), value)
-    if annotation == "bool":
-        return isinstance(value, bool)
-    if annotation == "int":
-        return isinstance(value, int) and not isinstance(value, bool)
-    if annotation == "float":
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if annotation == "str":
-        return isinstance(value, str)
-    if annotation.startswith("list[") and annotation.endswith("]"):
-        return isinstance(value, list) and all(_fits(annotation[5:-1], v) for v in value)
-    return True
-
-
-def check_mate_types(fields: dict[str, Any], origin: dict[str, str] | None = None) -> None:
-    """A value of the wrong type (`--set dt_min=abc`, `vision_window=5`) is a LinmuError naming the field, its
-    type and an example, before MateConfig ever compares it."""
-    import dataclasses
-
-    from linmu_cli.config import MateConfig
-
-    defaults = MateConfig()
-    for f in dataclasses.fields(MateConfig):
-        if f.name not in fields or _fits(str(f.type), fields[f.name]):
-            continue
-        example = getattr(defaults, f.name)
-        shown = ("[" + ",".join(map(str, example)) + "]") if isinstance(example, list) else example
-        shown = str(shown).lower() if isinstance(shown, bool) or shown is None else shown
-        given = (origin or {}).get(f.name, repr(fields[f.name]))
-        raise LinmuError(f"--set {f.name}={given}: {f.name} takes {_type_name(str(f.type))}, "
-                         f"e.g. --set {f.name}={'null' if shown is None else shown}")  # fmt: skip
-
-
 def mate_overrides(
     window: str | None, text_window: int | None, scan_orders: str | None, fusion_init: float | None,
     fusion: str | None, flex: bool | None, swin: bool | None, bidirectional: bool | None, ssd_backend: str | None,
     sets: list[str] | None,
 ) -> dict:  # fmt: skip
     """Collect the M-MATE fields given on the command line into a dict for MateConfig.from_dict."""
+    from linmu_cli.config import MateTypeError, check_types
+    from linmu_cli.overrides import parse_overrides
+
     fields: dict = {}
     if window is not None:
         try:
@@ -218,14 +170,15 @@ def mate_overrides(
     named = {"text_window": text_window, "fusion_init": fusion_init, "fusion": fusion, "use_flex": flex,
              "use_swin": swin, "bidirectional": bidirectional, "ssd_backend": ssd_backend}  # fmt: skip
     fields.update({k: v for k, v in named.items() if v is not None})
-    raw: dict[str, str] = {}
-    for item in sets or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise LinmuError(f"--set {item!r}: expected FIELD=VALUE, e.g. --set dt_max=0.05")
-        fields[key.strip()] = _parse_value(value)
-        raw[key.strip()] = value
-    check_mate_types(fields, raw)
+    form = {"flag": "--set", "expected": "FIELD=VALUE, e.g. --set dt_max=0.05"}
+    fields.update(parse_overrides(sets or [], **form))
+    raw = parse_overrides(sets or [], **form, typed=str)  # the text as given, for the error
+    try:
+        check_types(fields)  # a wrong type is named before MateConfig compares it
+    except MateTypeError as exc:
+        given = raw.get(exc.name, repr(exc.value))
+        raise LinmuError(f"--set {exc.name}={given}: {exc.name} takes {exc.takes}, "
+                         f"e.g. --set {exc.name}={exc.example}") from None  # fmt: skip
     return fields
 
 

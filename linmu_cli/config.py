@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +21,61 @@ SCAN_AXES = "thw"
 SSD_BACKENDS = ("auto", "torch", "fla", "mamba")
 RUNTIME_FIELDS = ("ssd_backend",)  # chosen per run, never saved in a checkpoint
 FUSION_MODES = ("token", "head")
+
+# How a field's annotation reads in an error ("dt_min takes a number").
+_TAKES = {"bool": "true or false", "int": "an integer", "float": "a number", "str": "a string",
+          "int | None": "an integer or null", "list[int]": "a list of integers",
+          "list[str]": "a list of strings"}  # fmt: skip
+
+
+class MateTypeError(LinmuError):
+    """A field holding a value of the wrong type (`dt_min="abc"`, `vision_window=5`).
+
+    It carries its parts so that each caller words it its own way: `--set dt_min=abc: dt_min takes a number,
+    e.g. --set dt_min=0.001` at the CLI, `recipe.model.dt_min: expected float, got 'abc'` in a recipe.
+    """
+
+    def __init__(self, name: str, value: Any, annotation: str, example: str) -> None:
+        self.name, self.value, self.annotation, self.example = name, value, annotation, example
+        finite = annotation == "float" and isinstance(value, float) and not math.isfinite(value)
+        self.takes = "a finite number" if finite else _TAKES.get(annotation, annotation)
+        super().__init__(
+            f"invalid M-MATE field {name}={value!r}: {name} takes {self.takes}, e.g. {name}={example}"
+        )
+
+
+def _fits(annotation: str, value: Any) -> bool:
+    """Whether `value` has the type the annotation string names (bools are not ints; floats are finite)."""
+    if annotation.endswith(" | None"):
+        return value is None or _fits(annotation.removesuffix(" | None"), value)
+    if annotation == "bool":
+        return isinstance(value, bool)
+    if annotation == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation == "float":
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if annotation == "str":
+        return isinstance(value, str)
+    if annotation.startswith("list[") and annotation.endswith("]"):
+        return isinstance(value, (list, tuple)) and all(_fits(annotation[5:-1], v) for v in value)
+    return True
+
+
+def _example(f: dataclasses.Field) -> str:
+    """A field's default written as a command-line value: [2,8,8], true, null."""
+    value = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(map(str, value)) + "]"
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def check_types(fields: Mapping[str, Any]) -> None:
+    """Raise MateTypeError for the first known field whose value is not of its annotated type, so that a wrong
+    type is named before a comparison fails on it with a raw TypeError (`0 < "abc"`); unknown names are left to
+    `MateConfig.from_dict`."""
+    for f in dataclasses.fields(MateConfig):
+        if f.name in fields and not _fits(str(f.type), fields[f.name]):
+            raise MateTypeError(f.name, fields[f.name], str(f.type), _example(f))
 
 
 @dataclass
@@ -55,7 +112,8 @@ class MateConfig:
     ssd_backend: str = field(default="auto", metadata={"runtime": True})
 
     def validate(self) -> MateConfig:
-        """Raise LinmuError naming the first invalid field; return self for chaining."""
+        """Raise LinmuError naming the first invalid field (MateTypeError for a wrong type); return self."""
+        check_types({f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
 
         def bad(name: str, why: str) -> None:
             raise LinmuError(f"invalid M-MATE field {name}={getattr(self, name)!r}: {why}")

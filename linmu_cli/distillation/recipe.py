@@ -1,115 +1,40 @@
-"""Distillation recipes: typed dataclasses loaded from YAML, with torchtune-style `key.sub=value` overrides.
+"""Distillation recipes: a pydantic schema loaded from YAML, with torchtune-style `key.sub=value` overrides.
 
-Every key is checked against the schema: an unknown or mistyped key is an error naming the closest valid one,
-and each value is type-checked, so a typo never silently falls back to a default.
+Every key is checked against the schema (`extra="forbid"`): an unknown or mistyped key is an error naming the
+closest valid one, and values are typed strictly (`true` is not an int, `1.5` is not a step count, NaN is not a
+learning rate), so a typo never silently falls back to a default. Each error is one line naming the key's full
+path, e.g. `recipe.stages.stage1.lr: expected float, got 'fast'`. The `model` section is a `MateConfig`, checked
+by MateConfig itself.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import difflib
-import math
-import types
-import typing
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
-import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    PlainSerializer,
+    PlainValidator,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import ErrorDetails, PydanticCustomError
 
-from linmu_cli.config import MateConfig
+from linmu_cli.config import MateConfig, MateTypeError
 from linmu_cli.errors import LinmuError
+from linmu_cli.overrides import load_yaml, parse_overrides, set_dotted
 
 STAGES = ("stage1", "stage2", "stage3")
 GROUPS = ("flex", "swin", "fusion", "lora")
-
-
-@dataclass
-class DataConfig:
-    source: str = (
-        "synthetic"  # "synthetic" (built-in, generated from the seed) | "manifest" (LLaVA JSON/JSONL)
-    )
-    manifest: str | None = None  # path of the JSON / JSONL manifest
-    media_root: str | None = None  # image / video paths in the manifest are relative to this
-    tasks: list[str] = field(
-        default_factory=lambda: ["image_color", "video_count", "video_order", "video_when"]
-    )
-    frames: int | list[int] = 16  # frames sampled uniformly per video; a list: one drawn per sample (seeded)
-    fps: float | None = None  # cap on sampled frames per second of video (None: no cap)
-    size: int = 56  # synthetic frame / image side in pixels
-    max_pixels: int | None = None  # per image / frame, passed to the processor
-    max_tokens: int = 8192  # longer samples are skipped
-    heldout: int = 4  # held-out samples for the fidelity report
-    on_error: str = "skip"  # "skip" bad samples (counted, reported) | "raise"
-    allow_outside_root: bool = False  # accept absolute media paths and `..` paths that leave media_root
-
-
-@dataclass
-class LossConfig:
-    hidden: float = 1.0  # per-layer relative hidden-state regression
-    kl: float = 0.0  # token-level KL(teacher || student) on logits
-    temperature: float = 2.0
-    ce: float = 0.0  # optional next-token cross-entropy on text tokens
-    vision_weight: float = (
-        1.0  # weight of vision-token errors relative to text tokens (HEED: OCR regresses first)
-    )
-
-
-@dataclass
-class LoraSettings:
-    rank: int = 16
-    alpha: float = 32.0
-    dropout: float = 0.0
-    target_modules: list[str] = field(
-        default_factory=lambda: ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
-    )
-
-
-@dataclass
-class StageConfig:
-    steps: int = 100
-    lr: float = 1e-3
-    schedule: str = "cosine"  # "constant" | "linear" | "cosine" (decay to 10% after warmup)
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    batch_size: int = 1
-    grad_accum: int = 1
-    max_grad_norm: float = 1.0
-    train: list[str] = field(default_factory=lambda: ["flex", "fusion"])  # parameter groups that learn
-    mode: str = "layerwise"  # "layerwise" (teacher-forced per layer) | "end_to_end"
-    loss: LossConfig = field(default_factory=LossConfig)
-    lora: LoraSettings | None = None
-    save_every: int = 50  # step checkpoints (atomic) every N optimizer steps
-    log_every: int = 1
-    gradient_checkpointing: bool = False
-    init_from: str | None = None  # start from this checkpoint instead of the previous stage's output
-
-
-@dataclass
-class DistributedConfig:
-    strategy: str = "ddp"  # "ddp" | "fsdp" (used when launched with several processes)
-
-
-@dataclass
-class Recipe:
-    teacher: str = "tiny-qwen2-vl"
-    output: str = "runs/linmu"
-    seed: int = 0
-    device: str = "auto"  # "auto" (cuda when available) | "cpu" | "cuda"
-    dtype: str = "auto"  # "auto": bfloat16 on cuda, float32 on cpu
-    data: DataConfig = field(default_factory=DataConfig)
-    model: dict[str, Any] = field(default_factory=dict)  # M-MATE fields (see `linmu convert --help`)
-    stages: dict[str, StageConfig] = field(default_factory=dict)
-    distributed: DistributedConfig = field(default_factory=DistributedConfig)
-
-    @property
-    def mate(self) -> MateConfig:  # the model section is type-checked by _check_model on load
-        return MateConfig.from_dict(self.model)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
 
 STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
     "stage1": {"train": ["flex", "fusion"], "mode": "layerwise"},
@@ -123,66 +48,294 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
+# --------------------------------------------------------------------------- errors
+
+
 def _suggest(key: str, valid: list[str]) -> str:
     close = difflib.get_close_matches(key, valid, n=1)
     return f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(valid)}"
 
 
-def _type_name(tp) -> str:
-    return getattr(tp, "__name__", str(tp))
+def _fail(after: str, before: str = "") -> PydanticCustomError:
+    """A recipe error worded around the key's path, which pydantic knows and the validator does not: the
+    message reads `{before}recipe.a.b{after}`, e.g. after='=0.0: must be > 0'."""
+    return PydanticCustomError("linmu", "{before}<path>{after}", {"before": before, "after": after})
 
 
-def _coerce(value: Any, tp, where: str) -> Any:
-    """Check `value` against the annotation `tp`, building nested dataclasses; ints are accepted as floats."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in (a for a in args if a is not type(None)):
-            try:
-                return _coerce(value, arg, where)
-            except LinmuError as exc:
-                errors.append(str(exc))
-        raise LinmuError(errors[0])
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise LinmuError(f"{where}: expected a mapping, got {value!r}")
-        return build(tp, value, where)
-    if origin is list:
-        if not isinstance(value, list):
-            raise LinmuError(f"{where}: expected a list, got {value!r}")
-        (item,) = typing.get_args(tp)
-        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise LinmuError(f"{where}: expected a mapping, got {value!r}")
-        return dict(value)
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if tp is float and isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
-        with contextlib.suppress(ValueError):
-            value = float(value)
-    if tp is float and isinstance(value, float) and not math.isfinite(value):
-        raise LinmuError(f"{where}: expected a finite number, got {value!r}")
-    if tp is Any or (
-        isinstance(tp, type) and isinstance(value, tp) and not (tp is int and isinstance(value, bool))
-    ):
+_EXPECTED = {"int_type": "int", "float_type": "float", "string_type": "str", "bool_type": "bool",
+             "list_type": "a list", "dict_type": "a mapping", "model_type": "a mapping",
+             "finite_number": "a finite number"}  # fmt: skip
+
+
+def _path(loc: tuple[int | str, ...]) -> str:
+    """pydantic's loc as a recipe key: ('stages', 'stage1', 'train', 0) -> recipe.stages.stage1.train[0];
+    the tags of a union's members (`<list>`) are left out."""
+    where = "recipe"
+    for part in loc:
+        if isinstance(part, int):
+            where += f"[{part}]"
+        elif not part.startswith("<"):
+            where += f".{part}"
+    return where
+
+
+def _message(error: ErrorDetails) -> str:
+    """One pydantic error as one line in the recipe's own words."""
+    where, kind, ctx = _path(error["loc"]), error["type"], error.get("ctx") or {}
+    if kind == "linmu":
+        return f"{ctx['before']}{where}{ctx['after']}"
+    if kind == "literal_error":
+        return f"{where}={error['input']!r}: choose {ctx['expected']}"
+    if kind == "extra_forbidden":  # not reached: _Section names the key first, with a suggestion
+        return f"unknown key {where}"
+    if kind in _EXPECTED:
+        return f"{where}: expected {_EXPECTED[kind]}, got {error['input']!r}"
+    return f"{where}: {error['msg']}"
+
+
+# --------------------------------------------------------------------------- value checks
+
+
+def _at_least(low: float, strict: bool = False) -> AfterValidator:
+    """`key=value: must be >= low` (`> low` when strict)."""
+
+    def check(value: float) -> float:
+        if value < low or (strict and value == low):
+            raise _fail(f"={value!r}: must be {'>' if strict else '>='} {low:g}")
         return value
-    raise LinmuError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+
+    return AfterValidator(check)
 
 
-def build(cls, data: dict[str, Any], where: str = "recipe"):
-    """Instantiate dataclass `cls` from `data`, rejecting unknown keys with a suggestion."""
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in data.items():
+def _non_empty(why: str) -> AfterValidator:
+    def check(value: list) -> list:
+        if not value:
+            raise _fail(f": {why}")
+        return value
+
+    return AfterValidator(check)
+
+
+def _check_frames(value: int | list[int]) -> int | list[int]:
+    counts = value if isinstance(value, list) else [value]
+    if not counts or min(counts) < 2:
+        raise _fail(f"={value!r}: need at least 2 frames per video (an int or a list)")
+    return value
+
+
+def _check_groups(groups: list[str]) -> list[str]:
+    for group in groups:
+        if group not in GROUPS:
+            raise _fail(f": unknown group {group!r}{_suggest(group, list(GROUPS))}")
+    return groups
+
+
+def _check_dropout(value: float) -> float:
+    if not 0 <= value < 1:
+        raise _fail(f"={value!r}: must be in [0, 1)")
+    return value
+
+
+def _check_device(device: str) -> str:
+    if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
+        raise _fail(f"={device!r}: choose auto, cpu or cuda")
+    return device
+
+
+def _mate(value: Any) -> MateConfig:
+    """The model section, checked by MateConfig itself (types, then values) and worded like the other keys."""
+    if isinstance(value, MateConfig):
+        value = dataclasses.asdict(value)  # every field, the runtime kernel choice too
+    if not isinstance(value, dict):
+        raise _fail(f": expected a mapping, got {value!r}")
+    names = [f.name for f in dataclasses.fields(MateConfig)]
+    for key in value:
         if key not in names:
-            raise LinmuError(f"unknown key {where}.{key}{_suggest(key, names)}")
-        kwargs[key] = _coerce(value, hints[key], f"{where}.{key}")
-    return cls(**kwargs)
+            raise _fail(f".{key}{_suggest(str(key), names)}", before="unknown key ")
+    try:
+        return MateConfig.from_dict(value)
+    except MateTypeError as exc:
+        ann, given = exc.annotation.removesuffix(" | None"), exc.value
+        what = "a list" if ann.startswith("list[") and not isinstance(given, (list, tuple)) else ann
+        what = "a finite number" if exc.takes == "a finite number" else what
+        raise _fail(f".{exc.name}: expected {what}, got {given!r}") from None
+    except LinmuError as exc:
+        raise _fail(f": {exc}") from None
+
+
+Count = Annotated[int, _at_least(1)]
+NonNegativeInt = Annotated[int, _at_least(0)]
+NonNegative = Annotated[float, _at_least(0)]
+Positive = Annotated[float, _at_least(0, strict=True)]
+# An int or a list of ints, told apart by the value's type so an error names the member that was meant.
+Frames = Annotated[
+    Annotated[int, Tag("<int>")] | Annotated[list[int], Tag("<list>")],
+    Discriminator(lambda v: "<list>" if isinstance(v, list) else "<int>"),
+    AfterValidator(_check_frames),
+]
+# Recorded like a checkpoint records it: without the runtime kernel choice (config.RUNTIME_FIELDS), which a
+# resume may change.
+Mate = Annotated[MateConfig, PlainValidator(_mate), PlainSerializer(MateConfig.to_dict)]
+
+
+# --------------------------------------------------------------------------- schema
+
+
+class _Section(BaseModel):
+    """A recipe section: strict types (YAML `yes` or 1 is no bool, 1.5 no int), finite floats, known keys."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_keys(cls, data: Any) -> Any:
+        """An unknown key names the closest valid one (pydantic's extra="forbid" would only refuse it)."""
+        if isinstance(data, dict):
+            names = list(cls.model_fields)
+            for key in data:
+                if key not in cls.model_fields:
+                    raise _fail(f".{key}{_suggest(str(key), names)}", before="unknown key ")
+        return data
+
+
+class DataConfig(_Section):
+    """What the student learns from (`data:`)."""
+
+    # "synthetic" (built-in, generated from the seed) | "manifest" (LLaVA JSON/JSONL)
+    source: Literal["synthetic", "manifest"] = "synthetic"
+    manifest: str | None = None  # path of the JSON / JSONL manifest
+    media_root: str | None = None  # image / video paths in the manifest are relative to this
+    tasks: list[str] = Field(
+        default_factory=lambda: ["image_color", "video_count", "video_order", "video_when"]
+    )
+    frames: Frames = 16  # frames sampled uniformly per video; a list: one drawn per sample (seeded)
+    # cap on sampled frames per second of video (None: no cap)
+    fps: Annotated[float, _at_least(0, strict=True)] | None = None
+    size: Annotated[int, _at_least(28)] = 56  # synthetic frame / image side in pixels
+    # per image / frame, passed to the processor
+    max_pixels: Annotated[int, _at_least(28 * 28)] | None = None
+    max_tokens: Count = 8192  # longer samples are skipped
+    heldout: Count = 4  # held-out samples for the fidelity report (it averages over them)
+    on_error: Literal["skip", "raise"] = "skip"  # "skip" bad samples (counted, reported) | "raise"
+    allow_outside_root: bool = False  # accept absolute media paths and `..` paths that leave media_root
+
+    @model_validator(mode="after")
+    def _source_has_data(self) -> DataConfig:
+        if self.source == "manifest" and not self.manifest:
+            raise _fail(".manifest: required when data.source is 'manifest'")
+        if self.source == "synthetic" and not self.tasks:
+            raise _fail(".tasks: name at least one synthetic task")
+        return self
+
+
+class LossConfig(_Section):
+    """A stage's objective (`stages.<stage>.loss:`): weighted terms, at least one of hidden / kl / ce on."""
+
+    hidden: NonNegative = 1.0  # per-layer relative hidden-state regression
+    kl: NonNegative = 0.0  # token-level KL(teacher || student) on logits
+    temperature: Positive = 2.0
+    ce: NonNegative = 0.0  # optional next-token cross-entropy on text tokens
+    # weight of vision-token errors relative to text tokens (HEED: OCR regresses first)
+    vision_weight: NonNegative = 1.0
+
+    @model_validator(mode="after")
+    def _learns_something(self) -> LossConfig:
+        if not (self.hidden or self.kl or self.ce):
+            raise _fail(": hidden, kl and ce are all 0, so nothing would be learned")
+        return self
+
+
+class LoraSettings(_Section):
+    """LoRA on the decoder MLPs (`stages.stage3.lora:`), merged into the weights of final/."""
+
+    rank: Count = 16
+    alpha: Positive = 32.0
+    dropout: Annotated[float, AfterValidator(_check_dropout)] = 0.0
+    target_modules: Annotated[list[str], _non_empty("name at least one module")] = Field(
+        default_factory=lambda: ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+    )
+
+
+class StageConfig(_Section):
+    """One stage (`stages.<stage>:`), over its STAGE_DEFAULTS."""
+
+    steps: Count = 100
+    lr: Positive = 1e-3
+    schedule: Literal["constant", "linear", "cosine"] = "cosine"  # cosine: decay to 10% after warmup
+    warmup_steps: NonNegativeInt = 0
+    weight_decay: NonNegative = 0.0
+    batch_size: Count = 1
+    grad_accum: Count = 1
+    max_grad_norm: Positive = 1.0
+    # parameter groups that learn
+    train: Annotated[list[str], AfterValidator(_check_groups)] = Field(
+        default_factory=lambda: ["flex", "fusion"]
+    )
+    mode: Literal["layerwise", "end_to_end"] = "layerwise"  # layerwise: teacher-forced per layer
+    loss: LossConfig = Field(default_factory=LossConfig)
+    lora: LoraSettings | None = None
+    save_every: Count = 50  # step checkpoints (atomic) every N optimizer steps
+    log_every: Count = 1
+    gradient_checkpointing: bool = False
+    init_from: str | None = None  # start from this checkpoint instead of the previous stage's output
+
+    @model_validator(mode="after")
+    def _coherent(self) -> StageConfig:
+        if ("lora" in self.train) != (self.lora is not None):
+            raise _fail(": 'lora' in train needs a lora section (and a lora section needs 'lora' in train)")
+        if self.mode == "layerwise" and (self.loss.kl or self.loss.ce or "lora" in self.train):
+            raise _fail(
+                ": layerwise stages regress hidden states only (no kl / ce / lora); use mode: end_to_end"
+            )
+        return self
+
+
+class DistributedConfig(_Section):
+    """Multi-process runs (`distributed:`)."""
+
+    strategy: Literal["ddp", "fsdp"] = "ddp"  # used when launched with several processes
+
+
+class Recipe(_Section):
+    """A whole distillation run: teacher, output, data, the student's M-MATE fields (`model`) and three stages."""
+
+    teacher: str = "tiny-qwen2-vl"
+    output: str = "runs/linmu"
+    seed: NonNegativeInt = 0
+    # "auto" (cuda when available) | "cpu" | "cuda" | "cuda:N"
+    device: Annotated[str, AfterValidator(_check_device)] = "auto"
+    # "auto": bfloat16 on cuda, float32 on cpu
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: Mate = Field(default_factory=MateConfig)  # M-MATE fields (see `linmu convert --help`)
+    # every stage, its STAGE_DEFAULTS under what the recipe gives
+    stages: dict[str, StageConfig] = Field(default_factory=dict, validate_default=True)
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+
+    @field_validator("stages", mode="before")
+    @classmethod
+    def _all_stages(cls, stages: Any) -> Any:
+        """All three stages, each its defaults deep-merged with what the recipe says about it."""
+        stages = stages or {}
+        if not isinstance(stages, dict):
+            raise _fail(": expected a mapping stage1 / stage2 / stage3")
+        for name in stages:
+            if name not in STAGES:
+                raise _fail(f".{name}{_suggest(str(name), list(STAGES))}", before="unknown key ")
+        merged = {}
+        for name in STAGES:
+            given = stages.get(name) or {}
+            merged[name] = _deep_merge(STAGE_DEFAULTS[name], given) if isinstance(given, dict) else given
+        return merged
+
+    @property
+    def mate(self) -> MateConfig:
+        """The model section (kept under this name for the trainer and evals/study.py)."""
+        return self.model
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (what recipe.yaml and the step checkpoints record)."""
+        return self.model_dump()
 
 
 def _deep_merge(base: dict, extra: dict) -> dict:
@@ -196,144 +349,38 @@ def _deep_merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def apply_override(raw: dict, item: str) -> None:
-    """Set `a.b.c=value` (value parsed as YAML) in the raw recipe dict."""
-    key, sep, text = item.partition("=")
-    if not sep or not key:
-        raise LinmuError(f"override {item!r}: expected key.sub=value, e.g. stages.stage1.steps=50")
-    value = yaml.safe_load(text) if text.strip() else None
-    node = raw
-    parts = key.strip().split(".")
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise LinmuError(f"override {item!r}: {part!r} is not a mapping")
-    node[parts[-1]] = value
+# --------------------------------------------------------------------------- loading
 
 
-def _check_model(model: dict[str, Any]) -> dict[str, Any]:
-    """Type-check the M-MATE fields like every other key (`text_window: true` is not an int, `vision_window: 5`
-    is not a list), naming the closest field for a typo, then let MateConfig check the values."""
-    hints = typing.get_type_hints(MateConfig)
-    names = [f.name for f in dataclasses.fields(MateConfig)]
-    checked = {}
-    for key, value in model.items():
-        if key not in names:
-            raise LinmuError(f"unknown key recipe.model.{key}{_suggest(key, names)}")
-        checked[key] = _coerce(value, hints[key], f"recipe.model.{key}")
+def build_recipe(raw: dict[str, Any]) -> Recipe:
+    """A Recipe from plain data (a parsed YAML file with its overrides); the first problem is a LinmuError."""
     try:
-        MateConfig.from_dict(checked)
-    except LinmuError as exc:
-        raise LinmuError(f"recipe.model: {exc}") from None
-    return checked
-
-
-def _at_least(where: str, value: float, low: float, strict: bool = False) -> None:
-    if value < low or (strict and value == low):
-        raise LinmuError(f"{where}={value!r}: must be {'>' if strict else '>='} {low:g}")
-
-
-def _validate(recipe: Recipe) -> Recipe:
-    recipe.model = _check_model(recipe.model)
-    _at_least("recipe.seed", recipe.seed, 0)
-    d = recipe.data
-    if d.source not in ("synthetic", "manifest"):
-        raise LinmuError(f"recipe.data.source={d.source!r}: choose 'synthetic' or 'manifest'")
-    if d.source == "manifest" and not d.manifest:
-        raise LinmuError("recipe.data.manifest: required when data.source is 'manifest'")
-    if d.on_error not in ("skip", "raise"):
-        raise LinmuError(f"recipe.data.on_error={d.on_error!r}: choose 'skip' or 'raise'")
-    counts = d.frames if isinstance(d.frames, list) else [d.frames]
-    if not counts or min(counts) < 2:
-        raise LinmuError(
-            f"recipe.data.frames={d.frames!r}: need at least 2 frames per video (an int or a list)"
-        )
-    if not d.tasks and d.source == "synthetic":
-        raise LinmuError("recipe.data.tasks: name at least one synthetic task")
-    _at_least("recipe.data.heldout", d.heldout, 1)  # the fidelity report averages over held-out samples
-    _at_least("recipe.data.size", d.size, 28)
-    _at_least("recipe.data.max_tokens", d.max_tokens, 1)
-    if d.max_pixels is not None:
-        _at_least("recipe.data.max_pixels", d.max_pixels, 28 * 28)
-    if d.fps is not None:
-        _at_least("recipe.data.fps", d.fps, 0, strict=True)
-    if recipe.dtype not in ("auto", "float32", "bfloat16", "float16"):
-        raise LinmuError(f"recipe.dtype={recipe.dtype!r}: choose auto, float32, bfloat16 or float16")
-    if recipe.device not in ("auto", "cpu", "cuda") and not recipe.device.startswith("cuda:"):
-        raise LinmuError(f"recipe.device={recipe.device!r}: choose auto, cpu or cuda")
-    if recipe.distributed.strategy not in ("ddp", "fsdp"):
-        raise LinmuError(f"recipe.distributed.strategy={recipe.distributed.strategy!r}: choose ddp or fsdp")
-    for name, st in recipe.stages.items():
-        where = f"recipe.stages.{name}"
-        for group in st.train:
-            if group not in GROUPS:
-                raise LinmuError(f"{where}.train: unknown group {group!r}{_suggest(group, list(GROUPS))}")
-        if ("lora" in st.train) != (st.lora is not None):
-            raise LinmuError(
-                f"{where}: 'lora' in train needs a lora section (and a lora section needs 'lora' in train)"
-            )
-        if st.mode not in ("layerwise", "end_to_end"):
-            raise LinmuError(f"{where}.mode={st.mode!r}: choose 'layerwise' or 'end_to_end'")
-        if st.mode == "layerwise" and (st.loss.kl or st.loss.ce or "lora" in st.train):
-            raise LinmuError(f"{where}: layerwise stages regress hidden states only (no kl / ce / lora); "
-                             "use mode: end_to_end")  # fmt: skip
-        if st.schedule not in ("constant", "linear", "cosine"):
-            raise LinmuError(f"{where}.schedule={st.schedule!r}: choose constant, linear or cosine")
-        for key in ("steps", "batch_size", "grad_accum", "save_every", "log_every"):
-            if getattr(st, key) < 1:
-                raise LinmuError(f"{where}.{key}: must be >= 1")
-        _at_least(f"{where}.lr", st.lr, 0, strict=True)
-        _at_least(f"{where}.warmup_steps", st.warmup_steps, 0)
-        _at_least(f"{where}.weight_decay", st.weight_decay, 0)
-        _at_least(f"{where}.max_grad_norm", st.max_grad_norm, 0, strict=True)
-        for key in ("hidden", "kl", "ce", "vision_weight"):
-            _at_least(f"{where}.loss.{key}", getattr(st.loss, key), 0)
-        _at_least(f"{where}.loss.temperature", st.loss.temperature, 0, strict=True)
-        if not (st.loss.hidden or st.loss.kl or st.loss.ce):
-            raise LinmuError(f"{where}.loss: hidden, kl and ce are all 0, so nothing would be learned")
-        if st.lora is not None:
-            _at_least(f"{where}.lora.rank", st.lora.rank, 1)
-            _at_least(f"{where}.lora.alpha", st.lora.alpha, 0, strict=True)
-            if not 0 <= st.lora.dropout < 1:
-                raise LinmuError(f"{where}.lora.dropout={st.lora.dropout!r}: must be in [0, 1)")
-            if not st.lora.target_modules:
-                raise LinmuError(f"{where}.lora.target_modules: name at least one module")
-    return recipe
+        return Recipe.model_validate(raw)
+    except ValidationError as exc:
+        raise LinmuError(_message(exc.errors(include_url=False)[0])) from None
 
 
 def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> Recipe:
     """Read a YAML recipe (or start from the defaults when `path` is None) and apply overrides."""
+    import yaml
+
     raw: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
         if not path.is_file():
             raise LinmuError(f"recipe {path} not found")
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            raw = load_yaml(path.read_text()) or {}
         except yaml.YAMLError as exc:
             raise LinmuError(f"recipe {path} is not valid YAML: {exc}") from None
         if not isinstance(raw, dict):
             raise LinmuError(f"recipe {path}: the top level must be a mapping")
-    for item in overrides or []:
-        apply_override(raw, item)
-    stages_raw = raw.get("stages") or {}
-    if not isinstance(stages_raw, dict):
-        raise LinmuError("recipe.stages: expected a mapping stage1 / stage2 / stage3")
-    for name in stages_raw:
-        if name not in STAGES:
-            raise LinmuError(f"unknown key recipe.stages.{name}{_suggest(name, list(STAGES))}")
-    raw["stages"] = {}
-    recipe = build(Recipe, raw)
-    recipe.stages = {
-        name: build(
-            StageConfig,
-            _deep_merge(STAGE_DEFAULTS[name], stages_raw.get(name) or {}),
-            f"recipe.stages.{name}",
-        )
-        for name in STAGES
-    }
-    return _validate(recipe)
+    for key, value in parse_overrides(overrides or []).items():
+        set_dotted(raw, key, value)
+    return build_recipe(raw)
 
 
 def dump_recipe(recipe: Recipe) -> str:
+    import yaml
+
     return yaml.safe_dump(recipe.to_dict(), sort_keys=False)

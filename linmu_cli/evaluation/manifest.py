@@ -42,25 +42,14 @@ _NONE = (None, "", "none", "None", "null")
 
 
 def parse_arg_string(text: str) -> dict:
-    """`k=v,k2=v2` typed as lmms-eval's `simple_parse_args_string` types them (true/false, integers, floats,
-    else strings); a quoted or braced value may hold commas."""
-    items, depth, quote, current = [], 0, None, ""
-    for ch in text.strip():
-        if quote:
-            quote = None if ch == quote else quote
-        elif ch in "\"'":
-            quote = ch
-        elif ch in "{[(":
-            depth += 1
-        elif ch in "}])":
-            depth -= 1
-        elif ch == "," and depth == 0:
-            items.append(current)
-            current = ""
-            continue
-        current += ch
-    items.append(current)
-    return {k.strip(): _typed(v) for k, _, v in (item.partition("=") for item in items if item.strip())}
+    """`k=v,k2=v2` -> dict, split and keyed by `linmu_cli.overrides` like every other KEY=VALUE input, each value
+    typed as lmms-eval's `simple_parse_args_string` types it (true/false, integers, floats, else strings; YAML
+    typing would turn `system_prompt=Answer: yes` into a mapping); a quoted or braced value may hold commas."""
+    from linmu_cli.overrides import parse_overrides, split_args
+
+    return parse_overrides(
+        split_args(text), flag="model arg", expected="KEY=VALUE pairs separated by commas", typed=_typed
+    )
 
 
 def _typed(value: str):

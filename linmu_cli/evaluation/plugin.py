@@ -33,9 +33,8 @@ from lmms_eval.api.instance import Instance
 from lmms_eval.api.model import lmms
 from PIL import Image
 
-from linmu_cli.data.chat import chat_prompt
 from linmu_cli.evaluation.manifest import MODEL_ARGS, coerce_model_args, parse_arg_string
-from linmu_cli.media import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, read_video
+from linmu_cli.evaluation.media import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, read_video
 
 _PLACEHOLDER = re.compile(r"<image (\d+)>|<image>")  # MMMU's numbered images; LongVideoBench _i's frames
 
@@ -201,7 +200,12 @@ class LinMU(lmms):
         """lmms-eval's constructor path. Its CLI always adds its own `--batch_size` (default 1) to the model args,
         which `batch_size=N` inside --model_args would collide with (`got multiple values for keyword argument
         'batch_size'`); a value given in --model_args wins over the CLI's."""
-        args = parse_arg_string(arg_string or "")
+        from linmu_cli.errors import LinmuError
+
+        try:
+            args = parse_arg_string(arg_string or "")
+        except LinmuError as exc:  # lmms-eval's own errors for bad model args are ValueErrors
+            raise ValueError(f"linmu: {exc}") from None
         extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k not in args}
         return cls(**args, **extra)
 
@@ -321,7 +325,10 @@ class LinMU(lmms):
         return self._prompt([{"type": next(kinds)} if c["type"] == "visual" else c for c in content])
 
     def _prompt(self, content: list[dict]) -> str:
-        return chat_prompt(self.processor, content, system=self.system_prompt)
+        messages = [{"role": "user", "content": content}]
+        if self.system_prompt:
+            messages.insert(0, {"role": "system", "content": self.system_prompt})
+        return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
     def _encode(self, prompts: list[str], images: list, videos: list, metadata: list) -> dict:
         kwargs: dict[str, Any] = {}
