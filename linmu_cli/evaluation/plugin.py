@@ -33,8 +33,9 @@ from lmms_eval.api.instance import Instance
 from lmms_eval.api.model import lmms
 from PIL import Image
 
+from linmu_cli.data.chat import chat_prompt
 from linmu_cli.evaluation.manifest import MODEL_ARGS, coerce_model_args, parse_arg_string
-from linmu_cli.evaluation.media import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, read_video
+from linmu_cli.media import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, read_video
 
 _PLACEHOLDER = re.compile(r"<image (\d+)>|<image>")  # MMMU's numbered images; LongVideoBench _i's frames
 
@@ -325,10 +326,7 @@ class LinMU(lmms):
         return self._prompt([{"type": next(kinds)} if c["type"] == "visual" else c for c in content])
 
     def _prompt(self, content: list[dict]) -> str:
-        messages = [{"role": "user", "content": content}]
-        if self.system_prompt:
-            messages.insert(0, {"role": "system", "content": self.system_prompt})
-        return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return chat_prompt(self.processor, content, system=self.system_prompt)
 
     def _encode(self, prompts: list[str], images: list, videos: list, metadata: list) -> dict:
         kwargs: dict[str, Any] = {}
