@@ -1,4 +1,4 @@
-"""The restructured M-MATE block (issue 11) on CPU: one input GEMM, host-built scan-order gathers, grouped
+"""The restructured M-MATE block (fused prefill path) on CPU: one input GEMM, host-built scan-order gathers, grouped
 (GQA) scans and the fused output combine equal the module-by-module reference; shared projections convert,
 save and train as Flex-MA's. CPU runs the PyTorch reference kernels (no Triton): the fast *plumbing* is forced
 on by patching the path switches, the kernels behind them fall back to their references on CPU by design."""
@@ -60,7 +60,7 @@ def test_fused_block_equals_reference_forward_and_backward(monkeypatch, layer_id
 
 
 def old_flex(flex, u, layout, layer_idx):
-    """Flex-MA as it was computed before issue 11 (conv in token order, 28-head gathers), for the comparison."""
+    """Flex-MA as it was computed before the fused prefill path (conv in token order, full-width gathers), for the comparison."""
     from linmu_cli.ops.ssd import ssd_scan
 
     def gather(x, index):

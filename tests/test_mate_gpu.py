@@ -115,7 +115,7 @@ def test_gated_norm_kernel_matches_reference_forward_and_backward():
 
 @pytest.mark.parametrize("backend", ["mamba", "fla"])
 def test_one_layer_prefill_captures_in_a_cuda_graph(backend):
-    """No host synchronisation in a prefill layer: capture fails on any sync (issue 11)."""
+    """No host synchronisation in a prefill layer: capture fails on any sync (docs/design.md §6)."""
     dev = torch.device("cuda")
     try:
         select_ssd_backend(dev, backend)

@@ -8,6 +8,7 @@ scan's state S (H x d_v x d_k, float32), the last `d_conv - 1` conv inputs, and 
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -29,7 +30,7 @@ class MateLayerState:
             if (t := getattr(self, n)) is not None
         ]
 
-    def map(self, fn) -> None:
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         for name, tensor in self.tensors():
             setattr(self, name, fn(tensor))
 

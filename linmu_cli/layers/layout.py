@@ -116,7 +116,9 @@ class TokenLayout:
     _cache: dict = field(default_factory=dict, repr=False)
 
     @classmethod
-    def text_only(cls, batch: int, length: int, device: torch.device, valid: torch.Tensor | None = None):
+    def text_only(
+        cls, batch: int, length: int, device: torch.device, valid: torch.Tensor | None = None
+    ) -> TokenLayout:
         known_all_valid = valid is None
         if valid is None:
             valid = torch.ones(batch, length, dtype=torch.bool, device=device)

@@ -7,6 +7,8 @@ Q, K, V, O and applies the teacher's (M-)RoPE exactly as the teacher does.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -50,7 +52,7 @@ class LocalSwin(nn.Module):
         self.v_proj = nn.Linear(hidden, kv_heads * head_dim, bias=True)
         self.o_proj = nn.Linear(heads * head_dim, hidden, bias=False)
 
-    def __getattr__(self, name: str):
+    def __getattr__(self, name: str) -> Any:
         shared = self.__dict__.get("_shared_with")
         if shared is not None and name in _PROJECTIONS:
             return getattr(shared[0], name)

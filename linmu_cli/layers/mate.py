@@ -7,9 +7,11 @@ token (or per token and head). Both branches are initialized from the teacher la
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+from transformers import PretrainedConfig
 
 from linmu_cli.config import MateConfig
 from linmu_cli.layers.cache import LinMUCache
@@ -18,11 +20,14 @@ from linmu_cli.layers.layout import TokenLayout
 from linmu_cli.layers.local_swin import LocalSwin
 from linmu_cli.ops.fused_linear import fused_linear
 
+if TYPE_CHECKING:  # fast_decode imports the layers
+    from linmu_cli.fast_decode import StaticLayerState
+
 
 class MateAttention(nn.Module):
     """Called exactly like transformers' Qwen2-VL attention; returns (output, None)."""
 
-    def __init__(self, text_config, mate: MateConfig, layer_idx: int):
+    def __init__(self, text_config: PretrainedConfig, mate: MateConfig, layer_idx: int) -> None:
         super().__init__()
         hidden = text_config.hidden_size
         heads, kv_heads = text_config.num_attention_heads, text_config.num_key_value_heads
@@ -37,7 +42,9 @@ class MateAttention(nn.Module):
             self.fuse = nn.Linear(hidden, heads if mate.fusion == "head" else 1, bias=True)
 
     @classmethod
-    def from_attention(cls, attn: nn.Module, text_config, mate: MateConfig, layer_idx: int) -> MateAttention:
+    def from_attention(
+        cls, attn: nn.Module, text_config: PretrainedConfig, mate: MateConfig, layer_idx: int
+    ) -> MateAttention:
         """A block whose branches copy `attn`'s projections; new parameters get their documented init."""
         ref = attn.q_proj.weight
         block = cls(text_config, mate, layer_idx).to(device=ref.device, dtype=ref.dtype)
@@ -156,7 +163,9 @@ class MateAttention(nn.Module):
         rows = ((1 - a) * swin).reshape(-1, self.heads * self.head_dim)
         return torch.addmm(out.reshape(-1, out.shape[-1]), rows, self.swin.o_proj.weight.t()).view(out.shape)
 
-    def static_step(self, u: torch.Tensor, position_embeddings, state) -> torch.Tensor:
+    def static_step(
+        self, u: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor], state: StaticLayerState
+    ) -> torch.Tensor:
         """One generated token (B, 1, hidden) against fixed-address buffers, all updated in place.
 
         `state` (a `linmu_cli.fast_decode.StaticLayerState`) holds this layer's SSM state and conv tail

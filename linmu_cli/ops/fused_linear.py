@@ -1,4 +1,4 @@
-"""Several linear maps of one input as one GEMM (issue 11): weights concatenated at call time.
+"""Several linear maps of one input as one GEMM (a prefill reads u once): weights concatenated at call time.
 
 The parameters stay the modules' own (checkpoint names unchanged); autograd gives each its slice of the
 gradient through the concatenation, so training is unaffected. The concatenation is a copy of the weights per

@@ -3,7 +3,7 @@
 y[:, t, c] = bias[c] + sum_j weight[c, 0, j] * x[:, t - (W - 1) + j, c], with the `W - 1` inputs before the
 chunk taken from `prev` (the decode cache's conv tail) or zeros. The reference is `F.conv1d` on a transposed
 copy (what Flex-MA always ran); on CUDA fla-core's `causal_conv1d` reads the (B, L, C) activations in place,
-strided views included, with no transposes (issue 11, docs/design.md §3). CPU never touches Triton.
+strided views included, with no transposes (docs/design.md §3, §8). CPU never touches Triton.
 """
 
 from __future__ import annotations
