@@ -73,6 +73,17 @@ def test_final_is_merged_and_loads_with_auto_classes(full_run):
     assert (out / "final" / "tokenizer.json").exists() and (out / "final" / "recipe.yaml").exists()
 
 
+def test_recorded_recipe_loads_back_as_the_one_that_ran(full_run):
+    """recipe.yaml is a recipe again (`linmu distill OUTPUT/recipe.yaml` reruns it): the schema's dump is valid
+    input, and its model section is the whole MateConfig the student was converted with."""
+    out, _ = full_run
+    ran = load_recipe(RECIPE, [f"output={out}", *SHORT])
+    for path in (out / "recipe.yaml", out / "final" / "recipe.yaml"):
+        again = load_recipe(path)
+        assert again.to_dict() == ran.to_dict() and again.model == ran.mate
+    assert json.loads((out / "final" / "config.json").read_text())["mate"] == ran.mate.to_dict()
+
+
 def test_stage_refuses_to_start_without_its_predecessor(tmp_path, full_run):
     with pytest.raises(LinmuError, match="stage2 starts from stage1's output"):
         distill(RECIPE, [f"output={tmp_path / 'x'}", *SHORT], stage="stage2")
