@@ -1,4 +1,4 @@
-"""Summarize a `linmu bench --json` result: tables, the plot, a markdown table and the issue-12 targets.
+"""Summarize a `linmu bench --json` result: tables, the plot, a markdown table and the H200 targets.
 
     python benchmarks/bench_report.py bench.json --plot bench.png --markdown bench.md [--vision vision.json]
 
@@ -17,8 +17,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from linmu_cli.bench import lookup, save_plot, tables  # noqa: E402
 
-# Issue 12 targets (one H200, Qwen2-VL-7B shape, bf16, 448x448 frames), against the served teacher.
-TTFT_RATIO_MIN = {64: 1.0, 512: 1.45, 1024: 2.1, 2048: 3.5}  # with the prefill issue's LinMU work
+# Targets on one H200 (Qwen2-VL-7B shape, bf16, 448x448 frames), against the served teacher.
+TTFT_RATIO_MIN = {64: 1.0, 512: 1.45, 1024: 2.1, 2048: 3.5}  # with LinMU's restructured prefill
 SERVED_BANDWIDTH_MIN = {"equal_batch": 1 / 1.3, "batch_1": 1 / 2.0}  # of copy bandwidth at 512 frames
 VISION_SPEEDUP_MIN = 1.6  # fast tower vs transformers', 512 frames
 
@@ -137,7 +137,7 @@ def main() -> None:
                   f"transformers {env['transformers']}, kernels {env.get('kernels')}", highlight=False)  # fmt: skip
     for table in tables(result):
         console.print(table)
-    targets = Table(title="issue 12 targets (against the served teacher)", title_justify="left")
+    targets = Table(title="H200 targets (against the served teacher)", title_justify="left")
     for col in ("target", "measured", "verdict"):
         targets.add_column(col)
     for row in check_targets(result, vision):

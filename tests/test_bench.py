@@ -362,7 +362,6 @@ def test_served_teacher_decoder_refuses_to_run_past_its_cache():
         ServedTeacherDecoder.random(teacher, batch=1, prompt=30, new_tokens=2, kernel="magic")
 
 
-# ------------------------------------------------------------------------ issue 14: reliability of `linmu bench`
 def test_median_of_two_repeats_is_their_mean_not_the_slower_run():
     runs = [{"total_s": t, "vision_s": t / 2, "prefill_s": t / 4, "first_step_s": t / 4, "peak_bytes": None}
             for t in (1.0, 3.0)]  # fmt: skip

@@ -133,7 +133,8 @@ def prefill_backend(device: torch.device, requested: str | None) -> str:
 
 def build_models(model: str | None, arch: str | None, dtype: torch.dtype, device: torch.device,
                  mate_fields: dict[str, Any]) -> BuiltModels:  # fmt: skip
-    """(teacher, LinMU student sharing its weights, description of where they came from)."""
+    """The teacher and the LinMU student sharing its weights (a source converted in memory, or a LinMU
+    checkpoint with its teacher rebuilt from the shared tensors), and where they came from."""
     from linmu_cli.config import MateConfig
     from linmu_cli.models import convert_model
 

@@ -41,6 +41,7 @@ from linmu_cli.bench.timing import (
     preflight_memory,
 )
 from linmu_cli.errors import LinmuError
+from linmu_cli.layers.floor import skip_mixers  # the floor: LinMU with its scans and attention skipped
 
 Progress = Callable[[str], None]
 
@@ -251,8 +252,6 @@ class Session:
         """Every kernel path once (Triton compiles, cuBLAS heuristics, allocator growth); not recorded.
 
         Failures are reported and left to the measurements, which record them per entry."""
-        from linmu_cli.layers.floor import skip_mixers
-
         for name, m in self.models().items():
             held: dict[str, Any] = {}
 
@@ -284,8 +283,6 @@ class Session:
         """TTFT of teacher, LinMU and the LinMU floor, alternating, `repeats` times (once for long runs).
 
         Returns the summaries and, per model, the state after its last run (to decode on from at batch 1)."""
-        from linmu_cli.layers.floor import skip_mixers
-
         runs: dict[str, list] = {"teacher": [], "linmu": [], "floor": []}
         failed: dict[str, dict] = {}
         starts: dict[str, DecodeStart] = {}
