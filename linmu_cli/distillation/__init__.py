@@ -5,7 +5,8 @@
 
 Launch with `accelerate launch -m linmu_cli distill RECIPE` or `torchrun -m linmu_cli distill RECIPE` for
 data-parallel training (DDP, or FSDP2 of the trainable modules with `distributed.strategy=fsdp`); rank 0 logs
-and writes checkpoints.
+and writes checkpoints, which hold full tensors: `--resume` may use another number of processes or strategy
+(`checkpoint.place_rank` says how the data order continues).
 """
 
 from __future__ import annotations

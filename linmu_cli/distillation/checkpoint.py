@@ -6,6 +6,11 @@ format version. Nothing is ever unpickled, so a forged file in a run directory c
 A checkpoint is written into a temporary directory, fsynced and renamed, so a crash (even SIGKILL) leaves the
 last good checkpoint loadable; `find_intact` verifies checkpoints newest first and falls back past broken ones.
 Only the newest `keep` are kept.
+
+The tensors are full (gathered from FSDP shards), so one checkpoint loads into any number of processes and
+any strategy (FSDP shards them again); `place_rank` maps the per-rank data positions and RNG onto the new
+number. torch.distributed.checkpoint is not used: its file reader `pickle.load`s the `.metadata` file (and
+`torch.load`s non-tensor entries), which is exactly what a run directory must never be asked to do.
 """
 
 from __future__ import annotations

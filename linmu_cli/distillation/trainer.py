@@ -203,7 +203,15 @@ def set_trainable(student: nn.Module, groups: list[str]) -> list[tuple[str, nn.P
     return trainable
 
 
-def lr_lambda(cfg: StageConfig):
+def lr_lambda(cfg: StageConfig) -> Callable[[int], float]:
+    """The lr factor after `step` optimizer steps: linear warmup from 1/warmup_steps (the first step already
+    learns), then constant, linear to 0, or cosine to 10%.
+
+    Not transformers' `get_*_schedule_with_warmup`: their warmup starts at 0 (step / warmup_steps, so the
+    first step does not learn) and their linear decay rounds differently in the last bit, so resumed runs
+    and the recorded metrics of existing runs would change; their cosine-with-min-lr (0.1) equals this one
+    after warmup."""
+
     def factor(step: int) -> float:
         if step < cfg.warmup_steps:
             return (step + 1) / cfg.warmup_steps
