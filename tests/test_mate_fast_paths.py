@@ -267,6 +267,7 @@ def test_ssd_backend_is_a_runtime_setting_not_a_saved_field(tiny, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     loaded = AutoModelForImageTextToText.from_pretrained(tmp_path)
     assert loaded.mate_config.ssd_backend == "auto"
+    assert "ssd_backend" not in loaded.config.mate  # and not saved again
     with torch.no_grad():
         loaded(input_ids=torch.randint(0, 100, (1, 6)), use_cache=False)  # runs on CPU ("fla" would raise)
     set_ssd_backend(loaded, "torch")

@@ -96,6 +96,7 @@ class LinMUModelMixin:
         (`convert_model` initialises them from a teacher instead; `from_pretrained` loads them)."""
         super().__init__(config, *args, **kwargs)
         mate = self.mate_config
+        config.mate = mate.to_dict()  # saved as is: without a runtime field an older checkpoint carried
         text_config = self.family.text_config(config)
         for i, layer in enumerate(self.family.decoder_layers(self)):
             ref = layer.self_attn.q_proj.weight
