@@ -74,6 +74,7 @@ def check_targets(result: dict, vision: dict | None = None) -> list[tuple[str, s
 
 
 def markdown(result: dict, vision: dict | None = None) -> str:
+    """One markdown table row per frame count, then the targets: what docs/benchmarks.md quotes."""
     eq = result["config"]["equal_batch"]
     lines = [
         f"| frames | LM tokens | TTFT {teacher_label(result)} (s) | TTFT LinMU (s) | floor (s) | teacher/LinMU | LinMU/floor | "
@@ -120,6 +121,7 @@ def markdown(result: dict, vision: dict | None = None) -> str:
 
 
 def main() -> None:
+    """Print the tables and the targets of a bench JSON; write the plot and the markdown when asked."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("json", type=Path)
     ap.add_argument("--plot", type=Path, default=None)

@@ -202,14 +202,14 @@ def tables(result: dict) -> list[Table]:
             t.add_column(col, justify="right", no_wrap=True)
         return t
 
-    def mx(e):
+    def mx(e: dict | None) -> str:
         return (
             f"{_cell(e, 'tokens_per_s', '.0f')} ({e['batch']})"
             if e and e.get("status") == "ok"
             else _cell(e, "", "")
         )
 
-    def pct(e, key):
+    def pct(e: dict | None, key: str) -> str:
         return _fmt(100 * e[key], ".0f", "%") if e and e.get("status") == "ok" and key in e else "-"
 
     eq = result["config"]["equal_batch"]

@@ -407,9 +407,10 @@ def _check_writable(path: Path | None, option: str) -> None:
 def _row(prompt: VideoPrompt, ttft: dict[str, dict], decode: dict[str, dict], teacher: nn.Module,
          student: nn.Module, ceilings: Ceilings) -> dict:  # fmt: skip
     """One frame count's JSON row: TTFT and decode entries with their roofline fields, and the ratios."""
-    for name, kind in (("teacher", "teacher"), ("linmu", "linmu"), ("floor", "floor")):
-        add_roofline(ttft[name], prefill_flops(student if kind != "teacher" else teacher, prompt, kind),
-                     ceilings)  # fmt: skip
+    for kind in ("teacher", "linmu", "floor"):
+        add_roofline(
+            ttft[kind], prefill_flops(teacher if kind == "teacher" else student, prompt, kind), ceilings
+        )
     for entries in decode.values():
         for entry in entries.values():
             add_roofline(entry, None, ceilings)
