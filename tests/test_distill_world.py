@@ -119,3 +119,31 @@ def test_stage_run_reports_progress_and_the_api_stays_quiet(tmp_path, capsys):
     assert seen[0].loss is None and all(p.loss > 0 and p.tokens_per_s > 0 for p in seen[1:])
     out = capsys.readouterr()
     assert out.out == "" and out.err == ""
+
+
+def test_optimizer_states_load_into_any_strategy():
+    """One process and DDP save AdamW states keyed by index, FSDP by parameter name: each converts to the
+    other (what a resume on another strategy or world loads), and a round trip changes nothing."""
+    from linmu_cli.distillation.parallel import Single, by_index, by_name
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 2))
+    model[0].weight.requires_grad_(False)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model(torch.randn(4, 3)).sum().backward()
+    optimizer.step()
+    saved = optimizer.state_dict()
+    named = by_name(model, saved)
+    assert (
+        list(named["state"]) == ["0.bias", "1.weight", "1.bias"]
+        and named["param_groups"][0]["params"][0] == "0.bias"
+    )
+    assert by_name(model, named) is named and by_index(model, saved) is saved
+    other = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    Single().load_optimizer_state(model, other, named)
+    again = other.state_dict()
+    assert again["param_groups"] == saved["param_groups"]
+    assert all(
+        torch.equal(again["state"][i][k], saved["state"][i][k])
+        for i in saved["state"]
+        for k in saved["state"][i]
+    )
