@@ -107,18 +107,6 @@ def teacher_from_student(student: nn.Module) -> nn.Module:
     return teacher.eval()
 
 
-def _set_ssd_backend(student: nn.Module, backend: str) -> None:
-    from linmu_cli.layers.mate import MateAttention
-
-    mate = student.mate_config.replace(ssd_backend=backend)
-    student.config.mate = mate.to_dict()
-    for module in student.modules():
-        if isinstance(module, MateAttention):
-            for part in (module, getattr(module, "flex", None), getattr(module, "swin", None)):
-                if part is not None:
-                    part.mate = mate
-
-
 def prefill_backend(device: torch.device, requested: str | None) -> str:
     """Inference needs no backward: on CUDA prefer fla's forward (2.5x mamba-ssm's at 64k tokens, docs/design.md §9)."""
     if requested:
@@ -161,7 +149,9 @@ def build_models(model: str | None, arch: str | None, dtype: torch.dtype, device
             if mate_fields:
                 raise LinmuError("--set / --ssd-backend change a conversion; --model is already converted "
                                  "(its M-MATE fields are in its config.json)")  # fmt: skip
-            _set_ssd_backend(student, prefill_backend(device, None))
+            from linmu_cli.layers.mate import set_ssd_backend
+
+            set_ssd_backend(student, prefill_backend(device, None))  # a runtime setting: not in config.json
             return BuiltModels(teacher_from_student(student), student, f"--model {path} (LinMU checkpoint)")
         from linmu_cli.sources import load_teacher
 
