@@ -71,7 +71,7 @@ def _escape(text: str) -> str:
 def cpu_threads() -> tuple[int, str]:
     """(threads, why) for torch's CPU ops: the cores this process may use that nothing else runs on.
 
-    torch's default (one thread per core) thrashes on a shared machine (issue 14: one distillation step 4.7x
+    torch's default (one thread per core) thrashes on a shared machine (one distillation step ran 4.7x
     slower on 2 busy cores); $LINMU_NUM_THREADS overrides, and an OMP_NUM_THREADS already set is left alone.
     """
     explicit = os.environ.get("LINMU_NUM_THREADS", "").strip()

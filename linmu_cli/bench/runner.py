@@ -5,7 +5,6 @@ into the result dict (schema `linmu-bench/2`) and rewritten to the JSON after ev
 
 from __future__ import annotations
 
-import importlib.metadata as md
 import os
 import platform
 import time
@@ -42,6 +41,7 @@ from linmu_cli.bench.timing import (
 )
 from linmu_cli.errors import LinmuError
 from linmu_cli.layers.floor import skip_mixers  # the floor: LinMU with its scans and attention skipped
+from linmu_cli.versions import package_version
 
 Progress = Callable[[str], None]
 
@@ -129,18 +129,11 @@ def _ratio(num: dict | None, den: dict | None, key: str) -> float | None:
     return a / b if a and b else None
 
 
-def _version(pkg: str) -> str | None:
-    try:
-        return md.version(pkg)
-    except md.PackageNotFoundError:
-        return None
-
-
 def environment(device: torch.device, dtype: torch.dtype) -> dict:
     """Versions, host and device of this run (the JSON's `environment`, before ceilings and kernels)."""
-    env = {"device": device.type, "python": platform.python_version(), "torch": torch.__version__,
-           "transformers": _version("transformers"), "triton": _version("triton"), "fla-core": _version("fla-core"),
-           "mamba-ssm": _version("mamba-ssm"), "linmu": _version("linmu"), "dtype": str(dtype).replace("torch.", ""),
+    env = {"device": device.type, "python": platform.pythonpackage_version(), "torch": torch.__version__,
+           "transformers": package_version("transformers"), "triton": package_version("triton"), "fla-core": package_version("fla-core"),
+           "mamba-ssm": package_version("mamba-ssm"), "linmu": package_version("linmu"), "dtype": str(dtype).replace("torch.", ""),
            "host": platform.node(), "cpu_threads": torch.get_num_threads()}  # fmt: skip
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)

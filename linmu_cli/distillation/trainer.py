@@ -151,9 +151,11 @@ def build_student(run: Run, name: str) -> tuple[nn.Module, str]:
         student = convert_model(run.teacher.model, run.recipe.mate, seed=run.recipe.seed)
         return student, f"conversion of {run.recipe.teacher}"
     try:
-        mate = MateConfig.from_dict(json.loads((src / "config.json").read_text())["mate"])
+        saved = MateConfig.from_saved(json.loads((src / "config.json").read_text())["mate"])
     except (OSError, KeyError, json.JSONDecodeError):
         raise LinmuError(f"{src} is not a LinMU checkpoint (no config.json with a 'mate' section)") from None
+    # the kernel is a runtime setting, not saved with the stage: this run's recipe chooses it
+    mate = saved.replace(ssd_backend=run.recipe.mate.ssd_backend)
     student = convert_model(run.teacher.model, mate, seed=run.recipe.seed)
     _load_linmu_tensors(student, src)
     return student, str(src)

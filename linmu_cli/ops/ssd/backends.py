@@ -34,14 +34,15 @@ def available_ssd_backends() -> dict[str, str]:
     """Backend name -> "ok" or the reason it is unusable here (for ``linmu doctor``)."""
     out = {"torch": "ok"}
     if not torch.cuda.is_available():
-        from importlib import metadata
+        from linmu_cli.versions import package_version
 
         for name, dist in (("fla", "fla-core"), ("mamba", "mamba-ssm")):
-            try:
-                ver = metadata.version(dist)
-                out[name] = f"no CUDA device ({dist} {ver} is installed)"
-            except metadata.PackageNotFoundError:
-                out[name] = f"no CUDA device, and {dist} is not installed"
+            ver = package_version(dist)
+            out[name] = (
+                f"no CUDA device ({dist} {ver} is installed)"
+                if ver
+                else f"no CUDA device, and {dist} is not installed"
+            )
         return out
     for name in ("fla", "mamba"):
         err = _backend_import_error(name)
