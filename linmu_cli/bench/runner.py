@@ -131,7 +131,7 @@ def _ratio(num: dict | None, den: dict | None, key: str) -> float | None:
 
 def environment(device: torch.device, dtype: torch.dtype) -> dict:
     """Versions, host and device of this run (the JSON's `environment`, before ceilings and kernels)."""
-    env = {"device": device.type, "python": platform.pythonpackage_version(), "torch": torch.__version__,
+    env = {"device": device.type, "python": platform.python_version(), "torch": torch.__version__,
            "transformers": package_version("transformers"), "triton": package_version("triton"), "fla-core": package_version("fla-core"),
            "mamba-ssm": package_version("mamba-ssm"), "linmu": package_version("linmu"), "dtype": str(dtype).replace("torch.", ""),
            "host": platform.node(), "cpu_threads": torch.get_num_threads()}  # fmt: skip
