@@ -184,12 +184,19 @@ class TokenLayout:
             return None
         key = ("scan", order)
         if key not in self._cache:
+            index, inverse = self._scan_index_host(order)
+            self._cache[key] = (self._put(index), self._put(inverse))
+        return self._cache[key]
+
+    def _scan_index_host(self, order: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(index, inverse) on the host: row b's position r holds the token scanned at step r."""
+        key = ("scan_host", order)
+        if key not in self._cache:
             index = torch.arange(self.length).repeat(self.batch, 1)
             for b, segs in enumerate(self.segments):
                 for s in segs:
                     index[b, s.start : s.end] = s.start + scan_permutation(s, order)
-            inverse = torch.argsort(index, dim=1)
-            self._cache[key] = (self._put(index), self._put(inverse))
+            self._cache[key] = (index, torch.argsort(index, dim=1))
         return self._cache[key]
 
     def backward_plan(self, order: str) -> BackwardPlan | None:
@@ -215,16 +222,11 @@ class TokenLayout:
 
     def scan_gather(self, order: str) -> ScanGather | None:
         """Flat gathers into and out of scan order `order`, once per forward; None when nothing moves."""
-        pair = self.scan_index(order) if (order != "thw" and self.has_vision) else None
-        if pair is None:
+        if order == "thw" or not self.has_vision:
             return None
         key = ("scan_gather", order)
         if key not in self._cache:
-            index = torch.arange(self.length).repeat(self.batch, 1)
-            for b, segs in enumerate(self.segments):
-                for s in segs:
-                    index[b, s.start : s.end] = s.start + scan_permutation(s, order)
-            inverse = torch.argsort(index, dim=1)
+            index, inverse = self._scan_index_host(order)
             self._cache[key] = ScanGather(self._put(self._flat(index)), self._put(self._flat(inverse)))
         return self._cache[key]
 
