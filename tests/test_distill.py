@@ -107,7 +107,10 @@ def test_resume_after_sigkill_reaches_the_same_weights(tmp_path, full_run):
     out = tmp_path / "killed"
     steps = ["stages.stage1.steps=40", "stages.stage1.save_every=4"]
     cmd = [sys.executable, "-m", "linmu_cli", "distill", str(RECIPE), f"output={out}", *SHORT, *steps]
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    # the in-process reference below runs on this process's thread count: the CLI must too (its own policy picks
+    # fewer threads on a busy machine, and CPU kernels round differently with another count)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", LINMU_NUM_THREADS=str(torch.get_num_threads()))
+    env.pop("OMP_NUM_THREADS", None)
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     ckpts = out / "checkpoints" / "stage1"
     deadline = time.time() + 120

@@ -2,6 +2,7 @@
 outside the root, --force with bad input, kills at awkward moments, two processes, NaN, resume overrides,
 --stage, bad values, noisy decoders, accelerate on CPU. Every case first reproduces the reported failure."""
 
+import gc
 import json
 import os
 import pickle
@@ -385,9 +386,17 @@ def test_corrupt_video_is_counted_without_decoder_noise(tmp_path, capfd):
     data[100 : moov - 100] = rng.integers(0, 256, moov - 200, dtype=np.uint8).tobytes()
     path.write_bytes(bytes(data))
     decord.logging.set_level(decord.logging.INFO)  # decord's default: the noise the issue saw
-    with pytest.raises(Exception):  # noqa: B017 (decord raises its own error types)
+
+    def raw_decode() -> None:
         reader = decord.VideoReader(str(path))
-        reader.get_batch(list(range(len(reader)))).asnumpy()
+        try:
+            reader.get_batch(list(range(len(reader)))).asnumpy()
+        finally:  # release the reader (and its decoder threads, which still log) before reading the capture
+            del reader
+
+    with pytest.raises(Exception):  # noqa: B017 (decord raises its own error types)
+        raw_decode()
+    gc.collect()
     assert "[mpeg4 @" in capfd.readouterr().err
     with pytest.raises(SkipSample, match="corrupt video"):
         read_video(path, 8, None)
@@ -449,3 +458,30 @@ def test_unwritable_output_and_a_full_disk_are_one_line_errors(base, tmp_path, m
     assert res.exit_code == 2 and "No space left on device" in res.text and "then --resume" in res.text
     assert "Traceback" not in res.output
     assert (out / "checkpoints" / "stage1" / "step-0000003" / "state.json").is_file()
+
+
+def test_resume_continues_with_the_recorded_cpu_thread_count(tmp_path):
+    """CPU kernels round differently with another thread count (a resumed run left the trajectory in the last bits
+    when the thread policy picked 1 thread on a busy machine and 2 on an idle one): a resume takes the count
+    recorded in the checkpoint, or in a finished stage's stage.json."""
+    from types import SimpleNamespace
+
+    from linmu_cli.distillation.trainer import _use_recorded_threads
+
+    before = torch.get_num_threads()
+    want = 1 if before != 1 else 2
+    said: list[str] = []
+    run = SimpleNamespace(device=torch.device("cpu"), out=tmp_path, print=lambda *a, **k: said.append(a[0]))
+    try:
+        _use_recorded_threads(run, {"cpu_threads": want})
+        assert torch.get_num_threads() == want and "trained with" in said[0]
+        torch.set_num_threads(before)
+        (tmp_path / "stage1").mkdir()
+        (tmp_path / "stage1" / "stage.json").write_text(json.dumps({"cpu_threads": want}))
+        _use_recorded_threads(run, None)
+        assert torch.get_num_threads() == want
+        torch.set_num_threads(before)
+        _use_recorded_threads(SimpleNamespace(device=torch.device("meta"), out=tmp_path, print=print), None)
+        assert torch.get_num_threads() == before  # not on other devices
+    finally:
+        torch.set_num_threads(before)

@@ -161,6 +161,27 @@ def build_student(run: Run, name: str) -> tuple[nn.Module, str]:
     return student, str(src)
 
 
+def _use_recorded_threads(run: Run, state: dict[str, Any] | None) -> None:
+    """On CPU, continue with the torch thread count the run was trained with: CPU kernels reduce in a different
+    order with another count, so a resumed run would leave the trajectory in the last bits (seen: 1 vs 2
+    threads). The count is recorded in every step checkpoint and stage.json; a fresh run records its own."""
+    if run.device.type != "cpu":
+        return
+    recorded = (state or {}).get("cpu_threads")
+    for stage in STAGES:
+        if recorded:
+            break
+        try:
+            recorded = json.loads((run.out / stage / "stage.json").read_text()).get("cpu_threads")
+        except (OSError, ValueError):
+            continue
+    if isinstance(recorded, int) and recorded > 0 and recorded != torch.get_num_threads():
+        run.print(
+            f"using {recorded} CPU threads, as this run was trained with (not {torch.get_num_threads()})"
+        )
+        torch.set_num_threads(recorded)
+
+
 def _lora_regex(lora: LoraSettings) -> str:
     names = "|".join(re.escape(t) for t in lora.target_modules)
     return rf".*language_model\.layers\.\d+\.({names})"
@@ -408,6 +429,7 @@ class StageRun:
         recipe changes a resume may make, and cut metrics.jsonl back to the step continued from."""
         run, name, cfg = self.run, self.name, self.cfg
         state = self.state
+        _use_recorded_threads(run, state)
         if state is not None:
             self.par.load_optimizer_state(self.student, self.optimizer, state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
@@ -530,6 +552,7 @@ class StageRun:
                 "rng": rngs, "data_positions": positions, "step": self.step,
                 "skipped": dict(data.skipped), "report_before": self.before,
                 "recipe": run.recipe.to_dict(), "resume_changes": self.history,
+                "cpu_threads": torch.get_num_threads(),
             })  # fmt: skip
         run.barrier()
 
@@ -550,7 +573,7 @@ class StageRun:
             merge_lora(student)
         result = {"stage": name, "started_from": self.started_from, "steps": self.step,
                   "skipped_samples": dict(self.data.skipped), "before": self.before, "after": after,
-                  "resume_changes": self.history}  # fmt: skip
+                  "resume_changes": self.history, "cpu_threads": torch.get_num_threads()}  # fmt: skip
         if run.is_main:
             run.print(report_table(name, self.before, after))
             if self.data.skipped:
