@@ -9,7 +9,7 @@ Only the newest `keep` are kept.
 
 The tensors are full (gathered from FSDP shards), so one checkpoint loads into any number of processes and
 any strategy (FSDP shards them again); `place_rank` maps the per-rank data positions and RNG onto the new
-number. torch.distributed.checkpoint is not used: its file reader `pickle.load`s the `.metadata` file (and
+number. torch.distributed.checkpoint is not used: its file reader unpickles the `.metadata` file (and
 `torch.load`s non-tensor entries), which is exactly what a run directory must never be asked to do.
 """
 
