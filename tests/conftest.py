@@ -36,6 +36,26 @@ def prompt_inputs(processor, texts, videos=None, images=None):
     return processor(text=prompts, padding=True, return_tensors="pt", **kwargs)
 
 
+def corrupt_mp4(path):
+    """An mp4 whose index is intact and whose frames are garbage: decoding fails frame by frame, loudly."""
+    import av
+
+    rng = np.random.default_rng(0)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=4)
+        stream.width = stream.height = 56
+        stream.pix_fmt = "yuv420p"
+        for _ in range(32):
+            frame = rng.integers(0, 255, (56, 56, 3), dtype=np.uint8)
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+    data = bytearray(path.read_bytes())
+    moov = data.find(b"moov")
+    data[100 : moov - 100] = rng.integers(0, 256, moov - 200, dtype=np.uint8).tobytes()
+    path.write_bytes(bytes(data))
+    return path
+
+
 def output_cache(out):
     return getattr(out, "cache", None) or getattr(out, "past_key_values", None)
 

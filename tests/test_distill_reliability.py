@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import corrupt_mp4
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -367,24 +368,11 @@ def test_bad_manifests_and_outputs_are_one_line_errors(tmp_path):
 def test_corrupt_video_is_counted_without_decoder_noise(tmp_path, capfd):
     """Item 15: a corrupt mp4 printed ffmpeg's decoder noise (thousands of lines for a long video) before the
     one-line skip; now nothing reaches stderr and the sample is a counted skip."""
-    import av
     import decord
 
     from linmu_cli.distillation.data import SkipSample, read_video
 
-    path, rng = tmp_path / "v.mp4", np.random.default_rng(0)
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("mpeg4", rate=4)
-        stream.width = stream.height = 56
-        stream.pix_fmt = "yuv420p"
-        for _ in range(32):
-            frame = rng.integers(0, 255, (56, 56, 3), dtype=np.uint8)
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-        container.mux(stream.encode())
-    data = bytearray(path.read_bytes())
-    moov = data.find(b"moov")  # the index stays intact, the frames are garbage: decoding fails frame by frame
-    data[100 : moov - 100] = rng.integers(0, 256, moov - 200, dtype=np.uint8).tobytes()
-    path.write_bytes(bytes(data))
+    path = corrupt_mp4(tmp_path / "v.mp4")
     decord.logging.set_level(decord.logging.INFO)  # decord's default: the noise the issue saw
 
     def raw_decode() -> None:

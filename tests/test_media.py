@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import corrupt_mp4
 
 pytest.importorskip("decord", reason="needs decord (the eval extra)")
 
@@ -46,33 +47,13 @@ def test_both_callers_decode_the_same_pixels(video: Path) -> None:
     np.testing.assert_array_equal(frames, read_video(video, max_num_frames=16).frames)
 
 
-def _corrupt(path: Path) -> Path:
-    """An mp4 whose index is intact and whose frames are garbage: decoding fails frame by frame, loudly."""
-    import av
-
-    rng = np.random.default_rng(0)
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("mpeg4", rate=4)
-        stream.width = stream.height = 56
-        stream.pix_fmt = "yuv420p"
-        for _ in range(32):
-            frame = rng.integers(0, 255, (56, 56, 3), dtype=np.uint8)
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-        container.mux(stream.encode())
-    data = bytearray(path.read_bytes())
-    moov = data.find(b"moov")
-    data[100 : moov - 100] = rng.integers(0, 256, moov - 200, dtype=np.uint8).tobytes()
-    path.write_bytes(bytes(data))
-    return path
-
-
 @pytest.mark.parametrize("caller", ["eval", "distill"])
 def test_a_corrupt_video_is_one_error_and_no_decoder_noise(tmp_path: Path, capfd, caller: str) -> None:
     import gc
 
     import decord
 
-    path = _corrupt(tmp_path / "v.mp4")
+    path = corrupt_mp4(tmp_path / "v.mp4")
     decord.logging.set_level(decord.logging.INFO)  # decord's default
     if caller == "eval":
         with pytest.raises(VideoError, match="v.mp4"):
