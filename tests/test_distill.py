@@ -107,8 +107,8 @@ def test_resume_after_sigkill_reaches_the_same_weights(tmp_path, full_run):
     out = tmp_path / "killed"
     steps = ["stages.stage1.steps=40", "stages.stage1.save_every=4"]
     cmd = [sys.executable, "-m", "linmu_cli", "distill", str(RECIPE), f"output={out}", *SHORT, *steps]
-    # the in-process reference below runs on this process's thread count: the CLI must too (its own policy picks
-    # fewer threads on a busy machine, and CPU kernels round differently with another count)
+    # both runs get one explicit thread count (the CLI's own policy picks fewer threads on a busy machine, and CPU
+    # kernels round differently with another count)
     env = dict(os.environ, HF_HUB_OFFLINE="1", LINMU_NUM_THREADS=str(torch.get_num_threads()))
     env.pop("OMP_NUM_THREADS", None)
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
@@ -120,11 +120,24 @@ def test_resume_after_sigkill_reaches_the_same_weights(tmp_path, full_run):
     proc.wait()
     assert not (out / "final").exists(), "the run finished before it could be killed"
     subprocess.run([*cmd, "--resume"], check=True, env=env, stdout=subprocess.DEVNULL)
+    # the uninterrupted reference runs as the same kind of process with the same environment (an in-process run
+    # inherits this test process's thread pools and earlier tests' state)
     reference = tmp_path / "reference"
-    distill(RECIPE, [f"output={reference}", *SHORT, *steps])
-    assert losses(out) == losses(reference)
+    ref_cmd = [*cmd[:4], str(RECIPE), f"output={reference}", *SHORT, *steps]
+    subprocess.run(ref_cmd, check=True, env=env, stdout=subprocess.DEVNULL)
+    resumed, uninterrupted = losses(out), losses(reference)
+    assert [r[:2] for r in resumed] == [r[:2] for r in uninterrupted]  # every step logged once, none lost
+    # the steps after the resume repeat the uninterrupted run bit for bit (a state restored wrongly - optimizer
+    # moments, lr, data position, RNG - shows at the first of them) ...
+    assert resumed[:12] == uninterrupted[:12]
+    # ... and the rest to float32 rounding: once seen in CI, one ulp at step 14 (a GEMM's blocking differs between
+    # processes on some hosts), which then drifts to ~1e-6
+    for (stage, step, x), (_, _, y) in zip(resumed, uninterrupted, strict=True):
+        assert x == pytest.approx(y, rel=1e-4), (stage, step)
     a, b = weights(out / "final"), weights(reference / "final")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-5, msg=k)
 
 
 def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path):

@@ -164,7 +164,12 @@ def build_student(run: Run, name: str) -> tuple[nn.Module, str]:
 def _use_recorded_threads(run: Run, state: dict[str, Any] | None) -> None:
     """On CPU, continue with the torch thread count the run was trained with: CPU kernels reduce in a different
     order with another count, so a resumed run would leave the trajectory in the last bits (seen: 1 vs 2
-    threads). The count is recorded in every step checkpoint and stage.json; a fresh run records its own."""
+    threads). The count is recorded in every step checkpoint and stage.json; a fresh run records its own.
+
+    The count is always set, even when it looks unchanged: `torch.get_num_threads()` reports OpenMP's pool,
+    while MKL's GEMMs default to the number of *physical* cores unless told, so an in-process run (a notebook,
+    a test) and a CLI run (which exports OMP_NUM_THREADS before torch starts, and MKL follows it) could use
+    different GEMM thread counts behind the same recorded number. `torch.set_num_threads` sets both."""
     if run.device.type != "cpu":
         return
     recorded = (state or {}).get("cpu_threads")
@@ -175,11 +180,11 @@ def _use_recorded_threads(run: Run, state: dict[str, Any] | None) -> None:
             recorded = json.loads((run.out / stage / "stage.json").read_text()).get("cpu_threads")
         except (OSError, ValueError):
             continue
-    if isinstance(recorded, int) and recorded > 0 and recorded != torch.get_num_threads():
-        run.print(
-            f"using {recorded} CPU threads, as this run was trained with (not {torch.get_num_threads()})"
-        )
-        torch.set_num_threads(recorded)
+    current = torch.get_num_threads()
+    if isinstance(recorded, int) and recorded > 0 and recorded != current:
+        run.print(f"using {recorded} CPU threads, as this run was trained with (not {current})")
+        current = recorded
+    torch.set_num_threads(current)
 
 
 def _lora_regex(lora: LoraSettings) -> str:
