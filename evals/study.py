@@ -19,8 +19,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-
-from transformers import AutoModelForImageTextToText, AutoProcessor
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -31,6 +30,7 @@ from linmu_cli.distillation import distill, load_recipe  # noqa: E402
 from linmu_cli.distillation.recipe import STAGES  # noqa: E402
 from linmu_cli.evaluation.answers import normalize_answer  # noqa: E402
 from linmu_cli.evaluation.greedy import greedy_answers  # noqa: E402
+from linmu_cli.loading import load_model  # noqa: E402
 from linmu_cli.models import convert_model  # noqa: E402
 
 EVAL_SEED = 12345  # never used for training (distillation uses the recipe seed and seed + 7919)
@@ -60,13 +60,14 @@ ABLATIONS = [
 ]  # fmt: skip
 
 
-def load(path: Path):
-    model = AutoModelForImageTextToText.from_pretrained(path).eval()
-    return model, AutoProcessor.from_pretrained(path)
+def load(path: Path) -> tuple[Any, Any]:
+    """(model, processor) of a teacher or LinMU checkpoint, through the loader every linmu command uses."""
+    loaded = load_model(path, require_processor=True)
+    return loaded.model, loaded.processor
 
 
 def answers(
-    model, processor, tasks: list[str], n: int, frames: int, size: int, batch: int = 8
+    model: Any, processor: Any, tasks: list[str], n: int, frames: int, size: int, batch: int = 8
 ) -> dict[str, list]:
     """Greedy one-word answers to `n` held-out samples of each task (same samples for every model):
     {task: [(normalized reply, answer)]}."""

@@ -25,13 +25,17 @@ _LAZY = {
     "MateConfig": "linmu_cli.config",
     "convert_model": "linmu_cli.models",
     "linmu_classes": "linmu_cli.models",
+    "load_model": "linmu_cli.loading",
     "register_all": "linmu_cli.models",
 }
 
-__all__ = ["LinmuError", "MateConfig", "__version__", "convert", "convert_model", "distill", "linmu_classes"]
+__all__ = ["LinmuError", "MateConfig", "__version__", "convert", "convert_model", "distill", "linmu_classes",
+           "load_model"]  # fmt: skip
 
 if TYPE_CHECKING:  # pragma: no cover
     from linmu_cli.config import MateConfig
+    from linmu_cli.conversion import ConvertReport
+    from linmu_cli.loading import load_model
     from linmu_cli.models import convert_model, linmu_classes
 
 
@@ -47,14 +51,14 @@ def __dir__() -> list[str]:
     return sorted({*globals(), *_LAZY})
 
 
-def distill(*args, **kwargs):
+def distill(*args: Any, **kwargs: Any) -> dict[str, Any]:
     """See `linmu_cli.distillation.distill`."""
     from linmu_cli.distillation import distill as _distill
 
     return _distill(*args, **kwargs)
 
 
-def convert(*args, **kwargs):
+def convert(*args: Any, **kwargs: Any) -> ConvertReport:
     """See `linmu_cli.conversion.convert` (imported lazily to keep `import linmu_cli` light)."""
     from linmu_cli.conversion import convert as _convert
 

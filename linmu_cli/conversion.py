@@ -17,9 +17,10 @@ from linmu_cli import __version__
 from linmu_cli.config import MateConfig
 from linmu_cli.errors import LinmuError
 from linmu_cli.io import atomic_directory, check_output_dir, check_writable
+from linmu_cli.loading import load_model
 from linmu_cli.models import convert_model
 from linmu_cli.ops import select_ssd_backend
-from linmu_cli.sources import check_device, load_teacher
+from linmu_cli.sources import check_device
 
 # Files of a source checkpoint that belong to the model's weights or config, not to its processor.
 _MODEL_FILES = (
@@ -91,7 +92,7 @@ def convert(
             check_writable(where)
     torch_device = check_device(device)
     backend = select_ssd_backend(torch_device, mate.ssd_backend)
-    teacher = load_teacher(source, dtype=dtype, device=device, seed=seed)
+    teacher = load_model(source, dtype=dtype, device=torch_device, seed=seed, teacher_only=True)
     student = convert_model(teacher.model, mate, seed=seed)
     meta = {
         "source": source,
@@ -108,9 +109,9 @@ def convert(
             atomic_directory(teacher_out, force) if teacher_out is not None else nullcontext() as teacher_tmp
         ):
             if teacher_tmp is not None:
-                _save(teacher.model, teacher.processor, teacher.local_dir, teacher_tmp)
+                _save(teacher.model, teacher.processor, teacher.where, teacher_tmp)
             with atomic_directory(out, force) as tmp:
-                _save(student, teacher.processor, teacher.local_dir, tmp)
+                _save(student, teacher.processor, teacher.where, tmp)
                 (tmp / "linmu.json").write_text(json.dumps(meta, indent=2) + "\n")
     except OSError as exc:
         raise LinmuError(f"writing {out} failed: {exc.strerror or exc}"

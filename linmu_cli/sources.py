@@ -1,4 +1,7 @@
-"""Where a teacher comes from: a local directory, the HF cache (hub id), a short alias or an embedded tiny model.
+"""What a model name means: a local directory, the HF cache (hub id), a short alias or an embedded tiny model.
+
+`linmu_cli.loading.load_model` turns the answer into a loaded model; this module only resolves names and checks
+devices and dtypes, so a bad name fails before any weights load.
 
 linmu never downloads silently: a hub id resolves through the local Hugging Face cache, and when it is not
 there (and the hub is unreachable or HF_HUB_OFFLINE=1) the error says how to get the files.
@@ -9,14 +12,11 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from linmu_cli.errors import LinmuError
-from linmu_cli.models.family import families, family_for_model_type
 
 HUB_ALIASES: dict[str, str] = {
     "qwen2-vl-2b": "Qwen/Qwen2-VL-2B-Instruct",
@@ -35,19 +35,10 @@ DTYPES = {"auto": "auto", "float32": torch.float32, "fp32": torch.float32, "bflo
 
 
 def known_aliases() -> list[str]:
+    """Every model name that is not a path or hub id (for the error that lists them)."""
     from linmu_cli.archs import ARCHS
 
     return sorted([*TINY_ALIASES, *HUB_ALIASES, *(f"random:{a}" for a in ARCHS)])
-
-
-@dataclass
-class Teacher:
-    """A loaded source model with its processor and where it came from."""
-
-    model: nn.Module
-    processor: object | None
-    source: str
-    local_dir: Path | None  # files to copy (tokenizer, processor, chat template) when loaded from disk
 
 
 def check_device(device: str | torch.device) -> torch.device:
@@ -68,7 +59,14 @@ def check_device(device: str | torch.device) -> torch.device:
     return dev
 
 
-def parse_dtype(name: str) -> torch.dtype | str:
+def parse_dtype(name: str | torch.dtype) -> torch.dtype | str:
+    """The torch dtype a --dtype value names ("auto" stays "auto"); a torch dtype linmu loads in passes through."""
+    if isinstance(name, torch.dtype):
+        if name not in DTYPES.values():
+            raise LinmuError(
+                f"dtype {name} is not one linmu loads models in; choose float32, bfloat16 or float16"
+            )
+        return name
     if name not in DTYPES:
         raise LinmuError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
     return DTYPES[name]
@@ -129,6 +127,7 @@ def resolve_source(source: str) -> tuple[str, str | Path]:
 
 
 def read_model_type(path: Path) -> tuple[str, list[str]]:
+    """(model_type, architectures) from PATH/config.json, or a LinmuError saying the checkpoint is damaged."""
     try:
         data = json.loads((path / "config.json").read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -142,67 +141,12 @@ def read_model_type(path: Path) -> tuple[str, list[str]]:
     return model_type, [str(a) for a in archs]
 
 
-def load_pretrained(where: Path, what: str, load):
-    """Run a transformers `from_pretrained` call; a damaged checkpoint becomes one LinmuError saying what to do.
-
-    Truncated or corrupt safetensors (SafetensorError), missing weight files (OSError), shapes that do not match
-    the config (RuntimeError / ValueError): none of them is a linmu bug, all mean the files need replacing."""
-    try:
-        return load()
-    except LinmuError:
-        raise
-    except Exception as exc:  # the loader's own error types vary by transformers version and file format
-        detail = " ".join(str(exc).split())
-        detail = (detail if len(detail) <= 300 else detail[:297] + "...").rstrip(".")
-        raise LinmuError(f"cannot load the {what} in {where}: {type(exc).__name__}: {detail}. The checkpoint "
-                         "looks incomplete or damaged: copy (or convert) it again") from None  # fmt: skip
-
-
-def load_teacher(source: str, dtype: str = "auto", device: str = "cpu", seed: int = 0) -> Teacher:
-    """Load a supported source VLM (never a LinMU checkpoint) with its processor."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    torch_dtype = parse_dtype(dtype)
-    kind, where = resolve_source(source)
-    if kind == "tiny":
-        from linmu_cli.tiny import build_tiny_teacher
-
-        model, processor = build_tiny_teacher(where, seed=seed)
-        if torch_dtype != "auto":
-            model = model.to(torch_dtype)
-        return Teacher(model.to(device), processor, source, None)
-    if kind == "random":
-        from linmu_cli.archs import build_random_teacher
-
-        if torch_dtype == "auto":
-            torch_dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-        model, processor = build_random_teacher(str(where), torch_dtype, device, seed=seed)
-        return Teacher(model, processor, source, None)
-    model_type, archs = read_model_type(where)
-    if model_type.startswith("linmu_"):
-        raise LinmuError(f"{where} is already a LinMU checkpoint ({model_type}); convert its teacher instead")
-    family_for_model_type(model_type, archs)  # raises with the supported list
-    model = load_pretrained(
-        Path(where),
-        "model",
-        lambda: AutoModelForImageTextToText.from_pretrained(where, dtype=torch_dtype, device_map=None),
-    ).to(device)
-    try:
-        processor = AutoProcessor.from_pretrained(where)
-    except Exception:  # a bare weights directory is still convertible
-        processor = None
-    return Teacher(model.eval(), processor, source, Path(where))
-
-
 __all__ = [
     "HUB_ALIASES",
     "TINY_ALIASES",
-    "Teacher",
     "check_device",
-    "families",
     "known_aliases",
-    "load_pretrained",
-    "load_teacher",
+    "parse_dtype",
     "read_model_type",
     "resolve_source",
 ]

@@ -295,13 +295,14 @@ def test_model_dirs_load_as_teacher_and_student(tmp_path):
 def test_random_teacher_source_has_the_real_shape_and_the_tiny_tokenizer():
     """`teacher=random:qwen2-vl-7b`: the real architecture, seeded random weights, token ids of the tiny tokenizer."""
     from linmu_cli.errors import LinmuError
-    from linmu_cli.sources import known_aliases, load_teacher, resolve_source
+    from linmu_cli.loading import load_model
+    from linmu_cli.sources import known_aliases, resolve_source
 
     assert resolve_source("random:qwen2-vl-7b") == ("random", "qwen2-vl-7b")
     assert "random:qwen2.5-vl-7b" in known_aliases()
     with pytest.raises(LinmuError, match="random:qwen2-vl-2b"):
         resolve_source("random:qwen2-vl-8b")
-    teacher = load_teacher("random:qwen2-vl-7b", device="meta")
+    teacher = load_model("random:qwen2-vl-7b", device="meta")
     config, tok = teacher.model.config, teacher.processor.tokenizer
     assert config.text_config.hidden_size == 3584 and config.text_config.num_hidden_layers == 28
     for field, token in [("video_token_id", "<|video_pad|>"), ("image_token_id", "<|image_pad|>"),

@@ -161,15 +161,14 @@ def test_damaged_checkpoints_are_one_line(teacher, tmp_path):
         code, text = linmu("convert", src, out)
         one_clear_line(code, text, message)
         assert str(src) in text and not out.exists()
-    # and the same checkpoint through the lmms-eval model's loader (linmu eval / plain lmms-eval)
-    pytest.importorskip("lmms_eval")
+    # and the same checkpoint loaded the way `linmu eval` / lmms-eval's `--model linmu` load it
     import torch
 
     from linmu_cli.errors import LinmuError
-    from linmu_cli.evaluation.plugin import load_model
+    from linmu_cli.loading import load_model
 
     with pytest.raises(LinmuError, match="cannot load the model in .*truncated: SafetensorError"):
-        load_model(str(truncated), torch.device("cpu"))
+        load_model(str(truncated), device=torch.device("cpu"), require_processor=True)
 
 
 def test_mistyped_path_is_not_a_hub_id(tmp_path, monkeypatch):

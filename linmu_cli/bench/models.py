@@ -137,26 +137,19 @@ def build_models(model: str | None, arch: str | None, dtype: torch.dtype, device
             raise LinmuError(
                 f"--model {model}: no config.json there; pass a checkpoint directory or use --arch"
             )
-        from linmu_cli.sources import read_model_type
+        from linmu_cli.loading import load_model
 
-        model_type, _ = read_model_type(path)
-        if model_type.startswith("linmu_"):
-            from transformers import AutoModelForImageTextToText
-
-            import linmu_cli.models  # noqa: F401  (registers the LinMU classes with the Auto classes)
-
-            student = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype).to(device).eval()
+        loaded = load_model(path, dtype=dtype, device=device)
+        if loaded.is_linmu:
             if mate_fields:
                 raise LinmuError("--set / --ssd-backend change a conversion; --model is already converted "
                                  "(its M-MATE fields are in its config.json)")  # fmt: skip
             from linmu_cli.layers.mate import set_ssd_backend
 
+            student = loaded.model
             set_ssd_backend(student, prefill_backend(device, None))  # a runtime setting: not in config.json
             return BuiltModels(teacher_from_student(student), student, f"--model {path} (LinMU checkpoint)")
-        from linmu_cli.sources import load_teacher
-
-        name = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}[dtype]
-        teacher = load_teacher(str(path), dtype=name, device=str(device)).model
+        teacher = loaded.model
         source = f"--model {path}"
     fields = dict(mate_fields)
     fields["ssd_backend"] = prefill_backend(device, fields.get("ssd_backend"))

@@ -118,7 +118,7 @@ def distill(
     from linmu_cli.distillation import outputs
     from linmu_cli.distillation.trainer import Run, train_stage, write_final
     from linmu_cli.io import check_writable, exclusive_lock
-    from linmu_cli.sources import load_teacher
+    from linmu_cli.loading import load_model
 
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe, overrides)
     if stage is not None and stage not in STAGES:
@@ -133,7 +133,9 @@ def distill(
         {None: "float32", torch.bfloat16: "bfloat16"}[dtype] if recipe.dtype == "auto" else recipe.dtype
     )
     torch.manual_seed(recipe.seed)
-    teacher = load_teacher(recipe.teacher, dtype=dtype_name, device=str(device), seed=recipe.seed)
+    # the teacher's processor encodes every sample: a bare weights directory is refused here, not at step 1
+    teacher = load_model(recipe.teacher, dtype=dtype_name, device=device, seed=recipe.seed, teacher_only=True,
+                         require_processor=True)  # fmt: skip
     teacher.model.requires_grad_(False)
     _check_inputs(recipe, plan, teacher.processor)
     model_dtype = next(teacher.model.parameters()).dtype

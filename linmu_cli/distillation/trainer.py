@@ -27,7 +27,6 @@ from rich.console import Console
 from rich.errors import MarkupError
 from rich.table import Table
 from rich.text import Text
-from safetensors import safe_open
 from torch import nn
 
 from linmu_cli.config import MateConfig
@@ -39,8 +38,8 @@ from linmu_cli.distillation.outputs import Plan, update_report, write_atomic
 from linmu_cli.distillation.recipe import STAGES, LoraSettings, Recipe, StageConfig, dump_recipe
 from linmu_cli.errors import LinmuError
 from linmu_cli.io import atomic_directory
+from linmu_cli.loading import Loaded, load_linmu_tensors
 from linmu_cli.models import convert_model
-from linmu_cli.sources import Teacher
 
 GROUP_PATTERNS = {
     "flex": ".self_attn.flex.",
@@ -73,7 +72,7 @@ class Run:
 
     recipe: Recipe
     out: Path
-    teacher: Teacher
+    teacher: Loaded
     device: torch.device
     dtype: torch.dtype
     rank: int = 0
@@ -115,31 +114,14 @@ class NonFiniteLoss(LinmuError):
 # --------------------------------------------------------------------------- students
 
 
-def _load_linmu_tensors(student: nn.Module, src: Path) -> None:
-    """Copy every M-MATE tensor of the LinMU checkpoint `src` into `student`, keeping the saved dtype."""
-    params = dict(student.named_parameters())
-    wanted = {n for n in params if ".self_attn." in n}
-    files = sorted(src.glob("*.safetensors"))
-    if not files:
-        raise LinmuError(f"{src} has no .safetensors weights")
-    for path in files:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            for key in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
-                if key in wanted:
-                    params[key].data = f.get_tensor(key).to(params[key].device)
-                    wanted.discard(key)
-    if wanted:
-        raise LinmuError(f"{src} lacks {len(wanted)} M-MATE tensors (e.g. {sorted(wanted)[0]}): "
-                         "was it written with a different model section?")  # fmt: skip
-
-
 def build_student(run: Run, name: str) -> tuple[nn.Module, str]:
     """The student a stage starts from, and a sentence saying where it came from."""
     cfg, idx = run.recipe.stages[name], STAGES.index(name)
     if cfg.init_from:
         src = Path(cfg.init_from)
     elif idx == 0:
-        src = None
+        student = convert_model(run.teacher.model, run.recipe.mate, seed=run.recipe.seed)
+        return student, f"conversion of {run.recipe.teacher}"
     else:
         src = run.out / STAGES[idx - 1]
         if not (src / "stage.json").is_file():
@@ -147,17 +129,14 @@ def build_student(run: Run, name: str) -> tuple[nn.Module, str]:
                 f"{name} starts from {STAGES[idx - 1]}'s output {src}, which does not exist: run "
                 f"`linmu distill RECIPE --stage {STAGES[idx - 1]}` first, or set stages.{name}.init_from=DIR"
             )
-    if src is None:
-        student = convert_model(run.teacher.model, run.recipe.mate, seed=run.recipe.seed)
-        return student, f"conversion of {run.recipe.teacher}"
     try:
         saved = MateConfig.from_saved(json.loads((src / "config.json").read_text())["mate"])
-    except (OSError, KeyError, json.JSONDecodeError):
+    except (OSError, KeyError, TypeError, json.JSONDecodeError):
         raise LinmuError(f"{src} is not a LinMU checkpoint (no config.json with a 'mate' section)") from None
     # the kernel is a runtime setting, not saved with the stage: this run's recipe chooses it
     mate = saved.replace(ssd_backend=run.recipe.mate.ssd_backend)
     student = convert_model(run.teacher.model, mate, seed=run.recipe.seed)
-    _load_linmu_tensors(student, src)
+    load_linmu_tensors(student, src)
     return student, str(src)
 
 

@@ -35,41 +35,19 @@ from PIL import Image
 
 from linmu_cli.data.chat import chat_prompt
 from linmu_cli.evaluation.manifest import MODEL_ARGS, coerce_model_args, parse_arg_string
+from linmu_cli.loading import load_model
 from linmu_cli.media import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, read_video
 
 _PLACEHOLDER = re.compile(r"<image (\d+)>|<image>")  # MMMU's numbered images; LongVideoBench _i's frames
 
-__all__ = ["MODEL_ARGS", "LinMU", "load_model"]
+__all__ = ["MODEL_ARGS", "LinMU"]
 
 
 def _optional(value, cast):
     return None if value in (None, "", "none", "None") else cast(value)
 
 
-def load_model(pretrained: str, device: torch.device, dtype: str = "auto", attn_implementation: str | None = None,
-               seed: int = 0):  # fmt: skip
-    """(model, processor) for anything `linmu convert` accepts as a source, plus LinMU checkpoints."""
-    import linmu_cli.models  # noqa: F401  (registers the LinMU classes with the Auto classes)
-    from linmu_cli.sources import load_pretrained, load_teacher, parse_dtype, read_model_type, resolve_source
-
-    torch_dtype = parse_dtype(str(dtype))
-    kind, where = resolve_source(str(pretrained))
-    if kind in ("tiny", "random"):  # built in memory, seeded
-        teacher = load_teacher(str(pretrained), dtype=str(dtype), device=str(device), seed=seed)
-        return teacher.model.eval(), teacher.processor
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    where = Path(where)
-    read_model_type(where)  # a config.json that is not an object: one clear error, not transformers' trace
-    model = load_pretrained(
-        where, "model", lambda: AutoModelForImageTextToText.from_pretrained(where, dtype=torch_dtype, **extra)
-    )
-    processor = load_pretrained(where, "processor", lambda: AutoProcessor.from_pretrained(where))
-    return model.to(device).eval(), processor
-
-
-def _blame(exc: Exception, task: str | None, doc_id: int | None) -> None:
+def _blame(exc: Exception, task: str | None, doc_id: int | None) -> Exception:
     """Mark which task (and doc) a request failed on, so `linmu eval` can name it; the exception is unchanged
     otherwise (plain lmms-eval prints it as before)."""
     if task is not None and not hasattr(exc, "linmu_task"):
@@ -171,14 +149,14 @@ class LinMU(lmms):
         except LinmuError as exc:
             raise ValueError(f"linmu: {exc}") from None
         self.pretrained = str(pretrained)
-        self.model, self.processor = load_model(
-            self.pretrained, self._device, dtype, attn_implementation, int(seed)
-        )
+        loaded = load_model(self.pretrained, dtype=str(dtype), device=self._device,
+                            attn_implementation=attn_implementation, seed=int(seed), require_processor=True)  # fmt: skip
+        self.model, self.processor = loaded.model, loaded.processor
         self.tokenizer = self.processor.tokenizer
         self.tokenizer.padding_side = "left"
         self.processor.tokenizer.padding_side = "left"
         self._set_pixels(_optional(min_pixels, int), _optional(max_pixels, int))
-        self.is_linmu = hasattr(self.model, "mate_config")
+        self.is_linmu = loaded.is_linmu
         self.progress = progress
         self._recent_videos: OrderedDict = OrderedDict()
         self.stats: dict[str, Any] = {
@@ -508,5 +486,5 @@ class LinMU(lmms):
             out.append((loss, greedy))
         return out
 
-    def generate_until_multi_round(self, requests) -> list[str]:
+    def generate_until_multi_round(self, requests: list[Instance]) -> list[str]:
         raise NotImplementedError("linmu: multi-round generation is not supported")
