@@ -128,9 +128,10 @@ class LinMUModelMixin:
             if isinstance(plan, dict):
                 module._tp_plan = {k: v for k, v in plan.items() if "self_attn" not in k}
 
-    def new_cache(self) -> LinMUCache:
-        """An empty cache for this model: per layer the SSM state, conv tail and text-window ring (§3-4)."""
-        return LinMUCache(len(self.family.decoder_layers(self)))
+    def new_cache(self, ssm_dtype: torch.dtype = torch.float32) -> LinMUCache:
+        """An empty cache for this model: per layer the SSM state, conv tail and text-window ring (§3-4), allocated
+        by the first forward. `ssm_dtype=torch.bfloat16` halves the SSM state (updated in float32, stored rounded)."""
+        return LinMUCache(len(self.family.decoder_layers(self)), self.mate_config.text_window, ssm_dtype)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """The source forward on M-MATE blocks: a LinMUCache when none is given, the token layout built once,
@@ -172,11 +173,12 @@ class LinMUModelMixin:
         )
 
     def _fixed_buffer_forward(self, input_ids, attention_mask, kwargs: dict, cache: LinMUCache):
-        """generate(cache_implementation="static"): prefill as usual, then decode on fixed buffers.
+        """generate(cache_implementation="static"): prefill as usual, then step the cache with a `StaticDecoder`.
 
-        After a multi-token forward the state moves into a `StaticDecoder` (one CUDA graph on CUDA); each
-        one-token call is then one step on those buffers, with the token generate() chose (docs/design.md §3-4).
-        A later multi-token call (next turn) moves the state back first.
+        The cache is the state either way (its buffers, allocated by the prefill, updated in place by every
+        forward); the runner only replays the model's one-token step over them, as one CUDA graph on CUDA (eager
+        elsewhere: the same step). A later multi-token call (next turn) is an ordinary forward on the same buffers,
+        and a new runner is made after it.
         """
         from linmu_cli.fast_decode import StaticDecoder
 
@@ -196,9 +198,8 @@ class LinMUModelMixin:
                 positions = positions[None].expand(3, -1, -1) if positions.dim() == 2 else positions[-3:]
                 cache.static.positions.copy_(positions[:, :, -1:])
             logits = cache.static.feed(input_ids)[:, None]
-            cache.seen_tokens += 1
             return cache.static_output(logits=logits, **{cache.static_output_field: cache})
-        cache.unfreeze()
+        cache.drop_runner()
         seen: list[torch.Tensor] = []
         hook = self.family.text_model(self).rotary_emb.register_forward_hook(
             lambda module, args, out: seen.append(args[1])
@@ -212,16 +213,15 @@ class LinMUModelMixin:
         positions = seen[-1]
         positions = positions[None].expand(3, -1, -1) if positions.dim() == 2 else positions[-3:]
         ref = out.logits
-        decoder = StaticDecoder.from_cache(
+        runner = StaticDecoder.from_cache(
             self,
             cache,
             tokens=torch.zeros(ref.shape[0], 1, dtype=torch.long, device=ref.device),
             positions=positions[:, :, -1:] + 1,
         )
         if ref.device.type == "cuda":
-            decoder.capture(keep_state=True)
-        cache.layers = [type(layer)() for layer in cache.layers]  # the buffers hold the state now
-        cache.static = decoder
+            runner.capture(keep_state=True)
+        cache.static = runner
         cache.static_output = type(out)
         cache.static_output_field = next(k for k, v in out.items() if v is cache)
         return out
