@@ -197,3 +197,21 @@ def test_a_bf16_ssm_state_halves_it_and_stays_close_to_float32(tiny):
     torch.testing.assert_close(logits[1][0], logits[0][0], atol=0, rtol=0)  # the prefill scans in float32
     diff = (logits[1] - logits[0]).abs().max().item()
     assert 0 < diff < 0.05 * logits[0].abs().max().item(), diff
+
+
+def test_a_static_generate_asking_for_hidden_states_steps_eagerly_on_the_same_cache(tiny):
+    """The runner returns logits only; a step that wants hidden states runs the eager forward on the same buffers
+    (one state): the same tokens, logits and hidden states as generate() without "static"."""
+    _, teacher, _ = tiny
+    student = convert_model(teacher, MateConfig(text_window=4))
+    ids = torch.randint(0, 900, (2, 7))
+    args = dict(input_ids=ids, max_new_tokens=6, do_sample=False, return_dict_in_generate=True, output_logits=True,
+                output_hidden_states=True)  # fmt: skip
+    with torch.no_grad():
+        got = student.generate(**args, cache_implementation="static")
+        want = student.generate(**args)
+    assert output_cache(got).static is not None
+    assert torch.equal(got.sequences, want.sequences)
+    torch.testing.assert_close(torch.stack(got.logits), torch.stack(want.logits), atol=2e-5, rtol=1e-5)
+    for a, b in zip(got.hidden_states, want.hidden_states, strict=True):
+        torch.testing.assert_close(torch.stack(a), torch.stack(b), atol=2e-5, rtol=1e-5)

@@ -3,8 +3,9 @@
 Every measurement returns one JSON entry (tokens/s, ms per step, cache bytes, peak memory, the bytes a step
 must move for the roofline). The headline teacher is the teacher as it is served (`linmu_cli.teacher_decode`:
 static KV cache, the fastest measured q_len=1 decode attention, one CUDA graph per step); `teacher_hf` is
-transformers' forward with its DynamicCache. LinMU runs `linmu_cli.fast_decode`, captured in a CUDA graph on
-CUDA, and at batch 1 also through transformers' forward for a same-harness comparison. Batch 1 decodes on from
+transformers' forward with its DynamicCache. LinMU runs `linmu_cli.fast_decode` over a LinMUCache, captured in a
+CUDA graph on CUDA (what generate(cache_implementation="static") runs), and at batch 1 also the same step through
+transformers' forward, eager (what generate() runs otherwise). Batch 1 decodes on from
 the real prefill; larger batches on caches of the right shapes filled with random values (decode cost does
 not depend on the values).
 """

@@ -180,6 +180,10 @@ class MateCacheLayer(CacheLayerMixin):
     def get_max_length(self) -> int:
         return -1  # no sequence dimension: the state's size never depends on the length
 
+    def get_max_cache_shape(self) -> int:
+        """The name `get_max_length` had before transformers 5.16 (abstract in some releases: defined here)."""
+        return -1
+
     # ------------------------------------------------------------------ batch rows (generation utilities)
     def reset(self) -> None:
         """Zero every buffer in place (addresses kept); the ring's slot back to 0."""

@@ -177,22 +177,22 @@ class LinMUModelMixin:
 
         The cache is the state either way (its buffers, allocated by the prefill, updated in place by every
         forward); the runner only replays the model's one-token step over them, as one CUDA graph on CUDA (eager
-        elsewhere: the same step). A later multi-token call (next turn) is an ordinary forward on the same buffers,
-        and a new runner is made after it.
+        elsewhere: the same step). A step that asks for more than logits (hidden states, labels) and a later
+        multi-token call (next turn) are ordinary forwards on the same buffers; a new runner is made after the latter.
         """
         from linmu_cli.fast_decode import StaticDecoder
 
         step = cache.static is not None and input_ids is not None and input_ids.shape[1] == 1
+        wanted = [
+            k
+            for k in ("output_hidden_states", "labels", "inputs_embeds")
+            if kwargs.get(k) not in (None, False)
+        ]
+        if step and wanted:  # the runner returns logits only: this step runs eagerly, on the same buffers
+            out = self._linmu_forward(input_ids, attention_mask, kwargs)
+            cache.static.positions.add_(1)
+            return out
         if step:
-            wanted = [
-                k for k in ("output_hidden_states", "labels", "inputs_embeds") if kwargs.get(k) is not None
-            ]
-            wanted = [k for k in wanted if kwargs[k] is not False]
-            if wanted:
-                raise ValueError(
-                    f"{', '.join(wanted)} with a fixed-buffer (cache_implementation='static') decode step: the step "
-                    "returns logits only; generate without cache_implementation='static' to get them"
-                )
             positions = kwargs.get("position_ids")
             if positions is not None:  # what generate() computed: follow it exactly
                 positions = positions[None].expand(3, -1, -1) if positions.dim() == 2 else positions[-3:]
@@ -340,7 +340,8 @@ class LinMUGenerationMixin(LinMUModelMixin):
                 "leave it unset"
             )
         model_kwargs[name] = self.new_cache()
-        # "static": decode on fixed buffers, the CUDA-graph step on CUDA (linmu_cli.fast_decode.StaticDecoder)
+        # the cache is fixed buffers either way; "static" steps it with linmu_cli.fast_decode.StaticDecoder (one CUDA
+        # graph on CUDA). Not the default yet: the graph path has not run on a GPU since the one-state refactor.
         model_kwargs[name].static_requested = impl == "static"
         return None
 

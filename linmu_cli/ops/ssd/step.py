@@ -1,6 +1,6 @@
 """One decode step of the SSD recurrence, updating the state in place (the decode path of Flex-MA, docs/design.md §3).
 
-    S <- exp(dt A) S + dt x B^T,    y = S C        (per batch row and head; S (b, h, p, n) float32)
+    S <- exp(dt A) S + dt x B^T,    y = S C        (per batch row and head; S (b, h, p, n), float32 or bf16)
 
 A single token needs no chunked scan: on CUDA with mamba-ssm importable this is mamba's Triton
 `selective_state_update` (one kernel that reads and writes S once, in place, so CUDA graphs can capture it);
