@@ -215,3 +215,18 @@ def test_a_static_generate_asking_for_hidden_states_steps_eagerly_on_the_same_ca
     torch.testing.assert_close(torch.stack(got.logits), torch.stack(want.logits), atol=2e-5, rtol=1e-5)
     for a, b in zip(got.hidden_states, want.hidden_states, strict=True):
         torch.testing.assert_close(torch.stack(a), torch.stack(b), atol=2e-5, rtol=1e-5)
+
+
+def test_generate_takes_the_ssm_dtype_from_cache_config(tiny):
+    _, teacher, _ = tiny
+    student = convert_model(teacher, MateConfig(text_window=4))
+    ids = torch.randint(0, 900, (1, 6))
+    with torch.no_grad():
+        for impl in (None, "static"):
+            out = student.generate(input_ids=ids, max_new_tokens=3, do_sample=False, return_dict_in_generate=True,
+                                   cache_implementation=impl, cache_config={"ssm_dtype": "bfloat16"})  # fmt: skip
+            assert {layer.ssm.dtype for layer in output_cache(out).layers} == {torch.bfloat16}
+        with pytest.raises(ValueError, match="takes only 'ssm_dtype'"):
+            student.generate(input_ids=ids, max_new_tokens=2, cache_config={"max_batch_size": 2})
+        with pytest.raises(ValueError, match="ssm_dtype='int8'"):
+            student.generate(input_ids=ids, max_new_tokens=2, cache_config={"ssm_dtype": "int8"})

@@ -322,7 +322,8 @@ class LinMUGenerationMixin(LinMUModelMixin):
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         """generate() gets a LinMUCache; `cache_implementation` "static" / "dynamic" mean that cache (it is
-        fixed-size already, docs/design.md §3-4); other layouts are refused with the reason."""
+        fixed-size already, docs/design.md §3-4); other layouts are refused with the reason. `cache_config` may set
+        the SSM state's dtype: generate(..., cache_config={"ssm_dtype": "bfloat16"})."""
         name = _cache_arg(type(self))
         impl = generation_config.cache_implementation
         if model_kwargs.get(name) is not None or generation_config.use_cache is False:
@@ -339,11 +340,28 @@ class LinMUGenerationMixin(LinMUModelMixin):
                 f"recurrent state (LinMUCache): use cache_implementation in {LINMU_CACHE_IMPLEMENTATIONS} or "
                 "leave it unset"
             )
-        model_kwargs[name] = self.new_cache()
+        model_kwargs[name] = self.new_cache(**_linmu_cache_options(generation_config.cache_config))
         # the cache is fixed buffers either way; "static" steps it with linmu_cli.fast_decode.StaticDecoder (one CUDA
         # graph on CUDA). Not the default yet: the graph path has not run on a GPU since the one-state refactor.
         model_kwargs[name].static_requested = impl == "static"
         return None
+
+
+_SSM_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _linmu_cache_options(cache_config: dict | None) -> dict[str, torch.dtype]:
+    """`new_cache` arguments from generate()'s `cache_config`: only `ssm_dtype` (a torch dtype or its name)."""
+    options = dict(cache_config or {})
+    dtype = options.pop("ssm_dtype", torch.float32)
+    if options:
+        raise ValueError(
+            f"cache_config keys {sorted(options)}: a LinMUCache takes only 'ssm_dtype' (one of {sorted(_SSM_DTYPES)})"
+        )
+    dtype = _SSM_DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
+    if dtype not in _SSM_DTYPES.values():
+        raise ValueError(f"cache_config ssm_dtype={dtype!r}: use one of {sorted(_SSM_DTYPES)}")
+    return {"ssm_dtype": dtype}
 
 
 @cache
