@@ -168,9 +168,8 @@ class FlexMA(nn.Module):
                                    (c * d**-0.5)[:, 0], ssm, backend=self.mate.ssd_backend)  # fmt: skip
             y = y[:, None]
         else:
-            if (
-                ssm_prev is not None and ssm_prev.dtype != torch.float32
-            ):  # a bf16 cache state: scan in float32
+            # a reduced-precision cache state (LinMUCache ssm_dtype) enters the scan in float32
+            if ssm_prev is not None and ssm_prev.dtype != torch.float32:
                 ssm_prev = ssm_prev.float()
             y, ssm_next = self._scan(
                 xbc, dt, a, inputs.dtb_raw, layout, layer_idx, ssm_prev, state is not None

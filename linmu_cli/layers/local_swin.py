@@ -88,9 +88,7 @@ class LocalSwin(nn.Module):
         window = self.mate.text_window
         if state is not None:
             keys, values, key_valid, past = state.update_window(keys, values, key_valid, window)
-        if (
-            state is not None and length == 1
-        ):  # decode: the ring is exactly the token's window, itself included
+        if state is not None and length == 1:  # decode: the ring is the token's whole window, itself included
             out = decode_attention(q, keys, values, key_valid, scale)
         else:
             queries = q.transpose(1, 2)
