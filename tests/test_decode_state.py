@@ -136,8 +136,9 @@ def test_the_bench_step_and_generate_run_the_same_layer_step(tiny, monkeypatch):
 
 
 def test_the_cache_buffers_keep_their_addresses_across_every_update(tiny):
-    """Allocated once by the prefill, then written in place by decode steps, a multi-token continuation, a beam
-    reorder and a reset: what lets a captured CUDA graph keep stepping the cache generate() holds."""
+    """Allocated once by the prefill, then written in place by decode steps, a multi-token continuation, the
+    runner's step, a beam reorder and a reset: what lets a captured CUDA graph keep stepping the cache generate()
+    holds."""
     _, teacher, _ = tiny
     student = convert_model(teacher, MateConfig(text_window=5))
     ids = torch.randint(0, 900, (2, 9))
@@ -148,8 +149,13 @@ def test_the_cache_buffers_keep_their_addresses_across_every_update(tiny):
         for t in range(3):
             student(input_ids=ids[:, t : t + 1], **{CACHE: cache})
         student(input_ids=ids[:, :4], **{CACHE: cache})  # next turn: a chunk continues the ring in age order
+        runner = StaticDecoder.from_cache(
+            student, cache, ids[:, :1], bench.next_positions(student, 16, 2, ids.device)
+        )
+        for _ in range(2):  # the runner's step (what a CUDA graph records) writes the same buffers
+            runner.step()
         cache.reorder_cache(torch.tensor([1, 0]))
-        assert _addresses(cache) == before and cache.get_seq_length() == 9 + 3 + 4
+        assert _addresses(cache) == before and cache.get_seq_length() == 9 + 3 + 4 + 2
         cache.reset()
         assert _addresses(cache) == before and cache.get_seq_length() == 0
         again = student(input_ids=ids, **{CACHE: cache}).logits
