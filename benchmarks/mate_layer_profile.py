@@ -8,7 +8,8 @@ tokens. Timed with CUDA events (median of --repeats after a warm-up):
 - M-MATE layer, full; the same layer in floor mode (scans and attention skipped, layers/floor.py);
 - M-MATE pieces: the forward SSD scan (with its scan-order gathers), the backward scan (segment-confined),
   Local-Swin's window attention, its text sliding window;
-- the decode step of the layer at batch 1, 16 and 256 (fixed buffers, as linmu_cli.fast_decode runs it).
+- the decode step of the layer at batch 1, 16 and 256 (a LinMUCache's fixed buffers, as generate() and
+  linmu_cli.fast_decode run it).
 
 Then a torch.profiler table of the CUDA kernels of one full layer forward (top 25 by time). Usage:
 
@@ -28,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from linmu_cli.config import MateConfig  # noqa: E402
-from linmu_cli.fast_decode import StaticLayerState  # noqa: E402
+from linmu_cli.layers.cache import LinMUCache  # noqa: E402
 from linmu_cli.layers.floor import skip_mixers  # noqa: E402
 from linmu_cli.layers.layout import Segment, TokenLayout  # noqa: E402
 from linmu_cli.layers.mate import MateAttention  # noqa: E402
@@ -207,19 +208,23 @@ def main() -> None:
         ms["text_sliding_window_all_blocks"] = timed(
             lambda: sliding_window_attention(qt, kt, vt, layout.valid, mate.text_window, d**-0.5), r
         )
-        # decode step of this layer on fixed buffers
+        # decode step of this layer on a LinMUCache's fixed buffers (what generate() and fast_decode step)
         for batch in () if args.no_decode else (1, 16, 256):
-            slot = torch.zeros(1, dtype=torch.long, device=dev)
-            state = StaticLayerState(
-                torch.randn(batch, h, d, d, device=dev) * 0.01, torch.randn(batch, 4608, 3, device=dev, dtype=dt),
-                torch.randn(batch, 4, mate.text_window, d, device=dev, dtype=dt),
-                torch.randn(batch, 4, mate.text_window, d, device=dev, dtype=dt),
-                torch.ones(batch, mate.text_window, dtype=torch.bool, device=dev), slot,
-            )  # fmt: skip
+            cache = LinMUCache(block.layer_idx + 1, mate.text_window)
+            state = cache.layer(block.layer_idx)
+            ring = (batch, 4, mate.text_window, d)
+            state.set_ring(torch.randn(ring, device=dev, dtype=dt), torch.randn(ring, device=dev, dtype=dt),
+                           torch.ones(batch, mate.text_window, dtype=torch.bool, device=dev))  # fmt: skip
+            state.ssm = torch.randn(batch, h, d, d, device=dev) * 0.01
+            state.conv = torch.randn(batch, 4608, 3, device=dev, dtype=dt)
             ut = torch.randn(batch, 1, 3584, device=dev, dtype=dt)
             rt = (rope[0][:, :1].expand(batch, 1, 128), rope[1][:, :1].expand(batch, 1, 128))
+            lt = TokenLayout.text_only(batch, 1, dev)
             ms[f"decode_step_batch_{batch}"] = timed(
-                lambda st=state, ut=ut, rt=rt: block.static_step(ut, rt, st), r
+                lambda c=cache, ut=ut, rt=rt, lt=lt: block(
+                    ut, position_embeddings=rt, linmu_layout=lt, cache=c
+                ),
+                r,
             )
         res["ssd_step_backend"] = last_ssd_step_backend()
 

@@ -1,77 +1,55 @@
-"""Decoding a LinMU model on fixed buffers: no host syncs, no allocations that move, one CUDA graph.
+"""Greedy / fed decode steps over a `LinMUCache`, recorded once in a CUDA graph on CUDA.
 
-`model.generate()` with the default `LinMUCache` pays, per token, Python dispatch of every small op of 28
-layers (thousands of kernel launches) and re-allocates the Local-Swin ring. Decoding a LinMU model needs only
-constant-size state, so a whole step can run on buffers whose addresses never change. The bench steps a
-`StaticDecoder` directly; `model.generate(cache_implementation="static")` runs the same step (`feed`, with the
-token generate() chose: every decoding strategy, beams reordered in place) after a normal prefill:
+A LinMU model's decode state is a `LinMUCache` whose buffers are allocated at the end of the prefill and then
+updated in place (linmu_cli/layers/cache.py): the SSM state, the conv tail, a ring of `text_window` key / value
+slots with its validity mask and slot pointer. Every forward of one token runs the same M-MATE decode step
+(`MateAttention.forward`), so a whole model step has fixed addresses and no host syncs: `StaticDecoder` runs that
+step (the model's own embedding, decoder layers, norm and LM head) and, on CUDA, captures it in a CUDA graph:
+one launch per token instead of thousands of small kernels.
 
-- Flex-MA: the SSM state (B, H, d, d) float32 and the conv tail, both updated in place by the decode step
-  (`FlexMA.forward` with one token; mamba-ssm's `selective_state_update` on CUDA);
-- Local-Swin: a ring of `text_window` key / value slots plus a validity mask; the new token's key overwrites
-  the key that just left its window, then the token attends to the valid slots (`LocalSwin.ring_step`);
-- the next token, its M-RoPE position and the ring slot live in device tensors advanced by the step itself.
-
-On CUDA the step is captured once in a CUDA graph and replayed: one launch per token. The decoder layers,
-norms, MLPs and the LM head are the model's own modules (it calls the transformers decoder layers), so the
-step computes what `model(input_ids=token, cache=...)` computes (tests/test_bench.py checks the logits).
+`generate(cache_implementation="static")` steps its cache with one (`feed`, with the token generate() chose,
+beams reordered in place); the bench steps the same class (`from_cache` after a real prefill, `random` for
+states of the right shapes). Eager forwards and graph replays can interleave on one cache: they write the same
+buffers.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import inspect
 
 import torch
 from torch import nn
 
-from linmu_cli.layers.cache import LinMUCache, MateLayerState
-
-
-@dataclass
-class StaticLayerState:
-    """Decode buffers of one M-MATE layer (duck-types the `ssm` / `conv` fields of `MateLayerState`)."""
-
-    ssm: torch.Tensor | None  # (B, H, d, d) float32
-    conv: torch.Tensor | None  # (B, channels, d_conv - 1)
-    keys: torch.Tensor | None  # (B, H_kv, text_window, d), ring
-    values: torch.Tensor | None
-    key_valid: torch.Tensor | None  # (B, text_window) bool
-    slot: torch.Tensor  # (1,) long, shared by all layers: ring slot of the token being decoded
-
-    def nbytes(self) -> int:
-        ts = (self.ssm, self.conv, self.keys, self.values, self.key_valid)
-        return sum(t.numel() * t.element_size() for t in ts if t is not None)
+from linmu_cli.layers.cache import LinMUCache
+from linmu_cli.layers.layout import TokenLayout
 
 
 def _text_model(model: nn.Module) -> nn.Module:
     return model.family.text_model(model)
 
 
-def _sizes(model: nn.Module) -> dict:
-    text_config = model.family.text_config(model.config)
-    heads, kv_heads = text_config.num_attention_heads, text_config.num_key_value_heads
-    head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // heads
-    return {"heads": heads, "kv_heads": kv_heads, "head_dim": head_dim,
-            "layers": text_config.num_hidden_layers, "mate": model.mate_config}  # fmt: skip
+def _cache_kwarg(layer: nn.Module) -> str:
+    """The decoder layer's cache keyword in this transformers release (`cache` from 5.24 on)."""
+    return "cache" if "cache" in inspect.signature(layer.forward).parameters else "past_key_values"
 
 
 class StaticDecoder:
-    """Greedy decode steps of a LinMU model on fixed buffers (see the module docstring).
+    """A step runner over a `LinMUCache` (see the module docstring): `step()` decodes one token for every row
+    (its own argmax next), `feed(tokens)` the given ones; `capture()` records the step in a CUDA graph so that
+    each later step is one replay. The cache is stepped in place, never copied."""
 
-    Build it with `from_cache` (after a real prefill) or `random` (states of the right shapes with random
-    values: decode cost does not depend on them), then call `step()` repeatedly; `capture()` records the step
-    in a CUDA graph so that each later `step()` is one graph replay.
-    """
-
-    def __init__(self, model: nn.Module, states: list[StaticLayerState], tokens: torch.Tensor,
-                 positions: torch.Tensor) -> None:  # fmt: skip
-        self.model, self.states = model, states
+    def __init__(
+        self, model: nn.Module, cache: LinMUCache, tokens: torch.Tensor, positions: torch.Tensor
+    ) -> None:
+        self.model, self.cache = model, cache
         self.tokens = tokens  # (B, 1) long: the token fed to the next step
         self.positions = positions  # (3, B, 1) long: its M-RoPE position (text: all three equal)
-        self.slot = states[0].slot
-        self.window = model.mate_config.text_window
+        # the step's token layout, built once: nothing in a step reads back from the device
+        self.layout = TokenLayout.text_only(tokens.shape[0], 1, tokens.device)
+        self._cache_kw = _cache_kwarg(_text_model(model).layers[0])
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None
+        self._addresses: list[int] = []
 
     @property
     def batch(self) -> int:
@@ -79,95 +57,89 @@ class StaticDecoder:
 
     def nbytes(self) -> int:
         """Bytes of decode state (what grows with the batch, not with the prompt)."""
-        return sum(s.nbytes() for s in self.states)
+        return self.cache.nbytes()
 
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_cache(cls, model: nn.Module, cache: LinMUCache, tokens: torch.Tensor,
                    positions: torch.Tensor) -> StaticDecoder:  # fmt: skip
-        """Copy a prefilled `LinMUCache` into fixed buffers; `tokens` / `positions` are the next token's."""
-        sz = _sizes(model)
-        window = sz["mate"].text_window
-        bsz = tokens.shape[0]
-        first = next(t for s in cache.layers for _, t in s.tensors())
-        slot = torch.zeros(1, dtype=torch.long, device=first.device)
-        states = []
-        for layer in cache.layers:
-            keys = values = valid = None
-            if layer.keys is not None:
-                held = layer.keys.shape[2]  # at most window - 1, oldest first: slots 0 .. held-1
-                keys = layer.keys.new_zeros(bsz, sz["kv_heads"], window, sz["head_dim"])
-                values = layer.values.new_zeros(bsz, sz["kv_heads"], window, sz["head_dim"])
-                valid = torch.zeros(bsz, window, dtype=torch.bool, device=layer.keys.device)
-                keys[:, :, :held], values[:, :, :held], valid[:, :held] = (
-                    layer.keys,
-                    layer.values,
-                    layer.key_valid,
-                )
-                slot.fill_(held % window)
-            # contiguous copies (fla's final state is a transposed view): the step kernel streams them row-major
-            ssm = layer.ssm.clone(memory_format=torch.contiguous_format) if layer.ssm is not None else None
-            conv = layer.conv.clone(memory_format=torch.contiguous_format) if layer.conv is not None else None
-            states.append(StaticLayerState(ssm, conv, keys, values, valid, slot))
-        return cls(model, states, tokens.clone(), positions.clone())
+        """A runner stepping a prefilled cache (in place); `tokens` / `positions` are the next token's."""
+        if not isinstance(cache, LinMUCache):
+            raise TypeError(f"a StaticDecoder steps a LinMUCache, not a {type(cache).__name__}")
+        return cls(model, cache, tokens.clone(), positions.clone())
 
     @classmethod
-    def random(cls, model: nn.Module, batch: int, position: int = 0, seed: int = 0) -> StaticDecoder:
-        """Buffers for `batch` sequences filled with random values of the right shapes and dtypes."""
-        sz = _sizes(model)
-        mate, h, hk, d = sz["mate"], sz["heads"], sz["kv_heads"], sz["head_dim"]
+    def random(cls, model: nn.Module, batch: int, position: int = 0, seed: int = 0,
+               ssm_dtype: torch.dtype = torch.float32) -> StaticDecoder:  # fmt: skip
+        """A cache for `batch` sequences of `position` tokens, filled with random values of the right shapes and
+        dtypes (decode cost does not depend on them), and a runner over it."""
+        text_config = model.family.text_config(model.config)
+        heads, hk = text_config.num_attention_heads, text_config.num_key_value_heads
+        d = getattr(text_config, "head_dim", None) or text_config.hidden_size // heads
+        mate = model.mate_config
         ref = model.lm_head.weight
         dev, dtype = ref.device, ref.dtype
         gen = torch.Generator(device=dev).manual_seed(seed)
         rnd = lambda *shape, dt=dtype: (torch.randn(*shape, generator=gen, device=dev) * 0.02).to(dt)  # noqa: E731
-        slot = torch.zeros(1, dtype=torch.long, device=dev)
-        states = []
-        for _ in range(sz["layers"]):
-            ssm = conv = keys = values = valid = None
+        cache = model.new_cache(ssm_dtype=ssm_dtype)
+        for layer in cache.layers:
             if mate.use_flex:
-                ssm = rnd(batch, h, d, d, dt=torch.float32)
+                layer.ssm = rnd(batch, heads, d, d, dt=ssm_dtype)
                 if mate.d_conv > 0:
-                    conv = rnd(batch, (2 * hk + h) * d, mate.d_conv - 1)
+                    layer.conv = rnd(batch, (2 * hk + heads) * d, mate.d_conv - 1)
             if mate.use_swin:
-                keys, values = rnd(batch, hk, mate.text_window, d), rnd(batch, hk, mate.text_window, d)
+                ring = (batch, hk, mate.text_window, d)
                 valid = torch.ones(batch, mate.text_window, dtype=torch.bool, device=dev)
-            states.append(StaticLayerState(ssm, conv, keys, values, valid, slot))
-        vocab = ref.shape[0]
-        tokens = torch.randint(0, min(vocab, 1000), (batch, 1), generator=gen, device=dev)
+                layer.set_ring(rnd(*ring), rnd(*ring), valid)
+            layer.seen = position
+        tokens = torch.randint(0, min(ref.shape[0], 1000), (batch, 1), generator=gen, device=dev)
         positions = torch.full((3, batch, 1), position, dtype=torch.long, device=dev)
-        return cls(model, states, tokens, positions)
+        return cls(model, cache, tokens, positions)
 
     # ------------------------------------------------------------------ stepping
     def _step(self) -> torch.Tensor:
+        """One token through the model's own modules; the layers run their one decode step on the cache."""
         text = _text_model(self.model)
         hidden = text.embed_tokens(self.tokens)
         rope = text.rotary_emb(hidden, self.positions)
-        for layer, state in zip(text.layers, self.states, strict=True):
-            hidden = layer(hidden, position_embeddings=rope, linmu_static=state)
+        for layer in text.layers:
+            hidden = layer(hidden, position_embeddings=rope, linmu_layout=self.layout,
+                           **{self._cache_kw: self.cache})  # fmt: skip
+            hidden = hidden[0] if isinstance(hidden, tuple) else hidden
         hidden = text.norm(hidden)
         logits = self.model.lm_head(hidden[:, -1])
         self.tokens.copy_(logits.argmax(-1, keepdim=True))
         self.positions.add_(1)
-        self.slot.add_(1).remainder_(self.window)
         return logits
+
+    def _check_addresses(self) -> None:
+        """A graph replays on the addresses it recorded: refuse if a buffer was reallocated since."""
+        if self._buffer_addresses() != self._addresses:
+            raise RuntimeError(
+                "the LinMUCache's buffers moved since the CUDA graph was captured (a batch change or a new cache "
+                "shape): capture again"
+            )
 
     @torch.no_grad()
     def step(self) -> torch.Tensor:
         """Decode one token for every row; returns that step's logits (B, vocab)."""
-        if self.graph is not None:
-            self.graph.replay()
-            return self.logits
-        return self._step()
+        if self.graph is None:
+            return self._step()
+        self._check_addresses()
+        self.graph.replay()
+        self.cache.advance(1)  # the layers' host-side token count does not run in a replay
+        return self.logits
 
     @torch.no_grad()
     def capture(self, warmup: int = 2, keep_state: bool = False) -> None:
         """Record one step in a CUDA graph (after `warmup` eager steps on a side stream, as torch requires).
 
-        The warm-up steps advance the state; `keep_state=True` puts every buffer back afterwards (in place, so
-        the graph's addresses stay valid): what `generate()` needs after a real prefill.
+        The warm-up and capture steps advance the state; `keep_state=True` puts every buffer back afterwards (in
+        place, so the graph's addresses stay valid): what `generate()` needs after a real prefill.
         """
         if self.tokens.device.type != "cuda":
             raise RuntimeError("CUDA graphs need a CUDA device")
+        seen = [layer.seen for layer in self.cache.layers]
         saved = [t.clone() for t in self._buffers()] if keep_state else None
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
@@ -179,18 +151,22 @@ class StaticDecoder:
         with torch.cuda.graph(graph):
             self.logits = self._step()
         self.graph = graph
+        self._addresses = self._buffer_addresses()
         if saved is not None:
             for buf, old in zip(self._buffers(), saved, strict=True):
                 buf.copy_(old)
+        # the layers counted the warm-up steps and the recorded one; only the warm-up steps ran (or none, restored)
+        for layer, n in zip(self.cache.layers, seen, strict=True):
+            layer.seen = n if saved is not None else n + warmup
 
-    # ------------------------------------------------------------------ as generate()'s cache (docs/design.md §3-4)
     def _buffers(self) -> list[torch.Tensor]:
-        """Every tensor a step reads and updates in place (the slot once: all layers share it)."""
-        out = [self.tokens, self.positions, self.slot]
-        for s in self.states:
-            out += [t for t in (s.ssm, s.conv, s.keys, s.values, s.key_valid) if t is not None]
-        return out
+        """Every tensor a step reads and updates in place."""
+        return [self.tokens, self.positions, *[t for layer in self.cache.layers for _, t in layer.tensors()]]
 
+    def _buffer_addresses(self) -> list[int]:
+        return [t.data_ptr() for t in self._buffers()]
+
+    # ------------------------------------------------------------------ as generate()'s step (docs/design.md §3-4)
     @torch.no_grad()
     def feed(self, tokens: torch.Tensor) -> torch.Tensor:
         """Decode the given next tokens (B, 1), not the step's own argmax; returns logits (B, vocab).
@@ -202,29 +178,13 @@ class StaticDecoder:
 
     @torch.no_grad()
     def select_rows(self, index: torch.Tensor) -> None:
-        """Reorder / pick batch rows in place (beam search), keeping every buffer's address."""
-        for buf in [self.tokens, self.positions, *[t for s in self.states for t in (s.ssm, s.conv, s.keys,
-                                                                                     s.values, s.key_valid)
-                                                   if t is not None]]:  # fmt: skip
-            dim = 1 if buf is self.positions else 0
-            buf.copy_(buf.index_select(dim, index.to(buf.device)))
-
-    def layer_states(self) -> list[MateLayerState]:
-        """The state as `LinMUCache` layers (oldest key first): to continue with a multi-token forward."""
-        out = []
-        order = (self.slot + 1 + torch.arange(self.window - 1, device=self.slot.device)) % self.window
-        for s in self.states:
-            state = MateLayerState(ssm=s.ssm.clone() if s.ssm is not None else None,
-                                   conv=s.conv.clone() if s.conv is not None else None)  # fmt: skip
-            if s.keys is not None:
-                state.keys = s.keys.index_select(2, order)
-                state.values = s.values.index_select(2, order)
-                state.key_valid = s.key_valid.index_select(1, order)
-            out.append(state)
-        return out
+        """Reorder the runner's own rows (token, position) in place; `LinMUCache.reorder_cache` calls it after
+        reordering its layers."""
+        self.tokens.copy_(self.tokens.index_select(0, index.to(self.tokens.device)))
+        self.positions.copy_(self.positions.index_select(1, index.to(self.positions.device)))
 
     def release(self) -> None:
-        self.graph, self.logits, self.states = None, None, []
+        self.graph, self.logits, self._addresses = None, None, []
 
 
-__all__ = ["StaticDecoder", "StaticLayerState"]
+__all__ = ["StaticDecoder"]

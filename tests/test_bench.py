@@ -1,6 +1,7 @@
 """`linmu bench` on CPU: the command and its JSON schema, argument errors, the floor mode, the fixed-buffer
 decode step, the real-shape configs. No timing assertions (CPU numbers mean nothing)."""
 
+import copy
 import json
 
 import pytest
@@ -221,7 +222,8 @@ def test_static_decoder_equals_the_transformers_decode_path(tiny):
             cache = output_cache(out)
             token = out.logits[:, -1].argmax(-1, keepdim=True)
             pos = bench.next_positions(student, inputs["input_ids"].shape[1], 1, torch.device("cpu"))
-            fast = StaticDecoder.from_cache(student, cache, token, pos)
+            # the runner steps its cache in place: a copy, so the reference below has its own
+            fast = StaticDecoder.from_cache(student, copy.deepcopy(cache), token, pos)
             for _ in range(7):
                 ref = student(input_ids=token, position_ids=pos, cache=cache, use_cache=True).logits[:, -1]
                 torch.testing.assert_close(fast.step(), ref, atol=1e-5, rtol=1e-5)

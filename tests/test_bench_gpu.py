@@ -9,9 +9,12 @@
 Run with `python3 -m pytest -s -m gpu tests/test_bench_gpu.py`.
 """
 
+import copy
+
 import pytest
 import torch
 from conftest import output_cache, prompt_inputs, video
+from test_decode_state import interleave_graph_and_eager
 
 from linmu_cli import bench
 from linmu_cli.config import MateConfig
@@ -30,7 +33,10 @@ def rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
-def test_mamba_decode_step_matches_the_torch_step():
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
+def test_mamba_decode_step_matches_the_torch_step(state_dtype):
+    """Both state dtypes (LinMUCache ssm_dtype): mamba's kernel updates in float32 and stores in the state's dtype,
+    as the torch step does."""
     dev = torch.device("cuda")
     if step_backend(dev) != "mamba":
         pytest.skip("mamba-ssm does not import here")
@@ -41,13 +47,14 @@ def test_mamba_decode_step_matches_the_torch_step():
     cc = (torch.randn(b, h, n, device=dev, generator=g) / n**0.5).bfloat16()
     dt = torch.rand(b, h, device=dev, generator=g) * 0.1
     a = -torch.rand(h, device=dev, generator=g) * 8 - 1
-    state = torch.randn(b, h, p, n, device=dev, generator=g)
+    state = torch.randn(b, h, p, n, device=dev, generator=g).to(state_dtype)
     y_ref, s_ref = ssd_step(x, dt, a, bb, cc, state.clone(), backend="torch")
     s_fast = state.clone()
     y_fast, s_out = ssd_step(x, dt, a, bb, cc, s_fast)
     assert last_ssd_step_backend() == "mamba" and s_out.data_ptr() == s_fast.data_ptr()  # in place
     print(f"\nmamba step: y rel. error {rel(y_fast, y_ref):.1e}, state {rel(s_fast, s_ref):.1e}")
-    assert rel(y_fast, y_ref) < 1e-2 and rel(s_fast, s_ref) < 1e-5
+    assert s_fast.dtype == state_dtype
+    assert rel(y_fast, y_ref) < 1e-2 and rel(s_fast, s_ref) < (1e-5 if state_dtype == torch.float32 else 1e-2)
 
 
 def test_static_decoder_matches_the_transformers_path_on_gpu():
@@ -62,7 +69,7 @@ def test_static_decoder_matches_the_transformers_path_on_gpu():
         cache = output_cache(out)
         token = out.logits[:, -1].argmax(-1, keepdim=True)
         pos = bench.next_positions(student, inputs["input_ids"].shape[1], 1, dev)
-        fast = StaticDecoder.from_cache(student, cache, token, pos)
+        fast = StaticDecoder.from_cache(student, copy.deepcopy(cache), token, pos)  # steps its cache in place
         for _ in range(9):  # token by token; the ring of 6 wraps around
             ref = student(input_ids=token, position_ids=pos, cache=cache, use_cache=True).logits[:, -1]
             got = fast.step()
@@ -86,6 +93,11 @@ def test_graph_replay_equals_eager_steps():
             la, lb = a.step().clone(), b.step().clone()
             assert torch.equal(a.tokens, b.tokens)
             assert rel(lb, la) < 1e-3
+
+
+def test_graph_replays_and_eager_forwards_interleave_on_one_cache():
+    """tests/test_decode_state.py runs the same check on CPU, without the graph."""
+    interleave_graph_and_eager(torch.device("cuda"))
 
 
 @pytest.mark.parametrize("kernel", ["split_kv", "sdpa_masked", "matmul"])

@@ -1,7 +1,7 @@
 """GPU: generate(cache_implementation="static") runs fast_decode's CUDA-graph step (issue 13).
 
 Same tokens and logits as the LinMUCache path (float32, so the comparison is tight), the graph really captured,
-and the state untouched by the capture's warm-up steps. Run with `python3 -m pytest -s -m gpu tests/test_hf_gpu.py`.
+and the state untouched by the capture's warm-up steps; the same with a bf16 SSM state. Run with `python3 -m pytest -s -m gpu tests/test_hf_gpu.py`.
 """
 
 import pytest
@@ -34,5 +34,24 @@ def test_static_generate_replays_a_cuda_graph_and_equals_the_cache_path(num_beam
                                          output_scores=True))  # fmt: skip
     got, want = outs
     assert output_cache(got).static.graph is not None
+    assert torch.equal(got.sequences, want.sequences)
+    torch.testing.assert_close(torch.stack(got.scores), torch.stack(want.scores), atol=1e-3, rtol=1e-3)
+
+
+def test_a_bf16_ssm_state_under_the_graph_equals_it_eager():
+    """cache_config={"ssm_dtype": "bfloat16"}: mamba's step kernel stores the state in bf16 inside the captured
+    graph exactly as the eager forward does (the same step on the same kind of cache)."""
+    teacher, _ = build_tiny_teacher("qwen2_vl", seed=0)
+    student = convert_model(teacher.cuda(), MateConfig(text_window=5))
+    ids = torch.randint(0, 900, (2, 11), device="cuda")
+    outs = []
+    for impl in ("static", None):
+        with torch.no_grad():
+            outs.append(student.generate(input_ids=ids, max_new_tokens=12, min_new_tokens=12, do_sample=False,
+                                         cache_implementation=impl, cache_config={"ssm_dtype": "bfloat16"},
+                                         return_dict_in_generate=True, output_scores=True))  # fmt: skip
+    got, want = outs
+    cache = output_cache(got)
+    assert cache.static.graph is not None and {layer.ssm.dtype for layer in cache.layers} == {torch.bfloat16}
     assert torch.equal(got.sequences, want.sequences)
     torch.testing.assert_close(torch.stack(got.scores), torch.stack(want.scores), atol=1e-3, rtol=1e-3)

@@ -19,8 +19,9 @@ Per frame count it reports, for the teacher and for LinMU:
 
 The headline teacher decodes as it is served (`linmu_cli.teacher_decode`: static KV cache, the fastest measured
 q_len=1 decode attention, one CUDA graph per step); `teacher_hf` is transformers' forward with its DynamicCache
-(what `generate()` does). LinMU runs its fixed-buffer step (`linmu_cli.fast_decode`), captured in a CUDA graph
-on CUDA, and also, at batch 1, through transformers' forward (`batch_1_hf`) for a same-harness comparison. Both
+(what `generate()` does). LinMU runs `linmu_cli.fast_decode` over its LinMUCache, captured in a CUDA graph on
+CUDA (what `generate(cache_implementation="static")` runs), and also, at batch 1, the same layer step on the same
+cache through transformers' forward, eager (`batch_1_hf`, what `generate()` runs otherwise). Both
 models run the same vision tower (`linmu_cli.vision`, unless `fast_vision=False`). Roofline fields compare each
 TTFT with the device's measured matrix rate and each decode step with its measured copy bandwidth
 (`measure_ceilings`). Schema `linmu-bench/2` (docs/benchmarks.md).

@@ -3,8 +3,9 @@
 Every measurement returns one JSON entry (tokens/s, ms per step, cache bytes, peak memory, the bytes a step
 must move for the roofline). The headline teacher is the teacher as it is served (`linmu_cli.teacher_decode`:
 static KV cache, the fastest measured q_len=1 decode attention, one CUDA graph per step); `teacher_hf` is
-transformers' forward with its DynamicCache. LinMU runs `linmu_cli.fast_decode`, captured in a CUDA graph on
-CUDA, and at batch 1 also through transformers' forward for a same-harness comparison. Batch 1 decodes on from
+transformers' forward with its DynamicCache. LinMU runs `linmu_cli.fast_decode` over a LinMUCache, captured in a
+CUDA graph on CUDA (what generate(cache_implementation="static") runs), and at batch 1 also the same step through
+transformers' forward, eager (what generate() runs otherwise). Batch 1 decodes on from
 the real prefill; larger batches on caches of the right shapes filled with random values (decode cost does
 not depend on the values).
 """
@@ -47,7 +48,7 @@ def storage_bytes(cache: Any) -> int:
     prompt-length tensor counts in full)."""
     tensors = []
     for layer in getattr(cache, "layers", []):
-        if hasattr(layer, "tensors"):  # LinMU's MateLayerState
+        if hasattr(layer, "tensors"):  # LinMU's MateCacheLayer
             tensors += [t for _, t in layer.tensors()]
         else:
             tensors += [t for t in (getattr(layer, "keys", None), getattr(layer, "values", None))
@@ -193,7 +194,8 @@ class Decoding:
 
     def linmu(self, model: nn.Module, batch: int, prompt_len: int, start: DecodeStart | None = None,
               check_only: bool = False) -> dict:  # fmt: skip
-        """The fixed-buffer decode step (`fast_decode`), as one CUDA graph when enabled."""
+        """`fast_decode.StaticDecoder` stepping a LinMUCache: what generate(cache_implementation="static") runs, as
+        one CUDA graph when enabled. From the real prefill it steps that cache in place (batch_1_hf continues it)."""
         from linmu_cli.fast_decode import StaticDecoder
 
         held = None
@@ -224,7 +226,10 @@ class Decoding:
             steps, seconds = self._time(dec.step)
             state_bytes = dec.nbytes()
             written = sum(
-                t.numel() * t.element_size() for st in dec.states for t in (st.ssm, st.conv) if t is not None
+                t.numel() * t.element_size()
+                for layer in dec.cache.layers
+                for t in (layer.ssm, layer.conv)
+                if t is not None
             )  # fmt: skip  (SSM state and conv tail: read and written back)
             dec.release()
         entry = self._entry(batch, steps, seconds, fill, mode, state_bytes, mem,

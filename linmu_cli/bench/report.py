@@ -27,8 +27,9 @@ NOTES = [
     "and the vision tower still run).",
     "Decode: teacher = the served teacher (static KV cache pre-allocated to prompt + new tokens, q_len=1 decode "
     "attention chosen by timing, one CUDA graph on CUDA: linmu_cli.teacher_decode); teacher_hf = transformers "
-    "forward + DynamicCache (what generate() runs); LinMU = fixed-buffer step (one CUDA graph on CUDA); "
-    "'batch_1_hf' = LinMU through transformers' harness. cache_fill 'random' = caches of the real shapes filled "
+    "forward + DynamicCache (what generate() runs); LinMU = fast_decode over its LinMUCache (one CUDA graph on "
+    "CUDA: generate(cache_implementation='static')); 'batch_1_hf' = the same step and cache through "
+    "transformers' forward, eager (generate()'s default). cache_fill 'random' = caches of the real shapes filled "
     "with random values instead of prefilling every sequence (decode cost does not depend on the values).",
     "Roofline: TTFT achieved_tflops = analytic matrix FLOPs (linears, patch embedding, softmax attention; not "
     "LinMU's scans) / TTFT, of_matmul_peak against the measured matmul rate; decode achieved_bytes_per_s = "

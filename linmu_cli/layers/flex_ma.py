@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from linmu_cli.config import MateConfig
-from linmu_cli.layers.cache import MateLayerState
+from linmu_cli.layers.cache import MateCacheLayer
 from linmu_cli.layers.layout import TokenLayout
 from linmu_cli.ops.fused_linear import fused_linear
 from linmu_cli.ops.gated_norm import gated_rmsnorm
@@ -133,7 +133,7 @@ class FlexMA(nn.Module):
         u: torch.Tensor,
         layout: TokenLayout,
         layer_idx: int,
-        state: MateLayerState | None,
+        state: MateCacheLayer | None,
         inputs: FlexInputs | None = None,
     ) -> torch.Tensor:
         """u (B, L, hidden) -> per-head outputs (B, L, H, d), before the output projection.
@@ -162,17 +162,20 @@ class FlexMA(nn.Module):
         dt = F.softplus(inputs.dt_raw.float() + self.dt_bias) * layout.valid[..., None]
         a = -torch.exp(self.A_log.float())
 
-        if decode:  # one recurrence step (ops/ssd/step.py), in place outside autograd
-            ssm = ssm_prev if ssm_prev is not None else x.new_zeros(bsz, h, d, d, dtype=torch.float32)
+        if decode:  # one recurrence step (ops/ssd/step.py) on the cache's buffer, in place outside autograd
+            ssm = state.ssm_buffer(bsz, h, d, d, u.device)
             y, ssm_next = ssd_step(expand_heads(x, h)[:, 0], dt[:, 0], a, expand_heads(b, h)[:, 0],
                                    (c * d**-0.5)[:, 0], ssm, backend=self.mate.ssd_backend)  # fmt: skip
             y = y[:, None]
         else:
+            # a reduced-precision cache state (LinMUCache ssm_dtype) enters the scan in float32
+            if ssm_prev is not None and ssm_prev.dtype != torch.float32:
+                ssm_prev = ssm_prev.float()
             y, ssm_next = self._scan(
                 xbc, dt, a, inputs.dtb_raw, layout, layer_idx, ssm_prev, state is not None
             )
-        if state is not None:
-            _write_state(state, conv_next, ssm_next.detach(), length == 1)
+        if state is not None:  # the one write of Flex-MA's cache, after every read of it
+            state.update_flex(conv_next, ssm_next)
 
         # y + D * x with x at key/value width, broadcast over each group (no repeated copy of x)
         g = h // hk
@@ -232,16 +235,3 @@ class FlexMA(nn.Module):
             back = yb.reshape(rows * steps, h * d).index_select(0, bg.out_index).view(bsz, length, h, d)
             y = torch.addcmul(y, back, bg.keep.to(y.dtype))
         return y, final_state
-
-
-def _write_state(state: MateLayerState, conv: torch.Tensor | None, ssm: torch.Tensor, decode: bool) -> None:
-    """The one place Flex-MA writes its cache, after every read of it (docs/design.md §3: decoding keeps the
-    forward state and the conv tail). One decode token overwrites the conv buffer in place (fixed address: CUDA
-    graphs and the fixed-buffer decoder keep it); a chunk stores a copy (a view would keep the whole prompt's
-    conv inputs alive). The SSM state of a decode step is already the updated buffer itself (ops/ssd/step.py)."""
-    if conv is not None:
-        if decode and state.conv is not None and state.conv.shape == conv.shape:
-            state.conv.copy_(conv)
-        else:
-            state.conv = conv.clone()
-    state.ssm = ssm

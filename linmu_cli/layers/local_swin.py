@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from linmu_cli.config import MateConfig
-from linmu_cli.layers.cache import MateLayerState
+from linmu_cli.layers.cache import MateCacheLayer
 from linmu_cli.layers.layout import TokenLayout
 from linmu_cli.ops.window_attention import (
     decode_attention,
@@ -72,7 +72,7 @@ class LocalSwin(nn.Module):
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         layout: TokenLayout,
         layer_idx: int,
-        state: MateLayerState | None,
+        state: MateCacheLayer | None,
         qkv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """u (B, L, hidden) -> per-head outputs (B, L, H, d), before the output projection.
@@ -83,18 +83,13 @@ class LocalSwin(nn.Module):
         d, scale = self.head_dim, self.head_dim**-0.5
         q, k, v = self._qkv(u, position_embeddings, qkv)
 
-        # text: causal sliding window over the cached ring (read once, here) followed by this chunk
-        keys, values, key_valid = k.transpose(1, 2), v.transpose(1, 2), layout.valid
-        cached = state is not None and state.keys is not None
-        if cached:
-            keys = torch.cat([state.keys.to(keys.dtype), keys], dim=2)
-            values = torch.cat([state.values.to(values.dtype), values], dim=2)
-            key_valid = torch.cat([state.key_valid, key_valid], dim=1)
-        past = keys.shape[2] - length
+        # text: causal sliding window over the cached ring (the cache touched once, here) followed by this chunk
+        keys, values, key_valid, past = k.transpose(1, 2), v.transpose(1, 2), layout.valid, 0
         window = self.mate.text_window
-        if cached and length == 1:  # decode: the ring holds at most window - 1 keys, all in the window
-            mask = torch.cat([state.key_valid, torch.ones_like(layout.valid)], dim=1)  # the token sees itself
-            out = decode_attention(q, keys, values, mask, scale)
+        if state is not None:
+            keys, values, key_valid, past = state.update_window(keys, values, key_valid, window)
+        if state is not None and length == 1:  # decode: the ring is the token's whole window, itself included
+            out = decode_attention(q, keys, values, key_valid, scale)
         else:
             queries = q.transpose(1, 2)
             if past:
@@ -102,8 +97,6 @@ class LocalSwin(nn.Module):
             blocks = layout.text_blocks(sliding_block(window, past + length), past)  # None without vision
             out = sliding_window_attention(queries, keys, values, key_valid, window, scale, blocks)
             out = out[:, :, past:].transpose(1, 2)
-        if state is not None:
-            _write_ring(state, keys, values, key_valid, window, length)
 
         # vision: full attention inside (shifted) 3D windows of each segment, written over the text result
         shifted = self.mate.shift_windows and layer_idx % 2 == 1
@@ -119,35 +112,3 @@ class LocalSwin(nn.Module):
         q = apply_rope(q.view(bsz, length, self.heads, self.head_dim), cos, sin)
         k = apply_rope(k.view(bsz, length, self.kv_heads, self.head_dim), cos, sin)
         return q, k, v.view(bsz, length, self.kv_heads, self.head_dim)
-
-    def ring_step(
-        self,
-        u: torch.Tensor,
-        position_embeddings: tuple[torch.Tensor, torch.Tensor],
-        keys: torch.Tensor,
-        values: torch.Tensor,
-        key_valid: torch.Tensor,
-        slot: torch.Tensor,
-    ) -> torch.Tensor:
-        """One decode token over a fixed ring of `text_window` slots, updated in place (CUDA-graph safe).
-
-        u (B, 1, hidden); keys / values (B, H_kv, text_window, d); key_valid (B, text_window); slot (1,) long,
-        the ring position of this token. The new key overwrites the one `text_window` tokens back (just out of
-        its window), then the token attends to every valid slot: the same keys as `forward`'s decode path.
-        """
-        q, k, v = self._qkv(u, position_embeddings)
-        keys.index_copy_(2, slot, k.transpose(1, 2).to(keys.dtype))
-        values.index_copy_(2, slot, v.transpose(1, 2).to(values.dtype))
-        key_valid.index_fill_(1, slot, True)
-        return decode_attention(q, keys, values, key_valid, self.head_dim**-0.5)
-
-
-def _write_ring(state: MateLayerState, keys: torch.Tensor, values: torch.Tensor, key_valid: torch.Tensor,
-                window: int, length: int) -> None:  # fmt: skip
-    """The one place Local-Swin writes its cache: the last `window - 1` keys / values (docs/design.md §4, constant
-    memory), copies after a chunk (views would keep the whole prompt's keys and values alive)."""
-    start = max(keys.shape[2] - (window - 1), 0)
-    keys, values, key_valid = keys[:, :, start:], values[:, :, start:], key_valid[:, start:]
-    if length > 1:
-        keys, values, key_valid = keys.clone(), values.clone(), key_valid.clone()
-    state.keys, state.values, state.key_valid = keys.detach(), values.detach(), key_valid

@@ -7,7 +7,6 @@ token (or per token and head). Both branches are initialized from the teacher la
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -19,9 +18,6 @@ from linmu_cli.layers.flex_ma import FlexMA, fast_kernels
 from linmu_cli.layers.layout import TokenLayout
 from linmu_cli.layers.local_swin import LocalSwin
 from linmu_cli.ops.fused_linear import fused_linear
-
-if TYPE_CHECKING:  # fast_decode imports the layers
-    from linmu_cli.fast_decode import StaticLayerState
 
 
 class MateAttention(nn.Module):
@@ -91,9 +87,8 @@ class MateAttention(nn.Module):
         cache: LinMUCache | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, None]:
-        static = kwargs.get("linmu_static")
-        if static is not None:  # fixed-buffer decode step (linmu_cli.fast_decode)
-            return self.static_step(hidden_states, position_embeddings, static), None
+        """The block on a chunk, or on one token with a cache: the decode step, the only one (generate() runs it
+        eagerly, `linmu_cli.fast_decode` records it in a CUDA graph), updating the layer's cache in place."""
         cache = cache if cache is not None else past_key_values
         if cache is not None and not isinstance(cache, LinMUCache):
             raise TypeError(f"LinMU layers need a LinMUCache, got {type(cache).__name__}")
@@ -110,8 +105,8 @@ class MateAttention(nn.Module):
             if self.mate.use_swin
             else None
         )
-        if cache is not None:
-            cache.advance(self.layer_idx, u.shape[1])
+        if state is not None:
+            state.advance(u.shape[1])
         return self._combine(u, flex, swin, logit, fast), None
 
     def _fast(self, u: torch.Tensor) -> bool:
@@ -162,23 +157,6 @@ class MateAttention(nn.Module):
         out = self.flex.o_proj((a * flex).flatten(2))
         rows = ((1 - a) * swin).reshape(-1, self.heads * self.head_dim)
         return torch.addmm(out.reshape(-1, out.shape[-1]), rows, self.swin.o_proj.weight.t()).view(out.shape)
-
-    def static_step(
-        self, u: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor], state: StaticLayerState
-    ) -> torch.Tensor:
-        """One generated token (B, 1, hidden) against fixed-address buffers, all updated in place.
-
-        `state` (a `linmu_cli.fast_decode.StaticLayerState`) holds this layer's SSM state and conv tail
-        (Flex-MA's decode step already updates those in place) and a Local-Swin ring of `text_window` slots
-        with the shared slot pointer. No host syncs, no shape changes: the step can be captured in a CUDA graph.
-        """
-        layout = TokenLayout.text_only(u.shape[0], 1, u.device)
-        flex = self.flex(u, layout, self.layer_idx, state) if self.mate.use_flex else None
-        swin = None
-        if self.mate.use_swin:
-            swin = self.swin.ring_step(u, position_embeddings, state.keys, state.values, state.key_valid,
-                                       state.slot)  # fmt: skip
-        return self._combine(u, flex, swin)
 
 
 def set_ssd_backend(model: nn.Module, backend: str) -> None:

@@ -128,9 +128,10 @@ class LinMUModelMixin:
             if isinstance(plan, dict):
                 module._tp_plan = {k: v for k, v in plan.items() if "self_attn" not in k}
 
-    def new_cache(self) -> LinMUCache:
-        """An empty cache for this model: per layer the SSM state, conv tail and text-window ring (§3-4)."""
-        return LinMUCache(len(self.family.decoder_layers(self)))
+    def new_cache(self, ssm_dtype: torch.dtype = torch.float32) -> LinMUCache:
+        """An empty cache for this model: per layer the SSM state, conv tail and text-window ring (§3-4), allocated
+        by the first forward. `ssm_dtype=torch.bfloat16` halves the SSM state (updated in float32, stored rounded)."""
+        return LinMUCache(len(self.family.decoder_layers(self)), self.mate_config.text_window, ssm_dtype)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """The source forward on M-MATE blocks: a LinMUCache when none is given, the token layout built once,
@@ -172,33 +173,33 @@ class LinMUModelMixin:
         )
 
     def _fixed_buffer_forward(self, input_ids, attention_mask, kwargs: dict, cache: LinMUCache):
-        """generate(cache_implementation="static"): prefill as usual, then decode on fixed buffers.
+        """generate(cache_implementation="static"): prefill as usual, then step the cache with a `StaticDecoder`.
 
-        After a multi-token forward the state moves into a `StaticDecoder` (one CUDA graph on CUDA); each
-        one-token call is then one step on those buffers, with the token generate() chose (docs/design.md §3-4).
-        A later multi-token call (next turn) moves the state back first.
+        The cache is the state either way (its buffers, allocated by the prefill, updated in place by every
+        forward); the runner only replays the model's one-token step over them, as one CUDA graph on CUDA (eager
+        elsewhere: the same step). A step that asks for more than logits (hidden states, labels) and a later
+        multi-token call (next turn) are ordinary forwards on the same buffers; a new runner is made after the latter.
         """
         from linmu_cli.fast_decode import StaticDecoder
 
         step = cache.static is not None and input_ids is not None and input_ids.shape[1] == 1
+        wanted = [
+            k
+            for k in ("output_hidden_states", "labels", "inputs_embeds")
+            if kwargs.get(k) not in (None, False)
+        ]
+        if step and wanted:  # the runner returns logits only: this step runs eagerly, on the same buffers
+            out = self._linmu_forward(input_ids, attention_mask, kwargs)
+            cache.static.positions.add_(1)
+            return out
         if step:
-            wanted = [
-                k for k in ("output_hidden_states", "labels", "inputs_embeds") if kwargs.get(k) is not None
-            ]
-            wanted = [k for k in wanted if kwargs[k] is not False]
-            if wanted:
-                raise ValueError(
-                    f"{', '.join(wanted)} with a fixed-buffer (cache_implementation='static') decode step: the step "
-                    "returns logits only; generate without cache_implementation='static' to get them"
-                )
             positions = kwargs.get("position_ids")
             if positions is not None:  # what generate() computed: follow it exactly
                 positions = positions[None].expand(3, -1, -1) if positions.dim() == 2 else positions[-3:]
                 cache.static.positions.copy_(positions[:, :, -1:])
             logits = cache.static.feed(input_ids)[:, None]
-            cache.seen_tokens += 1
             return cache.static_output(logits=logits, **{cache.static_output_field: cache})
-        cache.unfreeze()
+        cache.drop_runner()
         seen: list[torch.Tensor] = []
         hook = self.family.text_model(self).rotary_emb.register_forward_hook(
             lambda module, args, out: seen.append(args[1])
@@ -212,16 +213,15 @@ class LinMUModelMixin:
         positions = seen[-1]
         positions = positions[None].expand(3, -1, -1) if positions.dim() == 2 else positions[-3:]
         ref = out.logits
-        decoder = StaticDecoder.from_cache(
+        runner = StaticDecoder.from_cache(
             self,
             cache,
             tokens=torch.zeros(ref.shape[0], 1, dtype=torch.long, device=ref.device),
             positions=positions[:, :, -1:] + 1,
         )
         if ref.device.type == "cuda":
-            decoder.capture(keep_state=True)
-        cache.layers = [type(layer)() for layer in cache.layers]  # the buffers hold the state now
-        cache.static = decoder
+            runner.capture(keep_state=True)
+        cache.static = runner
         cache.static_output = type(out)
         cache.static_output_field = next(k for k, v in out.items() if v is cache)
         return out
@@ -322,7 +322,8 @@ class LinMUGenerationMixin(LinMUModelMixin):
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         """generate() gets a LinMUCache; `cache_implementation` "static" / "dynamic" mean that cache (it is
-        fixed-size already, docs/design.md §3-4); other layouts are refused with the reason."""
+        fixed-size already, docs/design.md §3-4); other layouts are refused with the reason. `cache_config` may set
+        the SSM state's dtype: generate(..., cache_config={"ssm_dtype": "bfloat16"})."""
         name = _cache_arg(type(self))
         impl = generation_config.cache_implementation
         if model_kwargs.get(name) is not None or generation_config.use_cache is False:
@@ -339,10 +340,28 @@ class LinMUGenerationMixin(LinMUModelMixin):
                 f"recurrent state (LinMUCache): use cache_implementation in {LINMU_CACHE_IMPLEMENTATIONS} or "
                 "leave it unset"
             )
-        model_kwargs[name] = self.new_cache()
-        # "static": decode on fixed buffers, the CUDA-graph step on CUDA (linmu_cli.fast_decode.StaticDecoder)
+        model_kwargs[name] = self.new_cache(**_linmu_cache_options(generation_config.cache_config))
+        # the cache is fixed buffers either way; "static" steps it with linmu_cli.fast_decode.StaticDecoder (one CUDA
+        # graph on CUDA). Not the default yet: the graph path has not run on a GPU since the one-state refactor.
         model_kwargs[name].static_requested = impl == "static"
         return None
+
+
+_SSM_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _linmu_cache_options(cache_config: dict | None) -> dict[str, torch.dtype]:
+    """`new_cache` arguments from generate()'s `cache_config`: only `ssm_dtype` (a torch dtype or its name)."""
+    options = dict(cache_config or {})
+    dtype = options.pop("ssm_dtype", torch.float32)
+    if options:
+        raise ValueError(
+            f"cache_config keys {sorted(options)}: a LinMUCache takes only 'ssm_dtype' (one of {sorted(_SSM_DTYPES)})"
+        )
+    dtype = _SSM_DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
+    if dtype not in _SSM_DTYPES.values():
+        raise ValueError(f"cache_config ssm_dtype={dtype!r}: use one of {sorted(_SSM_DTYPES)}")
+    return {"ssm_dtype": dtype}
 
 
 @cache

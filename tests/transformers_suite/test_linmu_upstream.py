@@ -141,23 +141,25 @@ class LinMUQwen2VLModelTest(upstream.Qwen2VLModelTest):
         )
 
     def _check_past_key_values_for_generate(self, batch_size, past_key_values, seq_length, config):
-        """LinMU's cache holds, per layer, the SSM state, the conv tail and the last text_window - 1 keys /
-        values: sizes fixed by the batch, not by the sequence (docs/design.md §3-4)."""
+        """LinMU's cache holds, per layer, the SSM state, the conv tail and a ring of text_window key / value slots
+        (at most text_window of them valid): sizes fixed by the batch, not by the sequence (docs/design.md
+        §3-4)."""
         self.assertIsInstance(past_key_values, LinMUCache)
         text = config.get_text_config(decoder=True)
         self.assertEqual(len(past_key_values), text.num_hidden_layers)
         mate = MateConfig.from_dict(MATE)
         heads, kv_heads = text.num_attention_heads, text.num_key_value_heads
         head_dim = text.hidden_size // heads
-        held = min(seq_length, mate.text_window - 1)
+        window = mate.text_window
         for layer in past_key_values.layers:
             self.assertEqual(layer.ssm.shape, (batch_size, heads, head_dim, head_dim))
             self.assertEqual(
                 layer.conv.shape, (batch_size, (2 * kv_heads + heads) * head_dim, mate.d_conv - 1)
             )
-            self.assertEqual(layer.keys.shape, (batch_size, kv_heads, held, head_dim))
-            self.assertEqual(layer.values.shape, (batch_size, kv_heads, held, head_dim))
-            self.assertEqual(layer.key_valid.shape, (batch_size, held))
+            self.assertEqual(layer.keys.shape, (batch_size, kv_heads, window, head_dim))
+            self.assertEqual(layer.values.shape, (batch_size, kv_heads, window, head_dim))
+            self.assertEqual(layer.key_valid.shape, (batch_size, window))
+            self.assertLessEqual(int(layer.key_valid.sum(-1).max()), min(seq_length, window))
 
     test_training = _lm_head_class_only("test_training")
     test_training_gradient_checkpointing = _lm_head_class_only("test_training_gradient_checkpointing")

@@ -1,6 +1,6 @@
 """One decode step of the SSD recurrence, updating the state in place (the decode path of Flex-MA, docs/design.md §3).
 
-    S <- exp(dt A) S + dt x B^T,    y = S C        (per batch row and head; S (b, h, p, n) float32)
+    S <- exp(dt A) S + dt x B^T,    y = S C        (per batch row and head; S (b, h, p, n), float32 or bf16)
 
 A single token needs no chunked scan: on CUDA with mamba-ssm importable this is mamba's Triton
 `selective_state_update` (one kernel that reads and writes S once, in place, so CUDA graphs can capture it);
@@ -58,12 +58,13 @@ def ssd_step(
         A: (h,) negative decay rates.
         B: (b, h, n) keys.
         C: (b, h, n) queries.
-        state: (b, h, p, n) float32, the state before this token.
+        state: (b, h, p, n), the state before this token: float32, or bfloat16 / float16 (updated in float32,
+            stored rounded; y comes from the float32 update, as mamba's kernel does).
         backend: "auto" (mamba's kernel on CUDA when it imports) or "torch"; other names mean "auto".
 
     Returns:
         (y (b, h, p) in x.dtype, new state). Outside autograd the new state is `state` itself; a row with
-        dt = 0 and x = 0 (padding) keeps its state.
+        dt = 0 and x = 0 (padding) keeps its state. A functional step returns a float32 state.
     """
     global _LAST_STEP_BACKEND
     functional = torch.is_grad_enabled() and any(t.requires_grad for t in (x, dt, A, B, C, state))
@@ -84,10 +85,14 @@ def ssd_step(
     decay = torch.exp(dtf * A.float())[..., None, None]  # (b, h, 1, 1)
     inp = (dtf[..., None] * x.float())[..., None] * B.float()[:, :, None, :]  # (b, h, p, n)
     if functional:
-        state = state * decay + inp
-    else:
-        state.mul_(decay).add_(inp)
-    y = torch.einsum("bhpn,bhn->bhp", state, C.float())
+        state = state.float() * decay + inp
+        new = state
+    elif state.dtype == torch.float32:
+        new = state.mul_(decay).add_(inp)
+    else:  # a reduced-precision state (LinMUCache ssm_dtype): updated in float32, rounded once when stored
+        new = state.float().mul_(decay).add_(inp)
+        state.copy_(new)
+    y = torch.einsum("bhpn,bhn->bhp", new, C.float())
     return y.to(x.dtype), state
 
 
