@@ -317,18 +317,21 @@ class ServedTeacherDecoder:
         self.graph, self.logits, self.keys, self.values = None, None, [], []
 
 
-def _graph_ms(fn: Callable[[], object], calls: int = 10, replays: int = 3) -> float:
-    """ms per call of `fn`, from replays of a CUDA graph of `calls` calls (warmed up on a side stream first, as
-    capture requires; Triton compiles there). A kernel that cannot be captured raises: the step could not run it."""
+def graph_ms(fn: Callable[[int], object], calls: int = 10, replays: int = 3) -> float:
+    """ms per call of `fn(i)`, from replays of one CUDA graph of `calls` calls (warmed up on a side stream first,
+    as capture requires; Triton compiles there). `i` lets the caller read a different layer's cache per call,
+    as the step does, so a cache smaller than L2 is not timed from L2. A kernel that cannot be captured raises:
+    the served step could not run it."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        fn()
+        for i in range(min(calls, 2)):
+            fn(i)
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
+        for i in range(calls):
+            fn(i)
     graph.replay()
     a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     a.record()
@@ -342,9 +345,9 @@ def _graph_ms(fn: Callable[[], object], calls: int = 10, replays: int = 3) -> fl
 
 
 def choose_kernel(dec: ServedTeacherDecoder, requested: str = "auto") -> KernelChoice:
-    """Time every kernel on layer 0's real buffers, replayed from a CUDA graph as the step runs it, and keep the
-    fastest one whose output agrees with `sdpa_masked`; `requested` names one kernel instead. On CPU `auto`
-    takes `split_kv` untimed."""
+    """Time every kernel on the real buffers (layers in turn), replayed from a CUDA graph as the step runs it,
+    and keep the fastest one whose output agrees with `sdpa_masked` on layer 0; `requested` names one kernel
+    instead. On CPU `auto` takes `split_kv` untimed."""
     per_call = 2 * dec.batch * dec.kv_heads * dec.head_dim * dec.keys[0].element_size() * (dec.prompt + 1)
     if requested != "auto":
         if requested not in KERNELS:
@@ -370,13 +373,13 @@ def choose_kernel(dec: ServedTeacherDecoder, requested: str = "auto") -> KernelC
                 if err > 2e-2:
                     trials[name] = f"wrong: rel. error {err:.1e} against sdpa_masked"
                     continue
-                trials[name] = _graph_ms(lambda fn=fn: dec.attend(0, q, fn))
+                trials[name] = graph_ms(lambda i, fn=fn: dec.attend(i % len(dec.keys), q, fn))
             except Exception as exc:  # noqa: BLE001 - a kernel that does not run here is reported, not used
                 if isinstance(exc, torch.OutOfMemoryError):
                     raise
                 trials[name] = f"error: {type(exc).__name__}: {str(exc)[:120]}"
     timed = {n: t for n, t in trials.items() if isinstance(t, float)}
-    timing = "CUDA graph replay of 10 calls on layer 0, x3"
+    timing = "CUDA graph of 10 calls (layers 0-9 in turn), replayed 3 times"
     return KernelChoice(min(timed, key=timed.get), trials, dec.shape.chunks, per_call, timing)
 
 
@@ -386,6 +389,7 @@ __all__ = [
     "KernelChoice",
     "ServedTeacherDecoder",
     "choose_kernel",
+    "graph_ms",
     "split_kv",
     "triton_split_kv",
 ]

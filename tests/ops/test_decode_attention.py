@@ -40,8 +40,8 @@ def interpreted(tmp_path_factory) -> dict:
     builds the same inputs from the same seeds and checks them against the reference."""
     pytest.importorskip("triton", reason="triton is not installed: the Triton kernel is not testable")
     out = tmp_path_factory.mktemp("decode_attention") / "interpreted.pt"
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests"), str(HERE), os.environ.get("PYTHONPATH", "")]))  # fmt: skip
+    path = os.pathsep.join([str(ROOT), str(ROOT / "tests"), str(HERE), os.environ.get("PYTHONPATH", "")])
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1", PYTHONPATH=path)
     proc = subprocess.run([sys.executable, str(HERE / "decode_attention_cases.py"), str(out)], env=env,
                           capture_output=True, text=True, timeout=900)  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]

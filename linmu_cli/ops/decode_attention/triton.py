@@ -137,12 +137,15 @@ def _sm_count(device: torch.device) -> int:
 
 
 def choose_num_splits(rows: int, capacity: int, sms: int, block_n: int = DEFAULT_BLOCK_N,
-                      ctas_per_sm: int = 2, max_splits: int = 256) -> int:  # fmt: skip
-    """Splits minimizing (waves of CTAs) x (tiles per CTA), the smallest among equals: every CTA streams the
-    same number of slots, so a partial last wave costs a full one; 2 CTAs per SM is a guess at occupancy
-    (registers / shared memory of a (16 x d) query block with pipelined (block_n x d) K / V tiles).
+                      ctas_per_sm: int = 2, cta_overhead_tiles: float = 2.0, max_splits: int = 256) -> int:  # fmt: skip
+    """Splits minimizing (waves of CTAs) x (tiles per CTA + a fixed cost per CTA), the smallest among equals.
 
-    `rows` is batch x kv heads; the result never leaves a split empty (chunks are whole tiles)."""
+    Every CTA streams the same number of slots, so a partial last wave costs a full one; the fixed cost (the
+    query load, the pipeline's fill and drain, the partial results' store: ~2 tiles, a guess) keeps the split
+    from going finer than the waves need. 2 CTAs per SM is a guess at occupancy (registers / shared memory of
+    a 16 x d query block with pipelined block_n x d K / V tiles); both are to be checked against the sweep of
+    benchmarks/decode_attention_kernels.py. `rows` is batch x kv heads; no split is left empty (chunks are
+    whole tiles)."""
     slots = max(1, sms * ctas_per_sm)
     tiles = math.ceil(capacity / block_n)
     best, best_cost = 1, math.inf
@@ -150,7 +153,7 @@ def choose_num_splits(rows: int, capacity: int, sms: int, block_n: int = DEFAULT
         per = math.ceil(tiles / s)
         if math.ceil(tiles / per) != s:  # the same chunk as a smaller s: not a distinct choice
             continue
-        cost = math.ceil(rows * s / slots) * per + 0.02 * s  # + the merge's read of the partial results
+        cost = math.ceil(rows * s / slots) * (per + cta_overhead_tiles)
         if cost < best_cost - 1e-9:
             best, best_cost = s, cost
     return best
@@ -179,6 +182,8 @@ def split_kv_decode(
     if k.shape != (bsz, hkv, cap, d) or v.shape != k.shape:
         raise ValueError(f"q {tuple(q.shape)} needs k / v of shape (B, Hkv, capacity, d); got {tuple(k.shape)}, "
                          f"{tuple(v.shape)}")  # fmt: skip
+    if not q.dtype == k.dtype == v.dtype:
+        raise ValueError(f"q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
     if lengths.device != q.device or lengths.dtype.is_floating_point or lengths.numel() not in (1, bsz):
         raise ValueError("lengths must be a (B,) or (1,) integer tensor on q's device")
     if not (q.is_cuda or INTERPRET):
@@ -204,9 +209,10 @@ def split_kv_decode(
         UPCAST=INTERPRET, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
+    block_s = max(2, triton.next_power_of_2(splits))
     _merge_kernel[(rows * group,)](
-        po, pm, pl, out, *out.stride(), hkv, group, d, splits,
-        BLOCK_S=max(2, triton.next_power_of_2(splits)), BLOCK_D=block_d, num_warps=1 if splits <= 16 else 4,
+        po, pm, pl, out, *out.stride(), hkv, group, d, splits, BLOCK_S=block_s, BLOCK_D=block_d,
+        num_warps=1 if block_s <= 16 else 4 if block_s <= 64 else 8,  # the (splits x d) float32 tile in registers
     )  # fmt: skip
     return out
 
