@@ -127,3 +127,49 @@ def _teacher_steps() -> dict[str, list[torch.Tensor]]:
 
 if __name__ == "__main__":
     main(sys.argv[1])
+
+
+def compile_for_sm90(fn, values: dict, constexprs: dict, num_warps: int, num_stages: int):
+    """Compile a Triton kernel for an H100 / H200 (sm_90) without a GPU, specialized as the JIT would for the
+    given argument values (ints equal to 1 become constants, pointers and multiples of 16 get the divisibility
+    hint: what makes the loads vectorized and pipelined). `values`: name -> (Triton type, value)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    target = GPUTarget("cuda", 90, 32)
+    backend = triton.compiler.make_backend(target)
+    sig, consts, attrs = {}, dict(constexprs), {}
+    for i, name in enumerate(fn.arg_names):
+        if name in constexprs:
+            sig[name] = "constexpr"
+            continue
+        ty, val = values[name]
+        if ty.startswith("*"):
+            sig[name], attrs[(i,)] = ty, [["tt.divisibility", 16]]
+        elif ty == "i32" and val == 1:
+            sig[name], consts[name] = "constexpr", 1
+        else:
+            sig[name] = ty
+            if ty == "i32" and val % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    src = ASTSource(fn, sig, constexprs=consts, attrs=attrs)
+    options = backend.parse_options({"num_warps": num_warps, "num_stages": num_stages})
+    return triton.compile(src, target=target, options=options.__dict__)
+
+
+def split_kv_values(dtype: str, capacity: int, splits: int, chunk: int, heads=28, kv_heads=4, d=128) -> dict:
+    """`_split_kv_kernel`'s runtime arguments in the served teacher's layout (q (B, Hkv, G, d) from (B, H, d);
+    contiguous (B, Hkv, capacity, d) caches; one length for every row, len_offset=1)."""
+    g = heads // kv_heads
+    vals = {n: (f"*{dtype}", 0) for n in ("Q", "K", "V")} | {"LEN": ("*i64", 0)}
+    vals |= {n: ("*fp32", 0) for n in ("PO", "PM", "PL")}
+    for name, x in zip(("b", "h", "g", "d"), (heads * d, g * d, d, 1), strict=True):
+        vals[f"stride_q{name}"] = ("i32", x)
+    for p in "kv":
+        for name, x in zip(("b", "h", "n", "d"), (kv_heads * capacity * d, capacity * d, d, 1), strict=True):
+            vals[f"stride_{p}{name}"] = ("i32", x)
+    ints = {"stride_lb": 0, "len_offset": 1, "kv_heads": kv_heads, "group": g, "head_dim": d, "chunk": chunk,
+            "num_splits": splits}  # fmt: skip
+    vals |= {n: ("i32", x) for n, x in ints.items()}
+    return vals | {"scale_log2": ("fp32", 0.1)}

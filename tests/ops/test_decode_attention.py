@@ -23,7 +23,9 @@ from decode_attention_cases import (
     OFFSET_CASE,
     TEACHER_STEPS,
     case_id,
+    compile_for_sm90,
     make_cache,
+    split_kv_values,
     teacher_prompt,
 )
 
@@ -133,6 +135,56 @@ def test_split_count_fills_an_h200_at_every_batch():
         assert rows * s >= 132, (batch, s)
     assert tri.choose_num_splits(4, cap, 132, 64) >= 33
     assert tri.choose_num_splits(4, 100, 132, 64) == 2  # short caches: no more splits than tiles
+
+
+def test_kernel_trials_report_bytes_per_second_against_the_copy_ceiling():
+    """The bench JSON's per-candidate roofline: bytes one call must read / its time, then / copy bandwidth."""
+    from linmu_cli.bench.timing import Ceilings, add_roofline
+    from linmu_cli.teacher_decode import KernelChoice
+
+    choice = KernelChoice("a", {"a": 2.0, "b": "error: no", "c": 0.5}, 1, bytes_per_call=4_000_000)
+    assert choice.bytes_per_s() == {"a": 2e9, "c": 8e9}
+    entry = {
+        "status": "ok",
+        "achieved_bytes_per_s": 1e9,
+        "attention_kernel": {"trials_bytes_per_s": choice.bytes_per_s()},
+    }
+    add_roofline(entry, None, Ceilings(1e15, "-", 4e9, "-"))
+    assert entry["of_copy_bandwidth"] == 0.25
+    assert entry["attention_kernel"]["trials_of_copy_bandwidth"] == {"a": 0.5, "c": 2.0}
+
+
+def test_triton_kernels_compile_for_the_h200_without_a_gpu():
+    """The real (not interpreted) path, compiled for sm_90 as the JIT specializes it at the 7B shape: bf16
+    tensor-core dots, 16-byte K / V loads (no scalar 2-byte ones), shared memory within an H200 SM's 227 KiB,
+    and the merge kernel at 65 splits. Catches a kernel that only the interpreter accepts."""
+    pytest.importorskip("triton", reason="triton is not installed")
+    from linmu_cli.ops.decode_attention import triton as tri
+
+    consts = {"BLOCK_G": 16, "BLOCK_N": tri.DEFAULT_BLOCK_N, "BLOCK_D": 128, "EVEN_D": True, "UPCAST": False,
+              "PRECISION": "tf32"}  # fmt: skip
+    k = compile_for_sm90(tri._split_kv_kernel, split_kv_values("bf16", 65_717, 65, 1024), consts,
+                         tri.DEFAULT_NUM_WARPS, tri.DEFAULT_NUM_STAGES)  # fmt: skip
+    ptx = k.asm["ptx"]
+    assert "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32" in ptx
+    assert "ld.global.b16" not in ptx and ("ld.global.v4" in ptx or "cp.async" in ptx)
+    assert k.metadata.shared <= 227 * 1024, k.metadata.shared
+    print(
+        f"\nsplit-KV kernel: {k.metadata.shared} B shared, cp.async {ptx.count('cp.async')} (pipelined loads)"
+    )
+    merge_vals = {n: ("*fp32", 0) for n in ("PO", "PM", "PL")} | {"OUT": ("*bf16", 0)}
+    names = (
+        "stride_ob",
+        "stride_oh",
+        "stride_og",
+        "stride_od",
+        "kv_heads",
+        "group",
+        "head_dim",
+        "num_splits",
+    )
+    merge_vals |= {n: ("i32", x) for n, x in zip(names, (3584, 896, 128, 1, 4, 7, 128, 65), strict=True)}
+    compile_for_sm90(tri._merge_kernel, merge_vals, {"BLOCK_S": 128, "BLOCK_D": 128}, 8, 1)
 
 
 # ----------------------------------------------------------------------------------------------------- GPU
