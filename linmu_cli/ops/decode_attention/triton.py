@@ -18,12 +18,22 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 import torch
 import triton
 import triton.language as tl
 
-INTERPRET: bool = bool(triton.knobs.runtime.interpret)
+
+def _interpreting() -> bool:
+    """Whether `triton.jit` makes interpreted kernels here (triton.knobs from Triton 3.4, else the variable)."""
+    knobs = getattr(triton, "knobs", None)
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+INTERPRET: bool = _interpreting()
 LOG2E = 1.4426950408889634
 DEFAULT_BLOCK_N = 64
 DEFAULT_NUM_WARPS = 4
