@@ -538,7 +538,8 @@ def bench(
     teacher_kernel: Annotated[
         str,
         typer.Option(
-            help="Served teacher's decode attention: auto (fastest measured), split_kv, sdpa_masked, matmul."
+            help="Served teacher's decode attention: auto (fastest measured), split_kv, sdpa_masked, matmul, "
+            "triton_split_kv."
         ),
     ] = "auto",
 ) -> None:

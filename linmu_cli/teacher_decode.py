@@ -20,7 +20,14 @@ that agrees with the reference):
   batch x kv heads x S fills the GPU twice), each chunk attended by the flash kernel with its log-sum-exp
   (`aten._scaled_dot_product_flash_attention`), the short tail (prompt rest + generated tokens) by masked
   float32 math, and the S + 1 partial results merged by their log-sum-exps;
-- `matmul`: two batched matmuls + a masked float32 softmax (cuBLAS parallelizes over the key axis).
+- `matmul`: two batched matmuls + a masked float32 softmax (cuBLAS parallelizes over the key axis);
+- `triton_split_kv`: `linmu_cli.ops.decode_attention`'s Triton flash-decoding kernel: one launch over
+  (splits, batch x kv heads) reading each kv head's keys / values once for its whole query group, then a tiny
+  merge kernel; the splits fill the GPU at batch 1 (CUDA only; it competes in `choose_kernel` like the others).
+
+`choose_kernel` times each candidate as the step runs it, replayed from a CUDA graph: an eager loop can time
+Python's launch rate rather than the kernel (the eager trial of split_kv's ~15 small ops read 0.60 ms on the 7B's
+layer 0 at batch 1, 0.22 TB/s: docs/benchmarks.md, 2026-12-01).
 
 tests/test_bench.py checks the step's logits against the transformers forward on CPU (float32, every kernel);
 tests/test_bench_gpu.py does it on the GPU in bf16 and for the CUDA-graph replay.
@@ -107,7 +114,20 @@ def matmul_softmax(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shape: Dec
     return torch.matmul(torch.softmax(s, dim=-1).to(v.dtype), v)
 
 
-KERNELS: dict[str, Kernel] = {"split_kv": split_kv, "sdpa_masked": sdpa_masked, "matmul": matmul_softmax}
+def triton_split_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shape: DecodeShape) -> torch.Tensor:
+    """The Triton split-KV kernel; it reads `shape.length` on the device (valid: slots <= length, hence
+    len_offset=1) and picks its own splits from batch x kv heads against the SM count."""
+    from linmu_cli.ops.decode_attention import _triton_impl
+
+    return _triton_impl().split_kv_decode(q, k, v, shape.length, len_offset=1, scale=shape.scale)
+
+
+KERNELS: dict[str, Kernel] = {
+    "split_kv": split_kv,
+    "sdpa_masked": sdpa_masked,
+    "matmul": matmul_softmax,
+    "triton_split_kv": triton_split_kv,
+}
 
 
 def split_chunks(batch: int, kv_heads: int, always_valid: int, device: torch.device) -> int:
@@ -144,6 +164,16 @@ class KernelChoice:
     name: str
     trials: dict[str, float | str] = field(default_factory=dict)
     chunks: int = 1
+    bytes_per_call: int = 0  # keys + values of the valid slots of one layer: what one call must read
+    timing: str = ""
+
+    def bytes_per_s(self) -> dict[str, float]:
+        """Achieved bytes/s of each timed candidate (bytes_per_call / its time): the kernels' roofline."""
+        return {
+            n: self.bytes_per_call / (t / 1e3)
+            for n, t in self.trials.items()
+            if isinstance(t, float) and t > 0
+        }
 
 
 class ServedTeacherDecoder:
@@ -287,9 +317,38 @@ class ServedTeacherDecoder:
         self.graph, self.logits, self.keys, self.values = None, None, [], []
 
 
+def graph_ms(fn: Callable[[int], object], calls: int = 10, replays: int = 3) -> float:
+    """ms per call of `fn(i)`, from replays of one CUDA graph of `calls` calls (warmed up on a side stream first,
+    as capture requires; Triton compiles there). `i` lets the caller read a different layer's cache per call,
+    as the step does, so a cache smaller than L2 is not timed from L2. A kernel that cannot be captured raises:
+    the served step could not run it."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for i in range(min(calls, 2)):
+            fn(i)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(calls):
+            fn(i)
+    graph.replay()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(replays):
+        graph.replay()
+    b.record()
+    torch.cuda.synchronize()
+    ms = a.elapsed_time(b) / (calls * replays)
+    del graph
+    return ms
+
+
 def choose_kernel(dec: ServedTeacherDecoder, requested: str = "auto") -> KernelChoice:
-    """Time every kernel on layer 0's real buffers (after a warm-up call) and keep the fastest one whose output
-    agrees with `sdpa_masked`; `requested` names one kernel instead. On CPU `auto` takes `split_kv` untimed."""
+    """Time every kernel on the real buffers (layers in turn), replayed from a CUDA graph as the step runs it,
+    and keep the fastest one whose output agrees with `sdpa_masked` on layer 0; `requested` names one kernel
+    instead. On CPU `auto` takes `split_kv` untimed."""
+    per_call = 2 * dec.batch * dec.kv_heads * dec.head_dim * dec.keys[0].element_size() * (dec.prompt + 1)
     if requested != "auto":
         if requested not in KERNELS:
             from linmu_cli.errors import LinmuError
@@ -297,9 +356,9 @@ def choose_kernel(dec: ServedTeacherDecoder, requested: str = "auto") -> KernelC
             raise LinmuError(
                 f"unknown teacher decode kernel {requested!r}; choose auto or {', '.join(KERNELS)}"
             )
-        return KernelChoice(requested, {}, dec.shape.chunks)
+        return KernelChoice(requested, {}, dec.shape.chunks, per_call)
     if dec.tokens.device.type != "cuda":
-        return KernelChoice("split_kv", {"note": "CPU: not timed"}, dec.shape.chunks)
+        return KernelChoice("split_kv", {"note": "CPU: not timed"}, dec.shape.chunks, per_call)
     gen = torch.Generator(device=dec.tokens.device).manual_seed(1)
     q = torch.randn(dec.batch, dec.heads, dec.head_dim, device=dec.tokens.device, generator=gen).to(
         dec.keys[0].dtype
@@ -314,19 +373,23 @@ def choose_kernel(dec: ServedTeacherDecoder, requested: str = "auto") -> KernelC
                 if err > 2e-2:
                     trials[name] = f"wrong: rel. error {err:.1e} against sdpa_masked"
                     continue
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                for _ in range(10):
-                    dec.attend(0, q, fn)
-                b.record()
-                torch.cuda.synchronize()
-                trials[name] = a.elapsed_time(b) / 10
+                trials[name] = graph_ms(lambda i, fn=fn: dec.attend(i % len(dec.keys), q, fn))
             except Exception as exc:  # noqa: BLE001 - a kernel that does not run here is reported, not used
                 if isinstance(exc, torch.OutOfMemoryError):
                     raise
                 trials[name] = f"error: {type(exc).__name__}: {str(exc)[:120]}"
     timed = {n: t for n, t in trials.items() if isinstance(t, float)}
-    return KernelChoice(min(timed, key=timed.get), trials, dec.shape.chunks)
+    timing = "CUDA graph of 10 calls (layers 0-9 in turn), replayed 3 times"
+    return KernelChoice(min(timed, key=timed.get), trials, dec.shape.chunks, per_call, timing)
 
 
-__all__ = ["KERNELS", "DecodeShape", "KernelChoice", "ServedTeacherDecoder", "choose_kernel", "split_kv"]
+__all__ = [
+    "KERNELS",
+    "DecodeShape",
+    "KernelChoice",
+    "ServedTeacherDecoder",
+    "choose_kernel",
+    "graph_ms",
+    "split_kv",
+    "triton_split_kv",
+]

@@ -100,7 +100,7 @@ def test_graph_replays_and_eager_forwards_interleave_on_one_cache():
     interleave_graph_and_eager(torch.device("cuda"))
 
 
-@pytest.mark.parametrize("kernel", ["split_kv", "sdpa_masked", "matmul"])
+@pytest.mark.parametrize("kernel", ["split_kv", "sdpa_masked", "matmul", "triton_split_kv"])
 def test_served_teacher_matches_the_transformers_path_on_gpu(kernel):
     """bf16 on the GPU: the served teacher's step (each kernel, then its CUDA-graph replay) against the
     transformers forward on the same tokens."""

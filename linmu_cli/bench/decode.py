@@ -146,6 +146,9 @@ class Decoding:
             "name": choice.name,
             "split_chunks": choice.chunks,
             "trials_ms": choice.trials,
+            "trials_timing": choice.timing,
+            "bytes_per_call": choice.bytes_per_call,  # one layer's valid keys + values
+            "trials_bytes_per_s": choice.bytes_per_s(),
         }
         return entry
 

@@ -290,6 +290,11 @@ def add_roofline(entry: dict | None, flops: Flops | None, ceilings: Ceilings) ->
         entry["of_matmul_peak"] = flops.total / entry["total_s"] / ceilings.matmul_flops_per_s
     elif "achieved_bytes_per_s" in entry:
         entry["of_copy_bandwidth"] = entry["achieved_bytes_per_s"] / ceilings.copy_bytes_per_s
+        kernel = entry.get("attention_kernel") or {}
+        if kernel.get("trials_bytes_per_s"):  # the served teacher's decode attention candidates, one by one
+            kernel["trials_of_copy_bandwidth"] = {
+                n: r / ceilings.copy_bytes_per_s for n, r in kernel["trials_bytes_per_s"].items()
+            }
 
 
 __all__ = ["Ceilings", "Clock", "Flops", "Memory", "MemoryEstimate", "add_roofline", "available_bytes",
