@@ -13,6 +13,6 @@ echo "== GPU tests ($((SECONDS - T0)) s so far)"
 source scripts/gpu_setup.sh >/dev/null
 export PYTHONPATH="$PWD:$PYTHONPATH" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 left=$((250 - (SECONDS - T0)))
-[ "$left" -gt 20 ] && timeout -k 5 "$left" python3 -m pytest -s -q -m gpu tests/test_bench_gpu.py -p no:cacheprovider \
+[ "$left" -gt 20 ] && timeout -k 5 "$left" python3 -m pytest -s -q -m gpu tests/bench/test_bench_gpu.py -p no:cacheprovider \
   -k "served or decode_kernels or fast_vision" 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
 echo "check done in $((SECONDS - T0)) s"

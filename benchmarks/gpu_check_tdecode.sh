@@ -25,7 +25,7 @@ timeout -k 5 170 python3 benchmarks/decode_attention_kernels.py --json "$OUT/dec
 
 echo "== 2. GPU tests ($((SECONDS - T0)) s so far)"
 timeout -k 5 150 python3 -m pytest -s -q -m gpu -p no:cacheprovider tests/ops/test_decode_attention.py \
-  tests/test_bench_gpu.py -k "triton or served or decode_kernels" 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
+  tests/bench/test_bench_gpu.py -k "triton or served or decode_kernels" 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
 [ "${PIPESTATUS[0]}" -ne 0 ] && status=2
 
 left=$((570 - (SECONDS - T0)))

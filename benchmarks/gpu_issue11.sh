@@ -13,9 +13,9 @@ if [[ $what == profile || $what == all ]]; then
 fi
 if [[ $what == graph || $what == all ]]; then
     timeout ${GRAPH_TIMEOUT:-120} python3 -m pytest -q -s -m gpu -p no:cacheprovider -o faulthandler_timeout=30 \
-        tests/test_mate_gpu.py -k cuda_graph 2>&1 | tee "$OUT/graph_tests.log" | tail -60
+        tests/layers/test_mate_gpu.py -k cuda_graph 2>&1 | tee "$OUT/graph_tests.log" | tail -60
 fi
 if [[ $what == tests || $what == all ]]; then
     timeout ${TESTS_TIMEOUT:-300} python3 -m pytest -q -s -m gpu -p no:cacheprovider -o faulthandler_timeout=60 \
-        tests/test_mate_gpu.py tests/test_ssd_gpu.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -60
+        tests/layers/test_mate_gpu.py tests/ops/test_ssd_gpu.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -60
 fi

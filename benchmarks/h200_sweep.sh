@@ -6,7 +6,7 @@
 #   bench.log, bench.json, bench.png, bench.md (tables + targets), vision.log, vision.json [, gpu_tests.log]
 # Run from the repo root with .whl carried (fla-core + mamba-ssm wheels):  bash benchmarks/h200_sweep.sh
 # Environment: FRAMES (default 64,...,2048), BENCH_BUDGET (s from the bench start, default 420: build + warm-up
-#   take ~100 s on a fresh machine (Triton / inductor compiles); later measurements are "skipped"), VISION_FRAMES (512), GPU_TESTS=1 (also run tests/test_bench_gpu.py first, ~60 s),
+#   take ~100 s on a fresh machine (Triton / inductor compiles); later measurements are "skipped"), VISION_FRAMES (512), GPU_TESTS=1 (also run tests/bench/test_bench_gpu.py first, ~60 s),
 #   SKIP_VISION=1, PROFILE_LAYER=1 (also benchmarks/mate_layer_profile.py, another ~50 s).
 # Wall time: ~5-6 min bench (hard timeout BUDGET + 80 s; the JSON is rewritten after every frame count, so a
 #   timeout still leaves every finished frame count) + ~1 min vision (at most 90 s, and only while the script is
@@ -28,7 +28,7 @@ status=0
 
 if [ -n "${GPU_TESTS:-}" ]; then
   echo "== 0. GPU tests: decode fast paths, served teacher, fast vision tower in bf16, tiny bench"
-  timeout 150 python3 -m pytest -s -q -m gpu tests/test_bench_gpu.py -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -15
+  timeout 150 python3 -m pytest -s -q -m gpu tests/bench/test_bench_gpu.py -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -15
   echo "gpu tests exit code ${PIPESTATUS[0]} ($((SECONDS - T0)) s so far)"
 fi
 

@@ -369,7 +369,7 @@ Greedy decoding, exact match (case, punctuation, spacing ignored), {report["eval
 `image_color` stays below the video tasks' 90%: the model reads colours well but still confuses quadrants in a
 share of the images, and its margins there are small (the same weights score 0.74 on a CPU, where float rounding
 differs, against 0.84 on the GPU that trained them). The video tasks, the ones that need global context, clear
-it at every length. `tests/test_teacher.py` loads this directory and checks it on samples of another seed.
+it at every length. `tests/evals/test_teacher.py` loads this directory and checks it on samples of another seed.
 
 Retraining with the command above on a CPU with the same torch / transformers versions and thread count gives the
 same weights; on a GPU, float atomics in the backward pass make runs differ in the last bits, so expect the same

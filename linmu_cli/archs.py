@@ -6,7 +6,7 @@ with random weights directly on the target device: no checkpoint, no download.
 Sources: the `config.json` files of the Hugging Face repositories named in `ARCHS` (Qwen/Qwen2-VL-2B-Instruct,
 Qwen/Qwen2-VL-7B-Instruct, Qwen/Qwen2.5-VL-3B-Instruct, Qwen/Qwen2.5-VL-7B-Instruct), copied field by field
 (text sizes, vision tower sizes, special token ids, M-RoPE sections, tie_word_embeddings). docs/design.md §8 lists
-the 7B values; `tests/test_bench.py` checks the parameter counts against the published totals on the meta
+the 7B values; `tests/bench/test_bench.py` checks the parameter counts against the published totals on the meta
 device. `tiny-qwen2-vl` / `tiny-qwen2.5-vl` are the embedded tiny teachers (`linmu_cli.tiny`).
 """
 

@@ -17,7 +17,7 @@ from rich.table import Table
 from linmu_cli.errors import LinmuError
 
 # Start-up stays light: torch, transformers and lmms-eval are imported inside the command bodies, so `--help`,
-# `--version` and argument errors answer in well under a second (tests/test_cli_startup.py).
+# `--version` and argument errors answer in well under a second (tests/test_cli_errors.py::test_help_and_version_answer_without_torch).
 app = typer.Typer(
     name="linmu",
     help="Turn a pretrained vision-language model into a linear-complexity one (LinMU / M-MATE).\n\n"

@@ -29,8 +29,8 @@ that agrees with the reference):
 Python's launch rate rather than the kernel (the eager trial of split_kv's ~15 small ops read 0.60 ms on the 7B's
 layer 0 at batch 1, 0.22 TB/s: docs/benchmarks.md, 2026-12-01).
 
-tests/test_bench.py checks the step's logits against the transformers forward on CPU (float32, every kernel);
-tests/test_bench_gpu.py does it on the GPU in bf16 and for the CUDA-graph replay.
+tests/bench/test_bench.py checks the step's logits against the transformers forward on CPU (float32, every kernel);
+tests/bench/test_bench_gpu.py does it on the GPU in bf16 and for the CUDA-graph replay.
 """
 
 from __future__ import annotations

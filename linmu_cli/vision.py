@@ -20,7 +20,7 @@ module's scale) but:
 `use_fast_vision(model)` patches the vision attention modules (and, when compiling, the MLP activations) of
 any model linmu loads that has a Qwen2-VL / Qwen2.5-VL tower; `fast_vision_info(model)` says what runs.
 tests/test_vision.py checks equality with transformers' tower (float32, CPU, both families, several images /
-frames per batch); tests/test_bench_gpu.py checks it in bf16 on a GPU.
+frames per batch); tests/bench/test_bench_gpu.py checks it in bf16 on a GPU.
 """
 
 from __future__ import annotations

@@ -9,9 +9,9 @@ export PYTHONPATH="$PWD:$PYTHONPATH" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 OUT="${OUT:-/tmp/linmu_out}"; mkdir -p "$OUT"
 python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__, torch.cuda.get_device_name(0))"
 echo "== 1. M-MATE block: fast path vs reference"
-timeout 200 python3 -m pytest -s -q -m gpu tests/test_mate_gpu.py -p no:cacheprovider 2>&1 | tee "$OUT/gpu_block.log" | tail -15
+timeout 200 python3 -m pytest -s -q -m gpu tests/layers/test_mate_gpu.py -p no:cacheprovider 2>&1 | tee "$OUT/gpu_block.log" | tail -15
 echo "== 2. CPU suite under this transformers"
-timeout 240 python3 -m pytest -q -m "not gpu" tests -x -p no:cacheprovider --ignore=tests/test_eval.py \
-  --ignore=tests/test_bench.py -k "not manifest" 2>&1 | tee "$OUT/cpu_suite.log" | tail -15
+timeout 240 python3 -m pytest -q -m "not gpu" tests -x -p no:cacheprovider --ignore=tests/evaluation/test_eval.py \
+  --ignore=tests/bench/test_bench.py -k "not manifest" 2>&1 | tee "$OUT/cpu_suite.log" | tail -15
 echo "== 3. distillation throughput at 7B shape"
 timeout 240 python3 benchmarks/distill_throughput.py --arch qwen2-vl-7b --frames 64 --steps 3 --json "$OUT/distill_7b.json" 2>&1 | tee "$OUT/distill_7b.log" | tail -12

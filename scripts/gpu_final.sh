@@ -7,7 +7,7 @@ source scripts/gpu_setup.sh >/dev/null
 export PYTHONPATH="$PWD:$PYTHONPATH" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 COLUMNS=200
 OUT="${OUT:-/tmp/linmu_out}"; mkdir -p "$OUT"; T0=$SECONDS
 echo "== decode fast path checks"
-timeout 60 python3 -m pytest -s -q -m gpu tests/test_bench_gpu.py -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -8
+timeout 60 python3 -m pytest -s -q -m gpu tests/bench/test_bench_gpu.py -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -8
 echo "== bench ($((SECONDS - T0)) s)"
 timeout 190 python3 -m linmu_cli bench --arch qwen2-vl-7b --frames "${FRAMES:-64,256,512,1024}" --resolution 448 \
   --dtype bf16 --device cuda --json "$OUT/bench.json" --plot "$OUT/bench.png" --time-budget 150 --decode-seconds 0.5 \

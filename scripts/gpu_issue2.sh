@@ -8,5 +8,5 @@ export PYTHONPATH="$PWD:$PYTHONPATH" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)"
 python3 -m linmu_cli doctor
-python3 -m pytest -s -q -m gpu tests/test_ssd_gpu.py tests/test_mate_gpu.py 2>&1 | tee "${OUT:-/tmp}/gpu_tests.log"
+python3 -m pytest -s -q -m gpu tests/ops/test_ssd_gpu.py tests/layers/test_mate_gpu.py 2>&1 | tee "${OUT:-/tmp}/gpu_tests.log"
 python3 -m pytest -q -m "not gpu" tests -p no:cacheprovider 2>&1 | tail -25 | tee "${OUT:-/tmp}/cpu_tests_on_device.log"

@@ -3,7 +3,7 @@
 # into /tmp/site and put that on PYTHONPATH. Meant to be sourced on the GPU machine:
 #
 #     source scripts/gpu_setup.sh
-#     python3 -m pytest -s -m gpu tests/test_ssd_gpu.py
+#     python3 -m pytest -s -m gpu tests/ops/test_ssd_gpu.py
 #
 # --no-deps: their dependencies (torch, triton, einops, packaging) are already on that machine;
 # mamba-ssm's tilelang / quack-kernels / causal-conv1d / selective_scan_cuda are not needed by

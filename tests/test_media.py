@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import corrupt_mp4
+from helpers import corrupt_mp4
 
 pytest.importorskip("decord", reason="needs decord (the eval extra)")
 

@@ -2,7 +2,7 @@
 
 Both families (Qwen2-VL: per-frame attention; Qwen2.5-VL: window attention on most blocks, full attention on
 `fullatt_block_indexes`), several images of different sizes and multi-frame videos in one batch, so both the
-equal-length-run path and the padded path run; the GPU bf16 check is in tests/test_bench_gpu.py."""
+equal-length-run path and the padded path run; the GPU bf16 check is in tests/bench/test_bench_gpu.py."""
 
 import copy
 

@@ -133,7 +133,7 @@ def estimate_bytes(config: PretrainedConfig, frames: int, resolution: int, dtype
     """Peak memory of one bench run at `frames` (the prefill dominates): weights + the random pixels + the
     larger of the vision phase and the LM phase (hidden states, MLP intermediates, the teacher's KV cache).
     At 512 frames, 7B shape, it gives 17.2 GiB against the measured 12.7 GiB prefill peak + 1.7 GiB of pixels
-    (docs/benchmarks.md): on the safe side, not by much (tests/test_bench.py)."""
+    (docs/benchmarks.md): on the safe side, not by much (tests/bench/test_bench.py)."""
     vc, tc = config.vision_config, config.get_text_config(decoder=True)
     b = torch.tensor([], dtype=dtype).element_size()
     grid = (frames // vc.temporal_patch_size, resolution // vc.patch_size, resolution // vc.patch_size)

@@ -50,8 +50,8 @@ def make_cache(batch, kv_heads, group, cap, d, dtype, device="cpu", seed=0, garb
 
 
 def teacher_prompt(processor):
-    """The tiny teacher's prompt of tests/test_bench.py's served-teacher test."""
-    from conftest import prompt_inputs, video
+    """The tiny teacher's prompt of tests/bench/test_bench.py's served-teacher test."""
+    from helpers import prompt_inputs, video
 
     return prompt_inputs(processor, ["describe the video"], videos=[video(2)])
 
@@ -104,7 +104,7 @@ def main(out_path: str) -> None:
 
 def _teacher_steps() -> dict[str, list[torch.Tensor]]:
     """The served teacher's logits over TEACHER_STEPS steps with `triton_split_kv`, for each tiny family."""
-    from conftest import output_cache
+    from helpers import output_cache
 
     from linmu_cli import bench
     from linmu_cli.teacher_decode import ServedTeacherDecoder

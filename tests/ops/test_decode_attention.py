@@ -88,7 +88,7 @@ def test_triton_split_kv_teacher_length_convention_and_public_call(interpreted):
 def test_served_teacher_steps_with_the_triton_kernel_like_transformers(tiny, interpreted):
     """`teacher_decode`'s `triton_split_kv` (interpreted, in the subprocess) decodes what transformers' forward
     does here, step after step, on the same tiny teacher and prompt."""
-    from conftest import output_cache
+    from helpers import output_cache
 
     from linmu_cli import bench
 

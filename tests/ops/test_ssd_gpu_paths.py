@@ -1,6 +1,6 @@
 """GPU: the CUDA SSD paths (fla-core, mamba-ssm, mamba's decode step) against the naive scan through the same
 helper as the CPU paths (`assert_matches_naive`), bf16 inputs, relative-norm tolerance. The larger-shape and
-backward comparisons against the chunked reference stay in tests/test_ssd_gpu.py.
+backward comparisons against the chunked reference stay in tests/ops/test_ssd_gpu.py.
 
 Run with `python3 -m pytest -s -m gpu tests/ops/test_ssd_gpu_paths.py` to see the errors."""
 

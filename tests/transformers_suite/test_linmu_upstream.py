@@ -104,11 +104,11 @@ NO_ATTENTION_WEIGHTS = (
 )
 PACKING = (
     "padding-free packing is refused: a recurrent state would run across packed sequences "
-    "(tests/test_hf_compat.py checks the refusal)"
+    "(tests/models/test_hf_compat.py checks the refusal)"
 )
 NOT_A_KV_CACHE = (
     "LinMU's cache is constant-size already: cache_implementation='static' decodes on fast_decode's fixed "
-    "buffers (a LinMUCache), not on a StaticCache of keys / values (tests/test_hf_compat.py checks it)"
+    "buffers (a LinMUCache), not on a StaticCache of keys / values (tests/models/test_hf_compat.py checks it)"
 )
 NO_COMPILE = (
     "generate() compiles forwards only over a compileable key / value cache; LinMU's compiled decode is "
@@ -116,7 +116,7 @@ NO_COMPILE = (
 )
 DECODER_KEEPS_MATE = (
     "the decoder keeps M-MATE whatever attention implementation is asked for (only the vision tower switches; "
-    "tests/test_hf_compat.py checks it)"
+    "tests/models/test_hf_compat.py checks it)"
 )
 
 

@@ -11,7 +11,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 from linmu_cli.data import synthetic
 from linmu_cli.evaluation.greedy import greedy_answers
 
-TEACHER = Path(__file__).resolve().parents[1] / "evals" / "teacher"
+TEACHER = Path(__file__).resolve().parents[2] / "evals" / "teacher"
 HELDOUT_SEED = 2026  # neither the training seed (0) nor the seed of the report in train_teacher.json (12345)
 PER_TASK = 20
 MIN_CORRECT = {"image_color": 0.7}  # see test_checkpoint_is_small_and_documented; chance is 0.25 there

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from linmu_cli.distillation import checkpoint, distill
 
-RECIPE = Path(__file__).parents[1] / "recipes" / "tiny.yaml"
+RECIPE = Path(__file__).parents[2] / "recipes" / "tiny.yaml"
 STAGE1 = [
     "data.heldout=1",
     "stages.stage1.steps=6",

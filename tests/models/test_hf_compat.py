@@ -10,7 +10,7 @@ import json
 
 import pytest
 import torch
-from conftest import image, output_cache, prompt_inputs, video
+from helpers import image, output_cache, prompt_inputs, video
 from transformers import (
     AutoConfig,
     AutoModel,

@@ -26,7 +26,7 @@ from linmu_cli.evaluation import tasks as eval_tasks  # noqa: E402
 from linmu_cli.evaluation.answers import normalize_answer  # noqa: E402
 from linmu_cli.media import frame_indices, read_video  # noqa: E402
 
-REPO_EVALS = Path(__file__).resolve().parents[1] / "evals"
+REPO_EVALS = Path(__file__).resolve().parents[2] / "evals"
 COUNT = 8  # samples per generated dataset in tests
 LIMIT = 6
 TASKS = "linmu_image_color,linmu_video_order,linmu_video_order_mc"  # image + video, generation + choice

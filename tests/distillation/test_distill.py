@@ -20,7 +20,7 @@ from linmu_cli.cli import app
 from linmu_cli.distillation import checkpoint, distill, load_recipe
 from linmu_cli.errors import LinmuError
 
-RECIPE = Path(__file__).parents[1] / "recipes" / "tiny.yaml"
+RECIPE = Path(__file__).parents[2] / "recipes" / "tiny.yaml"
 SHORT = ["stages.stage1.steps=6", "stages.stage2.steps=4", "stages.stage3.steps=4", "data.heldout=2",
          "stages.stage1.save_every=3", "stages.stage2.save_every=2", "stages.stage3.save_every=2"]  # fmt: skip
 
@@ -278,7 +278,7 @@ def test_fsdp_matches_ddp_and_resumes_exactly(tmp_path):
     assert all(torch.equal(again[k], reference[k]) for k in reference)
 
 
-BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
+BENCHMARKS = Path(__file__).parents[2] / "benchmarks"
 
 
 def test_compare_runs_reports_loss_agreement_and_files(full_run, tmp_path):

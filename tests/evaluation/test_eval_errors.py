@@ -19,7 +19,7 @@ pytest.importorskip("lmms_eval", reason="needs the eval extra: pip install -e '.
 from linmu_cli.cli import app  # noqa: E402
 from linmu_cli.evaluation import tasks as eval_tasks  # noqa: E402
 
-REPO_EVALS = Path(__file__).resolve().parents[1] / "evals"
+REPO_EVALS = Path(__file__).resolve().parents[2] / "evals"
 runner = CliRunner()
 
 

@@ -1,7 +1,7 @@
 """GPU: a full M-MATE block at Qwen2-VL-7B head shapes, fast SSD path against the PyTorch reference.
 
 Forward output and every parameter gradient agree to bf16 tolerance with a video segment, text around it,
-and left padding. Run with `python3 -m pytest -s -m gpu tests/test_mate_gpu.py` to see the numbers.
+and left padding. Run with `python3 -m pytest -s -m gpu tests/layers/test_mate_gpu.py` to see the numbers.
 """
 
 import copy

@@ -11,7 +11,7 @@ from linmu_cli.config import MateConfig, MateTypeError
 from linmu_cli.distillation.recipe import STAGES, LossConfig, Recipe, build_recipe, dump_recipe, load_recipe
 from linmu_cli.errors import LinmuError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "recipes" / "tiny.yaml"
 
 

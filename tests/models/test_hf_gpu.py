@@ -1,12 +1,12 @@
 """GPU: generate(cache_implementation="static") runs fast_decode's CUDA-graph step (issue 13).
 
 Same tokens and logits as the LinMUCache path (float32, so the comparison is tight), the graph really captured,
-and the state untouched by the capture's warm-up steps; the same with a bf16 SSM state. Run with `python3 -m pytest -s -m gpu tests/test_hf_gpu.py`.
+and the state untouched by the capture's warm-up steps; the same with a bf16 SSM state. Run with `python3 -m pytest -s -m gpu tests/models/test_hf_gpu.py`.
 """
 
 import pytest
 import torch
-from conftest import output_cache, prompt_inputs, video
+from helpers import output_cache, prompt_inputs, video
 
 from linmu_cli.config import MateConfig
 from linmu_cli.models import convert_model

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TEACHER = ROOT / "evals" / "teacher"
 sys.path.insert(0, str(ROOT / "evals"))
 

@@ -6,15 +6,14 @@
 - the fast vision tower equals transformers' at both real tower shapes in bf16 (eager and compiled);
 - a `linmu bench` run on the tiny model with CUDA events, memory stats and graphs gives a complete JSON.
 
-Run with `python3 -m pytest -s -m gpu tests/test_bench_gpu.py`.
+Run with `python3 -m pytest -s -m gpu tests/bench/test_bench_gpu.py`.
 """
 
 import copy
 
 import pytest
 import torch
-from conftest import output_cache, prompt_inputs, video
-from test_decode_state import interleave_graph_and_eager
+from helpers import interleave_graph_and_eager, output_cache, prompt_inputs, video
 
 from linmu_cli import bench
 from linmu_cli.config import MateConfig
@@ -96,7 +95,7 @@ def test_graph_replay_equals_eager_steps():
 
 
 def test_graph_replays_and_eager_forwards_interleave_on_one_cache():
-    """tests/test_decode_state.py runs the same check on CPU, without the graph."""
+    """tests/layers/test_decode_state.py runs the same check on CPU, without the graph."""
     interleave_graph_and_eager(torch.device("cuda"))
 
 

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "evals"))
 
 import train_teacher  # noqa: E402
-from conftest import image, prompt_inputs, video  # noqa: E402
+from helpers import image, prompt_inputs, video  # noqa: E402
 
 from linmu_cli.tiny import build_tiny_teacher  # noqa: E402
 

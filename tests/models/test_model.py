@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from conftest import image, output_cache, prompt_inputs, video
+from helpers import image, output_cache, prompt_inputs, video
 from transformers import AutoModelForImageTextToText
 
 from linmu_cli.config import MateConfig

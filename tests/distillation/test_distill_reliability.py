@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import corrupt_mp4
+from helpers import corrupt_mp4
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -23,7 +23,7 @@ from linmu_cli.distillation import checkpoint, distill, load_recipe
 from linmu_cli.distillation.trainer import lr_lambda
 from linmu_cli.errors import LinmuError
 
-RECIPE = Path(__file__).parents[1] / "recipes" / "tiny.yaml"
+RECIPE = Path(__file__).parents[2] / "recipes" / "tiny.yaml"
 SHORT = ["stages.stage1.steps=6", "stages.stage2.steps=4", "stages.stage3.steps=4", "data.heldout=2",
          "stages.stage1.save_every=3", "stages.stage2.save_every=2", "stages.stage3.save_every=2"]  # fmt: skip
 

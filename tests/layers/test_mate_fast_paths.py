@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import prompt_inputs, video
+from helpers import prompt_inputs, video
 from test_mate_block import HIDDEN, layout_of, make_block, rope, text_config
 
 from linmu_cli.config import MateConfig

@@ -1,6 +1,6 @@
 """GPU tests: the fast SSD backends (fla-core, mamba-ssm) against the PyTorch reference.
 
-Run with ``python3 -m pytest -s -m gpu tests/test_ssd_gpu.py`` to see the measured errors.
+Run with ``python3 -m pytest -s -m gpu tests/ops/test_ssd_gpu.py`` to see the measured errors.
 Inputs x, dt, B, C are bf16 (A and the initial state float32); the reference is
 ``ssd_chunked`` run in float32 on the same bf16-rounded values. Errors are relative
 Frobenius norms ||a - b|| / ||b||, required < 2e-2.

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import output_cache, prompt_inputs, video
+from helpers import output_cache, prompt_inputs, video
 from typer.testing import CliRunner
 
 import linmu_cli
@@ -490,7 +490,7 @@ def test_bench_report_labels_the_teacher_by_schema():
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_report.py"
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_report.py"
     spec = importlib.util.spec_from_file_location("bench_report", path)
     report = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(report)

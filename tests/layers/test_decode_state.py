@@ -5,7 +5,7 @@ import copy
 
 import pytest
 import torch
-from conftest import output_cache, prompt_inputs, video
+from helpers import interleave_graph_and_eager, output_cache, prompt_inputs, video
 
 from linmu_cli import bench
 from linmu_cli.config import MateConfig
@@ -15,41 +15,8 @@ from linmu_cli.layers.cache import LinMUCache, MateCacheLayer
 from linmu_cli.layers.local_swin import LocalSwin
 from linmu_cli.layers.mate import MateAttention
 from linmu_cli.models import convert_model
-from linmu_cli.tiny import build_tiny_teacher
 
 CACHE = "cache"  # transformers 5.24 name; the models accept both (docs/design.md §8)
-
-
-def interleave_graph_and_eager(dev: torch.device) -> None:
-    """The runner's step (a CUDA graph replay on CUDA) and the model's eager forward (one token, or a three-token
-    next turn) write the same LinMUCache buffers in place: each continues exactly where the other left off."""
-    teacher, _ = build_tiny_teacher("qwen2_vl")
-    teacher = teacher.to(dev)  # float32: a tight comparison
-    with torch.device(dev):
-        student = convert_model(teacher, MateConfig(text_window=5))
-    ids = torch.randint(0, 900, (2, 9), device=dev)
-    tokens = torch.randint(0, 900, (2, 14), device=dev)
-    with torch.no_grad():
-        cache = output_cache(student(input_ids=ids, use_cache=True))
-        ref = copy.deepcopy(cache)  # stepped eagerly only
-        runner = StaticDecoder.from_cache(
-            student, cache, tokens[:, :1], bench.next_positions(student, 9, 2, dev)
-        )
-        if dev.type == "cuda":
-            runner.capture(keep_state=True)
-        t = 0
-        for kind in ["graph"] * 3 + ["eager"] * 2 + ["graph"] * 3 + ["turn"] + ["graph"] * 3:
-            k = 3 if kind == "turn" else 1
-            chunk, t = tokens[:, t : t + k], t + k
-            want = student(input_ids=chunk, cache=ref).logits[:, -1]
-            if kind == "graph":
-                got = runner.feed(chunk)
-            else:
-                got = student(input_ids=chunk, cache=cache).logits[:, -1]
-                runner.positions.add_(k)
-            assert _rel(got, want) < 1e-4, (t, kind, _rel(got, want))
-    assert cache.get_seq_length() == ref.get_seq_length() == 9 + t
-    assert (runner.graph is not None) == (dev.type == "cuda")
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
