@@ -5,7 +5,7 @@
 # the comparison JSON and the logs under OUT (default benchmarks/results/2026-12-01/distill_cpu).
 # The noise run: the same recipe and code on 2 CPU threads (kernels reduce in another order): every comparison's
 # tolerance is 2x its per-stage difference (benchmarks/compare_runs.py --noise). Wall time ~10 min on 2 busy cores.
-#   bash benchmarks/distill_cpu_compare.sh [OUT] [BEFORE]
+#   bash benchmarks/distill_cpu_compare.sh [OUT] [BEFORE]      (REUSE=1: only the runs OUT does not hold yet)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-benchmarks/results/2026-12-01/distill_cpu}
@@ -23,6 +23,10 @@ all() {  # the same override for the three stages
 run() {  # run NAME CODE_DIR OVERRIDES...   (THREADS=n: another CPU thread count)
   local name=$1 code=$2
   shift 2
+  if [ -n "${REUSE:-}" ] && [ -f "$OUT/$name.metrics.jsonl" ]; then  # REUSE=1: keep the runs already in OUT
+    mkdir -p "$WORK/runs/$name" && cp "$OUT/$name.metrics.jsonl" "$WORK/runs/$name/metrics.jsonl"
+    return
+  fi
   local t0=$SECONDS
   OMP_NUM_THREADS=${THREADS:-1} LINMU_NUM_THREADS=${THREADS:-1} PYTHONPATH=$code python -m linmu_cli distill recipes/tiny.yaml "output=$WORK/$name" "$@" \
     >"$OUT/$name.log" 2>&1
@@ -32,7 +36,7 @@ run() {  # run NAME CODE_DIR OVERRIDES...   (THREADS=n: another CPU thread count
   echo "$name: $((SECONDS - t0)) s" | tee -a "$OUT/wall.txt"
 }
 
-: >"$OUT/wall.txt"
+[ -n "${REUSE:-}" ] || : >"$OUT/wall.txt"
 run before "$WORK/before"
 run after "$PWD"
 THREADS=2 run noise_threads2 "$PWD"  # the same code and recipe on 2 threads: rounding noise only
@@ -45,7 +49,9 @@ THREADS=2 run noise_threads2 "$PWD"  # the same code and recipe on 2 threads: ro
   run ckpt_every_other "$PWD" $(all gradient_checkpointing=every_other)
   run ckpt_mlp_only "$PWD" $(all gradient_checkpointing=mlp_only)
   run prefetch2 "$PWD" $(all prefetch=2)
-  run combined "$PWD" $(all optimizer=fused) $(all gradient_checkpointing=every_other) $(all prefetch=2)
+  run share_embeds "$PWD" stages.stage3.share_teacher_embeddings=true
+  run combined "$PWD" $(all optimizer=fused) $(all gradient_checkpointing=every_other) $(all prefetch=2) \
+    stages.stage3.share_teacher_embeddings=true
 }
 run hidden_layers_1 "$PWD" "stages.stage3.loss.hidden_layers=[1]"  # a different loss: must differ
 
@@ -56,5 +62,6 @@ cmp before_after "$R/before" "$R/after" "$R/noise_threads2"
 cmp optimizer "$R/after" "$R"/optimizer_* "${N[@]}"
 cmp checkpointing "$R/after" "$R"/ckpt_* "${N[@]}"
 cmp prefetch "$R/after" "$R/prefetch2" "${N[@]}"
+cmp share_embeds "$R/after" "$R/share_embeds" "${N[@]}"
 cmp combined "$R/before" "$R/combined" "${N[@]}"
 cmp hidden_layers "$R/after" "$R/hidden_layers_1" "${N[@]}"

@@ -30,7 +30,8 @@ Variants (`--variant NAME:key=value,...`, repeatable; default one variant named 
 teacher: keys ckpt (layer-wise stages' checkpointing policy: all | every_other | mlp_only | none),
 ckpt_e2e (stage 3's), optimizer (auto | foreach | fused | for_loop), teacher_keep (all: every layer's input
 and output and full logits, as before issue 17 | used: what the stage's loss reads), prefetch (batches made
-ahead in a thread), data (synthetic | none), stages (e.g. stage1+stage2; default --stages). Unset keys take the
+ahead in a thread), data (synthetic | none), share_embeds (1: stage 3's student starts from the teacher's
+input embeddings, no second vision tower pass; needs teacher_keep=used), stages (e.g. stage1+stage2; default --stages). Unset keys take the
 command-line flags.
 
 Under torchrun each process trains on a sample of the same shape (the same random values on every rank: the
@@ -79,7 +80,7 @@ PHASES = (
     "optimizer",
     "other",
 )
-VARIANT_KEYS = ("ckpt", "ckpt_e2e", "optimizer", "teacher_keep", "prefetch", "data", "stages")
+VARIANT_KEYS = ("ckpt", "ckpt_e2e", "optimizer", "teacher_keep", "prefetch", "data", "share_embeds", "stages")
 
 
 def video_batch(config, frames: int, resolution: int, text: int, device) -> dict:
@@ -260,7 +261,13 @@ def parse_variant(text: str, defaults: dict[str, Any]) -> tuple[str, dict[str, A
         key, _, value = item.partition("=")
         if key not in VARIANT_KEYS:
             raise SystemExit(f"--variant {text}: unknown key {key!r}; keys: {', '.join(VARIANT_KEYS)}")
-        cfg[key] = int(value) if key == "prefetch" else value.replace("+", ",") if key == "stages" else value
+        cfg[key] = (
+            int(value)
+            if key in ("prefetch", "share_embeds")
+            else value.replace("+", ",")
+            if key == "stages"
+            else value
+        )
     for key in ("ckpt", "ckpt_e2e"):
         recompute.policy_of(cfg[key])  # refuse a misspelt policy before the model is built
     return name or "default", cfg
@@ -282,6 +289,9 @@ def main() -> None:
     ap.add_argument("--teacher-keep", default="all", choices=["all", "used"])
     ap.add_argument("--prefetch", type=int, default=0)
     ap.add_argument("--data", default="synthetic", choices=["synthetic", "none"])
+    ap.add_argument(
+        "--share-embeds", action="store_true", help="stage 3 starts from the teacher's embeddings"
+    )
     ap.add_argument("--variant", action="append", default=[], help="NAME:key=value,... (repeatable)")
     ap.add_argument("--lora-rank", type=int, default=16, help="stage 3 (recipes/qwen2-vl-7b.yaml: 64)")
     ap.add_argument(
@@ -301,6 +311,7 @@ def main() -> None:
     defaults = {"ckpt": recompute.policy_of(True if args.checkpointing == "all" else args.checkpointing),
                 "ckpt_e2e": args.checkpointing_e2e or args.checkpointing, "optimizer": args.optimizer,
                 "teacher_keep": args.teacher_keep, "prefetch": args.prefetch, "data": args.data,
+                "share_embeds": int(args.share_embeds),
                 "stages": args.stages}  # fmt: skip
     variants = [parse_variant(v, defaults) for v in args.variant] or [("default", defaults)]
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
@@ -402,16 +413,16 @@ def main() -> None:
             par.prepare(student)  # FSDP: shards the trainable modules
             params = [p for p in student.parameters() if p.requires_grad]
             objective = par.wrap(
-                LayerwiseObjective(student, loss, policy) if not e2e else EndToEndObjective(student, loss)
+                LayerwiseObjective(student, loss, policy)
+                if not e2e
+                else EndToEndObjective(student, loss, bool(var["share_embeds"]))
             )
             opt = torch.optim.AdamW(params, lr=1e-5, **optimizer_flags(var["optimizer"]))
             layout = student.token_layout(**{k: v.to(dev) for k, v in host_batch.items()})
             used = var["teacher_keep"] == "used"
-            keep = (
-                {"keep_inputs": False, "keep_layers": hidden_layer_ids(loss, len(s_layers))}
-                if used and e2e
-                else {}
-            )
+            keep: dict[str, Any] = {"keep_embeds": True} if e2e and var["share_embeds"] else {}
+            if used and e2e:
+                keep.update(keep_inputs=False, keep_layers=hidden_layer_ids(loss, len(s_layers)))
             want_logits = bool(loss.kl) if used else True
             data = Data(host_batch, dev, args.frames, args.resolution, var["data"], var["prefetch"])
             step = make_step(teacher, layers, data, objective, opt, params, layout, defaults_["mode"], dev,
@@ -423,6 +434,10 @@ def main() -> None:
             except torch.OutOfMemoryError:
                 rec = {"oom": True, "checkpointing": policy}
                 timer.spans = []
+            except Exception as exc:  # noqa: BLE001 (one broken variant must not lose the others' numbers)
+                rec = {"error": f"{type(exc).__name__}: {exc}"[:500], "checkpointing": policy}
+                timer.spans = []
+                say(f"[{vname}] {name} failed: {rec['error']}", flush=True)
             data.close()
             if world > 1:  # slowest step time and largest peak over the processes
                 stats = torch.tensor(

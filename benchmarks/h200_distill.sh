@@ -14,15 +14,18 @@
 #   trimmed          + fused AdamW, the teacher keeping only what the loss reads, the next sample prefetched
 #   e2e_every_other  trimmed, stage 3 checkpointing layers 0, 2, 4, ...
 #   e2e_mlp_only     trimmed, stage 3 checkpointing only the MLPs
+#   e2e_shared       trimmed, stage 3's student starting from the teacher's input embeddings (no 2nd vision pass)
 #   lw_every_other   trimmed, stages 1-2 checkpointing every other layer
 #   lw_mlp_only      trimmed, stages 1-2 checkpointing only the MLPs
+#   candidate        trimmed + every_other everywhere + shared embeddings: a guess at the new 7B recipe
 #   e2e_none         trimmed, stage 3 without checkpointing (expected to run out of memory: recorded as oom)
 # Environment: BUDGET (s for part 1's measurements, default 330; later variants are recorded as skipped and
 #   the JSON is rewritten after every stage, so a timeout still leaves everything measured), STEPS (3),
-#   SKIP_CURVES=1.
+#   SKIP_CURVES=1; for a CPU dry run of the whole script: NO_GPU_SETUP=1 ARCH=tiny-qwen2-vl FRAMES=8 RES=112
+#   DEVICE=cpu (validated that way: all parts run, every JSON written).
 set -o pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
-source scripts/gpu_setup.sh >/dev/null
+[ -n "${NO_GPU_SETUP:-}" ] || source scripts/gpu_setup.sh >/dev/null
 export PYTHONPATH="$PWD:$PYTHONPATH" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 COLUMNS=200
 OUT="${OUT:-/tmp/linmu_distill}"; mkdir -p "$OUT"
 BUDGET="${BUDGET:-330}"
@@ -32,18 +35,21 @@ T0=$SECONDS
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)"
 } 2>&1 | tee "$OUT/distill.log"
+python3 -c "import linmu_cli; print('linmu_cli from', linmu_cli.__file__)" 2>&1 | tee -a "$OUT/distill.log"
 
 echo "== 1. distill_throughput.py --arch qwen2-vl-7b, per-phase breakdown   ($((SECONDS - T0)) s so far)" | tee -a "$OUT/distill.log"
 T="ckpt=all,optimizer=fused,teacher_keep=used,prefetch=1"
-timeout -k 10 $((BUDGET + 90)) python3 benchmarks/distill_throughput.py --arch qwen2-vl-7b --frames 64 \
-  --resolution 448 --steps "${STEPS:-3}" --lora-rank 64 --lora-dropout 0.05 --time-budget "$BUDGET" \
+timeout -k 10 $((BUDGET + 90)) python3 benchmarks/distill_throughput.py --arch "${ARCH:-qwen2-vl-7b}" \
+  --frames "${FRAMES:-64}" --resolution "${RES:-448}" --steps "${STEPS:-3}" --lora-rank 64 --lora-dropout 0.05 --time-budget "$BUDGET" \
   --out "$OUT" --label 7b \
   --variant "before:ckpt=all,ckpt_e2e=all,optimizer=auto,teacher_keep=all,prefetch=0" \
   --variant "trimmed:$T,ckpt_e2e=all" \
   --variant "e2e_every_other:$T,ckpt_e2e=every_other,stages=stage3" \
   --variant "e2e_mlp_only:$T,ckpt_e2e=mlp_only,stages=stage3" \
+  --variant "e2e_shared:$T,ckpt_e2e=all,share_embeds=1,stages=stage3" \
   --variant "lw_every_other:$T,ckpt=every_other,stages=stage1+stage2" \
   --variant "lw_mlp_only:$T,ckpt=mlp_only,stages=stage1+stage2" \
+  --variant "candidate:optimizer=fused,teacher_keep=used,prefetch=1,ckpt=every_other,ckpt_e2e=every_other,share_embeds=1" \
   --variant "e2e_none:$T,ckpt_e2e=none,stages=stage3" \
   2>&1 | tee -a "$OUT/distill.log"
 echo "distill_throughput exit code ${PIPESTATUS[0]} ($((SECONDS - T0)) s so far)" | tee -a "$OUT/distill.log"
@@ -54,11 +60,12 @@ if [ -z "${SKIP_CURVES:-}" ] && [ $((SECONDS - T0)) -lt 330 ]; then
   NEW=""; for s in stage1 stage2 stage3; do
     NEW="$NEW stages.$s.optimizer=fused stages.$s.gradient_checkpointing=every_other stages.$s.prefetch=2"
   done
+  NEW="$NEW stages.stage3.share_teacher_embeddings=true"
   for run in default default_again new; do
-    [ $((SECONDS - T0)) -lt 400 ] || { echo "$run: skipped (time)" | tee -a "$OUT/curves.log"; continue; }
+    [ $((SECONDS - T0)) -lt 380 ] || { echo "$run: skipped (time)" | tee -a "$OUT/curves.log"; continue; }
     extra=""; [ "$run" = new ] && extra=$NEW
     # shellcheck disable=SC2086  # the overrides are words
-    timeout -k 5 60 python3 -m linmu_cli distill recipes/tiny.yaml device=cuda output=$R/$run $extra \
+    timeout -k 5 "${TINY_TIMEOUT:-90}" python3 -m linmu_cli distill recipes/tiny.yaml "device=${DEVICE:-cuda}" output=$R/$run $extra \
       > "$R/$run.log" 2>&1
     echo "$run: exit $? ($((SECONDS - T0)) s so far)" | tee -a "$OUT/curves.log"
   done

@@ -262,3 +262,27 @@ def test_distill_throughput_breakdown_adds_up(tmp_path):
     assert before["stage3"]["phases_s"]["losses"] > 0 and after["stage3"]["checkpointing"] == "mlp_only"
     assert data["variants"]["after"]["config"]["optimizer"] == "fused"
     assert data["stage3_over_baseline"] == before["stage3"]["over_baseline"] > 0
+
+
+def test_shared_teacher_embeddings_skip_the_students_vision_tower(tiny):
+    """Stage 3 with share_teacher_embeddings: the same loss and gradients (float32), no second vision pass."""
+    teacher, _, _, batch = tiny
+    layers = teacher.model.language_model.layers
+    results = []
+    for share in (False, True):
+        student = convert_model(teacher, MateConfig(vision_window=[2, 2, 2], text_window=64), seed=0)
+        params = set_trainable(student, ["flex", "swin", "fusion"])
+        tp = run_teacher(teacher, layers, batch, want_logits=True, keep_inputs=False, keep_embeds=share)
+        assert (tp.inputs_embeds is not None) == share
+        calls = _count_calls([("visual", student.model.visual), ("embed", student.get_input_embeddings())])
+        out = EndToEndObjective(student, LossConfig(kl=1.0), share)(batch, tp, student.token_layout(**batch))
+        out["loss"].backward()
+        assert dict(calls) == ({} if share else {"visual": 1, "embed": 1})
+        results.append((out["loss"].detach(), [p.grad.clone() for _, p in params]))
+    (a, ga), (b, gb) = results
+    assert torch.equal(a, b) and all(map(torch.equal, ga, gb))
+    with pytest.raises(ValueError, match="keep_embeds"):
+        plain = run_teacher(teacher, layers, batch, True)
+        EndToEndObjective(student, LossConfig(), True)(batch, plain, student.token_layout(**batch))
+    with pytest.raises(LinmuError, match="share_teacher_embeddings"):
+        load_recipe(RECIPE, ["stages.stage1.share_teacher_embeddings=true"])

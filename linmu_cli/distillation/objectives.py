@@ -34,6 +34,9 @@ class TeacherPass:
     position_embeddings: tuple[torch.Tensor, torch.Tensor] | None
     logits: torch.Tensor | None
     layer_ids: list[int] = field(default_factory=list)  # which layers layer_outputs holds ([] = all)
+    inputs_embeds: torch.Tensor | None = (
+        None  # what entered layer 0: token embeddings with the vision features
+    )
 
     def output_of(self, index: int) -> torch.Tensor:
         return self.layer_outputs[self.layer_ids.index(index) if self.layer_ids else index]
@@ -48,23 +51,28 @@ def run_teacher(
     *,
     keep_inputs: bool = True,
     keep_layers: Sequence[int] | None = None,
+    keep_embeds: bool = False,
 ) -> TeacherPass:
     """One teacher forward, recording decoder layers' inputs, outputs and the rotary embeddings via hooks.
 
-    `keep_inputs=False` keeps no layer inputs, `keep_layers` the outputs of those layers only (None: all);
+    `keep_inputs=False` keeps no layer inputs, `keep_layers` the outputs of those layers only (None: all),
+    `keep_embeds` layer 0's input as `inputs_embeds` (for `EndToEndObjective(share_embeddings=True)`);
     without `want_logits` the LM head runs on the last token only (`logits_to_keep=1`; no logits are kept).
     The kept tensors are the teacher's own (its dtype: bfloat16 on GPU), detached, never copied."""
     inputs: list[torch.Tensor] = []
     outputs: list[torch.Tensor] = []
     rope: list = []
+    embeds: list[torch.Tensor] = []
     kept = set(range(len(layers)) if keep_layers is None else keep_layers)
     ids = sorted(kept)
 
     def pre(module, args, kwargs):
+        hidden = (args[0] if args else kwargs["hidden_states"]).detach()
         if keep_inputs:
-            inputs.append((args[0] if args else kwargs["hidden_states"]).detach())
+            inputs.append(hidden)
         if not rope:
             rope.append(kwargs.get("position_embeddings"))
+            embeds.append(hidden)
 
     def post(index, module, args, kwargs, output):
         outputs.append((output[0] if isinstance(output, tuple) else output).detach())
@@ -87,6 +95,7 @@ def run_teacher(
         rope[0] if rope else None,
         out.logits if want_logits else None,
         [] if keep_layers is None else ids,
+        embeds[0] if keep_embeds and embeds else None,
     )
 
 
@@ -150,17 +159,32 @@ def hidden_layer_ids(cfg: LossConfig, n_layers: int) -> list[int]:
     return ids
 
 
+# what the student's own embedding and vision tower read; with shared embeddings they do not run
+PIXEL_INPUTS = ("pixel_values", "pixel_values_videos")
+
+
 class EndToEndObjective(nn.Module):
-    def __init__(self, student: nn.Module, loss: LossConfig):
+    """Stage 3. `share_embeddings`: the student starts from the teacher's layer-0 input (token embeddings with
+    the vision tower's features in place; frozen and shared, so the same tensor the student would compute, up
+    to autocast's rounding on GPU) instead of running the vision tower a second time; needs a teacher pass
+    made with `keep_embeds=True`."""
+
+    def __init__(self, student: nn.Module, loss: LossConfig, share_embeddings: bool = False):
         super().__init__()
-        self.student, self.loss_cfg = student, loss
+        self.student, self.loss_cfg, self.share_embeddings = student, loss, share_embeddings
 
     def forward(self, batch: dict, teacher: TeacherPass, layout: TokenLayout) -> dict[str, torch.Tensor]:
         cfg = self.loss_cfg
         weights = token_weights(layout.valid, layout.is_vision(), cfg.vision_weight)
         n_layers = len(self.student.family.decoder_layers(self.student))
         ids = hidden_layer_ids(cfg, n_layers)
-        out, student_hidden = run_student(self.student, batch, ids)
+        inputs = batch
+        if self.share_embeddings:
+            if teacher.inputs_embeds is None:
+                raise ValueError("share_embeddings needs a teacher pass made with keep_embeds=True")
+            inputs = {k: v for k, v in batch.items() if k not in PIXEL_INPUTS}
+            inputs["inputs_embeds"] = teacher.inputs_embeds
+        out, student_hidden = run_student(self.student, inputs, ids)
         terms: dict[str, torch.Tensor] = {}
         total = out.logits.new_zeros((), dtype=torch.float32)
         if cfg.hidden:

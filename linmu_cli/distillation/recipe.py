@@ -173,6 +173,17 @@ Frames = Annotated[
     Discriminator(lambda v: "<list>" if isinstance(v, list) else "<int>"),
     AfterValidator(_check_frames),
 ]
+# true / false or a policy name (linmu_cli.distillation.recompute)
+CHECKPOINT_POLICIES = ("all", "every_other", "mlp_only", "none")
+
+
+def _check_checkpointing(value: Any) -> bool | str:
+    if isinstance(value, bool) or (isinstance(value, str) and value in CHECKPOINT_POLICIES):
+        return value
+    raise _fail(f"={value!r}: choose true, false, {', '.join(map(repr, CHECKPOINT_POLICIES))}")
+
+
+Checkpointing = Annotated[bool | str, PlainValidator(_check_checkpointing)]
 # Recorded like a checkpoint records it: without the runtime kernel choice (config.RUNTIME_FIELDS), which a
 # resume may change.
 Mate = Annotated[MateConfig, PlainValidator(_mate), PlainSerializer(MateConfig.to_dict)]
@@ -281,12 +292,15 @@ class StageConfig(_Section):
     log_every: Count = 1
     # recompute activations in backward: true = "all" layers, false = "none", or "every_other" (layers 0, 2,
     # ...) / "mlp_only" (each layer's MLP); the loss does not depend on it, memory and time do (recompute.py)
-    gradient_checkpointing: bool | Literal["all", "every_other", "mlp_only", "none"] = False
+    gradient_checkpointing: Checkpointing = False
     # AdamW implementation: "auto" (torch's default: foreach on CUDA, a per-tensor loop on CPU), "foreach",
     # "fused" (one kernel; rounds differently in the last bits), "for_loop"
     optimizer: Literal["auto", "foreach", "fused", "for_loop"] = "auto"
     # batches prepared ahead in a background thread while the step computes (0: none); exact either way
     prefetch: Annotated[int, _at_least(0)] = 0
+    # end to end: the student starts from the teacher's input embeddings (vision features in place) instead of
+    # running the frozen, shared vision tower again; equal in float32, bf16 autocast rounding apart on GPU
+    share_teacher_embeddings: bool = False
     init_from: str | None = None  # start from this checkpoint instead of the previous stage's output
 
     @model_validator(mode="after")
@@ -297,6 +311,8 @@ class StageConfig(_Section):
             raise _fail(
                 ": layerwise stages regress hidden states only (no kl / ce / lora); use mode: end_to_end"
             )
+        if self.mode == "layerwise" and self.share_teacher_embeddings:
+            raise _fail(".share_teacher_embeddings: layerwise stages always start from the teacher's states")
         if self.mode == "layerwise" and self.loss.hidden_layers is not None:
             raise _fail(".loss.hidden_layers: layerwise stages train every layer on its own; end_to_end only")
         return self

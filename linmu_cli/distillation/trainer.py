@@ -442,7 +442,7 @@ class StageRun:
         objective: nn.Module = (
             LayerwiseObjective(self.student, cfg.loss, cfg.gradient_checkpointing)
             if cfg.mode == "layerwise"
-            else EndToEndObjective(self.student, cfg.loss)
+            else EndToEndObjective(self.student, cfg.loss, cfg.share_teacher_embeddings)
         )
         self.wrapped = self.par.wrap(objective)
         self.params = [p for p in self.student.parameters() if p.requires_grad]
@@ -463,7 +463,11 @@ class StageRun:
         self.teacher_keep: dict[str, Any] = (
             {}
             if cfg.mode == "layerwise"
-            else {"keep_inputs": False, "keep_layers": hidden_layer_ids(cfg.loss, len(student_layers))}
+            else {
+                "keep_inputs": False,
+                "keep_layers": hidden_layer_ids(cfg.loss, len(student_layers)),
+                "keep_embeds": cfg.share_teacher_embeddings,
+            }
         )
 
     # ------------------------------------------------------------------ resume
