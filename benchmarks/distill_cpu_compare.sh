@@ -55,13 +55,16 @@ THREADS=2 run noise_threads2 "$PWD"  # the same code and recipe on 2 threads: ro
 }
 run hidden_layers_1 "$PWD" "stages.stage3.loss.hidden_layers=[1]"  # a different loss: must differ
 
-R=$WORK/runs
-N=(--noise "$R/noise_threads2")
-cmp() { local name=$1; shift; python benchmarks/compare_runs.py "$@" --json "$OUT/compare_$name.json" | tee "$OUT/compare_$name.txt"; }
-cmp before_after "$R/before" "$R/after" "$R/noise_threads2"
-cmp optimizer "$R/after" "$R"/optimizer_* "${N[@]}"
-cmp checkpointing "$R/after" "$R"/ckpt_* "${N[@]}"
-cmp prefetch "$R/after" "$R/prefetch2" "${N[@]}"
-cmp share_embeds "$R/after" "$R/share_embeds" "${N[@]}"
-cmp combined "$R/before" "$R/combined" "${N[@]}"
-cmp hidden_layers "$R/after" "$R/hidden_layers_1" "${N[@]}"
+REPO=$PWD
+OUT=$(cd "$OUT" && pwd)
+cd "$WORK/runs"  # the reports name the runs as they are named here
+N=(--noise noise_threads2)
+cmp() { local name=$1; shift; python "$REPO/benchmarks/compare_runs.py" "$@" --json "$OUT/compare_$name.json" | tee "$OUT/compare_$name.txt"; }
+cmp noise after noise_threads2  # the tolerance every comparison below uses (2x these differences)
+cmp before_after before after
+cmp optimizer after optimizer_* "${N[@]}"
+cmp checkpointing after ckpt_* "${N[@]}"
+cmp prefetch after prefetch2 "${N[@]}"
+cmp share_embeds after share_embeds "${N[@]}"
+cmp combined before combined "${N[@]}"
+cmp hidden_layers after hidden_layers_1 "${N[@]}"

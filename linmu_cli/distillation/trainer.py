@@ -344,10 +344,13 @@ def _set_optimizer_impl(optimizer: torch.optim.Optimizer, impl: str) -> None:
     for group in optimizer.param_groups:
         group.update(flags)
         for p in group["params"]:
-            st = optimizer.state.get(p, {})
-            if torch.is_tensor(st.get("step")):
-                on = p.device if flags["fused"] else torch.device("cpu")
-                st["step"] = st["step"].to(on, torch.float32)
+            step = optimizer.state.get(p, {}).get("step")
+            if not torch.is_tensor(step):
+                continue
+            if flags["fused"]:
+                optimizer.state[p]["step"] = step.to(p.device, torch.float32)
+            elif step.device.type != "cpu" and not group.get("capturable"):
+                optimizer.state[p]["step"] = step.cpu()
 
 
 def optimizer_flags(impl: str) -> dict[str, bool]:
