@@ -1,12 +1,40 @@
-"""Distillation throughput and peak memory per stage at a real shape (random weights), on one GPU or several.
+"""Distillation throughput, peak memory and a per-phase breakdown per stage at a real shape (random weights).
 
-    python benchmarks/distill_throughput.py --arch qwen2-vl-7b --frames 64 --steps 4 --json out.json
+    python benchmarks/distill_throughput.py --arch qwen2-vl-7b --frames 64 --steps 4 --out DIR
+    python benchmarks/distill_throughput.py --tiny --out DIR          # CPU, seconds (the test suite runs it)
+    python benchmarks/distill_throughput.py --checkpointing all --variant before: \\
+        --variant new:optimizer=fused,teacher_keep=used,prefetch=1,ckpt_e2e=every_other --out DIR
     torchrun --nproc_per_node 2 benchmarks/distill_throughput.py --strategy fsdp --checkpointing --json out.json
 
-One step = the frozen teacher's pass + the stage objective's forward/backward + the optimizer step, exactly as
-`linmu distill` runs it (same objectives, same parameter groups, bf16 autocast, float32 master weights). The
-baseline is a plain teacher forward+backward on the same tokens (gradients for every decoder weight, no
-optimizer), so "stage 3 / baseline" is the distillation overhead ratio the distill issue asks for.
+One step = one sample's data + the frozen teacher's pass + the stage objective's forward/backward + gradient
+clipping and the AdamW step, as `linmu distill` runs it (same objectives, parameter groups, bf16 autocast,
+float32 master weights, `linmu_cli.distillation.recompute` checkpointing). The baseline is a plain teacher
+forward+backward on the same tokens (gradients for every decoder weight, no optimizer), so "stage 3 / baseline"
+is the distillation overhead ratio of issue 17: `over_baseline` = a stage's tokens/s, data phase included (what a
+run pays), over the baseline's tokens/s without its data phase (8,542 in the issue had none);
+`over_baseline_without_data` leaves the stage's data phase out too.
+
+Phases of a step (CUDA events on the GPU, perf_counter on the CPU; the step is synchronised before and after,
+every phase is a span on the same stream, so they add up to the step time but for `other`, the host time
+between spans):
+- data: the next sample made by `SampleStream` (the built-in synthetic video task at the same frames and
+  resolution through the Qwen2-VL processor settings; with `prefetch`, only the wait for the background
+  thread) plus the host-to-device copy. The model trains on a fixed random batch of the same shape (copied
+  each step), so every variant sees identical tensors; `--data none` leaves the sample out (the copy stays).
+- teacher_forward: `run_teacher` (vision tower, decoder, hooks; the LM head on every token only when the
+  stage's loss needs logits, with teacher_keep=used).
+- student_forward: the objective's forward without its loss functions; losses: `relative_mse`, `logit_kl`,
+  `next_token_ce` (forward only: their backward is part of backward).
+- recompute: checkpointed forwards run again inside backward; backward: the rest of backward.
+- optimizer: gradient clipping, AdamW step, zero_grad.
+
+Variants (`--variant NAME:key=value,...`, repeatable; default one variant named after the flags) share one
+teacher: keys ckpt (layer-wise stages' checkpointing policy: all | every_other | mlp_only | none),
+ckpt_e2e (stage 3's), optimizer (auto | foreach | fused | for_loop), teacher_keep (all: every layer's input
+and output and full logits, as before issue 17 | used: what the stage's loss reads), prefetch (batches made
+ahead in a thread), data (synthetic | none), share_embeds (1: stage 3's student starts from the teacher's
+input embeddings, no second vision tower pass; needs teacher_keep=used), stages (e.g. stage1+stage2; default --stages). Unset keys take the
+command-line flags.
 
 Under torchrun each process trains on a sample of the same shape (the same random values on every rank: the
 speed does not depend on them), data parallel through `linmu_cli.distillation.parallel` (DDP, or FSDP2 of the
@@ -17,21 +45,44 @@ time, peak memory is the largest over the GPUs. The baseline runs with one proce
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from linmu_cli.archs import build_random_model
 from linmu_cli.config import MateConfig
-from linmu_cli.distillation import parallel
-from linmu_cli.distillation.objectives import EndToEndObjective, LayerwiseObjective, run_teacher
-from linmu_cli.distillation.recipe import STAGE_DEFAULTS, LoraSettings, LossConfig
-from linmu_cli.distillation.trainer import inject_lora, set_trainable
+from linmu_cli.distillation import objectives, parallel, recompute
+from linmu_cli.distillation.data import Prefetcher, SampleStream
+from linmu_cli.distillation.objectives import (
+    EndToEndObjective,
+    LayerwiseObjective,
+    hidden_layer_ids,
+    run_teacher,
+)
+from linmu_cli.distillation.recipe import STAGE_DEFAULTS, DataConfig, LoraSettings, LossConfig
+from linmu_cli.distillation.trainer import inject_lora, optimizer_flags, set_trainable
 from linmu_cli.models import convert_model
 from linmu_cli.ops import last_ssd_backend
+
+PHASES = (
+    "data",
+    "teacher_forward",
+    "student_forward",
+    "losses",
+    "recompute",
+    "backward",
+    "optimizer",
+    "other",
+)
+VARIANT_KEYS = ("ckpt", "ckpt_e2e", "optimizer", "teacher_keep", "prefetch", "data", "share_embeds", "stages")
 
 
 def video_batch(config, frames: int, resolution: int, text: int, device) -> dict:
@@ -52,45 +103,219 @@ def video_batch(config, frames: int, resolution: int, text: int, device) -> dict
     }
 
 
-def timed(fn, steps: int) -> tuple[float, float]:
-    cuda = torch.cuda.is_available()
-    fn()  # warm-up (Triton compile / autotune)
+class PhaseTimer:
+    """Named spans of one step: CUDA events on the current stream (read after a synchronize) or perf_counter."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.spans: list[tuple[str, Any, Any]] = []
+
+    @contextlib.contextmanager
+    def span(self, name: str) -> Iterator[None]:
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            try:
+                yield
+            finally:
+                end.record()
+                self.spans.append((name, start, end))
+        else:
+            t0 = time.perf_counter()
+            try:
+                yield
+            finally:
+                self.spans.append((name, t0, time.perf_counter()))
+
+    def totals(self) -> dict[str, float]:
+        """Seconds per span name since the last call (synchronises first on CUDA)."""
+        if self.cuda:
+            torch.cuda.synchronize()
+        out: dict[str, float] = {}
+        for name, a, b in self.spans:
+            out[name] = out.get(name, 0.0) + (a.elapsed_time(b) / 1e3 if self.cuda else b - a)
+        self.spans = []
+        return out
+
+
+@contextlib.contextmanager
+def timed_losses(timer: PhaseTimer) -> Iterator[None]:
+    """The objectives' loss functions inside a `losses` span (patched in `objectives`, restored after)."""
+    names = ("relative_mse", "logit_kl", "next_token_ce")
+    saved = {n: getattr(objectives, n) for n in names}
+
+    def wrap(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        def run(*args: Any, **kwargs: Any) -> torch.Tensor:
+            with timer.span("losses"):
+                return fn(*args, **kwargs)
+
+        return run
+
+    for n, fn in saved.items():
+        setattr(objectives, n, wrap(fn))
+    recompute.set_recompute_timer(lambda: timer.span("recompute"))
+    try:
+        yield
+    finally:
+        for n, fn in saved.items():
+            setattr(objectives, n, fn)
+        recompute.set_recompute_timer(None)
+
+
+def phases_of(spans: dict[str, float], step_s: float) -> dict[str, float]:
+    """The step's phases from the raw spans: nested spans (losses in objective, recompute in backward_all)
+    are taken out of their parents, `other` is what no span covers."""
+    p = {k: 0.0 for k in PHASES}
+    p["data"] = spans.get("data", 0.0)
+    p["teacher_forward"] = spans.get("teacher_forward", 0.0)
+    p["losses"] = spans.get("losses", 0.0)
+    p["student_forward"] = max(0.0, spans.get("objective", 0.0) - p["losses"])
+    p["recompute"] = spans.get("recompute", 0.0)
+    p["backward"] = max(0.0, spans.get("backward_all", 0.0) - p["recompute"])
+    p["optimizer"] = spans.get("optimizer", 0.0)
+    p["other"] = max(0.0, step_s - sum(p.values()))
+    return p
+
+
+def measure(step: Callable[[], None], timer: PhaseTimer, steps: int, dev: torch.device) -> dict[str, Any]:
+    """Warm-up (compile / autotune, first allocations), then `steps` timed steps: mean step time, mean
+    phases, peak memory."""
+    cuda = dev.type == "cuda"
+    step()
+    timer.totals()
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
+    wall, acc = 0.0, {k: 0.0 for k in PHASES}
     for _ in range(steps):
-        fn()
-    if cuda:
-        torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / steps, torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        step()
+        if cuda:
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        wall += dt
+        for k, v in phases_of(timer.totals(), dt).items():
+            acc[k] += v
+    sec = wall / steps
+    phases = {k: v / steps for k, v in acc.items()}
+    return {"s_per_step": sec, "phases_s": phases, "phases_sum_s": sum(phases.values()),
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0}  # fmt: skip
 
 
-def make_step(teacher, layers, batch, objective, opt, layout, mode: str, dev):  # objective: wrapped
-    """One distillation step as `linmu distill` runs it: teacher pass, objective forward/backward, update."""
+class Data:
+    """One sample per step from the synthetic stream (made, then dropped) and the fixed batch to the device."""
 
-    def step():
-        tp = run_teacher(teacher, layers, batch, want_logits=mode == "end_to_end")
+    def __init__(self, host_batch: dict, dev: torch.device, frames: int, resolution: int, kind: str,
+                 prefetch: int) -> None:  # fmt: skip
+        self.host, self.dev = host_batch, dev
+        if dev.type == "cuda":
+            self.host = {k: v.pin_memory() for k, v in host_batch.items()}
+        self.stream: SampleStream | Prefetcher | None = None
+        if kind == "synthetic":
+            from linmu_cli.tiny import build_tiny_processor
+
+            cfg = DataConfig(source="synthetic", tasks=["video_count"], frames=frames, size=resolution,
+                             max_pixels=resolution * resolution, max_tokens=1 << 30, heldout=1)  # fmt: skip
+            stream = SampleStream(cfg, build_tiny_processor("qwen2_vl", max_pixels=resolution**2), seed=0)
+            self.stream = Prefetcher(stream, 1, prefetch) if prefetch else stream
+
+    def next(self) -> dict:
+        if self.stream is not None:
+            self.stream.next_batch(1)
+        return {k: v.to(self.dev, non_blocking=v.is_pinned()) for k, v in self.host.items()}
+
+    def close(self) -> None:
+        if isinstance(self.stream, Prefetcher):
+            self.stream.close()
+
+
+def make_step(teacher, layers, data: Data, objective, opt, params, layout, mode: str, dev, timer: PhaseTimer,
+              keep: dict, want_logits: bool) -> Callable[[], None]:  # fmt: skip
+    """One distillation step as `linmu distill` runs it: data, teacher pass, objective forward/backward,
+    clipping, update."""
+
+    def step() -> None:
+        with timer.span("data"):
+            batch = data.next()
+        with timer.span("teacher_forward"):
+            tp = run_teacher(teacher, layers, batch, want_logits=want_logits, **keep)
+            if mode == "layerwise":
+                tp.logits = None  # teacher_keep=all: computed on every token (as before), not kept
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-            out = objective(tp, layout) if mode == "layerwise" else objective(batch, tp, layout)
-        out["loss"].backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+            with timer.span("objective"):
+                out = objective(tp, layout) if mode == "layerwise" else objective(batch, tp, layout)
+            with recompute.backward_phase(), timer.span("backward_all"):
+                out["loss"].backward()
+        with timer.span("optimizer"):
+            nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
 
     return step
 
 
+def parse_variant(text: str, defaults: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    name, _, rest = text.partition(":")
+    cfg = dict(defaults)
+    for item in filter(None, rest.split(",")):
+        key, _, value = item.partition("=")
+        if key not in VARIANT_KEYS:
+            raise SystemExit(f"--variant {text}: unknown key {key!r}; keys: {', '.join(VARIANT_KEYS)}")
+        cfg[key] = (
+            int(value)
+            if key in ("prefetch", "share_embeds")
+            else value.replace("+", ",")
+            if key == "stages"
+            else value
+        )
+    for key in ("ckpt", "ckpt_e2e"):
+        recompute.policy_of(cfg[key])  # refuse a misspelt policy before the model is built
+    return name or "default", cfg
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", default="qwen2-vl-7b")
     ap.add_argument("--frames", type=int, default=64)
     ap.add_argument("--resolution", type=int, default=448)
     ap.add_argument("--steps", type=int, default=4)
-    ap.add_argument("--checkpointing", action="store_true", help="gradient checkpointing in every stage")
+    ap.add_argument(
+        "--tiny", action="store_true", help="tiny-qwen2-vl, 8 frames at 112, 2 steps (CPU, seconds)"
+    )
+    ap.add_argument("--checkpointing", nargs="?", const="all", default="none",
+                    help="checkpointing policy of every stage (no value: all)")  # fmt: skip
+    ap.add_argument("--checkpointing-e2e", default=None, help="stage 3's policy (default: --checkpointing)")
+    ap.add_argument("--optimizer", default="auto", choices=["auto", "foreach", "fused", "for_loop"])
+    ap.add_argument("--teacher-keep", default="all", choices=["all", "used"])
+    ap.add_argument("--prefetch", type=int, default=0)
+    ap.add_argument("--data", default="synthetic", choices=["synthetic", "none"])
+    ap.add_argument(
+        "--share-embeds", action="store_true", help="stage 3 starts from the teacher's embeddings"
+    )
+    ap.add_argument("--variant", action="append", default=[], help="NAME:key=value,... (repeatable)")
+    ap.add_argument("--lora-rank", type=int, default=16, help="stage 3 (recipes/qwen2-vl-7b.yaml: 64)")
+    ap.add_argument(
+        "--lora-dropout", type=float, default=0.0, help="stage 3 (recipes/qwen2-vl-7b.yaml: 0.05)"
+    )
+    ap.add_argument("--no-baseline", action="store_true")
+    ap.add_argument("--time-budget", type=float, default=None, help="seconds; later stages are skipped")
     ap.add_argument("--strategy", default="ddp", choices=["ddp", "fsdp"], help="with torchrun: how to split")
     ap.add_argument("--stages", default="stage1,stage2,stage3", help="comma-separated stages to measure")
-    ap.add_argument("--json", default=None)
+    ap.add_argument("--json", default=None, help="write the results to this file")
+    ap.add_argument("--out", default=None, help="write the results to DIR/distill_throughput[-LABEL].json")
+    ap.add_argument("--label", default=None)
     args = ap.parse_args()
+    if args.tiny:
+        args.arch, args.frames, args.resolution, args.steps = "tiny-qwen2-vl", 8, 112, min(args.steps, 2)
+    t_start = time.perf_counter()
+    defaults = {"ckpt": recompute.policy_of(True if args.checkpointing == "all" else args.checkpointing),
+                "ckpt_e2e": args.checkpointing_e2e or args.checkpointing, "optimizer": args.optimizer,
+                "teacher_keep": args.teacher_keep, "prefetch": args.prefetch, "data": args.data,
+                "share_embeds": int(args.share_embeds),
+                "stages": args.stages}  # fmt: skip
+    variants = [parse_variant(v, defaults) for v in args.variant] or [("default", defaults)]
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     cuda = torch.cuda.is_available()
     dev = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if cuda else "cpu")  # cpu: --arch tiny-*
@@ -101,89 +326,160 @@ def main() -> None:
     torch.manual_seed(0)
     teacher = build_random_model(args.arch, torch.bfloat16 if dev.type == "cuda" else torch.float32, dev)
     teacher.requires_grad_(False)
-    batch = video_batch(teacher.config, args.frames, args.resolution, 64, dev)
-    tokens = batch["input_ids"].numel()
+    host_batch = video_batch(teacher.config, args.frames, args.resolution, 64, "cpu")
+    tokens = host_batch["input_ids"].numel()
     layers = teacher.model.language_model.layers
     gpu = torch.cuda.get_device_name(0) if dev.type == "cuda" else "cpu"
-    results = {"arch": args.arch, "tokens": tokens, "frames": args.frames, "gpu": gpu, "processes": world,
-               "strategy": args.strategy if world > 1 else "single", "checkpointing": args.checkpointing,
-               "torch": torch.__version__, "stages": {}}  # fmt: skip
+    results: dict[str, Any] = {
+        "arch": args.arch, "tokens": tokens, "frames": args.frames, "resolution": args.resolution, "gpu": gpu,
+        "processes": world, "strategy": args.strategy if world > 1 else "single", "steps": args.steps,
+        "checkpointing": args.checkpointing != "none", "lora_rank": args.lora_rank,
+        "lora_dropout": args.lora_dropout, "torch": torch.__version__, "phases": list(PHASES),
+        "variants": {}, "stages": {},
+    }  # fmt: skip
     say = print if rank == 0 else (lambda *a, **k: None)
     say(f"{args.arch}: {tokens} tokens per sample x {world} process(es)", flush=True)
+    target = (
+        Path(args.out) / f"distill_throughput{'-' + args.label if args.label else ''}.json"
+        if args.out
+        else None
+    )
 
-    # baseline: teacher forward + backward, gradients for every decoder weight (one process only)
-    for p in layers.parameters() if world == 1 else []:
-        p.requires_grad_(True)
+    def write() -> None:
+        if rank != 0:
+            return
+        for path in filter(None, [args.json and Path(args.json), target]):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(results, indent=2) + "\n")
 
-    def baseline():
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-            logits = teacher(**batch, use_cache=False).logits
-        logits.float().square().mean().backward()
-        teacher.zero_grad(set_to_none=True)
+    def rate(rec: dict) -> dict:
+        sec = rec["s_per_step"]
+        rec["tokens_per_s"] = world * tokens / sec
+        rec["tokens_per_s_without_data"] = world * tokens / max(sec - rec["phases_s"]["data"], 1e-9)
+        return rec
 
-    if world == 1:
-        sec, mem = timed(baseline, args.steps)
-        results["baseline_teacher_fwd_bwd"] = {
-            "s_per_step": sec,
-            "tokens_per_s": tokens / sec,
-            "peak_gib": mem,
-        }
-        say(f"teacher fwd+bwd: {tokens / sec:,.0f} tok/s, peak {mem:.1f} GiB", flush=True)
-    teacher.requires_grad_(False)
-    torch.cuda.empty_cache()
+    def over_budget() -> bool:
+        return args.time_budget is not None and time.perf_counter() - t_start > args.time_budget
 
-    for name, defaults in STAGE_DEFAULTS.items():
-        if name not in args.stages.split(","):
-            continue
-        student = convert_model(teacher, MateConfig(), seed=0)
-        loss = LossConfig(**defaults.get("loss", {}))
-        if name == "stage3":
-            inject_lora(student, LoraSettings())
-            student.to(dev)
-        trainable = sum(p.numel() for _, p in set_trainable(student, defaults["train"]))
-        student.train()
-        if args.checkpointing and defaults["mode"] == "end_to_end":
-            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        par = parallel.strategy(args.strategy, world)
-        par.prepare(student)  # FSDP: shards the trainable modules
-        params = [p for p in student.parameters() if p.requires_grad]
-        objective = par.wrap(
-            LayerwiseObjective(student, loss, args.checkpointing)
-            if defaults["mode"] == "layerwise"
-            else EndToEndObjective(student, loss)
-        )
-        opt = torch.optim.AdamW(params, lr=1e-5)
-        layout = student.token_layout(**batch)
+    timer = PhaseTimer(dev)
+    first = variants[0][1]
+    if world == 1 and not args.no_baseline:
+        # baseline: teacher forward + backward, gradients for every decoder weight (one process only)
+        for p in layers.parameters():
+            p.requires_grad_(True)
+        base_data = Data(host_batch, dev, args.frames, args.resolution, first["data"], first["prefetch"])
 
-        step = make_step(teacher, layers, batch, objective, opt, layout, defaults["mode"], dev)
+        def baseline() -> None:
+            with timer.span("data"):
+                batch = base_data.next()
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+                with timer.span("teacher_forward"):
+                    logits = teacher(**batch, use_cache=False).logits
+                with timer.span("backward_all"):
+                    logits.float().square().mean().backward()
+            teacher.zero_grad(set_to_none=True)
 
-        try:
-            sec, mem = timed(step, args.steps)
-            rec = {"s_per_step": sec, "tokens_per_s": world * tokens / sec, "peak_gib": mem,
-                   "ssd_backend": last_ssd_backend(), "trainable_params": trainable}  # fmt: skip
-        except torch.OutOfMemoryError:
-            rec = {"oom": True}
-        if world > 1:  # slowest step time and largest peak over the processes
-            stats = torch.tensor([rec.get("s_per_step", float("inf")), rec.get("peak_gib", 0.0)], device=dev)
-            dist.all_reduce(stats, op=dist.ReduceOp.MAX)
-            if "oom" not in rec and stats[0].isfinite():
-                rec.update(s_per_step=float(stats[0]), tokens_per_s=world * tokens / float(stats[0]),
-                           peak_gib=float(stats[1]))  # fmt: skip
-            else:
-                rec = {"oom": True}
-        results["stages"][name] = rec
-        say(f"{name}: {rec}", flush=True)
-        del student, objective, opt, step
-        torch.cuda.empty_cache()
-    s3, base = results["stages"].get("stage3", {}), results.get("baseline_teacher_fwd_bwd")
-    if "tokens_per_s" in s3 and base:
-        results["stage3_over_baseline"] = s3["tokens_per_s"] / base["tokens_per_s"]
-        say(f"stage3 throughput / teacher fwd+bwd = {results['stage3_over_baseline']:.2f}", flush=True)
+        with timed_losses(timer):
+            rec = rate(measure(baseline, timer, args.steps, dev))
+        base_data.close()
+        results["baseline_teacher_fwd_bwd"] = rec
+        say(f"teacher fwd+bwd: {rec['tokens_per_s']:,.0f} tok/s, peak {rec['peak_gib']:.1f} GiB", flush=True)
+        teacher.requires_grad_(False)
+        if cuda:
+            torch.cuda.empty_cache()
+        write()
+
+    for vname, var in variants:
+        vres: dict[str, Any] = {"config": var, "stages": {}}
+        results["variants"][vname] = vres
+        for name, defaults_ in STAGE_DEFAULTS.items():
+            if name not in var["stages"].split(","):
+                continue
+            if over_budget():
+                vres["stages"][name] = {"skipped": "time budget"}
+                continue
+            e2e = defaults_["mode"] == "end_to_end"
+            policy = recompute.policy_of(var["ckpt_e2e"] if e2e else var["ckpt"])
+            student = convert_model(teacher, MateConfig(), seed=0)
+            loss = LossConfig(**defaults_.get("loss", {}))
+            if name == "stage3":
+                inject_lora(student, LoraSettings(rank=args.lora_rank, alpha=2.0 * args.lora_rank,
+                                                  dropout=args.lora_dropout))  # fmt: skip
+                student.to(dev)
+            trainable = sum(p.numel() for _, p in set_trainable(student, defaults_["train"]))
+            student.train()
+            s_layers = student.family.decoder_layers(student)
+            if e2e:
+                recompute.apply_end_to_end(student, s_layers, policy)
+            par = parallel.strategy(args.strategy, world)
+            par.prepare(student)  # FSDP: shards the trainable modules
+            params = [p for p in student.parameters() if p.requires_grad]
+            objective = par.wrap(
+                LayerwiseObjective(student, loss, policy)
+                if not e2e
+                else EndToEndObjective(student, loss, bool(var["share_embeds"]))
+            )
+            opt = torch.optim.AdamW(params, lr=1e-5, **optimizer_flags(var["optimizer"]))
+            layout = student.token_layout(**{k: v.to(dev) for k, v in host_batch.items()})
+            used = var["teacher_keep"] == "used"
+            keep: dict[str, Any] = {"keep_embeds": True} if e2e and var["share_embeds"] else {}
+            if used and e2e:
+                keep.update(keep_inputs=False, keep_layers=hidden_layer_ids(loss, len(s_layers)))
+            want_logits = bool(loss.kl) if used else True
+            data = Data(host_batch, dev, args.frames, args.resolution, var["data"], var["prefetch"])
+            step = make_step(teacher, layers, data, objective, opt, params, layout, defaults_["mode"], dev,
+                             timer, keep, want_logits)  # fmt: skip
+            try:
+                with timed_losses(timer):
+                    rec = rate(measure(step, timer, args.steps, dev))
+                rec.update(ssd_backend=last_ssd_backend(), trainable_params=trainable, checkpointing=policy)
+            except torch.OutOfMemoryError:
+                rec = {"oom": True, "checkpointing": policy}
+                timer.spans = []
+            except Exception as exc:  # noqa: BLE001 (one broken variant must not lose the others' numbers)
+                rec = {"error": f"{type(exc).__name__}: {exc}"[:500], "checkpointing": policy}
+                timer.spans = []
+                say(f"[{vname}] {name} failed: {rec['error']}", flush=True)
+            data.close()
+            if world > 1:  # slowest step time and largest peak over the processes
+                stats = torch.tensor(
+                    [rec.get("s_per_step", float("inf")), rec.get("peak_gib", 0.0)], device=dev
+                )
+                dist.all_reduce(stats, op=dist.ReduceOp.MAX)
+                if "oom" not in rec and stats[0].isfinite():
+                    rec.update(s_per_step=float(stats[0]), peak_gib=float(stats[1]))
+                    rate(rec)
+                else:
+                    rec = {"oom": True}
+            vres["stages"][name] = rec
+            shown = {
+                k: (round(v, 4) if isinstance(v, float) else v) for k, v in rec.items() if k != "phases_s"
+            }
+            say(f"[{vname}] {name}: {shown}", flush=True)
+            if "phases_s" in rec:
+                say("    " + ", ".join(f"{k} {v:.3f}" for k, v in rec["phases_s"].items()), flush=True)
+            del student, objective, opt, step, data
+            if cuda:
+                torch.cuda.empty_cache()
+            write()
+        base = results.get("baseline_teacher_fwd_bwd")
+        for rec in vres["stages"].values():
+            if base and "tokens_per_s" in rec:
+                # the baseline as issue 17 defines it: teacher compute only, no data phase
+                ref = base["tokens_per_s_without_data"]
+                rec["over_baseline"] = rec["tokens_per_s"] / ref
+                rec["over_baseline_without_data"] = rec["tokens_per_s_without_data"] / ref
+        s3 = vres["stages"].get("stage3", {})
+        if "over_baseline" in s3:
+            vres["stage3_over_baseline"] = s3["over_baseline"]
+            say(f"[{vname}] stage3 throughput / teacher fwd+bwd = {s3['over_baseline']:.2f}", flush=True)
+    results["stages"] = results["variants"][variants[0][0]]["stages"]  # the first variant, as before
+    if "stage3_over_baseline" in results["variants"][variants[0][0]]:
+        results["stage3_over_baseline"] = results["variants"][variants[0][0]]["stage3_over_baseline"]
+    results["wall_s"] = time.perf_counter() - t_start
+    write()
     if world > 1:
         dist.destroy_process_group()
-    if args.json and rank == 0:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import random
+import threading
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -263,3 +265,65 @@ class SampleStream:
                 return to_inputs(self.processor, examples, self.cfg.max_tokens, self.cfg.max_pixels)
             except SkipSample as exc:
                 self._skip(exc)
+
+
+class Prefetcher:
+    """A `SampleStream` whose next batches are prepared in a background thread while the step computes.
+
+    The worker owns the stream and hands over each batch with the stream's position and skip counts right
+    after it; `position` / `skipped` here are those of the last batch *consumed*, so a checkpoint records
+    where training is, not where the worker got to, and a resume (which sets `position` before the first
+    batch) continues exactly. The worker starts at the first `next_batch` and draws the same batches in the
+    same order as the stream alone would (nothing in it touches a global RNG); an error (e.g. data.on_error:
+    raise) reaches the consumer at the batch it belongs to. `pin` pins the tensors (for non-blocking copies).
+    """
+
+    def __init__(self, stream: SampleStream, batch_size: int, depth: int = 1, pin: bool = False) -> None:
+        self.stream, self.batch_size, self.depth, self.pin = stream, batch_size, max(1, depth), pin
+        self.position = stream.position
+        self.skipped: Counter[str] = Counter(stream.skipped)
+        self._queue: queue.Queue | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _work(self) -> None:
+        assert self._queue is not None
+        while not self._stop.is_set():
+            try:
+                batch = self.stream.next_batch(self.batch_size)
+                if self.pin:
+                    batch = {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in batch.items()}
+                item: tuple = (batch, self.stream.position, Counter(self.stream.skipped), None)
+            except BaseException as exc:  # handed to the consumer, raised there
+                item = (None, self.stream.position, Counter(self.stream.skipped), exc)
+            while not self._stop.is_set():
+                try:
+                    self._queue.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if item[3] is not None:
+                return
+
+    def next_batch(self, batch_size: int) -> dict[str, torch.Tensor]:
+        if batch_size != self.batch_size:
+            raise ValueError(f"this prefetcher makes batches of {self.batch_size}, not {batch_size}")
+        if self._thread is None:
+            self.stream.position, self.stream.skipped = self.position, Counter(self.skipped)
+            self._stop = threading.Event()
+            self._queue = queue.Queue(maxsize=self.depth)
+            self._thread = threading.Thread(target=self._work, name="linmu-prefetch", daemon=True)
+            self._thread.start()
+        assert self._queue is not None
+        batch, self.position, self.skipped, exc = self._queue.get()
+        if exc is not None:
+            self.close()
+            raise exc
+        return batch
+
+    def close(self) -> None:
+        """Stop the worker (the batches it prepared beyond `position` are dropped)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self._thread = None

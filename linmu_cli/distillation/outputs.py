@@ -38,6 +38,8 @@ RESUMABLE = (
     "log_every",
     "gradient_checkpointing",
     "grad_accum",
+    "optimizer",
+    "prefetch",
 )  # fmt: skip  (a resume applies these to a running stage; grad_accum keeps the global batch on another world)
 
 

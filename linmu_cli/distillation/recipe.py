@@ -173,6 +173,17 @@ Frames = Annotated[
     Discriminator(lambda v: "<list>" if isinstance(v, list) else "<int>"),
     AfterValidator(_check_frames),
 ]
+# true / false or a policy name (linmu_cli.distillation.recompute)
+CHECKPOINT_POLICIES = ("all", "every_other", "mlp_only", "none")
+
+
+def _check_checkpointing(value: Any) -> bool | str:
+    if isinstance(value, bool) or (isinstance(value, str) and value in CHECKPOINT_POLICIES):
+        return value
+    raise _fail(f"={value!r}: choose true, false, {', '.join(map(repr, CHECKPOINT_POLICIES))}")
+
+
+Checkpointing = Annotated[bool | str, PlainValidator(_check_checkpointing)]
 # Recorded like a checkpoint records it: without the runtime kernel choice (config.RUNTIME_FIELDS), which a
 # resume may change.
 Mate = Annotated[MateConfig, PlainValidator(_mate), PlainSerializer(MateConfig.to_dict)]
@@ -237,6 +248,9 @@ class LossConfig(_Section):
     ce: NonNegative = 0.0  # optional next-token cross-entropy on text tokens
     # weight of vision-token errors relative to text tokens (HEED: OCR regresses first)
     vision_weight: NonNegative = 1.0
+    # end to end only: the decoder layers whose hidden states are regressed (None: every layer). A subset is
+    # a different loss (not the default); the teacher then keeps only those layers' outputs.
+    hidden_layers: list[NonNegativeInt] | None = None
 
     @model_validator(mode="after")
     def _learns_something(self) -> LossConfig:
@@ -276,7 +290,17 @@ class StageConfig(_Section):
     lora: LoraSettings | None = None
     save_every: Count = 50  # step checkpoints (atomic) every N optimizer steps
     log_every: Count = 1
-    gradient_checkpointing: bool = False
+    # recompute activations in backward: true = "all" layers, false = "none", or "every_other" (layers 0, 2,
+    # ...) / "mlp_only" (each layer's MLP); the loss does not depend on it, memory and time do (recompute.py)
+    gradient_checkpointing: Checkpointing = False
+    # AdamW implementation: "auto" (torch's default: foreach on CUDA, a per-tensor loop on CPU), "foreach",
+    # "fused" (one kernel; rounds differently in the last bits), "for_loop"
+    optimizer: Literal["auto", "foreach", "fused", "for_loop"] = "auto"
+    # batches prepared ahead in a background thread while the step computes (0: none); exact either way
+    prefetch: Annotated[int, _at_least(0)] = 0
+    # end to end: the student starts from the teacher's input embeddings (vision features in place) instead of
+    # running the frozen, shared vision tower again; equal in float32, bf16 autocast rounding apart on GPU
+    share_teacher_embeddings: bool = False
     init_from: str | None = None  # start from this checkpoint instead of the previous stage's output
 
     @model_validator(mode="after")
@@ -287,7 +311,17 @@ class StageConfig(_Section):
             raise _fail(
                 ": layerwise stages regress hidden states only (no kl / ce / lora); use mode: end_to_end"
             )
+        if self.mode == "layerwise" and self.share_teacher_embeddings:
+            raise _fail(".share_teacher_embeddings: layerwise stages always start from the teacher's states")
+        if self.mode == "layerwise" and self.loss.hidden_layers is not None:
+            raise _fail(".loss.hidden_layers: layerwise stages train every layer on its own; end_to_end only")
         return self
+
+    @property
+    def checkpoint_policy(self) -> str:
+        """`gradient_checkpointing` as a policy name (true: "all", false: "none")."""
+        g = self.gradient_checkpointing
+        return "all" if g is True else "none" if g is False else g
 
 
 class DistributedConfig(_Section):

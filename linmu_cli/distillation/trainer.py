@@ -30,10 +30,16 @@ from rich.text import Text
 from torch import nn
 
 from linmu_cli.config import MateConfig
-from linmu_cli.distillation import checkpoint, parallel
-from linmu_cli.distillation.data import SampleStream
+from linmu_cli.distillation import checkpoint, parallel, recompute
+from linmu_cli.distillation.data import Prefetcher, SampleStream
 from linmu_cli.distillation.losses import logit_kl, relative_mse, token_weights
-from linmu_cli.distillation.objectives import EndToEndObjective, LayerwiseObjective, run_student, run_teacher
+from linmu_cli.distillation.objectives import (
+    EndToEndObjective,
+    LayerwiseObjective,
+    hidden_layer_ids,
+    run_student,
+    run_teacher,
+)
 from linmu_cli.distillation.outputs import Plan, update_report, write_atomic
 from linmu_cli.distillation.recipe import STAGES, LoraSettings, Recipe, StageConfig, dump_recipe
 from linmu_cli.errors import LinmuError
@@ -308,7 +314,33 @@ def _autocast(run: Run):
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    """Tensors to `device`; pinned ones (from a Prefetcher) copy without blocking the host."""
+    return {
+        k: v.to(device, non_blocking=v.is_pinned()) if torch.is_tensor(v) else v for k, v in batch.items()
+    }
+
+
+def _set_optimizer_impl(optimizer: torch.optim.Optimizer, impl: str) -> None:
+    """After loading a checkpoint's optimizer state: its param groups carry the saved run's implementation
+    flags; this recipe's win. Fused AdamW keeps its step counts as float32 tensors on the parameters' device,
+    the others on the host, as torch itself places them."""
+    flags = {"foreach": None, "fused": None, **optimizer_flags(impl)}
+    for group in optimizer.param_groups:
+        group.update(flags)
+        for p in group["params"]:
+            step = optimizer.state.get(p, {}).get("step")
+            if not torch.is_tensor(step):
+                continue
+            if flags["fused"]:
+                optimizer.state[p]["step"] = step.to(p.device, torch.float32)
+            elif step.device.type != "cpu" and not group.get("capturable"):
+                optimizer.state[p]["step"] = step.cpu()
+
+
+def optimizer_flags(impl: str) -> dict[str, bool]:
+    """torch.optim.AdamW keyword arguments for `stages.<stage>.optimizer` ("auto": torch chooses)."""
+    return {"auto": {}, "foreach": {"foreach": True}, "fused": {"fused": True},
+            "for_loop": {"foreach": False}}[impl]  # fmt: skip
 
 
 def _heldout(run: Run) -> list[dict]:
@@ -387,24 +419,43 @@ class StageRun:
         else:
             self.before = fidelity(run, self.student, self.heldout) if run.is_main else None
         self.student.train()
-        if cfg.gradient_checkpointing and cfg.mode == "end_to_end":
-            self.student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        student_layers = self.student.family.decoder_layers(self.student)
+        if cfg.mode == "end_to_end":
+            recompute.apply_end_to_end(
+                self.student, student_layers, recompute.policy_of(cfg.gradient_checkpointing)
+            )
         self.par = parallel.strategy(recipe.distributed.strategy, run.world)
         self.par.prepare(self.student)  # FSDP: shards the trainable modules (parameters become DTensors)
         objective: nn.Module = (
             LayerwiseObjective(self.student, cfg.loss, cfg.gradient_checkpointing)
             if cfg.mode == "layerwise"
-            else EndToEndObjective(self.student, cfg.loss)
+            else EndToEndObjective(self.student, cfg.loss, cfg.share_teacher_embeddings)
         )
         self.wrapped = self.par.wrap(objective)
         self.params = [p for p in self.student.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.optimizer = torch.optim.AdamW(
+            self.params, lr=cfg.lr, weight_decay=cfg.weight_decay, **optimizer_flags(cfg.optimizer)
+        )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
-        self.data = SampleStream(
-            recipe.data, run.teacher.processor, recipe.seed, rank=run.rank, world=run.world
+        stream = SampleStream(recipe.data, run.teacher.processor, recipe.seed, rank=run.rank, world=run.world)
+        self.data: SampleStream | Prefetcher = (
+            Prefetcher(stream, cfg.batch_size, cfg.prefetch, pin=run.device.type == "cuda")
+            if cfg.prefetch
+            else stream
         )
         self.teacher_layers = self.student.family.decoder_layers(run.teacher.model)
         self.want_logits = cfg.mode == "end_to_end" and bool(cfg.loss.kl)
+        # what the teacher pass keeps: every layer's input and output layer-wise; end to end only the outputs
+        # of the layers the hidden loss regresses
+        self.teacher_keep: dict[str, Any] = (
+            {}
+            if cfg.mode == "layerwise"
+            else {
+                "keep_inputs": False,
+                "keep_layers": hidden_layer_ids(cfg.loss, len(student_layers)),
+                "keep_embeds": cfg.share_teacher_embeddings,
+            }
+        )
 
     # ------------------------------------------------------------------ resume
 
@@ -416,6 +467,7 @@ class StageRun:
         _use_recorded_threads(run, state)
         if state is not None:
             self.par.load_optimizer_state(self.student, self.optimizer, state["optimizer"])
+            _set_optimizer_impl(self.optimizer, cfg.optimizer)
             self.scheduler.load_state_dict(state["scheduler"])
             self.step = state["step"]
             self.data.skipped.update(state.get("skipped", {}))
@@ -454,7 +506,9 @@ class StageRun:
         for micro in range(cfg.grad_accum):
             batch = _to_device(self.data.next_batch(cfg.batch_size), run.device)
             layout = self.student.token_layout(**batch)
-            tp = run_teacher(run.teacher.model, self.teacher_layers, batch, self.want_logits)
+            tp = run_teacher(
+                run.teacher.model, self.teacher_layers, batch, self.want_logits, **self.teacher_keep
+            )
             with self.par.no_sync(self.wrapped, micro == cfg.grad_accum - 1), _autocast(run):
                 terms = (
                     self.wrapped(tp, layout) if cfg.mode == "layerwise" else self.wrapped(batch, tp, layout)
@@ -480,9 +534,16 @@ class StageRun:
 
     def train(self) -> None:
         """Optimizer steps until `steps`: loss step, all-reduce, clip, NaN stop, update, log, checkpoint."""
-        run, cfg, name = self.run, self.cfg, self.name
-        metrics_path = run.out / "metrics.jsonl"
+        metrics_path = self.run.out / "metrics.jsonl"
         self._notify()
+        try:
+            self._train_steps(metrics_path)
+        finally:
+            if isinstance(self.data, Prefetcher):
+                self.data.close()
+
+    def _train_steps(self, metrics_path: Path) -> None:
+        run, cfg, name = self.run, self.cfg, self.name
         while self.step < cfg.steps:
             t0 = time.perf_counter()
             totals, tokens = self._loss_step()

@@ -347,3 +347,29 @@ def test_frames_list_draws_a_length_per_sample_reproducibly():
     assert lengths(SampleStream(recipe.data, processor, seed=0), 12) == first
     with pytest.raises(LinmuError, match="data.frames"):
         load_recipe(RECIPE, ["data.frames=[1,8]"])
+
+
+def test_speed_options_reach_the_same_weights_and_resume_exactly(tmp_path, full_run):
+    """Issue 17's exact speed-ups all on (prefetched data, checkpointing policies, foreach AdamW), stopped by an
+    exception in stage 2 after its step-2 checkpoint and resumed: the same losses and final weights, bit for
+    bit, as the plain run (float32 CPU)."""
+    ref_out, _ = full_run
+    out = tmp_path / "fast"
+    fast = [f"output={out}", *SHORT, "stages.stage1.gradient_checkpointing=all",
+            "stages.stage2.gradient_checkpointing=mlp_only", "stages.stage3.gradient_checkpointing=every_other",
+            *(f"stages.{s}.{k}" for s in ("stage1", "stage2", "stage3") for k in ("prefetch=2", "optimizer=foreach"))]  # fmt: skip
+
+    class Stop(Exception):
+        pass
+
+    def crash(p):
+        if (p.stage, p.step) == ("stage2", 3) and p.loss is not None:
+            raise Stop
+
+    with pytest.raises(Stop):
+        distill(RECIPE, fast, progress=crash)
+    assert (out / "checkpoints" / "stage2" / "step-0000002").is_dir() and not (out / "stage2").exists()
+    distill(RECIPE, fast, resume=True)
+    assert losses(out) == losses(ref_out)
+    a, b = weights(out / "final"), weights(ref_out / "final")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

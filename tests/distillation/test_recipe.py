@@ -67,7 +67,14 @@ def test_a_model_config_object_is_accepted():
         ("stages=5", "recipe.stages: expected a mapping stage1 / stage2 / stage3"),
         ("stages.stage1=5", "recipe.stages.stage1: expected a mapping, got 5"),
         ("stages.stage1.steps=0", "recipe.stages.stage1.steps=0: must be >= 1"),
-        ("stages.stage1.gradient_checkpointing=maybe", "gradient_checkpointing: expected bool, got 'maybe'"),
+        (
+            "stages.stage1.gradient_checkpointing=maybe",
+            "recipe.stages.stage1.gradient_checkpointing='maybe': choose true, false, 'all', 'every_other'",
+        ),
+        (
+            "stages.stage1.gradient_checkpointing=1",
+            "recipe.stages.stage1.gradient_checkpointing=1: choose true",
+        ),
         ("stages.stage1.schedule=step", "recipe.stages.stage1.schedule='step': choose 'constant', 'linear'"),
         (
             "stages.stage1.train=[flex,swn]",

@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# Issue 17 on one H200, in ONE device call (< 8 min): where a distillation step's time goes, before and after the
+# speed-ups, at Qwen2-VL-7B shape (random weights, bf16, one 8,258-token sample: 64 frames at 448x448, the
+# default 7B recipe's LoRA r64 / dropout 0.05), and whether the new options keep the loss curve on the GPU.
+# Run from the repo root with .whl carried (fla-core + mamba-ssm wheels):  bash benchmarks/h200_distill.sh
+# Everything lands in $OUT:
+#   distill.log, distill_throughput-7b.json   1. benchmarks/distill_throughput.py, one process, one teacher:
+#       the baseline (teacher fwd+bwd) and the variants below, each with its per-phase breakdown
+#   curves.log, curves_*.json, curves.tar      2. recipes/tiny.yaml on the GPU (bf16): the default recipe twice
+#       (the GPU's run-to-run noise) and once with every new option, compared by benchmarks/compare_runs.py
+# Variants of part 1 (docs/benchmarks.md, "Distillation at 7B shape"):
+#   before           checkpointing all, torch's default AdamW (foreach), the teacher keeping every layer's input
+#                    and output and the full logits, the sample made in the step: the pre-issue-17 step + data
+#   trimmed          + fused AdamW, the teacher keeping only what the loss reads, the next sample prefetched
+#   e2e_every_other  trimmed, stage 3 checkpointing layers 0, 2, 4, ...
+#   e2e_mlp_only     trimmed, stage 3 checkpointing only the MLPs
+#   e2e_shared       trimmed, stage 3's student starting from the teacher's input embeddings (no 2nd vision pass)
+#   lw_every_other   trimmed, stages 1-2 checkpointing every other layer
+#   lw_mlp_only      trimmed, stages 1-2 checkpointing only the MLPs
+#   candidate        trimmed + every_other everywhere + shared embeddings: a guess at the new 7B recipe
+#   e2e_none         trimmed, stage 3 without checkpointing (expected to run out of memory: recorded as oom)
+# Environment: BUDGET (s for part 1's measurements, default 330; later variants are recorded as skipped and
+#   the JSON is rewritten after every stage, so a timeout still leaves everything measured), STEPS (3),
+#   SKIP_CURVES=1 (part 2 starts only before 300 s and each of its runs only before 370 s, at most 90 s each:
+#   worst case ~480 s with the wheel install); for a CPU dry run of the whole script: NO_GPU_SETUP=1 ARCH=tiny-qwen2-vl FRAMES=8 RES=112
+#   DEVICE=cpu STEPS=1 (validated that way: all parts run, every JSON written, 78 s on an idle CPU).
+set -o pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
+[ -n "${NO_GPU_SETUP:-}" ] || source scripts/gpu_setup.sh >/dev/null
+export PYTHONPATH="$PWD:$PYTHONPATH" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 COLUMNS=200
+OUT="${OUT:-/tmp/linmu_distill}"; mkdir -p "$OUT"
+BUDGET="${BUDGET:-330}"
+T0=$SECONDS
+
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)"
+} 2>&1 | tee "$OUT/distill.log"
+python3 -c "import linmu_cli; print('linmu_cli from', linmu_cli.__file__)" 2>&1 | tee -a "$OUT/distill.log"
+
+echo "== 1. distill_throughput.py --arch qwen2-vl-7b, per-phase breakdown   ($((SECONDS - T0)) s so far)" | tee -a "$OUT/distill.log"
+T="ckpt=all,optimizer=fused,teacher_keep=used,prefetch=1"
+timeout -k 10 $((BUDGET + 90)) python3 benchmarks/distill_throughput.py --arch "${ARCH:-qwen2-vl-7b}" \
+  --frames "${FRAMES:-64}" --resolution "${RES:-448}" --steps "${STEPS:-3}" --lora-rank 64 --lora-dropout 0.05 --time-budget "$BUDGET" \
+  --out "$OUT" --label 7b \
+  --variant "before:ckpt=all,ckpt_e2e=all,optimizer=auto,teacher_keep=all,prefetch=0" \
+  --variant "trimmed:$T,ckpt_e2e=all" \
+  --variant "e2e_every_other:$T,ckpt_e2e=every_other,stages=stage3" \
+  --variant "e2e_mlp_only:$T,ckpt_e2e=mlp_only,stages=stage3" \
+  --variant "e2e_shared:$T,ckpt_e2e=all,share_embeds=1,stages=stage3" \
+  --variant "lw_every_other:$T,ckpt=every_other,stages=stage1+stage2" \
+  --variant "lw_mlp_only:$T,ckpt=mlp_only,stages=stage1+stage2" \
+  --variant "candidate:optimizer=fused,teacher_keep=used,prefetch=1,ckpt=every_other,ckpt_e2e=every_other,share_embeds=1" \
+  --variant "e2e_none:$T,ckpt_e2e=none,stages=stage3" \
+  2>&1 | tee -a "$OUT/distill.log"
+echo "distill_throughput exit code ${PIPESTATUS[0]} ($((SECONDS - T0)) s so far)" | tee -a "$OUT/distill.log"
+
+if [ -z "${SKIP_CURVES:-}" ] && [ $((SECONDS - T0)) -lt 300 ]; then
+  echo "== 2. loss curves on the GPU: recipes/tiny.yaml x3   ($((SECONDS - T0)) s so far)" | tee "$OUT/curves.log"
+  R=/tmp/linmu_curves; rm -rf "$R"; mkdir -p "$R"
+  NEW=""; for s in stage1 stage2 stage3; do
+    NEW="$NEW stages.$s.optimizer=fused stages.$s.gradient_checkpointing=every_other stages.$s.prefetch=2"
+  done
+  NEW="$NEW stages.stage3.share_teacher_embeddings=true"
+  for run in default default_again new; do
+    [ $((SECONDS - T0)) -lt 370 ] || { echo "$run: skipped (time)" | tee -a "$OUT/curves.log"; continue; }
+    extra=""; [ "$run" = new ] && extra=$NEW
+    # shellcheck disable=SC2086  # the overrides are words
+    timeout -k 5 "${TINY_TIMEOUT:-90}" python3 -m linmu_cli distill recipes/tiny.yaml "device=${DEVICE:-cuda}" output=$R/$run $extra \
+      > "$R/$run.log" 2>&1
+    echo "$run: exit $? ($((SECONDS - T0)) s so far)" | tee -a "$OUT/curves.log"
+  done
+  # the second default run is the GPU's own noise (atomics / split-K order): it sets the tolerance for "new"
+  NOISE=(); [ -f "$R/default_again/metrics.jsonl" ] && NOISE=(--noise "$R/default_again")
+  for run in default_again new; do
+    [ -f "$R/$run/metrics.jsonl" ] && python3 benchmarks/compare_runs.py "$R/default" "$R/$run" "${NOISE[@]}" \
+      --json "$OUT/curves_$run.json" 2>&1 | tee -a "$OUT/curves.log"
+  done
+  (cd "$R" && tar cf "$OUT/curves.tar" ./*.log ./*/metrics.jsonl ./*/report.json 2>/dev/null)
+fi
+echo "done in $((SECONDS - T0)) s" | tee -a "$OUT/distill.log"
