@@ -25,7 +25,7 @@ from linmu_cli.errors import LinmuError
 from linmu_cli.models import convert_model
 from linmu_cli.tiny import build_tiny_teacher
 
-ROOT = Path(__file__).parents[1]
+ROOT = Path(__file__).parents[2]
 RECIPE = ROOT / "recipes" / "tiny.yaml"
 
 
