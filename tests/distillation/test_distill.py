@@ -321,7 +321,11 @@ def test_distill_throughput_benchmark_runs_on_cpu(tmp_path):
     cmd = [sys.executable, str(BENCHMARKS / "distill_throughput.py"), "--arch", "tiny-qwen2-vl", "--frames", "8",
            "--resolution", "112", "--steps", "1", "--checkpointing", "--json", str(out)]  # fmt: skip
     res = subprocess.run(
-        cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1")
+        cmd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(BENCHMARKS.parent)),
     )
     assert res.returncode == 0, res.stderr[-2000:]
     data = json.loads(out.read_text())

@@ -239,7 +239,11 @@ def test_distill_throughput_breakdown_adds_up(tmp_path):
            "--variant", "after:ckpt=none,ckpt_e2e=mlp_only,optimizer=fused,teacher_keep=used,prefetch=1,stages=stage1+stage3",
            "--out", str(tmp_path), "--label", "t"]  # fmt: skip
     res = subprocess.run(
-        cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1")
+        cmd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT)),
     )
     assert res.returncode == 0, res.stderr[-2000:]
     data = json.loads((tmp_path / "distill_throughput-t.json").read_text())
