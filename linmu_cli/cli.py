@@ -7,6 +7,7 @@ import functools
 import math
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -42,7 +43,7 @@ def error_line(message: str) -> None:
     err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True, markup=True)
 
 
-def user_errors(fn):
+def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Bad input ends with one red line on stderr and exit code 2, never a traceback."""
 
     @functools.wraps(fn)

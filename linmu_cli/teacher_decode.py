@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.cache_utils import Cache
 
 Kernel = Callable[..., torch.Tensor]
 
@@ -228,7 +229,7 @@ class ServedTeacherDecoder:
         return keys, values
 
     @classmethod
-    def from_cache(cls, model: nn.Module, cache, tokens: torch.Tensor, positions: torch.Tensor, new_tokens: int,
+    def from_cache(cls, model: nn.Module, cache: Cache, tokens: torch.Tensor, positions: torch.Tensor, new_tokens: int,
                    kernel: str = "auto") -> ServedTeacherDecoder:  # fmt: skip
         """Copy a prefilled transformers cache (DynamicCache) into a static one of prompt + `new_tokens` slots."""
         layers = cache.layers

@@ -47,7 +47,9 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def rotary_eager(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+def rotary_eager(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """transformers' `apply_rotary_pos_emb_vision`: float32 math, cast back (q, k: (L, H, d); cos/sin (L, d))."""
     dtype = q.dtype
     cos, sin = cos.unsqueeze(-2).float(), sin.unsqueeze(-2).float()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -51,7 +52,7 @@ def _paint(frame: np.ndarray, quadrant: int, color: str, inset: int = 4) -> None
     frame[top + inset : top + h - inset, left + inset : left + w - inset] = COLORS[color]
 
 
-def image_color(rng: np.random.Generator, size: int = 56, **_) -> Sample:
+def image_color(rng: np.random.Generator, size: int = 56, **_: Any) -> Sample:
     img = _background(rng, (size, size))
     colors = rng.choice(list(COLORS), size=4, replace=False)
     for q, c in enumerate(colors):
@@ -71,7 +72,7 @@ def _flash_video(rng, frames: int, size: int, flashes: list[tuple[int, str]]) ->
     return video
 
 
-def video_count(rng: np.random.Generator, frames: int = 16, size: int = 56, **_) -> Sample:
+def video_count(rng: np.random.Generator, frames: int = 16, size: int = 56, **_: Any) -> Sample:
     pairs = frames // 2
     n = int(rng.integers(0, min(pairs, 9) + 1))
     chosen = rng.choice(pairs, size=n, replace=False)
@@ -86,7 +87,7 @@ def video_count(rng: np.random.Generator, frames: int = 16, size: int = 56, **_)
                   [str(i) for i in range(10)])  # fmt: skip
 
 
-def video_order(rng: np.random.Generator, frames: int = 16, size: int = 56, **_) -> Sample:
+def video_order(rng: np.random.Generator, frames: int = 16, size: int = 56, **_: Any) -> Sample:
     a, b = (str(c) for c in rng.choice(list(COLORS), size=2, replace=False))
     p1, p2 = sorted(rng.choice(frames // 2, size=2, replace=False).tolist())
     first = a if rng.random() < 0.5 else b
@@ -96,7 +97,7 @@ def video_order(rng: np.random.Generator, frames: int = 16, size: int = 56, **_)
                   first, [a, b])  # fmt: skip
 
 
-def video_when(rng: np.random.Generator, frames: int = 16, size: int = 56, **_) -> Sample:
+def video_when(rng: np.random.Generator, frames: int = 16, size: int = 56, **_: Any) -> Sample:
     pairs = frames // 2
     part = int(rng.integers(3))
     bounds = [round(pairs * i / 3) for i in range(4)]

@@ -15,6 +15,7 @@ import threading
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -179,7 +180,7 @@ class SyntheticSource:
         return Example(s.kind, media, s.question, s.answer)
 
 
-def fit_pixels(media, max_pixels: int | None):
+def fit_pixels(media: Any, max_pixels: int | None) -> Any:
     """Downscale an image or every frame of a video so that height x width <= max_pixels (aspect kept)."""
     if not max_pixels:
         return media
@@ -194,7 +195,7 @@ def fit_pixels(media, max_pixels: int | None):
 
 
 def to_inputs(
-    processor, examples: list[Example], max_tokens: int, max_pixels: int | None = None
+    processor: Any, examples: list[Example], max_tokens: int, max_pixels: int | None = None
 ) -> dict[str, torch.Tensor]:
     """Chat-format question + answer (teacher forcing) and run the processor; left padding."""
     texts, images, videos, metadata = [], [], [], []
@@ -222,7 +223,7 @@ class SampleStream:
     """Deterministic stream of processed batches with an integer position, skipping bad samples."""
 
     def __init__(
-        self, cfg: DataConfig, processor, seed: int, rank: int = 0, world: int = 1, heldout: bool = False
+        self, cfg: DataConfig, processor: Any, seed: int, rank: int = 0, world: int = 1, heldout: bool = False
     ):
         self.cfg, self.processor, self.rank, self.world = cfg, processor, rank, world
         if cfg.source == "manifest":

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -99,7 +100,9 @@ def run_teacher(
     )
 
 
-def run_student(student: nn.Module, batch: dict, keep_layers: Sequence[int] | None = None):
+def run_student(
+    student: nn.Module, batch: dict, keep_layers: Sequence[int] | None = None
+) -> tuple[Any, list[torch.Tensor]]:
     """Student forward (with grad when enabled) returning (output, the kept decoder layers' outputs)."""
     captured: list[torch.Tensor] = []
 

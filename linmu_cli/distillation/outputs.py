@@ -14,6 +14,7 @@ import dataclasses
 import json
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -265,7 +266,7 @@ def prepare(out: Path, plan: Plan) -> list[str]:
     return notes
 
 
-def repair(out: Path, stage: str, write_final) -> bool:
+def repair(out: Path, stage: str, write_final: Callable[[], None]) -> bool:
     """Finish a complete stage whose report entry or final/ a kill prevented (issue 14 item 4); True if any
     repair was needed. Judged by what a run promises to leave, not by the stage directory alone."""
     try:

@@ -9,7 +9,7 @@ another strategy or number of processes: FSDP shards the full tensors again for 
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
@@ -57,7 +57,7 @@ class Single:
     def wrap(self, objective: nn.Module) -> nn.Module:
         return objective
 
-    def no_sync(self, wrapped: nn.Module, last_micro_step: bool):
+    def no_sync(self, wrapped: nn.Module, last_micro_step: bool) -> AbstractContextManager:
         return nullcontext()
 
     def full_trainable(self, student: nn.Module) -> dict[str, torch.Tensor]:
@@ -80,7 +80,7 @@ class DDP(Single):
     def wrap(self, objective: nn.Module) -> nn.Module:
         return nn.parallel.DistributedDataParallel(objective, device_ids=None, broadcast_buffers=False)
 
-    def no_sync(self, wrapped: nn.Module, last_micro_step: bool):
+    def no_sync(self, wrapped: nn.Module, last_micro_step: bool) -> AbstractContextManager:
         return nullcontext() if last_micro_step else wrapped.no_sync()
 
 

@@ -8,8 +8,10 @@ Needs the `eval` extra (`pip install 'linmu[eval]'`); nothing here imports lmms-
 
 from __future__ import annotations
 
+from typing import Any
 
-def evaluate(*args, **kwargs):
+
+def evaluate(*args: Any, **kwargs: Any) -> dict[str, Any]:
     """See `linmu_cli.evaluation.run.evaluate`."""
     from linmu_cli.evaluation.run import evaluate as _evaluate
 

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 from linmu_cli.errors import LinmuError
@@ -80,7 +81,7 @@ def offline_hub() -> Iterator[None]:
         constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE, datasets.config.HF_DATASETS_OFFLINE = saved
 
 
-def dataset_needs(task_manager, leaves: list[str]) -> list[DatasetNeed]:
+def dataset_needs(task_manager: Any, leaves: list[str]) -> list[DatasetNeed]:
     """The dataset of each leaf task, read from its YAML (includes resolved, `!function`s not imported)."""
     from lmms_eval import utils
 
@@ -124,7 +125,7 @@ def _fix(need: DatasetNeed, cache_dir: Path) -> str:
     )
 
 
-def check_available(task_manager, leaves: list[str]) -> bool:
+def check_available(task_manager: Any, leaves: list[str]) -> bool:
     """Raise LinmuError naming the first hub dataset that cannot be loaded here; True if the hub must be avoided
     (offline or unreachable) and everything needed is cached."""
     needs = []
@@ -206,7 +207,9 @@ def _paths(visuals) -> list[str]:
     return paths
 
 
-def check_media(task_manager, leaves: list[str], limit: int | float | None, offline: bool = False) -> None:
+def check_media(
+    task_manager: Any, leaves: list[str], limit: int | float | None, offline: bool = False
+) -> None:
     """Every media file the evaluated docs reference exists, or one LinmuError naming the missing ones.
 
     lmms-eval resolves a doc's media only when the model asks for it: a Video-MME run with one missing video

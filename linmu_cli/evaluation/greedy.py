@@ -3,8 +3,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from PIL import Image
+from torch import nn
 
 from linmu_cli.data.chat import chat_prompt, question_content
 from linmu_cli.data.synthetic import Sample
@@ -12,7 +15,7 @@ from linmu_cli.data.synthetic import Sample
 
 @torch.no_grad()
 def greedy_answers(
-    model, processor, samples: list[Sample], batch_size: int = 8, max_new_tokens: int = 8
+    model: nn.Module, processor: Any, samples: list[Sample], batch_size: int = 8, max_new_tokens: int = 8
 ) -> list[str]:
     """Decoded replies (special tokens dropped, not normalized) to each sample's question about its media.
 

@@ -5,11 +5,13 @@ Kept free of heavy imports: lmms-eval loads every entry point when `lmms_eval.mo
 
 from __future__ import annotations
 
+from typing import Any
+
 MODEL_ID = "linmu"
 CLASS_PATH = "linmu_cli.evaluation.plugin.LinMU"
 
 
-def manifests():
+def manifests() -> list[Any]:
     from lmms_eval.models.registry_v2 import ModelManifest
 
     return [ModelManifest(model_id=MODEL_ID, simple_class_path=CLASS_PATH)]

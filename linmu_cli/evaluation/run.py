@@ -129,7 +129,7 @@ def _split_tasks(tasks: str | list[str]) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def task_manager(include_path: list[str | Path] | None = None):
+def task_manager(include_path: list[str | Path] | None = None) -> Any:
     """lmms-eval's TaskManager over its own tasks, linmu's `evals/` and any --include-path directories."""
     from lmms_eval.tasks import TaskManager
 
@@ -147,7 +147,7 @@ def task_manager(include_path: list[str | Path] | None = None):
     return TaskManager("ERROR", include_path=paths or None), evals
 
 
-def leaf_tasks(tm, name: str) -> list[str]:
+def leaf_tasks(tm: Any, name: str) -> list[str]:
     """The tasks a task / group / tag name runs (groups and tags expanded recursively)."""
     from lmms_eval import utils
 
@@ -165,7 +165,7 @@ def leaf_tasks(tm, name: str) -> list[str]:
     return list(dict.fromkeys(leaves))
 
 
-def resolve_tasks(tm, names: list[str]) -> dict[str, list[str]]:
+def resolve_tasks(tm: Any, names: list[str]) -> dict[str, list[str]]:
     """{requested name: leaf tasks}; unknown names are one LinmuError with close matches."""
     resolved = {}
     for name in names:
@@ -235,7 +235,7 @@ def run_one(
     role: str,
     model: str,
     tasks: list[str],
-    tm,
+    tm: Any,
     *,
     limit: int | float | None,
     model_args: dict,

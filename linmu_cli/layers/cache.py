@@ -14,7 +14,7 @@ holds transformers cache-layer objects as `DynamicCache` does; `LinMUCache` is t
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
@@ -159,7 +159,7 @@ class MateCacheLayer(CacheLayerMixin):
                 self.key_valid.index_select(1, order))  # fmt: skip
 
     def update(
-        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """transformers' layer interface: `update_window` with every new key valid (or `key_valid=`)."""
         valid = kwargs.get("key_valid")

@@ -7,6 +7,7 @@ token (or per token and head). Both branches are initialized from the teacher la
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
@@ -85,7 +86,7 @@ class MateAttention(nn.Module):
         past_key_values: LinMUCache | None = None,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         cache: LinMUCache | None = None,
-        **kwargs,
+        **kwargs: Any,
     ) -> tuple[torch.Tensor, None]:
         """The block on a chunk, or on one token with a cache: the decode step, the only one (generate() runs it
         eagerly, `linmu_cli.fast_decode` records it in a CUDA graph), updating the layer's cache in place."""
