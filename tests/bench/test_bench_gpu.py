@@ -19,7 +19,7 @@ from linmu_cli import bench
 from linmu_cli.config import MateConfig
 from linmu_cli.fast_decode import StaticDecoder
 from linmu_cli.models import convert_model
-from linmu_cli.ops.ssd_step import last_ssd_step_backend, ssd_step, step_backend
+from linmu_cli.ops.ssd import last_ssd_step_backend, ssd_step, step_backend
 from linmu_cli.tiny import build_tiny_teacher
 
 pytestmark = [
