@@ -67,7 +67,7 @@ from linmu_cli.distillation.objectives import (
     hidden_layer_ids,
     run_teacher,
 )
-from linmu_cli.distillation.recipe import STAGE_DEFAULTS, DataConfig, LoraSettings, LossConfig
+from linmu_cli.distillation.recipe import STAGE_DEFAULTS, DataConfig, LoraSettings, LossConfig, policy_of
 from linmu_cli.distillation.trainer import inject_lora, optimizer_flags, set_trainable
 from linmu_cli.models import convert_model
 from linmu_cli.ops import last_ssd_backend
@@ -271,7 +271,7 @@ def parse_variant(text: str, defaults: dict[str, Any]) -> tuple[str, dict[str, A
             else value
         )
     for key in ("ckpt", "ckpt_e2e"):
-        recompute.policy_of(cfg[key])  # refuse a misspelt policy before the model is built
+        policy_of(cfg[key])  # refuse a misspelt policy before the model is built
     return name or "default", cfg
 
 
@@ -310,7 +310,7 @@ def main() -> None:
     if args.tiny:
         args.arch, args.frames, args.resolution, args.steps = "tiny-qwen2-vl", 8, 112, min(args.steps, 2)
     t_start = time.perf_counter()
-    defaults = {"ckpt": recompute.policy_of(True if args.checkpointing == "all" else args.checkpointing),
+    defaults = {"ckpt": policy_of(args.checkpointing),
                 "ckpt_e2e": args.checkpointing_e2e or args.checkpointing, "optimizer": args.optimizer,
                 "teacher_keep": args.teacher_keep, "prefetch": args.prefetch, "data": args.data,
                 "share_embeds": int(args.share_embeds),
@@ -399,7 +399,7 @@ def main() -> None:
                 vres["stages"][name] = {"skipped": "time budget"}
                 continue
             e2e = defaults_["mode"] == "end_to_end"
-            policy = recompute.policy_of(var["ckpt_e2e"] if e2e else var["ckpt"])
+            policy = policy_of(var["ckpt_e2e"] if e2e else var["ckpt"])
             student = convert_model(teacher, MateConfig(), seed=0)
             loss = LossConfig(**defaults_.get("loss", {}))
             if name == "stage3":

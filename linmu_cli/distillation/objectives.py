@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from linmu_cli.distillation.losses import logit_kl, next_token_ce, relative_mse, token_weights
-from linmu_cli.distillation.recipe import LossConfig
-from linmu_cli.distillation.recompute import Policy, checkpoint_mlp, checkpointed, layer_choice, policy_of
+from linmu_cli.distillation.recipe import LossConfig, policy_of
+from linmu_cli.distillation.recompute import Policy, checkpoint_mlp, checkpointed, layer_choice
 from linmu_cli.errors import LinmuError
 from linmu_cli.layers.layout import TokenLayout
 

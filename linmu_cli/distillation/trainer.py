@@ -421,9 +421,7 @@ class StageRun:
         self.student.train()
         student_layers = self.student.family.decoder_layers(self.student)
         if cfg.mode == "end_to_end":
-            recompute.apply_end_to_end(
-                self.student, student_layers, recompute.policy_of(cfg.gradient_checkpointing)
-            )
+            recompute.apply_end_to_end(self.student, student_layers, cfg.checkpoint_policy)
         self.par = parallel.strategy(recipe.distributed.strategy, run.world)
         self.par.prepare(self.student)  # FSDP: shards the trainable modules (parameters become DTensors)
         objective: nn.Module = (
