@@ -19,10 +19,6 @@ from linmu_cli.models import convert_model
 CACHE = "cache"  # transformers 5.24 name; the models accept both (docs/design.md §8)
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
-
-
 def test_runner_steps_and_eager_forwards_interleave_on_one_cache():
     interleave_graph_and_eager(torch.device("cpu"))
 
