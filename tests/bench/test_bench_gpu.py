@@ -14,6 +14,7 @@ import copy
 import pytest
 import torch
 from helpers import interleave_graph_and_eager, output_cache, prompt_inputs, video
+from helpers import rel_error as rel
 
 from linmu_cli import bench
 from linmu_cli.config import MateConfig
@@ -26,10 +27,6 @@ pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
-
-
-def rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
 @pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
