@@ -58,6 +58,7 @@ import torch.distributed as dist
 from torch import nn
 
 from linmu_cli.archs import build_random_model
+from linmu_cli.bench.timing import Clock
 from linmu_cli.config import MateConfig
 from linmu_cli.distillation import objectives, parallel, recompute
 from linmu_cli.distillation.data import Prefetcher, SampleStream
@@ -104,36 +105,27 @@ def video_batch(config, frames: int, resolution: int, text: int, device) -> dict
 
 
 class PhaseTimer:
-    """Named spans of one step: CUDA events on the current stream (read after a synchronize) or perf_counter."""
+    """Named spans of one step, marked by the bench's `Clock` (CUDA events on the current stream, read after a
+    synchronize, or perf_counter)."""
 
     def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
+        self.clock = Clock(device)
         self.spans: list[tuple[str, Any, Any]] = []
 
     @contextlib.contextmanager
     def span(self, name: str) -> Iterator[None]:
-        if self.cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            try:
-                yield
-            finally:
-                end.record()
-                self.spans.append((name, start, end))
-        else:
-            t0 = time.perf_counter()
-            try:
-                yield
-            finally:
-                self.spans.append((name, t0, time.perf_counter()))
+        start = self.clock.mark()
+        try:
+            yield
+        finally:
+            self.spans.append((name, start, self.clock.mark()))
 
     def totals(self) -> dict[str, float]:
         """Seconds per span name since the last call (synchronises first on CUDA)."""
-        if self.cuda:
-            torch.cuda.synchronize()
+        self.clock.sync()
         out: dict[str, float] = {}
         for name, a, b in self.spans:
-            out[name] = out.get(name, 0.0) + (a.elapsed_time(b) / 1e3 if self.cuda else b - a)
+            out[name] = out.get(name, 0.0) + self.clock.seconds(a, b)
         self.spans = []
         return out
 
