@@ -172,12 +172,12 @@ class EndToEndObjective(nn.Module):
     def __init__(self, student: nn.Module, loss: LossConfig, share_embeddings: bool = False):
         super().__init__()
         self.student, self.loss_cfg, self.share_embeddings = student, loss, share_embeddings
+        # the layers the hidden loss regresses (checked once, here): what the teacher pass needs to keep
+        self.hidden_ids = hidden_layer_ids(loss, len(student.family.decoder_layers(student)))
 
     def forward(self, batch: dict, teacher: TeacherPass, layout: TokenLayout) -> dict[str, torch.Tensor]:
-        cfg = self.loss_cfg
+        cfg, ids = self.loss_cfg, self.hidden_ids
         weights = token_weights(layout.valid, layout.is_vision(), cfg.vision_weight)
-        n_layers = len(self.student.family.decoder_layers(self.student))
-        ids = hidden_layer_ids(cfg, n_layers)
         inputs = batch
         if self.share_embeddings:
             if teacher.inputs_embeds is None:

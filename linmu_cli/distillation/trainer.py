@@ -33,13 +33,7 @@ from linmu_cli.config import MateConfig
 from linmu_cli.distillation import checkpoint, parallel, recompute
 from linmu_cli.distillation.data import Prefetcher, SampleStream
 from linmu_cli.distillation.losses import logit_kl, relative_mse, token_weights
-from linmu_cli.distillation.objectives import (
-    EndToEndObjective,
-    LayerwiseObjective,
-    hidden_layer_ids,
-    run_student,
-    run_teacher,
-)
+from linmu_cli.distillation.objectives import EndToEndObjective, LayerwiseObjective, run_student, run_teacher
 from linmu_cli.distillation.outputs import Plan, update_report, write_atomic
 from linmu_cli.distillation.recipe import STAGES, LoraSettings, Recipe, StageConfig, dump_recipe
 from linmu_cli.errors import LinmuError
@@ -450,7 +444,7 @@ class StageRun:
             if cfg.mode == "layerwise"
             else {
                 "keep_inputs": False,
-                "keep_layers": hidden_layer_ids(cfg.loss, len(student_layers)),
+                "keep_layers": objective.hidden_ids,
                 "keep_embeds": cfg.share_teacher_embeddings,
             }
         )
