@@ -13,7 +13,7 @@ import copy
 
 import pytest
 import torch
-from helpers import interleave_graph_and_eager, output_cache, prompt_inputs, video
+from helpers import CACHE, interleave_graph_and_eager, output_cache, prompt_inputs, video
 from helpers import rel_error as rel
 
 from linmu_cli import bench
@@ -67,7 +67,7 @@ def test_static_decoder_matches_the_transformers_path_on_gpu():
         pos = bench.next_positions(student, inputs["input_ids"].shape[1], 1, dev)
         fast = StaticDecoder.from_cache(student, copy.deepcopy(cache), token, pos)  # steps its cache in place
         for _ in range(9):  # token by token; the ring of 6 wraps around
-            ref = student(input_ids=token, position_ids=pos, cache=cache, use_cache=True).logits[:, -1]
+            ref = student(input_ids=token, position_ids=pos, use_cache=True, **{CACHE: cache}).logits[:, -1]
             got = fast.step()
             assert rel(got, ref) < 2e-2, rel(got, ref)
             token, pos = fast.tokens.clone(), pos + 1  # both paths consume the same tokens

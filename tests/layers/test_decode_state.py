@@ -5,7 +5,7 @@ import copy
 
 import pytest
 import torch
-from helpers import interleave_graph_and_eager, output_cache, prompt_inputs, video
+from helpers import CACHE, interleave_graph_and_eager, output_cache, prompt_inputs, video
 
 from linmu_cli import bench
 from linmu_cli.config import MateConfig
@@ -15,8 +15,6 @@ from linmu_cli.layers.cache import LinMUCache, MateCacheLayer
 from linmu_cli.layers.local_swin import LocalSwin
 from linmu_cli.layers.mate import MateAttention
 from linmu_cli.models import convert_model
-
-CACHE = "cache"  # transformers 5.24 name; the models accept both (docs/design.md §8)
 
 
 def test_runner_steps_and_eager_forwards_interleave_on_one_cache():
