@@ -52,14 +52,8 @@ def verdict(max_rel: float, max_abs: float, rtol: float) -> str:
 
 def max_rel(ref: Path, run: Path) -> dict[str, float]:
     """Per stage, the largest relative loss difference of `run` to `ref` over their common steps."""
-    a, b = metrics(ref), metrics(run)
-    out = {}
-    for stage in a:
-        steps = sorted(set(a[stage]) & set(b.get(stage, {})))
-        if steps:
-            out[stage] = max(abs(a[stage][s]["loss"] - b[stage][s]["loss"]) / max(abs(a[stage][s]["loss"]), 1e-12)
-                             for s in steps)  # fmt: skip
-    return out
+    stages = compare(ref, run)["stages"]
+    return {stage: s["max_rel_loss_diff"] for stage, s in stages.items() if s["common_steps"]}
 
 
 def compare(ref: Path, run: Path, rtol: float = 1e-3, noise: dict[str, float] | None = None) -> dict:

@@ -58,6 +58,7 @@ import torch.distributed as dist
 from torch import nn
 
 from linmu_cli.archs import build_random_model
+from linmu_cli.bench.timing import Clock
 from linmu_cli.config import MateConfig
 from linmu_cli.distillation import objectives, parallel, recompute
 from linmu_cli.distillation.data import Prefetcher, SampleStream
@@ -67,7 +68,7 @@ from linmu_cli.distillation.objectives import (
     hidden_layer_ids,
     run_teacher,
 )
-from linmu_cli.distillation.recipe import STAGE_DEFAULTS, DataConfig, LoraSettings, LossConfig
+from linmu_cli.distillation.recipe import STAGE_DEFAULTS, DataConfig, LoraSettings, LossConfig, policy_of
 from linmu_cli.distillation.trainer import inject_lora, optimizer_flags, set_trainable
 from linmu_cli.models import convert_model
 from linmu_cli.ops import last_ssd_backend
@@ -104,36 +105,27 @@ def video_batch(config, frames: int, resolution: int, text: int, device) -> dict
 
 
 class PhaseTimer:
-    """Named spans of one step: CUDA events on the current stream (read after a synchronize) or perf_counter."""
+    """Named spans of one step, marked by the bench's `Clock` (CUDA events on the current stream, read after a
+    synchronize, or perf_counter)."""
 
     def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
+        self.clock = Clock(device)
         self.spans: list[tuple[str, Any, Any]] = []
 
     @contextlib.contextmanager
     def span(self, name: str) -> Iterator[None]:
-        if self.cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            try:
-                yield
-            finally:
-                end.record()
-                self.spans.append((name, start, end))
-        else:
-            t0 = time.perf_counter()
-            try:
-                yield
-            finally:
-                self.spans.append((name, t0, time.perf_counter()))
+        start = self.clock.mark()
+        try:
+            yield
+        finally:
+            self.spans.append((name, start, self.clock.mark()))
 
     def totals(self) -> dict[str, float]:
         """Seconds per span name since the last call (synchronises first on CUDA)."""
-        if self.cuda:
-            torch.cuda.synchronize()
+        self.clock.sync()
         out: dict[str, float] = {}
         for name, a, b in self.spans:
-            out[name] = out.get(name, 0.0) + (a.elapsed_time(b) / 1e3 if self.cuda else b - a)
+            out[name] = out.get(name, 0.0) + self.clock.seconds(a, b)
         self.spans = []
         return out
 
@@ -271,7 +263,7 @@ def parse_variant(text: str, defaults: dict[str, Any]) -> tuple[str, dict[str, A
             else value
         )
     for key in ("ckpt", "ckpt_e2e"):
-        recompute.policy_of(cfg[key])  # refuse a misspelt policy before the model is built
+        policy_of(cfg[key])  # refuse a misspelt policy before the model is built
     return name or "default", cfg
 
 
@@ -310,7 +302,7 @@ def main() -> None:
     if args.tiny:
         args.arch, args.frames, args.resolution, args.steps = "tiny-qwen2-vl", 8, 112, min(args.steps, 2)
     t_start = time.perf_counter()
-    defaults = {"ckpt": recompute.policy_of(True if args.checkpointing == "all" else args.checkpointing),
+    defaults = {"ckpt": policy_of(args.checkpointing),
                 "ckpt_e2e": args.checkpointing_e2e or args.checkpointing, "optimizer": args.optimizer,
                 "teacher_keep": args.teacher_keep, "prefetch": args.prefetch, "data": args.data,
                 "share_embeds": int(args.share_embeds),
@@ -399,7 +391,7 @@ def main() -> None:
                 vres["stages"][name] = {"skipped": "time budget"}
                 continue
             e2e = defaults_["mode"] == "end_to_end"
-            policy = recompute.policy_of(var["ckpt_e2e"] if e2e else var["ckpt"])
+            policy = policy_of(var["ckpt_e2e"] if e2e else var["ckpt"])
             student = convert_model(teacher, MateConfig(), seed=0)
             loss = LossConfig(**defaults_.get("loss", {}))
             if name == "stage3":

@@ -51,10 +51,6 @@ class StaticDecoder:
         self.logits: torch.Tensor | None = None
         self._addresses: list[int] = []
 
-    @property
-    def batch(self) -> int:
-        return self.tokens.shape[0]
-
     def nbytes(self) -> int:
         """Bytes of decode state (what grows with the batch, not with the prompt)."""
         return self.cache.nbytes()

@@ -1,16 +1,27 @@
 """Plain helpers shared by the tests (fixtures live in conftest.py): synthetic media, chat prompts, caches."""
 
 import copy
+import inspect
 
 import numpy as np
 import torch
 from PIL import Image
+from transformers import Qwen2VLForConditionalGeneration
 
 from linmu_cli import bench
 from linmu_cli.config import MateConfig
 from linmu_cli.fast_decode import StaticDecoder
 from linmu_cli.models import convert_model
 from linmu_cli.tiny import build_tiny_teacher
+
+# the models' cache keyword in this transformers release: `cache` from 5.24 on, `past_key_values` before (design.md
+# §8). Only the M-MATE blocks accept both names; a model forward before 5.24 would take `cache=` as an unknown
+# keyword and build its positions from a fresh cache of its own.
+CACHE = (
+    "cache"
+    if "cache" in inspect.signature(Qwen2VLForConditionalGeneration.forward).parameters
+    else "past_key_values"
+)
 
 
 def video(seed: int, frames: int = 8, size: int = 56) -> np.ndarray:
@@ -79,11 +90,11 @@ def interleave_graph_and_eager(dev: torch.device) -> None:
         for kind in ["graph"] * 3 + ["eager"] * 2 + ["graph"] * 3 + ["turn"] + ["graph"] * 3:
             k = 3 if kind == "turn" else 1
             chunk, t = tokens[:, t : t + k], t + k
-            want = student(input_ids=chunk, cache=ref).logits[:, -1]
+            want = student(input_ids=chunk, **{CACHE: ref}).logits[:, -1]
             if kind == "graph":
                 got = runner.feed(chunk)
             else:
-                got = student(input_ids=chunk, cache=cache).logits[:, -1]
+                got = student(input_ids=chunk, **{CACHE: cache}).logits[:, -1]
                 runner.positions.add_(k)
             assert rel_error(got, want) < 1e-4, (t, kind, rel_error(got, want))
     assert cache.get_seq_length() == ref.get_seq_length() == 9 + t

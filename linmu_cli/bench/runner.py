@@ -551,7 +551,7 @@ def run_bench(
     session.warm_up(warm)
     del warm
     from linmu_cli.ops import last_ssd_backend
-    from linmu_cli.ops.ssd_step import last_ssd_step_backend
+    from linmu_cli.ops.ssd import last_ssd_step_backend
 
     loop = "cuda_graph" if use_graph else "eager"
     kernels = {"flex_ma_prefill": last_ssd_backend(), "flex_ma_decode": last_ssd_step_backend(),

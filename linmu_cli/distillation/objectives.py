@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from linmu_cli.distillation.losses import logit_kl, next_token_ce, relative_mse, token_weights
-from linmu_cli.distillation.recipe import LossConfig
-from linmu_cli.distillation.recompute import Policy, checkpoint_mlp, checkpointed, layer_choice, policy_of
+from linmu_cli.distillation.recipe import LossConfig, policy_of
+from linmu_cli.distillation.recompute import Policy, checkpoint_mlp, checkpointed, layer_choice
 from linmu_cli.errors import LinmuError
 from linmu_cli.layers.layout import TokenLayout
 
@@ -175,12 +175,12 @@ class EndToEndObjective(nn.Module):
     def __init__(self, student: nn.Module, loss: LossConfig, share_embeddings: bool = False):
         super().__init__()
         self.student, self.loss_cfg, self.share_embeddings = student, loss, share_embeddings
+        # the layers the hidden loss regresses (checked once, here): what the teacher pass needs to keep
+        self.hidden_ids = hidden_layer_ids(loss, len(student.family.decoder_layers(student)))
 
     def forward(self, batch: dict, teacher: TeacherPass, layout: TokenLayout) -> dict[str, torch.Tensor]:
-        cfg = self.loss_cfg
+        cfg, ids = self.loss_cfg, self.hidden_ids
         weights = token_weights(layout.valid, layout.is_vision(), cfg.vision_weight)
-        n_layers = len(self.student.family.decoder_layers(self.student))
-        ids = hidden_layer_ids(cfg, n_layers)
         inputs = batch
         if self.share_embeddings:
             if teacher.inputs_embeds is None:

@@ -173,8 +173,21 @@ Frames = Annotated[
     Discriminator(lambda v: "<list>" if isinstance(v, list) else "<int>"),
     AfterValidator(_check_frames),
 ]
-# true / false or a policy name (linmu_cli.distillation.recompute)
+# true / false or a policy name (linmu_cli.distillation.recompute says what each one recomputes)
 CHECKPOINT_POLICIES = ("all", "every_other", "mlp_only", "none")
+
+
+def policy_of(setting: bool | str) -> str:
+    """A `gradient_checkpointing` value (a bool or a policy name) as a policy name: true is "all", false "none"."""
+    if setting is True:
+        return "all"
+    if setting is False:
+        return "none"
+    if setting not in CHECKPOINT_POLICIES:
+        raise ValueError(
+            f"unknown gradient checkpointing policy {setting!r}; choose {', '.join(CHECKPOINT_POLICIES)}"
+        )
+    return setting
 
 
 def _check_checkpointing(value: Any) -> bool | str:
@@ -320,8 +333,7 @@ class StageConfig(_Section):
     @property
     def checkpoint_policy(self) -> str:
         """`gradient_checkpointing` as a policy name (true: "all", false: "none")."""
-        g = self.gradient_checkpointing
-        return "all" if g is True else "none" if g is False else g
+        return policy_of(self.gradient_checkpointing)
 
 
 class DistributedConfig(_Section):

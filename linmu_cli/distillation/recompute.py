@@ -25,23 +25,12 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+# the names of recipe.CHECKPOINT_POLICIES; recipe.policy_of turns a recipe value (a bool too) into one
 Policy = Literal["all", "every_other", "mlp_only", "none"]
-POLICIES: tuple[str, ...] = ("all", "every_other", "mlp_only", "none")
 
 # benchmark hook: a callable returning a context manager that times one recomputation (None: no timing)
 _timer: Callable[[], AbstractContextManager[Any]] | None = None
 _in_backward = False
-
-
-def policy_of(setting: bool | str) -> Policy:
-    """The recipe value (a bool or a policy name) as a policy name."""
-    if setting is True:
-        return "all"
-    if setting is False:
-        return "none"
-    if setting not in POLICIES:
-        raise ValueError(f"unknown gradient checkpointing policy {setting!r}; choose {', '.join(POLICIES)}")
-    return setting  # type: ignore[return-value]
 
 
 def layer_choice(policy: Policy, index: int) -> Literal["layer", "mlp", "none"]:

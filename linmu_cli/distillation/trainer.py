@@ -33,13 +33,7 @@ from linmu_cli.config import MateConfig
 from linmu_cli.distillation import checkpoint, parallel, recompute
 from linmu_cli.distillation.data import Prefetcher, SampleStream
 from linmu_cli.distillation.losses import logit_kl, relative_mse, token_weights
-from linmu_cli.distillation.objectives import (
-    EndToEndObjective,
-    LayerwiseObjective,
-    hidden_layer_ids,
-    run_student,
-    run_teacher,
-)
+from linmu_cli.distillation.objectives import EndToEndObjective, LayerwiseObjective, run_student, run_teacher
 from linmu_cli.distillation.outputs import Plan, update_report, write_atomic
 from linmu_cli.distillation.recipe import STAGES, LoraSettings, Recipe, StageConfig, dump_recipe
 from linmu_cli.errors import LinmuError
@@ -421,9 +415,7 @@ class StageRun:
         self.student.train()
         student_layers = self.student.family.decoder_layers(self.student)
         if cfg.mode == "end_to_end":
-            recompute.apply_end_to_end(
-                self.student, student_layers, recompute.policy_of(cfg.gradient_checkpointing)
-            )
+            recompute.apply_end_to_end(self.student, student_layers, cfg.checkpoint_policy)
         self.par = parallel.strategy(recipe.distributed.strategy, run.world)
         self.par.prepare(self.student)  # FSDP: shards the trainable modules (parameters become DTensors)
         objective: nn.Module = (
@@ -452,7 +444,7 @@ class StageRun:
             if cfg.mode == "layerwise"
             else {
                 "keep_inputs": False,
-                "keep_layers": hidden_layer_ids(cfg.loss, len(student_layers)),
+                "keep_layers": objective.hidden_ids,
                 "keep_embeds": cfg.share_teacher_embeddings,
             }
         )

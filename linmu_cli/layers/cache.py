@@ -232,9 +232,8 @@ class LinMUCache(Cache):
         self.offloading = False
         self.static_requested = False
         self.static: StaticDecoder | None = None
-        self.static_output: type | None = (
-            None  # the model output class a runner step returns, and its cache field
-        )
+        # the model output class a runner step returns, and its cache field
+        self.static_output: type | None = None
         self.static_output_field: str | None = None
 
     def __deepcopy__(self, memo: dict) -> LinMUCache:
@@ -260,7 +259,7 @@ class LinMUCache(Cache):
         return self.layers[0].seen if self.layers else 0
 
     def advance(self, num_tokens: int) -> None:
-        """Count tokens a graph replay fed (eager forwards count in `update_window`)."""
+        """Count tokens a graph replay fed (an eager forward counts per layer in `MateAttention.forward`)."""
         for layer in self.layers:
             layer.advance(num_tokens)
 

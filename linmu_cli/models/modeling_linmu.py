@@ -183,10 +183,11 @@ class LinMUModelMixin:
         from linmu_cli.fast_decode import StaticDecoder
 
         step = cache.static is not None and input_ids is not None and input_ids.shape[1] == 1
+        # by identity: `tensor in (None, False)` compares elementwise and raises for labels of several tokens
         wanted = [
             k
             for k in ("output_hidden_states", "labels", "inputs_embeds")
-            if kwargs.get(k) not in (None, False)
+            if kwargs.get(k) is not None and kwargs.get(k) is not False
         ]
         if step and wanted:  # the runner returns logits only: this step runs eagerly, on the same buffers
             out = self._linmu_forward(input_ids, attention_mask, kwargs)

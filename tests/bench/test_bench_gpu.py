@@ -13,23 +13,20 @@ import copy
 
 import pytest
 import torch
-from helpers import interleave_graph_and_eager, output_cache, prompt_inputs, video
+from helpers import CACHE, interleave_graph_and_eager, output_cache, prompt_inputs, video
+from helpers import rel_error as rel
 
 from linmu_cli import bench
 from linmu_cli.config import MateConfig
 from linmu_cli.fast_decode import StaticDecoder
 from linmu_cli.models import convert_model
-from linmu_cli.ops.ssd_step import last_ssd_step_backend, ssd_step, step_backend
+from linmu_cli.ops.ssd import last_ssd_step_backend, ssd_step, step_backend
 from linmu_cli.tiny import build_tiny_teacher
 
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
-
-
-def rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
 @pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
@@ -70,7 +67,7 @@ def test_static_decoder_matches_the_transformers_path_on_gpu():
         pos = bench.next_positions(student, inputs["input_ids"].shape[1], 1, dev)
         fast = StaticDecoder.from_cache(student, copy.deepcopy(cache), token, pos)  # steps its cache in place
         for _ in range(9):  # token by token; the ring of 6 wraps around
-            ref = student(input_ids=token, position_ids=pos, cache=cache, use_cache=True).logits[:, -1]
+            ref = student(input_ids=token, position_ids=pos, use_cache=True, **{CACHE: cache}).logits[:, -1]
             got = fast.step()
             assert rel(got, ref) < 2e-2, rel(got, ref)
             token, pos = fast.tokens.clone(), pos + 1  # both paths consume the same tokens

@@ -5,7 +5,7 @@ import copy
 
 import pytest
 import torch
-from helpers import interleave_graph_and_eager, output_cache, prompt_inputs, video
+from helpers import CACHE, interleave_graph_and_eager, output_cache, prompt_inputs, video
 
 from linmu_cli import bench
 from linmu_cli.config import MateConfig
@@ -15,12 +15,6 @@ from linmu_cli.layers.cache import LinMUCache, MateCacheLayer
 from linmu_cli.layers.local_swin import LocalSwin
 from linmu_cli.layers.mate import MateAttention
 from linmu_cli.models import convert_model
-
-CACHE = "cache"  # transformers 5.24 name; the models accept both (docs/design.md §8)
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
 def test_runner_steps_and_eager_forwards_interleave_on_one_cache():
@@ -188,6 +182,25 @@ def test_a_static_generate_asking_for_hidden_states_steps_eagerly_on_the_same_ca
     torch.testing.assert_close(torch.stack(got.logits), torch.stack(want.logits), atol=2e-5, rtol=1e-5)
     for a, b in zip(got.hidden_states, want.hidden_states, strict=True):
         torch.testing.assert_close(torch.stack(a), torch.stack(b), atol=2e-5, rtol=1e-5)
+
+
+def test_a_static_cache_step_with_labels_runs_eagerly(tiny):
+    """A one-token forward on a static cache that passes labels (a tensor) takes the eager step on the same
+    buffers, with the logits of the plain cache path."""
+    _, teacher, _ = tiny
+    student = convert_model(teacher, MateConfig(text_window=4))
+    ids = torch.randint(0, 900, (2, 7))
+    with torch.no_grad():
+        out = student.generate(input_ids=ids, max_new_tokens=3, do_sample=False, return_dict_in_generate=True,
+                               cache_implementation="static")  # fmt: skip
+        cache = output_cache(out)
+        plain = copy.deepcopy(cache)
+        plain.static_requested = False
+        token = out.sequences[:, -1:]
+        got = student(input_ids=token, labels=torch.zeros(2, 1, dtype=torch.long), **{CACHE: cache})
+        want = student(input_ids=token, **{CACHE: plain})
+    assert cache.static is not None and "loss" in got
+    torch.testing.assert_close(got.logits, want.logits, atol=1e-6, rtol=1e-6)
 
 
 def test_generate_takes_the_ssm_dtype_from_cache_config(tiny):

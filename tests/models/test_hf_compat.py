@@ -10,13 +10,12 @@ import json
 
 import pytest
 import torch
-from helpers import image, output_cache, prompt_inputs, video
+from helpers import CACHE, image, output_cache, prompt_inputs, video
 from transformers import (
     AutoConfig,
     AutoModel,
     AutoModelForImageTextToText,
     DataCollatorWithFlattening,
-    Qwen2VLForConditionalGeneration,
 )
 
 from linmu_cli.config import MateConfig
@@ -25,12 +24,6 @@ from linmu_cli.models import convert_model, linmu_classes
 from linmu_cli.models.family import families
 
 EXACT = MateConfig(use_flex=False, text_window=4096)
-# the cache keyword of this transformers release: `cache` from 5.24 on, `past_key_values` before (design.md §8)
-CACHE = (
-    "cache"
-    if "cache" in inspect.signature(Qwen2VLForConditionalGeneration.forward).parameters
-    else "past_key_values"
-)
 
 
 def _turns(processor, media: str | None):

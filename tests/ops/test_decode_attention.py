@@ -28,6 +28,7 @@ from decode_attention_cases import (
     split_kv_values,
     teacher_prompt,
 )
+from helpers import rel_error
 
 from linmu_cli.ops.decode_attention import decode_attention, decode_attention_naive
 
@@ -188,10 +189,6 @@ def test_triton_kernels_compile_for_the_h200_without_a_gpu():
 
 
 # ----------------------------------------------------------------------------------------------------- GPU
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
-
-
 @pytest.mark.parametrize("batch", [1, 16])
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -205,7 +202,7 @@ def test_triton_split_kv_at_the_7b_shape_on_gpu(batch):
     valid = torch.full((batch,), prompt + 5, device="cuda")
     got = tri.split_kv_decode(q.reshape(batch, 4, 7, 128), k, v, valid).reshape(batch, 28, 1, 128)
     ref = decode_attention_naive(q.float(), k.float(), v.float(), valid)
-    assert torch.isfinite(got).all() and _rel(got, ref) < 1e-2, _rel(got, ref)
+    assert torch.isfinite(got).all() and rel_error(got, ref) < 1e-2, rel_error(got, ref)
     q32, k32, v32 = make_cache(batch, 4, 7, 4100, 128, torch.float32, device="cuda")
     lens = torch.arange(batch, device="cuda") * 97 % 4100 + 1
     got = decode_attention(q32, k32, v32, lens, backend="triton")
@@ -238,4 +235,4 @@ def test_triton_split_kv_captures_in_a_cuda_graph():
         torch.cuda.synchronize()
         assert torch.equal(out, eager), step
         ref = decode_attention_naive(q.float(), k.float(), v.float(), length + 1).reshape(1, 4, 7, 128)
-        assert _rel(out, ref) < 1e-2, (step, _rel(out, ref))
+        assert rel_error(out, ref) < 1e-2, (step, rel_error(out, ref))
