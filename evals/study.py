@@ -214,7 +214,8 @@ def main() -> None:
     flags += [f"--frames {args.frames}"] if args.frames != 16 else []
     cmd_base = " ".join(["python evals/study.py", *flags, *(f"--set {s}" for s in args.set)])
     if args.length_only:
-        cmd = " ".join([cmd_base.strip(), f"--out {args.out}", f"--length-only {args.length_only}"])
+        cmd = " ".join([cmd_base.strip(), f"--out {args.out}", f"--length-only {args.length_only}"]
+                       + (["--reuse"] if args.reuse else []))
         length_only(args, base, tasks, size, cmd + (f" --json {args.json}" if args.json else ""))
         return
     t0 = time.time()
