@@ -1,6 +1,8 @@
 """Which flashes does a student count on a long video? Splits each video_count sample's red flashes into the last
 16 frames (the distillation length) and the rest, and compares the student's answer with the total, with
-the last-16-frames count and with the density estimate total * 16 / frames.
+the last-16-frames count and with the density estimate total * 16 / frames, and fits (least squares)
+answer ~ a * (flashes before the last 16 frames) + b * (flashes in the last 16 frames) + c.
+Counting: a = b = 1; density: a = b = 16 / frames; only what the last 16 frames show: a = 0, b = 1.
 
     python evals/count_analysis.py evals/results/length/default.json [...]
 
@@ -47,6 +49,7 @@ def main() -> None:
             pairs = got["video_count"]
             hits = {"total": 0, f"last {base} frames": 0, f"density (total*{base}/{frames})": 0}
             n = 0
+            rows, answers_ = [], []
             for i, (pred, truth) in enumerate(pairs):
                 s = synthetic.generate("video_count", i, res["eval_seed"], frames, 56)
                 red = red_pairs(s.media)
@@ -55,11 +58,21 @@ def main() -> None:
                     continue
                 n += 1
                 last = sum(p >= frames // 2 - base // 2 for p in red)
+                rows.append([len(red) - last, last, 1.0])
+                answers_.append(float(pred))
                 hits["total"] += int(pred) == len(red)
                 hits[f"last {base} frames"] += int(pred) == last
                 hits[f"density (total*{base}/{frames})"] += abs(int(pred) - len(red) * base / frames) <= 0.5
             print(f"{name}: {len(pairs)} samples ({n} digit answers); answer equals: "
                   + ", ".join(f"{k} {v / len(pairs):.2f}" for k, v in hits.items()))  # fmt: skip
+            if frames > base:
+                x, y = np.array(rows), np.array(answers_)
+                coef, *_ = np.linalg.lstsq(x, y, rcond=None)
+                resid = y - x @ coef
+                cov = resid @ resid / (len(y) - 3) * np.linalg.inv(x.T @ x)  # OLS standard errors
+                (a, b, c), (sa, sb, sc) = coef, np.sqrt(np.diag(cov))
+                print(f"    fit: answer ~ ({a:.2f} ± {sa:.2f}) * earlier + ({b:.2f} ± {sb:.2f}) * last {base} frames"
+                      f" + ({c:.2f} ± {sc:.2f})")
 
 
 if __name__ == "__main__":
