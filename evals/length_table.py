@@ -28,6 +28,22 @@ def rows(path: Path, student_only: bool) -> list[str]:
     return out
 
 
+def compact(paths: list[Path], labels: list[str]) -> None:
+    """One row per run: the student's mean +- SE and video_count at each frame count, and the run's command."""
+    frames = json.loads(paths[0].read_text())["rows"]
+    ks = [name.split("@")[1] for name in frames if name.startswith("LinMU")]
+    head = ["run", *(f"mean @{k}" for k in ks), *(f"video_count @{k}" for k in ks), "agreement @" + ks[0], "command"]
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    for path, label in zip(paths, labels, strict=True):
+        res = json.loads(path.read_text())
+        rows, se = res["rows"], res["se"]
+        cells = [f"{rows[f'LinMU final @{k}']['mean']:.2f} ± {se[f'LinMU final @{k}']['mean']:.2f}" for k in ks]
+        cells += [f"{rows[f'LinMU final @{k}']['video_count']:.2f}" for k in ks]
+        cells.append(f"{rows[f'LinMU final @{ks[0]}']['agreement']:.2f}")
+        print("| " + " | ".join([label, *cells, f"`{res['command']}`"]) + " |")
+
+
 def counts(path: Path) -> None:
     """For each frame count: how often each (truth -> answer) of video_count occurs, and the mean answer per truth."""
     res = json.loads(path.read_text())
@@ -44,12 +60,18 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("files", nargs="+", type=Path)
     ap.add_argument("--counts", action="store_true", help="video_count answer-vs-truth breakdown instead")
+    ap.add_argument("--compact", nargs="*", default=None, metavar="LABEL",
+                    help="one row per file (labels in file order; default the run names)")
     ap.add_argument("--student-only", action="store_true", help="leave the teacher rows out")
     args = ap.parse_args()
     if args.counts:
         for f in args.files:
             print(f"## {f}")
             counts(f)
+        return
+    if args.compact is not None:
+        names = [json.loads(f.read_text())["name"] for f in args.files]
+        compact(args.files, args.compact or names)
         return
     tasks = json.loads(args.files[0].read_text())["tasks"]
     head = ["run: model", *tasks, "mean ± SE", "agreement", "command"]
