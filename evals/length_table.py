@@ -60,8 +60,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("files", nargs="+", type=Path)
     ap.add_argument("--counts", action="store_true", help="video_count answer-vs-truth breakdown instead")
-    ap.add_argument("--compact", nargs="*", default=None, metavar="LABEL",
-                    help="one row per file (labels in file order; default the run names)")
+    ap.add_argument("--compact", action="store_true", help="one row per file")
+    ap.add_argument("--labels", default=None, help="with --compact: row labels, ';'-separated, in file order")
     ap.add_argument("--student-only", action="store_true", help="leave the teacher rows out")
     args = ap.parse_args()
     if args.counts:
@@ -69,9 +69,9 @@ def main() -> None:
             print(f"## {f}")
             counts(f)
         return
-    if args.compact is not None:
+    if args.compact:
         names = [json.loads(f.read_text())["name"] for f in args.files]
-        compact(args.files, args.compact or names)
+        compact(args.files, args.labels.split(";") if args.labels else names)
         return
     tasks = json.loads(args.files[0].read_text())["tasks"]
     head = ["run: model", *tasks, "mean ± SE", "agreement", "command"]
