@@ -71,8 +71,10 @@ def main() -> None:
                 resid = y - x @ coef
                 cov = resid @ resid / (len(y) - 3) * np.linalg.inv(x.T @ x)  # OLS standard errors
                 (a, b, c), (sa, sb, sc) = coef, np.sqrt(np.diag(cov))
-                print(f"    fit: answer ~ ({a:.2f} ± {sa:.2f}) * earlier + ({b:.2f} ± {sb:.2f}) * last {base} frames"
-                      f" + ({c:.2f} ± {sc:.2f})")
+                print(
+                    f"    fit: answer ~ ({a:.2f} ± {sa:.2f}) * earlier + ({b:.2f} ± {sb:.2f}) * last {base} frames"
+                    f" + ({c:.2f} ± {sc:.2f})"
+                )
 
 
 if __name__ == "__main__":

@@ -32,13 +32,21 @@ def compact(paths: list[Path], labels: list[str]) -> None:
     """One row per run: the student's mean +- SE and video_count at each frame count, and the run's command."""
     frames = json.loads(paths[0].read_text())["rows"]
     ks = [name.split("@")[1] for name in frames if name.startswith("LinMU")]
-    head = ["run", *(f"mean @{k}" for k in ks), *(f"video_count @{k}" for k in ks), "agreement @" + ks[0], "command"]
+    head = [
+        "run",
+        *(f"mean @{k}" for k in ks),
+        *(f"video_count @{k}" for k in ks),
+        "agreement @" + ks[0],
+        "command",
+    ]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for path, label in zip(paths, labels, strict=True):
         res = json.loads(path.read_text())
         rows, se = res["rows"], res["se"]
-        cells = [f"{rows[f'LinMU final @{k}']['mean']:.2f} ± {se[f'LinMU final @{k}']['mean']:.2f}" for k in ks]
+        cells = [
+            f"{rows[f'LinMU final @{k}']['mean']:.2f} ± {se[f'LinMU final @{k}']['mean']:.2f}" for k in ks
+        ]
         cells += [f"{rows[f'LinMU final @{k}']['video_count']:.2f}" for k in ks]
         cells.append(f"{rows[f'LinMU final @{ks[0]}']['agreement']:.2f}")
         print("| " + " | ".join([label, *cells, f"`{res['command']}`"]) + " |")
@@ -52,7 +60,9 @@ def counts(path: Path) -> None:
         by_truth: dict[str, Counter] = {}
         for pred, truth in pairs:
             by_truth.setdefault(truth, Counter())[pred] += 1
-        cells = [f"{t}->{'/'.join(f'{p}x{c}' for p, c in sorted(by_truth[t].items()))}" for t in sorted(by_truth)]
+        cells = [
+            f"{t}->{'/'.join(f'{p}x{c}' for p, c in sorted(by_truth[t].items()))}" for t in sorted(by_truth)
+        ]
         print(f"{name}: " + "  ".join(cells))
 
 

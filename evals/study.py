@@ -8,6 +8,13 @@ held-out synthetic samples by greedy generation (exact match after `normalize_an
 tasks), plus top-1 agreement with the teacher's answers.
 Length generalization: the final model and the teacher again at 2x and 4x the distillation frame count.
 Every row of the written tables names the command that reproduces it.
+
+    python evals/study.py --length-only NAME --out runs/length --set model.text_window=16 --json X.json
+
+distills once (the recipe plus every --set) and scores that student and the teacher at 1x/2x/4x frames, keeping
+the raw answers (docs/quality.md, "Length generalization: which suspect ..."; tables by evals/length_table.py,
+count fits by evals/count_analysis.py). `--from-json X.json --markdown docs/quality.md` rewrites the tables from a
+(possibly partial) --json of a full study run.
 """
 
 from __future__ import annotations
@@ -167,7 +174,9 @@ def run_distill(out: Path, extra: list[str], skip: str | None, base: list[str]) 
     return out / keep[-1]
 
 
-def table(rows: list[tuple[str, dict | None, str]], tasks: list[str], n: int, with_agreement: bool = True) -> str:
+def table(
+    rows: list[tuple[str, dict | None, str]], tasks: list[str], n: int, with_agreement: bool = True
+) -> str:
     """Markdown rows; the mean carries its binomial standard error; a row of None is 'not re-run'."""
     head = ["model", *tasks, "mean ± SE"] + (["agreement"] if with_agreement else []) + ["command"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -193,10 +202,18 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", default=None, help="ablations to run (default all; 'none' for none)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--markdown", default=None)
-    ap.add_argument("--length-only", default=None, metavar="NAME",
-                    help="only distill once into OUT/NAME and score it and the teacher at 1x/2x/4x frames")
-    ap.add_argument("--reuse", action="store_true", help="with --length-only: score OUT/NAME/final if it exists")
-    ap.add_argument("--from-json", default=None, help="only rewrite --markdown from a (possibly partial) --json")
+    ap.add_argument(
+        "--length-only",
+        default=None,
+        metavar="NAME",
+        help="only distill once into OUT/NAME and score it and the teacher at 1x/2x/4x frames",
+    )
+    ap.add_argument(
+        "--reuse", action="store_true", help="with --length-only: score OUT/NAME/final if it exists"
+    )
+    ap.add_argument(
+        "--from-json", default=None, help="only rewrite --markdown from a (possibly partial) --json"
+    )
     args = ap.parse_args()
     from transformers.utils import logging as hf_logging
 
@@ -214,8 +231,10 @@ def main() -> None:
     flags += [f"--frames {args.frames}"] if args.frames != 16 else []
     cmd_base = " ".join(["python evals/study.py", *flags, *(f"--set {s}" for s in args.set)])
     if args.length_only:
-        cmd = " ".join([cmd_base.strip(), f"--out {args.out}", f"--length-only {args.length_only}"]
-                       + (["--reuse"] if args.reuse else []))
+        cmd = " ".join(
+            [cmd_base.strip(), f"--out {args.out}", f"--length-only {args.length_only}"]
+            + (["--reuse"] if args.reuse else [])
+        )
         length_only(args, base, tasks, size, cmd + (f" --json {args.json}" if args.json else ""))
         return
     t0 = time.time()
