@@ -8,12 +8,20 @@ held-out synthetic samples by greedy generation (exact match after `normalize_an
 tasks), plus top-1 agreement with the teacher's answers.
 Length generalization: the final model and the teacher again at 2x and 4x the distillation frame count.
 Every row of the written tables names the command that reproduces it.
+
+    python evals/study.py --length-only NAME --out runs/length --set model.text_window=16 --json X.json
+
+distills once (the recipe plus every --set) and scores that student and the teacher at 1x/2x/4x frames, keeping
+the raw answers (docs/quality.md, "Length generalization: which suspect ..."; tables by evals/length_table.py,
+count fits by evals/count_analysis.py). `--from-json X.json --markdown docs/quality.md` rewrites the tables from a
+(possibly partial) --json of a full study run.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import sys
 import time
@@ -90,6 +98,60 @@ def score(result: dict[str, list], reference: dict[str, list] | None = None) -> 
     return row
 
 
+def stderr(row: dict[str, float], tasks: list[str], n: int) -> dict[str, float]:
+    """Binomial standard errors of each task's accuracy (n answers) and of their unweighted mean."""
+    se = {t: math.sqrt(row[t] * (1 - row[t]) / n) for t in tasks}
+    se["mean"] = math.sqrt(sum(se[t] ** 2 for t in tasks)) / len(tasks)
+    return se
+
+
+def teacher_answers(path: Path, teacher, processor, tasks, n: int, frames: list[int], size: int) -> dict:
+    """The teacher's answers at each frame count, cached in `path` (they depend only on the teacher)."""
+    key = {"tasks": tasks, "n": n, "size": size, "eval_seed": EVAL_SEED}
+    cache = json.loads(path.read_text()) if path.is_file() else {}
+    if cache.get("key") != key:
+        cache = {"key": key, "answers": {}}
+    for f in frames:
+        if str(f) not in cache["answers"]:
+            cache["answers"][str(f)] = answers(teacher, processor, tasks, n, f, size)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(cache))
+    return {f: {t: [tuple(p) for p in v] for t, v in cache["answers"][str(f)].items()} for f in frames}
+
+
+def length_only(args, base: list[str], tasks: list[str], size: int, cmd: str) -> None:
+    """`--length-only NAME`: one distillation (the recipe plus every --set) into OUT/NAME, its final model and
+    the teacher scored at 1x, 2x and 4x the distillation frame count; raw answers kept for error analysis."""
+    out = Path(args.out)
+    t0 = time.time()
+    teacher, processor = load(Path(args.teacher))
+    mults = (1, 2, 4)
+    frames = [m * args.frames for m in mults]
+    ref = teacher_answers(out / "teacher_answers.json", teacher, processor, tasks, args.n, frames, size)
+    del teacher
+    path = out / args.length_only
+    if args.reuse and (path / "final").is_dir():
+        final_path = path / "final"
+    else:
+        final_path = run_distill(path, [], None, base)
+    model, _ = load(final_path)
+    res: dict = {"name": args.length_only, "command": cmd, "overrides": base, "tasks": tasks, "n": args.n,
+                 "frames": args.frames, "eval_seed": EVAL_SEED, "rows": {}, "se": {}, "answers": {}}  # fmt: skip
+    for f in frames:
+        for label, got, reference in (("teacher", ref[f], None), ("LinMU final", None, ref[f])):
+            if got is None:
+                got = answers(model, processor, tasks, args.n, f, size)
+                res["answers"][f"LinMU final @{f}"] = got
+            name = f"{label} @{f}"
+            res["rows"][name] = score(got, reference)
+            res["se"][name] = stderr(res["rows"][name], tasks, args.n)
+            print(f"{name}: {res['rows'][name]}", flush=True)
+        res["answers"][f"teacher @{f}"] = ref[f]
+        res["seconds"] = time.time() - t0
+        if args.json:
+            Path(args.json).write_text(json.dumps(res, indent=1) + "\n")
+
+
 def run_distill(out: Path, extra: list[str], skip: str | None, base: list[str]) -> Path:
     """Distill into `out` (skipped stage: its steps move to a neighbour, so the budget stays equal)."""
     recipe = load_recipe(RECIPE, [*base, f"output={out}", *extra])
@@ -113,13 +175,20 @@ def run_distill(out: Path, extra: list[str], skip: str | None, base: list[str]) 
     return out / keep[-1]
 
 
-def table(rows: list[tuple[str, dict, str]], tasks: list[str], with_agreement: bool = True) -> str:
-    head = ["model", *tasks, "mean"] + (["agreement"] if with_agreement else []) + ["command"]
+def table(
+    rows: list[tuple[str, dict | None, str]], tasks: list[str], n: int, with_agreement: bool = True
+) -> str:
+    """Markdown rows; the mean carries its binomial standard error; a row of None is 'not re-run'."""
+    head = ["model", *tasks, "mean ± SE"] + (["agreement"] if with_agreement else []) + ["command"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, row, cmd in rows:
-        cells = [f"{row[t]:.2f}" for t in [*tasks, "mean"]]
-        if with_agreement:
-            cells.append(f"{row['agreement']:.2f}" if "agreement" in row else "-")
+        if row is None:
+            cells = ["not re-run"] * (len(tasks) + 1 + with_agreement)
+        else:
+            se = stderr(row, tasks, n)["mean"]
+            cells = [f"{row[t]:.2f}" for t in tasks] + [f"{row['mean']:.2f} ± {se:.2f}"]
+            if with_agreement:
+                cells.append(f"{row['agreement']:.2f}" if "agreement" in row else "-")
         lines.append("| " + " | ".join([name, *cells, f"`{cmd}`"]) + " |")
     return "\n".join(lines)
 
@@ -134,10 +203,26 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", default=None, help="ablations to run (default all; 'none' for none)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--markdown", default=None)
+    ap.add_argument(
+        "--length-only",
+        default=None,
+        metavar="NAME",
+        help="only distill once into OUT/NAME and score it and the teacher at 1x/2x/4x frames",
+    )
+    ap.add_argument(
+        "--reuse", action="store_true", help="with --length-only: score OUT/NAME/final if it exists"
+    )
+    ap.add_argument(
+        "--from-json", default=None, help="only rewrite --markdown from a (possibly partial) --json"
+    )
     args = ap.parse_args()
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    if args.from_json:
+        res = json.loads(Path(args.from_json).read_text())
+        write_markdown(Path(args.markdown), res, res.get("command", "python evals/study.py"))
+        return
     out = Path(args.out)
     base = [f"teacher={args.teacher}", f"data.frames={args.frames}", *args.set]
     recipe = load_recipe(RECIPE, base)
@@ -146,6 +231,13 @@ def main() -> None:
     flags = [f"--teacher {args.teacher}"] if args.teacher != ap.get_default("teacher") else []
     flags += [f"--frames {args.frames}"] if args.frames != 16 else []
     cmd_base = " ".join(["python evals/study.py", *flags, *(f"--set {s}" for s in args.set)])
+    if args.length_only:
+        cmd = " ".join(
+            [cmd_base.strip(), f"--out {args.out}", f"--length-only {args.length_only}"]
+            + (["--reuse"] if args.reuse else [])
+        )
+        length_only(args, base, tasks, size, cmd + (f" --json {args.json}" if args.json else ""))
+        return
     t0 = time.time()
     results: dict = {
         "tasks": tasks,
@@ -154,7 +246,13 @@ def main() -> None:
         "rows": {},
         "length": {},
         "ablations": {},
+        "command": cmd_base.strip(),
     }
+
+    def dump() -> None:  # after every row, so a run cut short still leaves its raw numbers
+        if args.json:
+            results["seconds"] = time.time() - t0
+            Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
 
     teacher, processor = load(Path(args.teacher))
     ref = {
@@ -163,6 +261,7 @@ def main() -> None:
     }
     results["rows"]["teacher"] = score(ref[args.frames])
     print(f"teacher: {results['rows']['teacher']}", flush=True)
+    dump()
     converted = convert_model(teacher, recipe.mate, seed=recipe.seed).eval()
     results["rows"]["converted (no distillation)"] = score(
         answers(converted, processor, tasks, args.n, args.frames, size), ref[args.frames]
@@ -176,6 +275,7 @@ def main() -> None:
             answers(model, processor, tasks, args.n, args.frames, size), ref[args.frames]
         )
         print(f"after {stage}: {results['rows'][f'after {stage}']}", flush=True)
+        dump()
     final, _ = load(full)
     for mult in (1, 2, 4):
         f = mult * args.frames
@@ -184,6 +284,7 @@ def main() -> None:
             answers(final, processor, tasks, args.n, f, size), ref[f]
         )
     print(f"length: {results['length']}", flush=True)
+    dump()
 
     chosen = ABLATIONS if args.only is None else [a for a in ABLATIONS if a.name in args.only]
     for ab in chosen:
@@ -192,35 +293,44 @@ def main() -> None:
         results["ablations"][ab.name] = {"what": ab.what, "overrides": ab.overrides, "skip": ab.skip,
                                          **score(answers(model, processor, tasks, args.n, args.frames, size), ref[args.frames])}  # fmt: skip
         print(f"{ab.name}: {results['ablations'][ab.name]}", flush=True)
+        dump()
     results["seconds"] = time.time() - t0
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    results["complete"] = True
+    dump()
     if args.markdown:
         write_markdown(Path(args.markdown), results, cmd_base.strip())
 
 
 def write_markdown(path: Path, res: dict, cmd: str) -> None:
-    tasks = res["tasks"]
+    tasks, n = res["tasks"], res["n"]
     rows = [(name, row, cmd) for name, row in res["rows"].items()]
     length = [(name, row, cmd) for name, row in res["length"].items()]
-    abl = [(f"{a['what']}", a, f"{cmd} --only {name}") for name, a in res["ablations"].items()]
+    abl = [(a.what, res["ablations"].get(a.name), f"{cmd} --only {a.name}") for a in ABLATIONS
+           if a.name in res["ablations"] or not res.get("complete")]  # fmt: skip
+    partial = [] if res.get("complete") else [
+        "",
+        f"**Partial run:** the command was stopped after {res['seconds'] / 60:.0f} minutes on the shared CPU; rows marked",
+        "'not re-run' were not measured again (see the notes below).",
+    ]  # fmt: skip
     text = [
         "# Quality study (generated by evals/study.py)",
         "",
-        f"Held-out synthetic samples: {res['n']} per task (seed {EVAL_SEED}), greedy exact match; agreement = share of",
-        f"answers identical to the teacher's. Distillation at {res['frames']} frames. Wall time {res['seconds'] / 60:.1f} min.",
+        f"Held-out synthetic samples: {n} per task (seed {EVAL_SEED}), greedy exact match; agreement = share of",
+        f"answers identical to the teacher's; SE = binomial standard error of the mean over {len(tasks)} x {n} answers.",
+        f"Distillation at {res['frames']} frames. Wall time {res['seconds'] / 60:.1f} min.",
+        *partial,
         "",
         "## Pipeline",
         "",
-        table(rows, tasks),
+        table(rows, tasks, n),
         "",
         "## Length generalization",
         "",
-        table(length, tasks),
+        table(length, tasks, n),
         "",
         "## Ablations (same data, same total steps)",
         "",
-        table(abl, tasks),
+        table(abl, tasks, n),
         "",
     ]
     # hand-written analysis below the marker survives a regeneration of the tables

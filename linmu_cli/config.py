@@ -96,6 +96,9 @@ class MateConfig:
     a_init_max: float = 16.0
     d_init: float = 1.0  # skip connection D
     output_gate: bool = True  # per-token SiLU gate before the per-head RMSNorm output
+    # The per-head RMSNorm on Flex-MA's output; false keeps the output's magnitude (gate and per-channel scale
+    # only): the length-generalization study's switch (docs/quality.md).
+    output_norm: bool = True
     # Local-Swin (docs/design.md §4).
     vision_window: list[int] = field(default_factory=lambda: [2, 8, 8])  # (wt, wh, ww) in merged tokens
     shift_windows: bool = True  # shift by half a window on odd layers

@@ -180,6 +180,11 @@ class FlexMA(nn.Module):
         # y + D * x with x at key/value width, broadcast over each group (no repeated copy of x)
         g = h // hk
         y = torch.addcmul(y.reshape(bsz, length, hk, g, d), self.D.to(y.dtype).view(hk, g, 1), x.unsqueeze(3))
+        if not self.mate.output_norm:  # magnitude kept: gate and per-channel scale, no RMS
+            y = y.view(bsz, length, h, d)
+            if inputs.gate is not None:
+                y = y * F.silu(inputs.gate).view(*y.shape)
+            return y * self.norm_weight.to(y.dtype).view(h, d)
         return gated_rmsnorm(y.view(bsz, length, h, d), inputs.gate, self.norm_weight, self.eps, fast=fast)
 
     def _scan(

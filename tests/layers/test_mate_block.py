@@ -82,13 +82,14 @@ def naive_flex(flex, u, layout, layer_idx):
                 )
     y = y + flex.D[:, None] * x
     y = y * F.silu(flex.gate_proj(u)[0]).view(-1, h, d)
-    y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + flex.eps)
+    if m.output_norm:
+        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + flex.eps)
     return y * flex.norm_weight.view(h, d)
 
 
-@pytest.mark.parametrize("layer_idx", [0, 1, 2])
-def test_flex_ma_matches_the_formulas(layer_idx):
-    block = make_block(layer_idx, use_swin=False, d_conv=0)
+@pytest.mark.parametrize("layer_idx,output_norm", [(0, True), (1, True), (2, True), (1, False)])
+def test_flex_ma_matches_the_formulas(layer_idx, output_norm):
+    block = make_block(layer_idx, use_swin=False, d_conv=0, output_norm=output_norm)
     segs = [Segment(3, 2, 2, 3), Segment(17, 3, 1, 2)]
     layout = layout_of([segs], 27)
     u = torch.randn(1, 27, HIDDEN)
