@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -192,7 +193,11 @@ def test_prefetcher_yields_the_same_batches_and_consumed_positions(tiny):
         a, b = plain.next_batch(2), ahead.next_batch(2)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
         assert ahead.position == plain.position  # what was consumed, not what the worker made
-    assert ahead.stream.position > ahead.position  # the worker is ahead
+    # the worker runs ahead (polled: right after handing over a batch it may not have read the next sample yet)
+    deadline = time.monotonic() + 60
+    while ahead.stream.position <= ahead.position and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert ahead.stream.position > ahead.position
     ahead.close()
     # a resume sets the position before the first batch: the same batches follow
     resumed = Prefetcher(_stream(recipe, processor), 2)
