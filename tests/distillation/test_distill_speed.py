@@ -115,9 +115,11 @@ def test_teacher_pass_keeps_only_what_the_loss_uses(tiny):
     assert torch.equal(trimmed.output_of(1), full.layer_outputs[1]) and torch.equal(
         trimmed.logits, full.logits
     )
-    assert (
-        trimmed.output_of(1).dtype == next(teacher.parameters()).dtype
-    )  # the teacher's own tensors, no copy
+    # kept in the teacher's own dtype (bf16 here), never upcast to a float32 copy
+    bf16 = copy.deepcopy(teacher).to(torch.bfloat16)
+    kept = run_teacher(bf16, bf16.model.language_model.layers, batch, want_logits=False, keep_inputs=False,
+                       keep_layers=[1])  # fmt: skip
+    assert kept.output_of(1).dtype == torch.bfloat16
     assert run_teacher(teacher, layers, batch, want_logits=False, keep_layers=[]).layer_outputs == []
     # the loss over every layer is the same from the trimmed pass; a subset is that subset's regression
     student = convert_model(teacher, MateConfig(vision_window=[2, 2, 2], text_window=64), seed=0)

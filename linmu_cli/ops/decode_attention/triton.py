@@ -146,6 +146,7 @@ def _sm_count(device: torch.device) -> int:
     return 4  # the interpreter: a few splits, so small tests cover the merge
 
 
+@functools.cache  # called on every eager call (warm-ups, trials): a pure function of sizes
 def choose_num_splits(rows: int, capacity: int, sms: int, block_n: int = DEFAULT_BLOCK_N,
                       ctas_per_sm: int = 2, cta_overhead_tiles: float = 2.0, max_splits: int = 256) -> int:  # fmt: skip
     """Splits minimizing (waves of CTAs) x (tiles per CTA + a fixed cost per CTA), the smallest among equals.
