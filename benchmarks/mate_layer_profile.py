@@ -66,6 +66,8 @@ def main() -> None:
         "--json", type=Path, default=Path(__file__).parent / "results" / "2026-12-01" / "layer_profile.json"
     )
     ap.add_argument("--no-decode", action="store_true", help="skip the decode-step timings")
+    ap.add_argument("--fwd-bwd-only", action="store_true",
+                    help="only the forwards, forward + backward of both layers and the fwd+bwd kernel table")  # fmt: skip
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA GPU")
@@ -126,42 +128,46 @@ def main() -> None:
         ms["mate_layer"] = timed(lambda: block(u, position_embeddings=rope, linmu_layout=layout), r)
         res["ssd_backend_ran"] = last_ssd_backend()
         res["conv_backend_ran"], res["norm_backend_ran"] = last_conv_backend(), last_norm_backend()
-        with skip_mixers():
-            ms["mate_layer_floor"] = timed(lambda: block(u, position_embeddings=rope, linmu_layout=layout), r)
-        ms["mate_layer_shared"] = timed(
-            lambda: shared_block(u, position_embeddings=rope, linmu_layout=layout), r
-        )
-        with skip_mixers():
-            ms["mate_layer_shared_floor"] = timed(
+    if not args.fwd_bwd_only:
+        with torch.no_grad():
+            with skip_mixers():
+                ms["mate_layer_floor"] = timed(
+                    lambda: block(u, position_embeddings=rope, linmu_layout=layout), r
+                )
+            ms["mate_layer_shared"] = timed(
                 lambda: shared_block(u, position_embeddings=rope, linmu_layout=layout), r
             )
-        # the dense work alone: the block's one input GEMM and its output GEMMs, and the teacher's
-        parts = [
-            *block.flex.projection_parts(layout),
-            *block.swin.projection_parts(),
-            (block.fuse.weight, block.fuse.bias),
-        ]
-        n_in = sum(w.shape[0] for w, _ in parts)
-        hd = 28 * 128
-        y_heads = torch.randn(1, length, hd, device=dev, dtype=dt)
+            with skip_mixers():
+                ms["mate_layer_shared_floor"] = timed(
+                    lambda: shared_block(u, position_embeddings=rope, linmu_layout=layout), r
+                )
+            # the dense work alone: the block's one input GEMM and its output GEMMs, and the teacher's
+            parts = [
+                *block.flex.projection_parts(layout),
+                *block.swin.projection_parts(),
+                (block.fuse.weight, block.fuse.bias),
+            ]
+            n_in = sum(w.shape[0] for w, _ in parts)
+            hd = 28 * 128
+            y_heads = torch.randn(1, length, hd, device=dev, dtype=dt)
 
-        def dense() -> None:
-            fused_linear(u, parts)
-            out = block.flex.o_proj(y_heads)
-            torch.addmm(out.view(-1, 3584), y_heads.view(-1, hd), block.swin.o_proj.weight.t())
+            def dense() -> None:
+                fused_linear(u, parts)
+                out = block.flex.o_proj(y_heads)
+                torch.addmm(out.view(-1, 3584), y_heads.view(-1, hd), block.swin.o_proj.weight.t())
 
-        ms["mate_dense_gemms"] = timed(dense, r)
-        t_parts = [(teacher.q_proj.weight, teacher.q_proj.bias), (teacher.k_proj.weight, teacher.k_proj.bias),
-                   (teacher.v_proj.weight, teacher.v_proj.bias)]  # fmt: skip
-        ms["teacher_dense_gemms"] = timed(lambda: (fused_linear(u, t_parts), teacher.o_proj(y_heads)), r)
-        flops = 2 * length * 3584 * (n_in + 2 * hd)
-        t_flops = 2 * length * 3584 * (4608 + hd)
-        res["dense_tflop"] = {"mate_layer": flops / 1e12, "teacher_attention": t_flops / 1e12}
-        res["tflops_per_s"] = {
-            "mate_dense_gemms": flops / ms["mate_dense_gemms"] / 1e9,
-            "mate_layer_floor": flops / ms["mate_layer_floor"] / 1e9,
-            "teacher_dense_gemms": t_flops / ms["teacher_dense_gemms"] / 1e9,
-        }
+            ms["mate_dense_gemms"] = timed(dense, r)
+            t_parts = [(teacher.q_proj.weight, teacher.q_proj.bias), (teacher.k_proj.weight, teacher.k_proj.bias),
+                       (teacher.v_proj.weight, teacher.v_proj.bias)]  # fmt: skip
+            ms["teacher_dense_gemms"] = timed(lambda: (fused_linear(u, t_parts), teacher.o_proj(y_heads)), r)
+            flops = 2 * length * 3584 * (n_in + 2 * hd)
+            t_flops = 2 * length * 3584 * (4608 + hd)
+            res["dense_tflop"] = {"mate_layer": flops / 1e12, "teacher_attention": t_flops / 1e12}
+            res["tflops_per_s"] = {
+                "mate_dense_gemms": flops / ms["mate_dense_gemms"] / 1e9,
+                "mate_layer_floor": flops / ms["mate_layer_floor"] / 1e9,
+                "teacher_dense_gemms": t_flops / ms["teacher_dense_gemms"] / 1e9,
+            }
     # forward + backward (training: distillation runs it) with the training kernel
     grad_out = torch.randn(1, length, 3584, device=dev, dtype=dt) * 1e-3
     ub = u.detach().requires_grad_(True)
@@ -181,6 +187,18 @@ def main() -> None:
     )
     train_block.zero_grad(set_to_none=True)
     teacher.zero_grad(set_to_none=True)
+    if args.fwd_bwd_only:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+            fwd_bwd(train_block)
+            torch.cuda.synchronize()
+        res["profile_fwd_bwd_top"] = prof.key_averages().table(sort_by="cuda_time_total", row_limit=20,
+                                                               max_name_column_width=70)  # fmt: skip
+        print(res["profile_fwd_bwd_top"])
+        if args.json:
+            args.json.write_text(json.dumps(res, indent=2) + "\n")
+        return
     with torch.no_grad():
         flex, swin = block.flex, block.swin
         ms["flex_ma"] = timed(lambda: flex(u, layout, 1, None), r)
@@ -194,7 +212,7 @@ def main() -> None:
         dtv = torch.rand(1, length, h, device=dev) * 0.05
         a = -torch.rand(h, device=dev) - 0.5
         xbc = torch.randn(1, length, 4608, device=dev, dtype=dt) * 0.1
-        ms["scans_fwd_plus_bwd"] = timed(lambda: flex._scan(xbc, dtv, a, dtv, layout, 1, None), r)
+        ms["scans_fwd_plus_bwd"] = timed(lambda: flex._scan(xbc, dtv, a, dtv, layout, 1, None, False), r)
         q, k, v = swin._qkv(u, rope)
         from linmu_cli.ops.window_attention import sliding_block, sliding_window_attention, window_attention
 

@@ -2,6 +2,10 @@
 
 Every function lets each query attend to itself, so a query whose other keys are all masked (padding) gives a
 finite value instead of NaN; such outputs are discarded by the caller. `naive.py` is the dense reference.
+
+Gathers are `index_select` on flat row indices, never advanced indexing (`x[index]`): the backward of advanced
+indexing is a sort-based `index_put_(accumulate=True)` that cost 246 of a layer's 371 ms forward + backward at
+65k tokens on an H200 (docs/benchmarks.md), where `index_select`'s backward is one `index_add_`.
 """
 
 from __future__ import annotations
@@ -44,9 +48,13 @@ def window_attention(
         (B, L, H, d): the windowed output at vision positions; zeros (or `out`'s values) elsewhere.
     """
     batch, length, heads, dim = q.shape
-    flat = lambda x: x.reshape(batch * length, x.shape[2], dim)  # noqa: E731
-    gather = lambda x: flat(x)[plan.index].transpose(1, 2)  # (n_windows, heads, size, d)  # noqa: E731
-    size = plan.index.shape[1]
+    n_windows, size = plan.index.shape
+    rows = plan.index.reshape(-1)
+
+    def gather(x: torch.Tensor) -> torch.Tensor:  # (n_windows, heads, size, d)
+        flat = x.reshape(batch * length, x.shape[2], dim).index_select(0, rows)
+        return flat.view(n_windows, size, x.shape[2], dim).transpose(1, 2)
+
     mask = None  # all windows complete: a mask-free SDPA (same result; fused kernels take it)
     if not plan.full:
         mask = plan.valid[:, None, None, :] | torch.eye(size, dtype=torch.bool, device=q.device)
@@ -55,7 +63,7 @@ def window_attention(
         q.new_zeros(batch * length, heads, dim) if out is None else out.reshape(batch * length, heads, dim)
     )
     # integer scatter prepared on the host: no sync
-    result[plan.dst] = att.reshape(-1, heads, dim)[plan.src].to(result.dtype)
+    result[plan.dst] = att.reshape(-1, heads, dim).index_select(0, plan.src).to(result.dtype)
     return result.view(batch, length, heads, dim)
 
 
@@ -88,26 +96,18 @@ def sliding_window_attention(
     kv_heads = k.shape[1]
     blk = min(window, n)
     nb = -(-n // blk)
+    rel = blk + torch.arange(blk, device=q.device)[:, None] - torch.arange(2 * blk, device=q.device)[None, :]
+    in_window = (rel >= 0) & (rel < window)
+    if blocks is not None:
+        return _selected_blocks(q, k, v, key_valid, blk, in_window, rel == 0, scale, blocks)
     pad = nb * blk - n
     if pad:
         q = F.pad(q, (0, 0, 0, pad))
         k, v = F.pad(k, (0, 0, 0, pad)), F.pad(v, (0, 0, 0, pad))
         key_valid = F.pad(key_valid, (0, pad), value=False)
     # keys of block i = blocks i-1 and i (a zero block in front of the first)
-    kp, vp = F.pad(k, (0, 0, blk, 0)), F.pad(v, (0, 0, blk, 0))
     kvalid = F.pad(key_valid, (blk, 0), value=False)
-    rel = blk + torch.arange(blk, device=q.device)[:, None] - torch.arange(2 * blk, device=q.device)[None, :]
-    in_window = (rel >= 0) & (rel < window)
-    if blocks is not None:  # only the listed query blocks: gather them (and their keys), scatter back
-        rows, ids = blocks
-        kb = kp.unfold(2, 2 * blk, blk).permute(0, 2, 1, 4, 3)[rows, ids]  # (n, H_kv, 2blk, d)
-        vb = vp.unfold(2, 2 * blk, blk).permute(0, 2, 1, 4, 3)[rows, ids]
-        kvb = kvalid.unfold(1, 2 * blk, blk)[rows, ids]  # (n, 2blk)
-        qb = q.view(batch, heads, nb, blk, dim).transpose(1, 2)[rows, ids]  # (n, H, blk, d)
-        mask = ((in_window[None] & kvb[:, None, :]) | (rel == 0)[None])[:, None]
-        out = q.new_zeros(batch, nb, blk, heads, dim)  # token-major, so callers get (B, N, H, d) as a view
-        out[rows, ids] = _sdpa(qb, kb, vb, mask, scale).transpose(1, 2)
-        return out.view(batch, nb * blk, heads, dim)[:, :n].transpose(1, 2)
+    kp, vp = F.pad(k, (0, 0, blk, 0)), F.pad(v, (0, 0, blk, 0))
     kb = kp.unfold(2, 2 * blk, blk).permute(0, 2, 1, 4, 3).reshape(batch * nb, kv_heads, 2 * blk, dim)
     vb = vp.unfold(2, 2 * blk, blk).permute(0, 2, 1, 4, 3).reshape(batch * nb, kv_heads, 2 * blk, dim)
     kvb = kvalid.unfold(1, 2 * blk, blk)  # (B, nb, 2blk)
@@ -117,6 +117,38 @@ def sliding_window_attention(
     out = _sdpa(qb, kb, vb, mask, scale)
     out = out.view(batch, nb, heads, blk, dim).transpose(1, 2).reshape(batch, heads, nb * blk, dim)
     return out[:, :, :n]
+
+
+def _selected_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_valid: torch.Tensor, blk: int,
+                     in_window: torch.Tensor, itself: torch.Tensor, scale: float,
+                     blocks: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:  # fmt: skip
+    """`sliding_window_attention` on the listed query blocks only (text tokens inside a long video).
+
+    Each block's queries and its 2 * blk keys are gathered by flat token row from the callers' token-major
+    tensors (no padded copies): rows outside [0, N) are clamped to the edge and masked out (keys) or
+    discarded (queries), so the result and its gradient are exact. `in_window`, `itself`: (blk, 2blk) masks.
+    """
+    batch, heads, n, dim = q.shape
+    nb = -(-n // blk)
+    rows, ids = blocks
+    n_sel = rows.shape[0]
+    key_pos = ((ids - 1) * blk)[:, None] + torch.arange(
+        2 * blk, device=q.device
+    )  # (n, 2blk), may be < 0 or >= N
+    query_pos = (ids * blk)[:, None] + torch.arange(blk, device=q.device)  # (n, blk), may be >= N
+    key_rows = rows[:, None] * n + key_pos.clamp(0, n - 1)
+    query_rows = rows[:, None] * n + query_pos.clamp(max=n - 1)
+
+    def take(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:  # (B, h, N, d) -> (n, h, index cols, d)
+        flat = x.transpose(1, 2).reshape(batch * n, x.shape[1], dim).index_select(0, index.reshape(-1))
+        return flat.view(n_sel, index.shape[1], x.shape[1], dim).transpose(1, 2)
+
+    key_ok = (key_pos >= 0) & (key_pos < n) & key_valid.reshape(-1)[key_rows]
+    mask = ((in_window[None] & key_ok[:, None, :]) | itself[None])[:, None]  # (n, 1, blk, 2blk)
+    att = _sdpa(take(q, query_rows), take(k, key_rows), take(v, key_rows), mask, scale)
+    out = q.new_zeros(batch, nb, blk, heads, dim)  # token-major, so callers get (B, N, H, d) as a view
+    out[rows, ids] = att.transpose(1, 2)
+    return out.view(batch, nb * blk, heads, dim)[:, :n].transpose(1, 2)
 
 
 def sliding_block(window: int, n: int) -> int:
