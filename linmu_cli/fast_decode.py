@@ -20,6 +20,7 @@ import inspect
 import torch
 from torch import nn
 
+from linmu_cli.cuda_graphs import record_cuda_graph
 from linmu_cli.layers.cache import LinMUCache
 from linmu_cli.layers.layout import TokenLayout
 
@@ -137,16 +138,7 @@ class StaticDecoder:
             raise RuntimeError("CUDA graphs need a CUDA device")
         seen = [layer.seen for layer in self.cache.layers]
         saved = [t.clone() for t in self._buffers()] if keep_state else None
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(warmup):
-                self._step()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self.logits = self._step()
-        self.graph = graph
+        self.graph, self.logits = record_cuda_graph(self._step, warmup_steps=warmup)
         self._addresses = self._buffer_addresses()
         if saved is not None:
             for buf, old in zip(self._buffers(), saved, strict=True):

@@ -44,6 +44,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.cache_utils import Cache
 
+from linmu_cli.cuda_graphs import record_cuda_graph
+
 Kernel = Callable[..., torch.Tensor]
 
 
@@ -303,16 +305,7 @@ class ServedTeacherDecoder:
         """Record one step in a CUDA graph (after `warmup` eager steps on a side stream, as torch requires)."""
         if self.tokens.device.type != "cuda":
             raise RuntimeError("CUDA graphs need a CUDA device")
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(warmup):
-                self.step()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self.logits = self._step()
-        self.graph = graph
+        self.graph, self.logits = record_cuda_graph(self._step, warmup=self.step, warmup_steps=warmup)
 
     def release(self) -> None:
         self.graph, self.logits, self.keys, self.values = None, None, [], []
@@ -323,16 +316,8 @@ def graph_ms(fn: Callable[[int], object], calls: int = 10, replays: int = 3) -> 
     as capture requires; Triton compiles there). `i` lets the caller read a different layer's cache per call,
     as the step does, so a cache smaller than L2 is not timed from L2. A kernel that cannot be captured raises:
     the served step could not run it."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for i in range(min(calls, 2)):
-            fn(i)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(calls):
-            fn(i)
+    graph, _ = record_cuda_graph(lambda: [fn(i) for i in range(calls)],
+                                 warmup=lambda: [fn(i) for i in range(min(calls, 2))], warmup_steps=1)  # fmt: skip
     graph.replay()
     a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     a.record()
