@@ -20,6 +20,7 @@ from linmu_cli.layers.cache import MateCacheLayer
 from linmu_cli.layers.layout import TokenLayout
 from linmu_cli.ops.fused_linear import fused_linear
 from linmu_cli.ops.gated_norm import gated_rmsnorm
+from linmu_cli.ops.gather import permute_rows
 from linmu_cli.ops.short_conv import conv_tail, short_conv
 from linmu_cli.ops.ssd import expand_heads, ssd_step
 from linmu_cli.ops.ssd import ssd_scan_gqa as ssd_scan  # grouped entry (the bench floor patches this name)
@@ -212,8 +213,8 @@ class FlexMA(nn.Module):
         flat, dt_flat = xbc.reshape(bsz * length, width), dt.reshape(bsz * length, h)
         order = self.mate.scan_orders[layer_idx % len(self.mate.scan_orders)]
         sg = layout.scan_gather(order)
-        scanned = flat if sg is None else flat.index_select(0, sg.index)
-        dts = dt if sg is None else dt_flat.index_select(0, sg.index).view(bsz, length, h)
+        scanned = flat if sg is None else permute_rows(flat, sg.index, sg.inverse)
+        dts = dt if sg is None else permute_rows(dt_flat, sg.index, sg.inverse).view(bsz, length, h)
         xs, bs, cs = torch.split(scanned.view(bsz, length, width), [kv, kv, h * d], dim=-1)
         y = ssd_scan(
             xs.view(bsz, length, hk, d), dts, a, bs.view(bsz, length, hk, d), cs.view(bsz, length, h, d),
@@ -222,7 +223,7 @@ class FlexMA(nn.Module):
         )  # fmt: skip
         y, final_state = y if final else (y, None)
         if sg is not None:
-            y = y.reshape(bsz * length, h * d).index_select(0, sg.inverse).view(bsz, length, h, d)
+            y = permute_rows(y.reshape(bsz * length, h * d), sg.inverse, sg.index).view(bsz, length, h, d)
 
         # backward scan, confined to each visual segment, strictly future
         bg = layout.backward_gather(order) if self.mate.bidirectional else None

@@ -77,7 +77,8 @@ class ScanGather:
     """One scan order as flat (B*L,) row gathers, built on the host once per forward (docs/design.md §3).
 
     `index[b*L + r]` is the flat token-order position scanned at step r of row b; `inverse` maps back. They
-    are applied with `index_select` on (B*L, width) views: no index arithmetic on the GPU per layer.
+    are applied with `ops.gather.permute_rows` on (B*L, width) views: no index arithmetic on the GPU per
+    layer, and each one's backward is the other's gather.
     """
 
     index: torch.Tensor

@@ -3,9 +3,11 @@
 Every function lets each query attend to itself, so a query whose other keys are all masked (padding) gives a
 finite value instead of NaN; such outputs are discarded by the caller. `naive.py` is the dense reference.
 
-Gathers are `index_select` on flat row indices, never advanced indexing (`x[index]`): the backward of advanced
-indexing is a sort-based `index_put_(accumulate=True)` that cost 246 of a layer's 371 ms forward + backward at
-65k tokens on an H200 (docs/benchmarks.md), where `index_select`'s backward is one `index_add_`.
+Gathers are on flat row indices, never advanced indexing (`x[index]`): the backward of advanced indexing is a
+sort-based `index_put_(accumulate=True)` that cost 246 of a layer's 371 ms forward + backward at 65k tokens on
+an H200 (docs/benchmarks.md). `window_attention`'s gathers go further (`ops/gather.py`): their backward copies
+the valid slots' gradient back with the plan's `src` -> `dst` map instead of `index_select`'s atomic
+`index_add_`; the text-block gathers, whose key rows repeat, keep `index_select`.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+
+from linmu_cli.ops.gather import gather_slots, select_slots
 
 if TYPE_CHECKING:  # the plan is built by the layout (layers/layout.py); ops only read its index tensors
     from linmu_cli.layers.layout import WindowPlan
@@ -49,10 +53,9 @@ def window_attention(
     """
     batch, length, heads, dim = q.shape
     n_windows, size = plan.index.shape
-    rows = plan.index.reshape(-1)
 
     def gather(x: torch.Tensor) -> torch.Tensor:  # (n_windows, heads, size, d)
-        flat = x.reshape(batch * length, x.shape[2], dim).index_select(0, rows)
+        flat = gather_slots(x.reshape(batch * length, x.shape[2], dim), plan.index, plan.src, plan.dst)
         return flat.view(n_windows, size, x.shape[2], dim).transpose(1, 2)
 
     mask = None  # all windows complete: a mask-free SDPA (same result; fused kernels take it)
@@ -63,7 +66,7 @@ def window_attention(
         q.new_zeros(batch * length, heads, dim) if out is None else out.reshape(batch * length, heads, dim)
     )
     # integer scatter prepared on the host: no sync
-    result[plan.dst] = att.reshape(-1, heads, dim).index_select(0, plan.src).to(result.dtype)
+    result[plan.dst] = select_slots(att.reshape(-1, heads, dim), plan.src).to(result.dtype)
     return result.view(batch, length, heads, dim)
 
 
