@@ -25,5 +25,16 @@ case ":${PYTHONPATH:-}:" in
     *":$_linmu_site:"*) ;;
     *) export PYTHONPATH="$_linmu_site${PYTHONPATH:+:$PYTHONPATH}" ;;
 esac
+# linmu's own dependencies that the GPU image may lack: say which, and what stops working without each
+python3 - <<'PY'
+import importlib.util
+needs = {"pydantic": "linmu distill, recipes and benchmarks/distill_throughput.py (the recipe schema)",
+         "yaml": "recipes", "typer": "the linmu CLI", "rich": "the linmu CLI", "peft": "stage 3 LoRA",
+         "safetensors": "checkpoints", "fla": "the fla scans / conv", "mamba_ssm": "the mamba-ssm scans / norm"}
+missing = [f"{name} ({why})" for name, why in needs.items() if importlib.util.find_spec(name) is None]
+if missing:
+    print("gpu_setup: missing on this machine: " + "; ".join(missing) + ". Bring their wheels in .whl/ (Python "
+          "3.12, manylinux x86_64) to use those parts here.")
+PY
 echo "gpu_setup: usage: export PYTHONPATH=$_linmu_site  (already exported if this file was sourced)"
 unset _linmu_root _linmu_site
