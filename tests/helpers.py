@@ -104,3 +104,16 @@ def interleave_graph_and_eager(dev: torch.device) -> None:
 def rel_error(a, b) -> float:
     """||a - b|| / ||b|| in float64."""
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def autograd_nodes(t: torch.Tensor) -> set[str]:
+    """Names of every autograd node behind `t`."""
+    seen, todo, names = set(), [t.grad_fn], set()
+    while todo:
+        fn = todo.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        names.add(type(fn).__name__)
+        todo.extend(f for f, _ in fn.next_functions)
+    return names

@@ -5,6 +5,7 @@ built on them: no `IndexSelectBackward0` (zero fill plus atomic `index_add_`) le
 from __future__ import annotations
 
 import torch
+from helpers import autograd_nodes
 from torch.autograd import gradcheck, gradgradcheck
 from transformers import Qwen2VLTextConfig
 
@@ -67,19 +68,6 @@ def test_select_slots_gradcheck_and_equals_index_select():
     assert torch.equal(*(torch.autograd.grad(y, att, cot)[0] for y in (got, want)))
 
 
-def _grad_fns(t: torch.Tensor) -> set[str]:
-    """Names of every autograd node behind `t`."""
-    seen, todo, names = set(), [t.grad_fn], set()
-    while todo:
-        fn = todo.pop()
-        if fn is None or fn in seen:
-            continue
-        seen.add(fn)
-        names.add(type(fn).__name__)
-        todo.extend(f for f, _ in fn.next_functions)
-    return names
-
-
 def layout_of(segments: list[list[Segment]], length: int) -> TokenLayout:
     valid = torch.ones(len(segments), length, dtype=torch.bool)
     valid[1, :2] = False
@@ -99,7 +87,7 @@ def test_window_attention_gathers_have_no_index_select_backward_and_match_index_
     q = torch.randn(2, 27, 4, 8, dtype=torch.float64, requires_grad=True)
     k, v = (torch.randn(2, 27, 2, 8, dtype=torch.float64, requires_grad=True) for _ in range(2))
     got = window_attention(q, k, v, plan, 0.3)
-    names = _grad_fns(got)
+    names = autograd_nodes(got)
     assert "IndexSelectBackward0" not in names
     assert {"_GatherSlotsBackward", "_SelectSlotsBackward"} <= names
 
@@ -129,5 +117,5 @@ def test_flex_scan_order_gathers_have_no_index_select_backward():
     layout = layout_of(*LAYOUT)
     assert layout.scan_gather("twh") is not None
     y = block.flex(torch.randn(2, 27, 32), layout, 1, None)
-    names = _grad_fns(y)
+    names = autograd_nodes(y)
     assert "IndexSelectBackward0" not in names and "_PermuteRowsBackward" in names

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import autograd_nodes
 
 from linmu_cli.layers.layout import Segment, TokenLayout
 from linmu_cli.ops.window_attention import (
@@ -128,19 +129,6 @@ def test_sliding_window_restricted_to_text_blocks_equals_the_dense_reference_at_
     torch.testing.assert_close(got.transpose(1, 2)[text], want.transpose(1, 2)[text], atol=1e-5, rtol=1e-5)
 
 
-def _grad_fns(t: torch.Tensor) -> set[str]:
-    """Names of every autograd node behind `t`."""
-    seen, todo, names = set(), [t.grad_fn], set()
-    while todo:
-        fn = todo.pop()
-        if fn is None or fn in seen:
-            continue
-        seen.add(fn)
-        names.add(type(fn).__name__)
-        todo.extend(f for f, _ in fn.next_functions)
-    return names
-
-
 @pytest.mark.parametrize("padded", [False, True])
 def test_text_block_attention_gradients_equal_the_reference_without_advanced_indexing(padded):
     """The text-block path's values and input gradients at text queries equal the dense reference's (partial
@@ -155,7 +143,7 @@ def test_text_block_attention_gradients_equal_the_reference_without_advanced_ind
     leaves = [torch.randn(2, h, 40, 8, requires_grad=True) for h in (4, 2, 2)]
     got = sliding_window_attention(*leaves, valid, 6, 0.3, layout.text_blocks(sliding_block(6, 40)))
     want = sliding_window_attention_naive(*leaves, valid, 6, 0.3)
-    assert "IndexBackward0" not in _grad_fns(got)
+    assert "IndexBackward0" not in autograd_nodes(got)
     keep = (~layout.is_vision() & valid)[:, None, :, None].to(got.dtype)
     cotangent = torch.randn_like(got) * keep
     g_got = torch.autograd.grad(got, leaves, cotangent)
@@ -173,7 +161,7 @@ def test_window_attention_gradients_equal_the_reference_without_advanced_indexin
     k, v = (torch.randn(1, length, 2, 8, requires_grad=True) for _ in range(2))
     plan = layout.window_plan(window, True)
     got = window_attention(q, k, v, plan, 0.3)
-    assert "IndexBackward0" not in _grad_fns(got)
+    assert "IndexBackward0" not in autograd_nodes(got)
     ids = swin_window_ids(segments, length, window, True)
     want = window_attention_naive(q, k, v, ids, 0.3)
     vision = (ids >= 0)[..., None, None].to(got.dtype)
