@@ -16,8 +16,8 @@ if [[ $what == graph || $what == all ]]; then
         tests/layers/test_mate_gpu.py -k cuda_graph 2>&1 | tee "$OUT/graph_tests.log" | tail -60
 fi
 if [[ $what == tests || $what == all ]]; then
-    # every GPU test file, named (collecting all of tests/ would import the recipe schema, which needs pydantic:
-    # the GPU image may not have it, see scripts/gpu_setup.sh); a cold machine autotunes for ~2 minutes first
+    # every GPU test file, named (collecting all of tests/ runs the CPU suite's imports too); a cold machine
+    # autotunes for ~2 minutes first
     timeout ${TESTS_TIMEOUT:-420} python3 -m pytest -v -s -m gpu -p no:cacheprovider -o faulthandler_timeout=120 \
         --durations=20 tests/bench/test_bench_gpu.py tests/layers/test_mate_gpu.py tests/models/test_hf_gpu.py \
         tests/ops/test_decode_attention.py tests/ops/test_ssd_gpu_paths.py tests/ops/test_ssd_gpu.py \

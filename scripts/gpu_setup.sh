@@ -28,8 +28,7 @@ esac
 # linmu's own dependencies that the GPU image may lack: say which, and what stops working without each
 python3 - <<'PY'
 import importlib.util
-needs = {"pydantic": "linmu distill, recipes and benchmarks/distill_throughput.py (the recipe schema)",
-         "yaml": "recipes", "typer": "the linmu CLI", "rich": "the linmu CLI", "peft": "stage 3 LoRA",
+needs = {"yaml": "recipes", "typer": "the linmu CLI", "rich": "the linmu CLI", "peft": "stage 3 LoRA",
          "safetensors": "checkpoints", "fla": "the fla scans / conv", "mamba_ssm": "the mamba-ssm scans / norm"}
 missing = [f"{name} ({why})" for name, why in needs.items() if importlib.util.find_spec(name) is None]
 if missing:

@@ -1,6 +1,9 @@
-"""Recipes on the pydantic schema (linmu_cli.distillation.recipe): every shipped recipe loads, every key is typed
+"""Recipes on their typed schema (linmu_cli.distillation.recipe): every shipped recipe loads, every key is typed
 and range-checked with a one-line error naming it, `model` is a MateConfig checked by MateConfig itself."""
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -136,3 +139,20 @@ def test_mate_config_checks_its_own_types():
     with pytest.raises(LinmuError, match="dt_min takes a number"):
         linmu_cli.convert("tiny-qwen2-vl", "/nonexistent/never-written", mate={"dt_min": "abc"})
     assert MateConfig.from_dict({"vision_window": (1, 2, 2), "dt_max": 1}).vision_window == (1, 2, 2)
+
+
+def test_recipes_load_without_pydantic():
+    """The GPU machine's image has no pydantic (2026-12-02): the schema needs only the standard library and PyYAML,
+    so `linmu distill` and its benchmark import there. A subprocess with pydantic made unimportable loads a recipe
+    and the trainer."""
+    code = (
+        "import sys; sys.modules['pydantic'] = None; sys.modules['pydantic_core'] = None\n"
+        "from linmu_cli.distillation import load_recipe\n"
+        "import linmu_cli.distillation.trainer, linmu_cli.distillation.objectives\n"
+        f"r = load_recipe({str(RECIPE)!r}, ['stages.stage1.lr=1e-4'])\n"
+        "assert r.stages['stage1'].lr == 1e-4\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
