@@ -90,6 +90,8 @@ def _check_inputs(recipe: Recipe, plan, processor) -> None:
     SampleStream(recipe.data, processor, recipe.seed)
     SampleStream(recipe.data, processor, recipe.seed, heldout=True)
     for name in plan.train:
+        if recipe.stages[name].frames is not None:
+            SampleStream(recipe.stages[name].data(recipe.data), processor, recipe.seed)
         src = recipe.stages[name].init_from
         if src and not (Path(src) / "config.json").is_file():
             raise LinmuError(

@@ -291,27 +291,23 @@ class DataConfig(_Section):
     # "synthetic" (built-in, generated from the seed) | "manifest" (LLaVA JSON/JSONL)
     source: str = _key(_choice("synthetic", "manifest"), "synthetic")
     manifest: str | None = _key(_optional(_str), None)  # path of the JSON / JSONL manifest
-    media_root: str | None = _key(
-        _optional(_str), None
-    )  # image / video paths in the manifest are relative to this
+    # image / video paths in the manifest are relative to this
+    media_root: str | None = _key(_optional(_str), None)
     tasks: list[str] = _key(
         _list(_str), factory=lambda: ["image_color", "video_count", "video_order", "video_when"]
     )
-    frames: int | list[int] = _key(
-        _frames, 16
-    )  # frames sampled uniformly per video; a list: one drawn per sample
+    # frames sampled uniformly per video; a list: one drawn per sample (seeded)
+    frames: int | list[int] = _key(_frames, 16)
     # cap on sampled frames per second of video (None: no cap)
     fps: float | None = _key(_optional(_float(0, strict=True)), None)
     size: int = _key(_int(28), 56)  # synthetic frame / image side in pixels
-    max_pixels: int | None = _key(
-        _optional(_int(28 * 28)), None
-    )  # per image / frame, passed to the processor
+    # per image / frame, passed to the processor
+    max_pixels: int | None = _key(_optional(_int(28 * 28)), None)
     max_tokens: int = _key(_int(1), 8192)  # longer samples are skipped
     heldout: int = _key(_int(1), 4)  # held-out samples for the fidelity report (it averages over them)
     on_error: str = _key(_choice("skip", "raise"), "skip")  # "skip" bad samples (counted, reported) | "raise"
-    allow_outside_root: bool = _key(
-        _bool, False
-    )  # accept absolute media paths and `..` paths leaving media_root
+    # accept absolute media paths and `..` paths that leave media_root
+    allow_outside_root: bool = _key(_bool, False)
 
     def _coherent(self, path: str) -> None:
         if self.source == "manifest" and not self.manifest:
@@ -359,17 +355,15 @@ class StageConfig(_Section):
     where: ClassVar[str] = "recipe.stages.<stage>"
     steps: int = _key(_int(1), 100)
     lr: float = _key(_float(0, strict=True), 1e-3)
-    schedule: str = _key(
-        _choice("constant", "linear", "cosine"), "cosine"
-    )  # cosine: decay to 10% after warmup
+    # cosine: decay to 10% after warmup
+    schedule: str = _key(_choice("constant", "linear", "cosine"), "cosine")
     warmup_steps: int = _key(_int(0), 0)
     weight_decay: float = _key(_float(0), 0.0)
     batch_size: int = _key(_int(1), 1)
     grad_accum: int = _key(_int(1), 1)
     max_grad_norm: float = _key(_float(0, strict=True), 1.0)
-    train: list[str] = _key(
-        _then(_list(_str), _groups), factory=lambda: ["flex", "fusion"]
-    )  # groups that learn
+    # parameter groups that learn
+    train: list[str] = _key(_then(_list(_str), _groups), factory=lambda: ["flex", "fusion"])
     mode: str = _key(_choice("layerwise", "end_to_end"), "layerwise")  # layerwise: teacher-forced per layer
     loss: LossConfig = _key(_section(LossConfig), factory=lambda: LossConfig())
     lora: LoraSettings | None = _key(_optional(_section(LoraSettings)), None)
@@ -389,6 +383,12 @@ class StageConfig(_Section):
     init_from: str | None = _key(
         _optional(_str), None
     )  # start from this checkpoint, not the previous stage's
+    # this stage's frames per video, over data.frames (e.g. a short-to-long curriculum across the stages)
+    frames: int | list[int] | None = _key(_optional(_frames), None)
+
+    def data(self, data: DataConfig) -> DataConfig:
+        """The data this stage learns from: `data`, with this stage's `frames` if it sets them."""
+        return data if self.frames is None else dataclasses.replace(data, frames=self.frames)
 
     def _coherent(self, path: str) -> None:
         if ("lora" in self.train) != (self.lora is not None):

@@ -429,7 +429,8 @@ class StageRun:
             self.params, lr=cfg.lr, weight_decay=cfg.weight_decay, **optimizer_flags(cfg.optimizer)
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
-        stream = SampleStream(recipe.data, run.teacher.processor, recipe.seed, rank=run.rank, world=run.world)
+        data = cfg.data(recipe.data)
+        stream = SampleStream(data, run.teacher.processor, recipe.seed, rank=run.rank, world=run.world)
         self.data: SampleStream | Prefetcher = (
             Prefetcher(stream, cfg.batch_size, cfg.prefetch, pin=run.device.type == "cuda")
             if cfg.prefetch

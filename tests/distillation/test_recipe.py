@@ -156,3 +156,13 @@ def test_recipes_load_without_pydantic():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
                          env={**os.environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_a_stage_can_set_its_own_frames():
+    """`stages.<stage>.frames` overrides data.frames for that stage only (a short-to-long curriculum)."""
+    recipe = load_recipe(RECIPE, ["stages.stage2.frames=[4,8]", "stages.stage3.frames=8"])
+    assert recipe.stages["stage1"].frames is None and recipe.stages["stage1"].data(recipe.data) is recipe.data
+    assert recipe.stages["stage2"].data(recipe.data).frames == [4, 8]
+    assert recipe.stages["stage3"].data(recipe.data).frames == 8 and recipe.data.frames != 8
+    with pytest.raises(LinmuError, match=r"recipe.stages.stage2.frames=1: need at least 2 frames"):
+        load_recipe(RECIPE, ["stages.stage2.frames=1"])
