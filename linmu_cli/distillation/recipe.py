@@ -449,12 +449,10 @@ class Recipe(_Section):
     teacher: str = _key(_str, "tiny-qwen2-vl")
     output: str = _key(_str, "runs/linmu")
     seed: int = _key(_int(0), 0)
-    device: str = _key(
-        _then(_str, _device), "auto"
-    )  # "auto" (cuda when available) | "cpu" | "cuda" | "cuda:N"
-    dtype: str = _key(
-        _choice("auto", "float32", "bfloat16", "float16"), "auto"
-    )  # auto: bf16 on cuda, fp32 on cpu
+    # "auto" (cuda when available) | "cpu" | "cuda" | "cuda:N"
+    device: str = _key(_then(_str, _device), "auto")
+    # "auto": bfloat16 on cuda, float32 on cpu
+    dtype: str = _key(_choice("auto", "float32", "bfloat16", "float16"), "auto")
     data: DataConfig = _key(_section(DataConfig), factory=lambda: DataConfig())
     model: MateConfig = _key(_mate, factory=MateConfig)  # M-MATE fields (see `linmu convert --help`)
     # every stage, its STAGE_DEFAULTS under what the recipe gives
