@@ -377,3 +377,22 @@ def test_speed_options_reach_the_same_weights_and_resume_exactly(tmp_path, full_
     assert losses(out) == losses(ref_out)
     a, b = weights(out / "final"), weights(ref_out / "final")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_stage_learns_from_its_own_frames(tmp_path, monkeypatch):
+    """`stages.stage2.frames` reaches the stage's sample stream; the other stage keeps data.frames."""
+    from linmu_cli.distillation import trainer
+
+    seen = []
+    real = trainer.SampleStream
+
+    def recording(data, *args, **kwargs):
+        seen.append(data.frames)
+        return real(data, *args, **kwargs)
+
+    monkeypatch.setattr(trainer, "SampleStream", recording)
+    over = [f"output={tmp_path / 'run'}", "stages.stage1.steps=1", "stages.stage2.steps=1", "stages.stage3.steps=1",
+            "data.heldout=1", "data.frames=4", "stages.stage2.frames=[6,8]"]  # fmt: skip
+    distill(RECIPE, over)
+    # stage 2's training stream has its own frames; the other stages' and the held-out streams data.frames
+    assert seen.count([6, 8]) == 1 and all(f == 4 for f in seen if f != [6, 8]) and len(seen) > 3, seen
