@@ -20,6 +20,6 @@ if [[ $what == tests || $what == all ]]; then
     # autotunes for ~2 minutes first
     timeout ${TESTS_TIMEOUT:-420} python3 -m pytest -v -s -m gpu -p no:cacheprovider -o faulthandler_timeout=120 \
         --durations=20 tests/bench/test_bench_gpu.py tests/layers/test_mate_gpu.py tests/models/test_hf_gpu.py \
-        tests/ops/test_decode_attention.py tests/ops/test_ssd_gpu_paths.py tests/ops/test_ssd_gpu.py \
+        tests/ops/test_decode_attention.py tests/ops/test_ssd_gpu_paths.py tests/ops/test_ssd_gpu.py tests/test_cuda_graphs.py \
         2>&1 | tee "$OUT/gpu_tests.log" | grep -E "PASS|FAIL|ERROR|rel\. error|passed|failed" | tail -80
 fi
