@@ -51,13 +51,11 @@ def per_token_ms(model, ids: torch.Tensor, short: int, long: int, repeats: int, 
 
 def bench_step_ms(model, ids: torch.Tensor, steps: int) -> dict:
     """The bench's LinMU decode: StaticDecoder from the prompt's prefilled cache, a CUDA graph on CUDA."""
+    from linmu_cli.bench import decode_start
     from linmu_cli.fast_decode import StaticDecoder
 
+    cache, token, pos = decode_start(model, {"input_ids": ids})
     with torch.no_grad():
-        out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
-        cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
-        token = out.logits[:, -1].argmax(-1, keepdim=True)
-        pos = torch.full((3, ids.shape[0], 1), ids.shape[1], dtype=torch.long, device=ids.device)
         dec = StaticDecoder.from_cache(model, cache, token, pos)
         mode = "eager"
         if ids.device.type == "cuda":

@@ -38,7 +38,14 @@ One file per step of a run:
 
 from __future__ import annotations
 
-from linmu_cli.bench.decode import DecodeStart, Decoding, random_kv_cache, search_batch, storage_bytes
+from linmu_cli.bench.decode import (
+    DecodeStart,
+    Decoding,
+    decode_start,
+    random_kv_cache,
+    search_batch,
+    storage_bytes,
+)
 from linmu_cli.bench.inputs import DTYPES, VideoPrompt, synthetic_video
 from linmu_cli.bench.models import (
     BuiltModels,
@@ -72,7 +79,7 @@ from linmu_cli.bench.timing import (
 _prefill_backend = prefill_backend  # the name benchmarks/mate_layer_profile.py imports
 
 __all__ = ["DTYPES", "SCHEMA", "BuiltModels", "Ceilings", "DecodeStart", "Decoding", "Flops", "MemoryEstimate",
-           "TTFTRun", "VideoPrompt", "available_bytes", "build_models", "cache_kw", "crossover", "estimate_bytes",
+           "TTFTRun", "VideoPrompt", "available_bytes", "build_models", "cache_kw", "crossover", "decode_start", "estimate_bytes",
            "guarded", "lookup", "make_figure", "measure_ceilings", "measure_ttft", "next_positions", "parse_batch",
            "parse_frames", "prefill_backend", "prefill_flops", "random_kv_cache", "run_bench", "save_plot",
            "search_batch", "storage_bytes", "summarize_ttft", "synthetic_video", "tables",

@@ -12,14 +12,14 @@ not depend on the values).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from linmu_cli.bench.models import cache_kw, model_bytes, next_positions, text_model
+from linmu_cli.bench.models import cache_kw, cache_of, model_bytes, next_positions, text_model
 from linmu_cli.bench.timing import Clock, Memory, guarded, is_oom
 
 
@@ -30,6 +30,20 @@ class DecodeStart:
     cache: Any
     token: torch.Tensor
     positions: torch.Tensor
+
+    def __iter__(self) -> Iterator[Any]:
+        """Unpacks as (cache, token, positions)."""
+        return iter((self.cache, self.token, self.positions))
+
+
+def decode_start(model: nn.Module, inputs: dict[str, Any]) -> DecodeStart:
+    """Prefill `inputs` (untimed, no grad): the cache, the greedy next token and its M-RoPE positions, which is
+    where a decode loop (the served teacher, `StaticDecoder`, transformers' forward) starts."""
+    ids = inputs["input_ids"]
+    with torch.no_grad():
+        out = model(**inputs, use_cache=True, logits_to_keep=1)
+    token = out.logits[:, -1].argmax(-1, keepdim=True)
+    return DecodeStart(cache_of(out), token, next_positions(model, ids.shape[1], ids.shape[0], ids.device))
 
 
 def kv_bytes(cache: Any) -> int:
@@ -290,4 +304,12 @@ def search_batch(fits: Callable[[int], dict], cap: int) -> dict:
     return {"largest_fit": best, "first_oom": first_oom, "tried": tried, "capped": first_oom is None}
 
 
-__all__ = ["DecodeStart", "Decoding", "kv_bytes", "random_kv_cache", "search_batch", "storage_bytes"]
+__all__ = [
+    "DecodeStart",
+    "Decoding",
+    "decode_start",
+    "kv_bytes",
+    "random_kv_cache",
+    "search_batch",
+    "storage_bytes",
+]

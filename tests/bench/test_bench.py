@@ -217,11 +217,8 @@ def test_static_decoder_equals_the_transformers_decode_path(tiny):
     for window in (5, 512):  # a ring that wraps around, and one that never fills
         student = convert_model(teacher, MateConfig(text_window=window, vision_window=[2, 1, 2]))
         inputs = prompt_inputs(processor, ["describe the video"], videos=[video(1)])
+        cache, token, pos = bench.decode_start(student, inputs)
         with torch.no_grad():
-            out = student(**inputs, use_cache=True)
-            cache = output_cache(out)
-            token = out.logits[:, -1].argmax(-1, keepdim=True)
-            pos = bench.next_positions(student, inputs["input_ids"].shape[1], 1, torch.device("cpu"))
             # the runner steps its cache in place: a copy, so the reference below has its own
             fast = StaticDecoder.from_cache(student, copy.deepcopy(cache), token, pos)
             for _ in range(7):
@@ -322,11 +319,8 @@ def test_served_teacher_decoder_equals_the_transformers_decode_path(tiny, kernel
 
     _, teacher, processor = tiny
     inputs = prompt_inputs(processor, ["describe the video"], videos=[video(2)])
+    cache, token, pos = bench.decode_start(teacher, inputs)
     with torch.no_grad():
-        out = teacher(**inputs, use_cache=True)
-        cache = output_cache(out)
-        token = out.logits[:, -1].argmax(-1, keepdim=True)
-        pos = bench.next_positions(teacher, inputs["input_ids"].shape[1], 1, torch.device("cpu"))
         served = ServedTeacherDecoder.from_cache(teacher, cache, token, pos, new_tokens=8, kernel=kernel)
         assert served.choice.name == kernel and served.prompt == inputs["input_ids"].shape[1]
         for _ in range(6):

@@ -13,7 +13,7 @@ import copy
 
 import pytest
 import torch
-from helpers import CACHE, interleave_graph_and_eager, output_cache, prompt_inputs, video
+from helpers import CACHE, interleave_graph_and_eager, prompt_inputs, video
 from helpers import rel_error as rel
 
 from linmu_cli import bench
@@ -60,11 +60,8 @@ def test_static_decoder_matches_the_transformers_path_on_gpu():
     with torch.device(dev):
         student = convert_model(teacher, MateConfig(text_window=6, vision_window=[2, 1, 2]))
     inputs = prompt_inputs(processor, ["describe the video"], videos=[video(1)]).to(dev)
+    cache, token, pos = bench.decode_start(student, inputs)
     with torch.no_grad():
-        out = student(**inputs, use_cache=True)
-        cache = output_cache(out)
-        token = out.logits[:, -1].argmax(-1, keepdim=True)
-        pos = bench.next_positions(student, inputs["input_ids"].shape[1], 1, dev)
         fast = StaticDecoder.from_cache(student, copy.deepcopy(cache), token, pos)  # steps its cache in place
         for _ in range(9):  # token by token; the ring of 6 wraps around
             ref = student(input_ids=token, position_ids=pos, use_cache=True, **{CACHE: cache}).logits[:, -1]
@@ -107,11 +104,8 @@ def test_served_teacher_matches_the_transformers_path_on_gpu(kernel):
     teacher = teacher.to(dev, torch.bfloat16)
     inputs = prompt_inputs(processor, ["describe the video"], videos=[video(3)]).to(dev)
     kw = bench.cache_kw(teacher)
+    cache, token, pos = bench.decode_start(teacher, inputs)
     with torch.no_grad():
-        out = teacher(**inputs, use_cache=True)
-        cache = output_cache(out)
-        token = out.logits[:, -1].argmax(-1, keepdim=True)
-        pos = bench.next_positions(teacher, inputs["input_ids"].shape[1], 1, dev)
         served = ServedTeacherDecoder.from_cache(teacher, cache, token, pos, new_tokens=16, kernel=kernel)
         for i in range(8):
             if i == 3:

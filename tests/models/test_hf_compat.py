@@ -62,6 +62,13 @@ def _second_turn(model, first, follow, cache=None):
     return out2
 
 
+def _assert_same_generation(got, want, atol: float) -> None:
+    """The same tokens, and the same logits at every step within `atol`."""
+    assert torch.equal(got.sequences, want.sequences)
+    for a, b in zip(got.logits, want.logits, strict=True):
+        torch.testing.assert_close(a, b, atol=atol, rtol=1e-4)
+
+
 @pytest.mark.parametrize("media", [None, "image", "video"])
 def test_multi_turn_with_the_returned_cache_equals_recomputing_the_conversation(tiny, media):
     _, teacher, processor = tiny
@@ -69,9 +76,7 @@ def test_multi_turn_with_the_returned_cache_equals_recomputing_the_conversation(
     first, follow = _turns(processor, media)
     cached = _second_turn(student, first, follow, cache=True)
     full = _second_turn(student, first, follow, cache=False)
-    assert torch.equal(cached.sequences, full.sequences)
-    for a, b in zip(cached.logits, full.logits, strict=True):
-        torch.testing.assert_close(a, b, atol=2e-4, rtol=1e-4)
+    _assert_same_generation(cached, full, atol=2e-4)
 
 
 def test_multi_turn_matches_the_teacher_where_the_math_agrees(tiny):
@@ -80,9 +85,7 @@ def test_multi_turn_matches_the_teacher_where_the_math_agrees(tiny):
     first, follow = _turns(processor, None)
     got = _second_turn(student, first, follow, cache=True)
     want = _second_turn(teacher, first, follow, cache=True)
-    assert torch.equal(got.sequences, want.sequences)
-    for a, b in zip(got.logits, want.logits, strict=True):
-        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    _assert_same_generation(got, want, atol=1e-4)
 
 
 def test_a_prefix_cache_copied_and_reused_twice(tiny):

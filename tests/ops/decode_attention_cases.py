@@ -104,7 +104,6 @@ def main(out_path: str) -> None:
 
 def _teacher_steps() -> dict[str, list[torch.Tensor]]:
     """The served teacher's logits over TEACHER_STEPS steps with `triton_split_kv`, for each tiny family."""
-    from helpers import output_cache
 
     from linmu_cli import bench
     from linmu_cli.teacher_decode import ServedTeacherDecoder
@@ -114,11 +113,9 @@ def _teacher_steps() -> dict[str, list[torch.Tensor]]:
     for family in TINY_FAMILIES:
         teacher, processor = build_tiny_teacher(family, seed=0)
         inputs = teacher_prompt(processor)
+        cache, token, pos = bench.decode_start(teacher, inputs)
         with torch.no_grad():
-            out = teacher(**inputs, use_cache=True)
-            token = out.logits[:, -1].argmax(-1, keepdim=True)
-            pos = bench.next_positions(teacher, inputs["input_ids"].shape[1], 1, torch.device("cpu"))
-            served = ServedTeacherDecoder.from_cache(teacher, output_cache(out), token, pos,
+            served = ServedTeacherDecoder.from_cache(teacher, cache, token, pos,
                                                      new_tokens=TEACHER_STEPS + 2, kernel="triton_split_kv")  # fmt: skip
             assert served.choice.name == "triton_split_kv"
             steps[family] = [served.step().clone() for _ in range(TEACHER_STEPS)]

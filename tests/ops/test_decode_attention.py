@@ -89,7 +89,6 @@ def test_triton_split_kv_teacher_length_convention_and_public_call(interpreted):
 def test_served_teacher_steps_with_the_triton_kernel_like_transformers(tiny, interpreted):
     """`teacher_decode`'s `triton_split_kv` (interpreted, in the subprocess) decodes what transformers' forward
     does here, step after step, on the same tiny teacher and prompt."""
-    from helpers import output_cache
 
     from linmu_cli import bench
 
@@ -97,11 +96,8 @@ def test_served_teacher_steps_with_the_triton_kernel_like_transformers(tiny, int
     inputs = teacher_prompt(processor)
     served = interpreted["teacher"][family]
     assert len(served) == TEACHER_STEPS
+    cache, token, pos = bench.decode_start(teacher, inputs)
     with torch.no_grad():
-        out = teacher(**inputs, use_cache=True)
-        cache = output_cache(out)
-        token = out.logits[:, -1].argmax(-1, keepdim=True)
-        pos = bench.next_positions(teacher, inputs["input_ids"].shape[1], 1, torch.device("cpu"))
         for logits in served:
             ref = teacher(
                 input_ids=token, position_ids=pos, use_cache=True, **{bench.cache_kw(teacher): cache}
