@@ -22,6 +22,7 @@ import argparse
 import json
 import statistics
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -53,6 +54,24 @@ def timed(fn, repeats: int) -> float:
         torch.cuda.synchronize()
         times.append(a.elapsed_time(b))
     return statistics.median(times)
+
+
+def kernel_table(fn: Callable[[], object], rows: int) -> str:
+    """torch.profiler's table of one `fn()` call, by CUDA time, printed and returned."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=70)
+    print(table)
+    return table
+
+
+def write_json(path: Path | None, res: dict) -> None:
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(res, indent=2, default=str) + "\n")
 
 
 def main() -> None:
@@ -116,9 +135,7 @@ def main() -> None:
         def __setitem__(self, key, value):
             super().__setitem__(key, value)
             print(f"{key:34s} {value:9.3f} ms", flush=True)
-            if args.json:
-                args.json.parent.mkdir(parents=True, exist_ok=True)
-                args.json.write_text(json.dumps(res, indent=2, default=str) + "\n")
+            write_json(args.json, res)
 
     ms = res["ms"] = Loud()
     print(f"one layer, {length} tokens ({t} frame pairs of 16x16), {backend} scans", flush=True)
@@ -188,16 +205,8 @@ def main() -> None:
     train_block.zero_grad(set_to_none=True)
     teacher.zero_grad(set_to_none=True)
     if args.fwd_bwd_only:
-        from torch.profiler import ProfilerActivity, profile
-
-        with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
-            fwd_bwd(train_block)
-            torch.cuda.synchronize()
-        res["profile_fwd_bwd_top"] = prof.key_averages().table(sort_by="cuda_time_total", row_limit=20,
-                                                               max_name_column_width=70)  # fmt: skip
-        print(res["profile_fwd_bwd_top"])
-        if args.json:
-            args.json.write_text(json.dumps(res, indent=2) + "\n")
+        res["profile_fwd_bwd_top"] = kernel_table(lambda: fwd_bwd(train_block), 20)
+        write_json(args.json, res)
         return
     with torch.no_grad():
         flex, swin = block.flex, block.swin
@@ -252,29 +261,13 @@ def main() -> None:
         print(f"M-MATE layer / its floor: {ms['mate_layer'] / floor:.2f}x; over the floor: "
               f"{ms['mate_layer'] - floor:.2f} ms per layer ({28 * (ms['mate_layer'] - floor):.0f} ms for 28 layers)")  # fmt: skip
 
-        from torch.profiler import ProfilerActivity, profile
-
-        with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
-            block(u, position_embeddings=rope, linmu_layout=layout)
-            torch.cuda.synchronize()
-        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70)
-        print(table)
-        res["profile_top"] = table
-        with skip_mixers(), profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
-            block(u, position_embeddings=rope, linmu_layout=layout)
-            torch.cuda.synchronize()
-        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=70)
-        print(table)
-        res["profile_floor_top"] = table
-    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
-        fwd_bwd(train_block)
-        torch.cuda.synchronize()
-    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=20, max_name_column_width=70)
-    print(table)
-    res["profile_fwd_bwd_top"] = table
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(res, indent=2) + "\n")
+        res["profile_top"] = kernel_table(lambda: block(u, position_embeddings=rope, linmu_layout=layout), 25)
+        with skip_mixers():
+            res["profile_floor_top"] = kernel_table(
+                lambda: block(u, position_embeddings=rope, linmu_layout=layout), 15
+            )
+    res["profile_fwd_bwd_top"] = kernel_table(lambda: fwd_bwd(train_block), 20)
+    write_json(args.json, res)
 
 
 if __name__ == "__main__":
