@@ -275,6 +275,21 @@ class LinMUGenerationMixin(LinMUModelMixin):
     """What generate() needs on top of LinMUModelMixin: the LM-head classes' bases start with it
     (`class LinMUQwen2VLForConditionalGeneration(LinMUGenerationMixin, Qwen2VLForConditionalGeneration, ...)`)."""
 
+    @same_signature_as(GenerationMixin.generate)
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """transformers' generate(); with `cache_implementation="static"` on CUDA (one beam, no assistant) its
+        decoding loop is `decode_loop.static_decode`, which reads the stop condition on the host every few tokens
+        instead of every token (same output). `decode_loop.last_decode_loop()` says which loop ran."""
+        from linmu_cli.models import decode_loop
+
+        if kwargs.get("custom_generate") is None:
+            user_cache = any(kwargs.get(k) is not None for k in ("cache", "past_key_values"))
+            if not user_cache and decode_loop.uses_static_decode(self, kwargs):
+                kwargs["custom_generate"] = decode_loop.static_decode
+            else:
+                decode_loop.set_last_decode_loop("transformers")
+        return super().generate(*args, **kwargs)
+
     def prepare_inputs_for_generation(
         self, input_ids: torch.Tensor, *args: Any, **kwargs: Any
     ) -> dict[str, Any]:

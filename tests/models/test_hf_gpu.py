@@ -55,3 +55,31 @@ def test_a_bf16_ssm_state_under_the_graph_equals_it_eager():
     assert cache.static.graph is not None and {layer.ssm.dtype for layer in cache.layers} == {torch.bfloat16}
     assert torch.equal(got.sequences, want.sequences)
     torch.testing.assert_close(torch.stack(got.scores), torch.stack(want.scores), atol=1e-3, rtol=1e-3)
+
+
+def test_static_generate_on_cuda_runs_linmu_loop_with_transformers_result():
+    """On CUDA, generate(cache_implementation="static") runs decode_loop.static_decode (the stop flag read every
+    few tokens, no host sync per token) by itself, and gives transformers' own loop's tokens, early stops included."""
+    from transformers import GenerationMixin
+
+    from linmu_cli.models import decode_loop
+
+    teacher, processor = build_tiny_teacher("qwen2_vl", seed=0)
+    student = convert_model(teacher.cuda(), MateConfig(text_window=5, vision_window=[2, 1, 2]))
+    inputs = prompt_inputs(processor, ["hi", "a much longer question about it", "and a third one"]).to("cuda")
+    args = dict(do_sample=True, top_k=4, max_new_tokens=40, cache_implementation="static")
+    torch.manual_seed(5)
+    with torch.no_grad():
+        free = student.generate(**inputs, **args)
+    assert decode_loop.last_decode_loop() == "linmu_static"
+    new = free[:, inputs["input_ids"].shape[1] :]
+    eos = [int(new[0, 2]), int(new[1, 20]), int(new[2, 25])]
+    outs = []
+    for loop in (GenerationMixin._sample, None):  # transformers' loop, then the automatic choice
+        torch.manual_seed(5)
+        with torch.no_grad():
+            outs.append(
+                student.generate(**inputs, **args, eos_token_id=eos, pad_token_id=0, custom_generate=loop)
+            )
+    assert decode_loop.last_decode_loop() == "linmu_static"
+    assert torch.equal(outs[1], outs[0])
