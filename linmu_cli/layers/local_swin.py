@@ -2,7 +2,9 @@
 
 Vision tokens attend inside 3D windows of their own segment (shifted by half a window on odd layers); text
 tokens attend causally to the last `text_window` tokens of any kind. It keeps copies of the teacher's
-Q, K, V, O and applies the teacher's (M-)RoPE exactly as the teacher does.
+Q, K, V, O and applies the teacher's (M-)RoPE exactly as the teacher does (`ops/rotary`: the reference, or on
+CUDA with the block's fast kernels one Triton launch for q and k; one token's decode attention over the ring is
+then one Triton kernel too).
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ from torch import nn
 
 from linmu_cli.config import MateConfig
 from linmu_cli.layers.cache import MateCacheLayer
+from linmu_cli.layers.flex_ma import fast_kernels
 from linmu_cli.layers.layout import TokenLayout
+from linmu_cli.ops.rotary import apply_rotary
 from linmu_cli.ops.window_attention import (
     decode_attention,
     sliding_block,
@@ -23,17 +27,6 @@ from linmu_cli.ops.window_attention import (
 )
 
 _PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (B, L, heads, d); cos / sin (B, L, d) as the Qwen text rotary embedding returns them."""
-    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
-    return x * cos + _rotate_half(x) * sin
 
 
 class LocalSwin(nn.Module):
@@ -81,7 +74,8 @@ class LocalSwin(nn.Module):
         """
         bsz, length, _ = u.shape
         d, scale = self.head_dim, self.head_dim**-0.5
-        q, k, v = self._qkv(u, position_embeddings, qkv)
+        fast = fast_kernels(u, self.mate)
+        q, k, v = self._qkv(u, position_embeddings, qkv, fast)
 
         # text: causal sliding window over the cached ring (the cache touched once, here) followed by this chunk
         keys, values, key_valid, past = k.transpose(1, 2), v.transpose(1, 2), layout.valid, 0
@@ -89,7 +83,7 @@ class LocalSwin(nn.Module):
         if state is not None:
             keys, values, key_valid, past = state.update_window(keys, values, key_valid, window)
         if state is not None and length == 1:  # decode: the ring is the token's whole window, itself included
-            out = decode_attention(q, keys, values, key_valid, scale)
+            out = decode_attention(q, keys, values, key_valid, scale, fast=fast)
         else:
             queries = q.transpose(1, 2)
             if past:
@@ -105,10 +99,16 @@ class LocalSwin(nn.Module):
             out = window_attention(q, k, v, plan, scale, out=out)
         return out
 
-    def _qkv(self, u: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor], qkv=None):
+    def _qkv(self, u: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
+             qkv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+             fast: bool | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+        """q, k after the teacher's rotary (one Triton launch for both when `fast`; None: the block's switch
+        `fast_kernels`), v, each (B, L, heads, d)."""
         bsz, length, _ = u.shape
+        fast = fast_kernels(u, self.mate) if fast is None else fast
         cos, sin = position_embeddings
         q, k, v = qkv if qkv is not None else (self.q_proj(u), self.k_proj(u), self.v_proj(u))
-        q = apply_rope(q.view(bsz, length, self.heads, self.head_dim), cos, sin)
-        k = apply_rope(k.view(bsz, length, self.kv_heads, self.head_dim), cos, sin)
+        q = q.view(bsz, length, self.heads, self.head_dim)
+        k = k.view(bsz, length, self.kv_heads, self.head_dim)
+        q, k = apply_rotary(q, k, cos, sin, fast=fast)
         return q, k, v.view(bsz, length, self.kv_heads, self.head_dim)

@@ -12,7 +12,10 @@ writes {"kernel": {case id: output}, "teacher": {family: [logits of each step]}}
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
+from pathlib import Path
 
 import torch
 
@@ -75,6 +78,20 @@ def _probe() -> str | None:
     except Exception as exc:  # noqa: BLE001 - any failure means no usable interpreter
         return repr(exc)
     return None
+
+
+def run_interpreted(script: Path, out: Path) -> dict:
+    """Run a cases `script` (this file, swin_kernel_cases.py) with TRITON_INTERPRET=1 in a fresh process and
+    load what it saved; `{"unavailable": why}` when the interpreter cannot run a trivial kernel."""
+    here = Path(__file__).resolve().parent
+    path = os.pathsep.join(
+        [str(here.parents[1]), str(here.parent), str(here), os.environ.get("PYTHONPATH", "")]
+    )
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1", PYTHONPATH=path)
+    proc = subprocess.run([sys.executable, str(script), str(out)], env=env, capture_output=True, text=True,
+                          timeout=900)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return torch.load(out)
 
 
 def main(out_path: str) -> None:

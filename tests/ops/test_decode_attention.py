@@ -10,9 +10,6 @@ Run the GPU part with `python3 -m pytest -s -m gpu tests/ops/test_decode_attenti
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -25,6 +22,7 @@ from decode_attention_cases import (
     case_id,
     compile_for_sm90,
     make_cache,
+    run_interpreted,
     split_kv_values,
     teacher_prompt,
 )
@@ -33,7 +31,6 @@ from helpers import rel_error
 from linmu_cli.ops.decode_attention import decode_attention, decode_attention_naive
 
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -43,12 +40,7 @@ def interpreted(tmp_path_factory) -> dict:
     builds the same inputs from the same seeds and checks them against the reference."""
     pytest.importorskip("triton", reason="triton is not installed: the Triton kernel is not testable")
     out = tmp_path_factory.mktemp("decode_attention") / "interpreted.pt"
-    path = os.pathsep.join([str(ROOT), str(ROOT / "tests"), str(HERE), os.environ.get("PYTHONPATH", "")])
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1", PYTHONPATH=path)
-    proc = subprocess.run([sys.executable, str(HERE / "decode_attention_cases.py"), str(out)], env=env,
-                          capture_output=True, text=True, timeout=900)  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    res = torch.load(out)
+    res = run_interpreted(HERE / "decode_attention_cases.py", out)
     if "unavailable" in res:
         pytest.skip(
             f"Triton's CPU interpreter (TRITON_INTERPRET=1) is unavailable here: {res['unavailable']}"

@@ -3,7 +3,9 @@
 `naive.py` is the dense float32 reference; `triton.py` the split-KV kernel (each kv head's K/V read once for
 its whole query group, the sequence split so the GPU is full at batch 1, partial results merged by a second
 kernel). `decode_attention` dispatches; `linmu_cli.teacher_decode` registers the Triton kernel as
-`triton_split_kv` among the kernels it times.
+`triton_split_kv` among the kernels it times. `triton.masked_split_kv_decode` (reference
+`masked_decode_attention_naive`) attends a validity mask instead of a prefix: Local-Swin's decode over its ring
+(`linmu_cli.ops.window_attention.decode_attention`).
 """
 
 from __future__ import annotations
@@ -12,7 +14,11 @@ from types import ModuleType
 
 import torch
 
-from linmu_cli.ops.decode_attention.naive import decode_attention_naive, valid_lengths
+from linmu_cli.ops.decode_attention.naive import (
+    decode_attention_naive,
+    masked_decode_attention_naive,
+    valid_lengths,
+)
 
 BACKENDS = ("auto", "naive", "triton")
 
@@ -61,4 +67,10 @@ def decode_attention(
     return _triton_impl().split_kv_decode(qg, k, v, lengths, scale=scale).reshape(b, hq, 1, d)
 
 
-__all__ = ["BACKENDS", "decode_attention", "decode_attention_naive", "valid_lengths"]
+__all__ = [
+    "BACKENDS",
+    "decode_attention",
+    "decode_attention_naive",
+    "masked_decode_attention_naive",
+    "valid_lengths",
+]

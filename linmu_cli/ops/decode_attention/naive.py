@@ -34,10 +34,22 @@ def decode_attention_naive(
     Returns:
         (B, Hq, 1, d) in q's dtype.
     """
+    cap = k.shape[2]
+    valid = (
+        torch.arange(cap, device=q.device)[None, :] < valid_lengths(valid_len, q.shape[0], q.device)[:, None]
+    )
+    return masked_decode_attention_naive(q, k, v, valid, scale)
+
+
+def masked_decode_attention_naive(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor, scale: float | None = None
+) -> torch.Tensor:
+    """softmax(scale q k^T) v over the slots where `valid` (B, capacity) bool is True, anywhere in the cache
+    (Local-Swin's ring); shapes as `decode_attention_naive`. A row with no valid slot gives NaN (no caller has
+    one: the ring always holds the token's own key)."""
     b, hq, _, d = q.shape
-    hkv, cap = k.shape[1], k.shape[2]
+    hkv = k.shape[1]
     scale = d**-0.5 if scale is None else scale
-    valid = torch.arange(cap, device=q.device)[None, :] < valid_lengths(valid_len, b, q.device)[:, None]
     valid = valid[:, None, None, :]  # (B, 1, 1, cap)
     qg = q.float().reshape(b, hkv, hq // hkv, d)
     vf = v.float().masked_fill(~valid.transpose(-1, -2), 0.0)  # garbage past the valid slots must not leak
@@ -47,4 +59,4 @@ def decode_attention_naive(
     return out.reshape(b, hq, 1, d).to(q.dtype)
 
 
-__all__ = ["decode_attention_naive", "valid_lengths"]
+__all__ = ["decode_attention_naive", "masked_decode_attention_naive", "valid_lengths"]

@@ -220,12 +220,155 @@ def split_kv_decode(
         UPCAST=INTERPRET, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
-    block_s = max(2, triton.next_power_of_2(splits))
-    _merge_kernel[(rows * group,)](
-        po, pm, pl, out, *out.stride(), hkv, group, d, splits, BLOCK_S=block_s, BLOCK_D=block_d,
-        num_warps=1 if block_s <= 16 else 4 if block_s <= 64 else 8,  # the (splits x d) float32 tile in registers
-    )  # fmt: skip
+    _merge(po, pm, pl, out, block_d)
     return out
 
 
-__all__ = ["INTERPRET", "choose_num_splits", "split_kv_decode"]
+def _merge(po: torch.Tensor, pm: torch.Tensor, pl: torch.Tensor, out: torch.Tensor, block_d: int) -> None:
+    """`_merge_kernel` over partial buffers (rows, splits, G[, d]) into out (B, Hkv, G, d)."""
+    rows, splits, group, d = po.shape
+    block_s = max(2, triton.next_power_of_2(splits))
+    _merge_kernel[(rows * group,)](
+        po, pm, pl, out, *out.stride(), out.shape[1], group, d, splits, BLOCK_S=block_s, BLOCK_D=block_d,
+        num_warps=1 if block_s <= 16 else 4 if block_s <= 64 else 8,  # the (splits x d) float32 tile in registers
+    )  # fmt: skip
+
+
+# ------------------------------------------------------------------------------ a validity mask (the ring)
+@triton.jit
+def _masked_split_kv_kernel(
+    Q, K, V, VALID, OUT, PO, PM, PL,
+    stride_qb, stride_qh, stride_qg, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_mb, stride_mn,
+    stride_ob, stride_oh, stride_og, stride_od,
+    kv_heads, group, head_dim, capacity, chunk, num_splits, scale_log2,
+    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, SPLIT: tl.constexpr,
+):  # fmt: skip
+    """`_split_kv_kernel` over the slots whose VALID byte is nonzero, anywhere in the cache (a ring's valid slots
+    are no prefix after it wraps). A tile may be all invalid, so the running max is made finite before use.
+    SPLIT: write partial results for `_merge_kernel`; else (one split) the normalized output directly."""
+    split = tl.program_id(0)
+    row = tl.program_id(1)
+    b = (row // kv_heads).to(tl.int64)
+    h = (row % kv_heads).to(tl.int64)
+    lo = split * chunk
+    hi = tl.minimum(lo + chunk, capacity)
+
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_g = offs_g < group
+    mask_d = offs_d < head_dim
+    q = tl.load(
+        Q + b * stride_qb + h * stride_qh + offs_g[:, None] * stride_qg + offs_d[None, :] * stride_qd,
+        mask=mask_g[:, None] & mask_d[None, :],
+        other=0.0,
+    )
+    if UPCAST:
+        q = q.to(tl.float32)
+    k_base = K + b * stride_kb + h * stride_kh + offs_d[None, :] * stride_kd
+    v_base = V + b * stride_vb + h * stride_vh + offs_d[None, :] * stride_vd
+
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    for start in range(lo, hi, BLOCK_N):
+        n = start + offs_n
+        in_range = n < hi
+        ok = in_range & (tl.load(VALID + b * stride_mb + n * stride_mn, mask=in_range, other=0) != 0)
+        if EVEN_D:  # noqa: SIM108 - a compile-time branch: no d mask on the loads
+            kv_mask = ok[:, None]
+        else:
+            kv_mask = ok[:, None] & mask_d[None, :]
+        k = tl.load(k_base + n[:, None] * stride_kn, mask=kv_mask, other=0.0)  # invalid slots read as 0
+        v = tl.load(v_base + n[:, None] * stride_vn, mask=kv_mask, other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2  # (G, N), log2 domain
+        s = tl.where(ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing valid yet: exp2(-inf - 0) = 0, no NaN
+        alpha = tl.exp2(m_i - m_use)
+        p = tl.exp2(s - m_use[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+
+    if SPLIT:
+        part = (row * num_splits + split).to(tl.int64) * group + offs_g
+        tl.store(PM + part, m_i, mask=mask_g)
+        tl.store(PL + part, l_i, mask=mask_g)
+        tl.store(PO + part[:, None] * head_dim + offs_d[None, :], acc, mask=mask_g[:, None] & mask_d[None, :])
+    else:
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # no valid slot at all: 0, as the merge gives
+        tl.store(
+            OUT + b * stride_ob + h * stride_oh + offs_g[:, None] * stride_og + offs_d[None, :] * stride_od,
+            out.to(OUT.dtype.element_ty),
+            mask=mask_g[:, None] & mask_d[None, :],
+        )
+
+
+def masked_split_kv_decode(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    valid: torch.Tensor,
+    *,
+    scale: float | None = None,
+    num_splits: int | None = None,
+    block_n: int = DEFAULT_BLOCK_N,
+    num_warps: int = DEFAULT_NUM_WARPS,
+    num_stages: int = DEFAULT_NUM_STAGES,
+) -> torch.Tensor:
+    """`split_kv_decode` over the slots where `valid` (B, capacity) bool is True, wherever they are (Local-Swin's
+    ring, docs/design.md §4): q (B, Hkv, G, d), k / v (B, Hkv, capacity, d) -> (B, Hkv, G, d) in q's dtype.
+
+    Invalid slots are never read (NaN there cannot leak); a row with no valid slot gives zeros. One split is
+    one kernel; more write partial results merged by `_merge_kernel` (two). `num_splits` defaults to
+    `choose_num_splits`, as the teacher's kernel. CUDA-graph capturable: the mask is read on the device."""
+    bsz, hkv, group, d = q.shape
+    cap = k.shape[2]
+    if k.shape != (bsz, hkv, cap, d) or v.shape != k.shape:
+        raise ValueError(f"q {tuple(q.shape)} needs k / v of shape (B, Hkv, capacity, d); got {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")  # fmt: skip
+    if not q.dtype == k.dtype == v.dtype:
+        raise ValueError(f"q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if valid.dtype != torch.bool or valid.shape != (bsz, cap) or valid.device != q.device:
+        raise ValueError(f"valid must be a ({bsz}, {cap}) bool tensor on q's device; got {valid.dtype} "
+                         f"{tuple(valid.shape)} on {valid.device}")  # fmt: skip
+    if not (q.is_cuda or INTERPRET):
+        raise RuntimeError("the Triton decode kernel needs a CUDA tensor (or TRITON_INTERPRET=1 on CPU)")
+    scale = d**-0.5 if scale is None else scale
+    rows = bsz * hkv
+    if num_splits is None:
+        num_splits = choose_num_splits(rows, cap, _sm_count(q.device), block_n)
+    chunk = math.ceil(math.ceil(cap / num_splits) / block_n) * block_n
+    splits = math.ceil(cap / chunk)  # no empty split at the end
+    dev = q.device
+    out = torch.empty(bsz, hkv, group, d, device=dev, dtype=q.dtype)
+    if splits > 1:
+        po = torch.empty(rows, splits, group, d, device=dev, dtype=torch.float32)
+        pm = torch.empty(rows, splits, group, device=dev, dtype=torch.float32)
+        pl = torch.empty(rows, splits, group, device=dev, dtype=torch.float32)
+    else:  # unused by the one-split kernel
+        po = pm = pl = out
+    block_d = max(16, triton.next_power_of_2(d))
+    flags = valid.view(torch.uint8)  # the same bytes, a type every Triton version loads
+    _masked_split_kv_kernel[(splits, rows)](
+        q, k, v, flags, out, po, pm, pl,
+        *q.stride(), *k.stride(), *v.stride(), *flags.stride(), *out.stride(),
+        hkv, group, d, cap, chunk, splits, scale * LOG2E,
+        BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, BLOCK_D=block_d, EVEN_D=block_d == d,
+        UPCAST=INTERPRET, PRECISION="ieee" if q.dtype == torch.float32 else "tf32", SPLIT=splits > 1,
+        num_warps=num_warps, num_stages=num_stages,
+    )  # fmt: skip
+    if splits > 1:
+        _merge(po, pm, pl, out, block_d)
+    return out
+
+
+__all__ = ["INTERPRET", "choose_num_splits", "masked_split_kv_decode", "split_kv_decode"]

@@ -1,7 +1,8 @@
 """Softmax attention restricted to local windows, as batched SDPA calls (no dense L x L masks, docs/design.md §4).
 
 Every function lets each query attend to itself, so a query whose other keys are all masked (padding) gives a
-finite value instead of NaN; such outputs are discarded by the caller. `naive.py` is the dense reference.
+finite value instead of NaN; such outputs are discarded by the caller. `naive.py` is the dense reference. The
+decode token alone has a Triton kernel on CUDA (`decode_attention(fast=True)`): one query over the ring.
 
 Gathers are on flat row indices, never advanced indexing (`x[index]`): the backward of advanced indexing is a
 sort-based `index_put_(accumulate=True)` that cost 246 of a layer's 371 ms forward + backward at 65k tokens on
@@ -159,28 +160,59 @@ def sliding_block(window: int, n: int) -> int:
     return min(window, n)
 
 
-def decode_attention(
-    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, key_valid: torch.Tensor, scale: float
-) -> torch.Tensor:
-    """One query token per row over a set of cached keys (the decode step of the text window).
+_LAST_DECODE_BACKEND: str | None = None
 
-    The H / H_kv query heads sharing a key head are laid out as H / H_kv query positions of that head, so the
-    masked attention is a plain multi-head SDPA call (fused CUDA kernels; no `enable_gqa` with a mask).
+
+def last_decode_backend() -> str | None:
+    """ "triton" or "sdpa": which path the most recent :func:`decode_attention` took."""
+    return _LAST_DECODE_BACKEND
+
+
+def decode_attention(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    key_valid: torch.Tensor,
+    scale: float,
+    fast: bool = False,
+) -> torch.Tensor:
+    """One query token per row over a set of cached keys (the decode step of the text window, over its ring).
+
+    The H / H_kv query heads sharing a key head are laid out as H / H_kv query positions of that head (GQA
+    without repeating K / V). With `fast` on CUDA outside autograd that runs as the masked split-KV Triton kernel
+    (`ops/decode_attention`'s `masked_split_kv_decode`: one launch, plus a merge when the ring is split; the
+    validity is read on the device, CUDA-graph safe); otherwise, and whenever autograd records the step (the
+    kernel has no backward), as one masked multi-head SDPA call (fused CUDA kernels; no `enable_gqa` with a mask).
+    `last_decode_backend()` says which ran.
 
     Args:
         q: (B, 1, H, d); keys, values: (B, H_kv, R, d); key_valid: (B, R) bool.
         scale: the softmax scale.
+        fast: allow the Triton kernel (the block's `fast_kernels`).
 
     Returns:
         (B, 1, H, d).
     """
+    global _LAST_DECODE_BACKEND
     bsz, _, heads, dim = q.shape
     kv_heads = keys.shape[1]
-    out = F.scaled_dot_product_attention(
-        q.reshape(bsz, kv_heads, heads // kv_heads, dim), keys, values, attn_mask=key_valid[:, None, None, :],
-        scale=scale,
-    )  # fmt: skip
+    grouped = q.reshape(bsz, kv_heads, heads // kv_heads, dim)
+    recorded = torch.is_grad_enabled() and (q.requires_grad or keys.requires_grad or values.requires_grad)
+    _LAST_DECODE_BACKEND = "triton" if fast and q.is_cuda and not recorded else "sdpa"
+    if _LAST_DECODE_BACKEND == "triton":
+        from linmu_cli.ops.decode_attention.triton import masked_split_kv_decode  # triton: CUDA only
+
+        out = masked_split_kv_decode(grouped, keys, values, key_valid, scale=scale)
+    else:
+        out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=key_valid[:, None, None, :],
+                                             scale=scale)  # fmt: skip
     return out.reshape(bsz, 1, heads, dim)
 
 
-__all__ = ["decode_attention", "sliding_block", "sliding_window_attention", "window_attention"]
+__all__ = [
+    "decode_attention",
+    "last_decode_backend",
+    "sliding_block",
+    "sliding_window_attention",
+    "window_attention",
+]
