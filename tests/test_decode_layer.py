@@ -8,7 +8,7 @@ import copy
 
 import pytest
 import torch
-from helpers import CACHE
+from helpers import CACHE, output_cache
 from torch import nn
 
 from linmu_cli import bench, decode_layer
@@ -22,7 +22,7 @@ from linmu_cli.teacher_decode import ServedTeacherDecoder
 def _first_step(student: nn.Module, ids: torch.Tensor):
     """A prefilled cache, the next token's embeddings, rotary and layout: what a decoder layer gets at decode."""
     with torch.no_grad():
-        cache = student(input_ids=ids, use_cache=True).cache
+        cache = output_cache(student(input_ids=ids, use_cache=True))
     text = student.family.text_model(student)
     b = ids.shape[0]
     pos = bench.next_positions(student, ids.shape[1], b, ids.device)
@@ -118,7 +118,7 @@ def test_static_feeding_equals_the_cache_path(tiny, dtype):
     student = convert_model(copy.deepcopy(teacher).to(dtype), MateConfig(text_window=4))
     ids = torch.randint(0, 900, (2, 7))
     with torch.no_grad():
-        cache = student(input_ids=ids, use_cache=True).cache
+        cache = output_cache(student(input_ids=ids, use_cache=True))
         runner = StaticDecoder.from_cache(student, copy.deepcopy(cache), ids[:, -1:],
                                           bench.next_positions(student, 7, 2, ids.device))  # fmt: skip
         token, pos = ids[:, -1:], bench.next_positions(student, 7, 2, ids.device)
@@ -137,3 +137,37 @@ def test_the_decode_mlp_refuses_an_activation_it_does_not_fuse(tiny):
     mlp.act_fn = nn.GELU()
     with pytest.raises(TypeError, match="fuses the MLP's SiLU; this model's is GELU"):
         decode_layer.decode_mlp(mlp, x)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_both_runners_on_the_fused_kernels_follow_their_reference_steps_on_gpu():
+    """bf16 on CUDA: each runner with the Triton norms / MLP, replayed from its CUDA graph, against the same
+    runner (same random state) stepping eagerly on the references (`use_backend("torch")`)."""
+    from helpers import rel_error
+
+    from linmu_cli.ops.rms_norm import use_backend
+    from linmu_cli.tiny import build_tiny_teacher
+
+    dev = torch.device("cuda")
+    teacher, _ = build_tiny_teacher("qwen2_vl")
+    teacher = teacher.to(dev, torch.bfloat16)
+    with torch.device(dev):
+        student = convert_model(teacher, MateConfig(text_window=4))
+    make = {"linmu": lambda: StaticDecoder.random(student, batch=3, position=50, seed=2),
+            "teacher": lambda: ServedTeacherDecoder.random(teacher, batch=3, prompt=50, new_tokens=12, seed=2,
+                                                           kernel="sdpa_masked")}  # fmt: skip
+    with torch.no_grad():
+        for name, build in make.items():
+            fused, ref = build(), build()
+            for i in range(5):
+                if i == 1:  # after an eager step that compiled the kernels; later steps are graph replays
+                    fused.capture(warmup=0)
+                    assert set(decode_layer.norm_mlp_paths().values()) == {"triton"}, name
+                # the same token into both: a near-tie of the bf16 argmax must not fork them
+                fused.tokens.copy_(ref.tokens)
+                got = fused.step().clone()
+                with use_backend("torch"):
+                    want = ref.step().clone()
+                assert rel_error(got, want) < 2e-2, (name, i, rel_error(got, want))
+            assert set(decode_layer.norm_mlp_paths().values()) == {"torch"}, name
