@@ -4,8 +4,9 @@ A LinMU model's decode state is a `LinMUCache` whose buffers are allocated at th
 updated in place (linmu_cli/layers/cache.py): the SSM state, the conv tail, a ring of `text_window` key / value
 slots with its validity mask and slot pointer. Every forward of one token runs the same M-MATE decode step
 (`MateAttention.forward`), so a whole model step has fixed addresses and no host syncs: `StaticDecoder` runs that
-step (the model's own embedding, decoder layers, norm and LM head) and, on CUDA, captures it in a CUDA graph:
-one launch per token instead of thousands of small kernels.
+step (the model's own embedding, norms, MLPs and LM head, each decoder layer written out by
+`linmu_cli.decode_layer` as the served teacher's are) and, on CUDA, captures it in a CUDA graph: one launch per
+token instead of thousands of small kernels.
 
 `generate(cache_implementation="static")` steps its cache with one (`feed`, with the token generate() chose,
 beams reordered in place); the bench steps the same class (`from_cache` after a real prefill, `random` for
@@ -16,11 +17,13 @@ buffers.
 from __future__ import annotations
 
 import inspect
+from functools import partial
 
 import torch
 from torch import nn
 
 from linmu_cli.cuda_graphs import record_cuda_graph
+from linmu_cli.decode_layer import decode_layer, final_norm
 from linmu_cli.layers.cache import LinMUCache
 from linmu_cli.layers.layout import TokenLayout
 
@@ -95,16 +98,21 @@ class StaticDecoder:
 
     # ------------------------------------------------------------------ stepping
     def _step(self) -> torch.Tensor:
-        """One token through the model's own modules; the layers run their one decode step on the cache."""
+        """One token through the model's own modules, each decoder layer written out (`decode_layer`: the
+        fused norms and MLP the served teacher runs too) around its M-MATE block's one decode step, which takes
+        the cache, layout and position embeddings as the HF decoder layer passes them."""
         text = _text_model(self.model)
         hidden = text.embed_tokens(self.tokens)
         rope = text.rotary_emb(hidden, self.positions)
+        cache = {self._cache_kw: self.cache}
+
+        def attend(x: torch.Tensor, block: nn.Module) -> torch.Tensor:
+            return block(hidden_states=x, position_embeddings=rope, linmu_layout=self.layout, **cache)[0]
+
+        residual = None
         for layer in text.layers:
-            hidden = layer(hidden, position_embeddings=rope, linmu_layout=self.layout,
-                           **{self._cache_kw: self.cache})  # fmt: skip
-            hidden = hidden[0] if isinstance(hidden, tuple) else hidden
-        hidden = text.norm(hidden)
-        logits = self.model.lm_head(hidden[:, -1])
+            hidden, residual = decode_layer(layer, hidden, residual, partial(attend, block=layer.self_attn))
+        logits = self.model.lm_head(final_norm(text.norm, hidden, residual)[:, -1])
         self.tokens.copy_(logits.argmax(-1, keepdim=True))
         self.positions.add_(1)
         return logits

@@ -8,7 +8,8 @@ every small op from Python; vLLM / SGLang users get neither. Here:
   key / value are written in place at the current length (a device tensor advanced by the step itself);
 - the step is the teacher's own modules (embeddings, norms, projections, MLPs, LM head, rotary) with its
   attention replaced by a q_len=1 decode kernel over the static cache, GQA folded into the query axis
-  ((B, H_kv, group, d) queries: no K/V repeat);
+  ((B, H_kv, group, d) queries: no K/V repeat); each decoder layer is written out by `linmu_cli.decode_layer`,
+  as LinMU's step is (the residual adds fused into the RMSNorms, the MLP's SiLU and product in one kernel);
 - on CUDA the step is captured once in a CUDA graph and replayed (one launch per token).
 
 Decode attention kernels (`KERNELS`; `choose_kernel` times each on the real buffers and keeps the fastest
@@ -38,6 +39,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +47,7 @@ from torch import nn
 from transformers.cache_utils import Cache
 
 from linmu_cli.cuda_graphs import record_cuda_graph
+from linmu_cli.decode_layer import decode_layer, final_norm
 
 Kernel = Callable[..., torch.Tensor]
 
@@ -267,23 +270,31 @@ class ServedTeacherDecoder:
         qg = q.view(b, self.kv_heads, self.heads // self.kv_heads, self.head_dim)
         return fn(qg, self.keys[layer], self.values[layer], self.shape).reshape(b, self.heads, self.head_dim)
 
+    def _attention(self, i: int, attn: nn.Module, x: torch.Tensor, cos: torch.Tensor,
+                   sin: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        """Layer `i`'s attention on the normed token x (B, 1, D): q / k / v, rotary, the new key / value
+        written at `length`, the decode kernel over the static cache, o_proj -> (B, 1, D)."""
+        b, d = self.batch, self.head_dim
+        x = x[:, 0]
+        q = _rotate(attn.q_proj(x).view(b, self.heads, d), cos, sin)
+        k = _rotate(attn.k_proj(x).view(b, self.kv_heads, d), cos, sin)
+        v = attn.v_proj(x).view(b, self.kv_heads, d)
+        self.keys[i].index_copy_(2, self.length, k[:, :, None])
+        self.values[i].index_copy_(2, self.length, v[:, :, None])
+        return attn.o_proj(self.attend(i, q).reshape(b, 1, -1))
+
     def _step(self) -> torch.Tensor:
-        text, b, d = self.text, self.batch, self.head_dim
+        """One token through the teacher's modules, each decoder layer written out by `decode_layer` (the fused
+        norms and MLP LinMU's step runs too) around `_attention`."""
+        text = self.text
         hidden = text.embed_tokens(self.tokens)
         cos, sin = _rope(*text.rotary_emb(hidden, self.positions), self.section)
         cos, sin = cos[:, 0, None], sin[:, 0, None]  # (B, 1, d): broadcast over heads
+        residual = None
         for i, layer in enumerate(text.layers):
-            attn = layer.self_attn
-            x = layer.input_layernorm(hidden)[:, 0]
-            q = _rotate(attn.q_proj(x).view(b, self.heads, d), cos, sin)
-            k = _rotate(attn.k_proj(x).view(b, self.kv_heads, d), cos, sin)
-            v = attn.v_proj(x).view(b, self.kv_heads, d)
-            self.keys[i].index_copy_(2, self.length, k[:, :, None])
-            self.values[i].index_copy_(2, self.length, v[:, :, None])
-            o = attn.o_proj(self.attend(i, q).reshape(b, 1, -1))
-            hidden = hidden + o
-            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
-        logits = self.model.lm_head(text.norm(hidden)[:, -1])
+            attend = partial(self._attention, i, layer.self_attn, cos=cos, sin=sin)
+            hidden, residual = decode_layer(layer, hidden, residual, attend)
+        logits = self.model.lm_head(final_norm(text.norm, hidden, residual)[:, -1])
         self.tokens.copy_(logits.argmax(-1, keepdim=True))
         self.positions.add_(1)
         self.length.add_(1)

@@ -7,7 +7,8 @@ transformers' forward with its DynamicCache. LinMU runs `linmu_cli.fast_decode` 
 CUDA graph on CUDA (what generate(cache_implementation="static") runs), and at batch 1 also the same step through
 transformers' forward, eager (what generate() runs otherwise). Batch 1 decodes on from
 the real prefill; larger batches on caches of the right shapes filled with random values (decode cost does
-not depend on the values).
+not depend on the values). The served teacher and LinMU share their decoder layers' norms and MLP
+(`linmu_cli.decode_layer`); each of their entries names the path those ran (`norm_mlp_kernels`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from torch import nn
 
 from linmu_cli.bench.models import cache_kw, cache_of, model_bytes, next_positions, text_model
 from linmu_cli.bench.timing import Clock, Memory, guarded, is_oom
+from linmu_cli.decode_layer import norm_mlp_paths
 
 
 @dataclass
@@ -92,6 +94,20 @@ def random_kv_cache(model: nn.Module, batch: int, length: int, seed: int = 0) ->
     return cache
 
 
+def decode_weight_bytes(model: nn.Module) -> int:
+    """Bytes of weights one decode step reads: decoder layers, final norm, LM head."""
+    text = text_model(model)
+    return model_bytes(nn.ModuleList([text.layers, text.norm, model.lm_head]))
+
+
+def linmu_state_step_bytes(dec: Any) -> int:
+    """Bytes of decode state one LinMU step moves (`StaticDecoder`): the whole state read, the SSM state and
+    conv tail written back (the ring writes one slot)."""
+    written = sum(t.numel() * t.element_size() for layer in dec.cache.layers for t in (layer.ssm, layer.conv)
+                  if t is not None)  # fmt: skip
+    return dec.nbytes() + written
+
+
 def _n_steps(step_s: float, budget_s: float, cap: int, floor: int) -> int:
     return max(floor, min(cap, int(budget_s / max(step_s, 1e-6))))
 
@@ -151,7 +167,7 @@ class Decoding:
                 dec.step()
             steps, seconds = self._time(dec.step)
             cache_bytes, read = dec.nbytes(), dec.read_bytes()
-            choice = dec.choice
+            choice, paths = dec.choice, norm_mlp_paths()  # what this runner's step (or its capture) ran
             dec.release()
         mode = f"{loop} (static KV cache, {choice.name} decode attention)"
         entry = self._entry(batch, steps, seconds, fill, mode, cache_bytes, mem,
@@ -164,14 +180,14 @@ class Decoding:
             "bytes_per_call": choice.bytes_per_call,  # one layer's valid keys + values
             "trials_bytes_per_s": choice.bytes_per_s(),
         }
+        entry["norm_mlp_kernels"] = paths
         return entry
 
     def weight_bytes(self, model: nn.Module) -> int:
-        """Bytes of weights one decode step reads: decoder layers, final norm, LM head (once per model)."""
+        """`decode_weight_bytes`, counted once per model."""
         key = id(model)
         if key not in self._weights:
-            text = text_model(model)
-            self._weights[key] = model_bytes(nn.ModuleList([text.layers, text.norm, model.lm_head]))
+            self._weights[key] = decode_weight_bytes(model)
         return self._weights[key]
 
     def teacher_hf(self, model: nn.Module, batch: int, prompt_len: int, start: DecodeStart | None = None,
@@ -241,16 +257,12 @@ class Decoding:
             else:
                 dec.step()  # warm-up
             steps, seconds = self._time(dec.step)
-            state_bytes = dec.nbytes()
-            written = sum(
-                t.numel() * t.element_size()
-                for layer in dec.cache.layers
-                for t in (layer.ssm, layer.conv)
-                if t is not None
-            )  # fmt: skip  (SSM state and conv tail: read and written back)
+            state_bytes, moved = dec.nbytes(), linmu_state_step_bytes(dec)
+            paths = norm_mlp_paths()  # what this runner's step (or its capture) ran
             dec.release()
         entry = self._entry(batch, steps, seconds, fill, mode, state_bytes, mem,
-                            step_bytes=self.weight_bytes(model) + state_bytes + written)  # fmt: skip
+                            step_bytes=self.weight_bytes(model) + moved)  # fmt: skip
+        entry["norm_mlp_kernels"] = paths
         if held is not None:
             entry["prefill_cache_storage_bytes"] = held
         return entry
@@ -308,7 +320,9 @@ __all__ = [
     "DecodeStart",
     "Decoding",
     "decode_start",
+    "decode_weight_bytes",
     "kv_bytes",
+    "linmu_state_step_bytes",
     "random_kv_cache",
     "search_batch",
     "storage_bytes",

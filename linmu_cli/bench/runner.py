@@ -550,16 +550,20 @@ def run_bench(
     say(f"warm-up at {frame_list[0]} frames ({warm.lm_tokens} LM tokens) ...")
     session.warm_up(warm)
     del warm
+    from linmu_cli.decode_layer import norm_mlp_paths
     from linmu_cli.ops import last_ssd_backend
     from linmu_cli.ops.ssd import last_ssd_step_backend
 
     loop = "cuda_graph" if use_graph else "eager"
+    ran = ", ".join(f"{op} {path}" for op, path in norm_mlp_paths().items())
     kernels = {"flex_ma_prefill": last_ssd_backend(), "flex_ma_decode": last_ssd_step_backend(),
                "local_swin": "torch SDPA: batched 3D windows + text-query blocks of the sliding window",
                "linmu_decode_loop": loop, "vision": vision,
                "teacher_attention": getattr(teacher.config, "_attn_implementation", None),
                "teacher_decode_loop": f"{loop}, static KV cache (linmu_cli.teacher_decode)",
                "teacher_decode_attention": f"{teacher_kernel} (per entry: decode.*.attention_kernel)",
+               "decode_norm_mlp": f"{ran} (linmu_cli.decode_layer, served teacher and LinMU alike, as the "
+                                  "warm-up ran them; per entry: decode.*.norm_mlp_kernels)",
                "teacher_hf_decode_loop": "transformers eager, DynamicCache"}  # fmt: skip
     result["environment"]["kernels"] = kernels
     say(f"kernels: {kernels['flex_ma_prefill']} scans, {kernels['flex_ma_decode']} decode step, {loop} decode "

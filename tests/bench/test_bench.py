@@ -46,6 +46,7 @@ def test_cpu_smoke_run_writes_the_documented_json_and_plot(tmp_path):
         and "static KV cache" in env["kernels"]["teacher_decode_loop"]
     )
     assert env["kernels"]["teacher_hf_decode_loop"] == "transformers eager, DynamicCache"
+    assert env["kernels"]["decode_norm_mlp"].startswith("rms_norm torch, add_rms_norm torch, silu_mul torch")
     assert env["kernels"]["vision"].startswith("linmu fast vision") and data["config"]["fast_vision"] is True
     assert env["ceilings"]["matmul_flops_per_s"] > 0 and env["ceilings"]["copy_bytes_per_s"] > 0
     assert (
@@ -86,6 +87,7 @@ def test_cpu_smoke_run_writes_the_documented_json_and_plot(tmp_path):
                 entry["bytes_per_step"] * 1000 / entry["step_ms"]
             )
             assert entry["of_copy_bandwidth"] > 0
+            assert set(entry["norm_mlp_kernels"].values()) == {"torch"}  # decode_layer's norms and MLP
         assert (
             mx["bytes_per_step"] > dec["batch_1"]["bytes_per_step"]
         )  # 16 caches / states read instead of one

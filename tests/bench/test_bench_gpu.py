@@ -181,6 +181,9 @@ def test_bench_on_gpu_runs_every_measurement(tmp_path):
                           repeats=1, max_batch=64, decode_seconds=0.2)  # fmt: skip
     env = res["environment"]
     assert env["kernels"]["linmu_decode_loop"] == "cuda_graph" and env["gpu"]
+    assert env["kernels"]["decode_norm_mlp"].startswith(
+        "rms_norm triton, add_rms_norm triton, silu_mul triton"
+    )
     for row in res["results"]:
         for ttft in (row["teacher"]["ttft"], row["linmu"]["ttft"], row["linmu"]["floor"]):
             assert ttft["status"] == "ok" and ttft["prefill_peak_bytes"] > 0
@@ -189,6 +192,7 @@ def test_bench_on_gpu_runs_every_measurement(tmp_path):
                 entry = row[model]["decode"][key]
                 assert entry["status"] == "ok", (model, key, entry)
                 assert entry["peak_bytes"] > 0
+                assert set(entry["norm_mlp_kernels"].values()) == {"triton"}, (model, key)  # decode_layer's
         assert row["linmu"]["decode"]["max_batch"]["mode"].startswith("CUDA graph")
         for key, entry in row["teacher"]["decode"].items():
             assert entry["mode"].startswith("CUDA graph (static KV cache"), (key, entry["mode"])
