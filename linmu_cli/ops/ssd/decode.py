@@ -20,6 +20,8 @@ the references (`short_conv_reference` + `conv_tail`; `naive.flex_step_naive`). 
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -65,17 +67,20 @@ def conv_step(
     bsz, channels = x.shape
     width = weight.shape[-1]
     if x.stride(1) != 1 or tail.shape != (bsz, channels, width - 1) or (width > 1 and tail.stride(2) != 1):
-        raise ValueError(f"conv_step needs x (B, C) with unit channel stride and a tail (B, C, {width - 1}); got "
-                         f"x {tuple(x.shape)} strides {x.stride()}, tail {tuple(tail.shape)} strides {tail.stride()}")  # fmt: skip
+        raise ValueError(
+            f"conv_step needs x (B, C) with unit channel stride and a tail (B, C, {width - 1}); got x "
+            f"{tuple(x.shape)} strides {x.stride()}, tail {tuple(tail.shape)} strides {tail.stride()}"
+        )
     if not weight.is_contiguous():
         raise ValueError("conv_step needs a contiguous conv weight (C, 1, W)")
     out = torch.empty(bsz, channels, device=x.device, dtype=x.dtype)
     grid = (bsz, triton.cdiv(channels, CONV_BLOCK))
-    _conv_step_kernel[grid](
-        x, tail, weight, bias if bias is not None else weight, valid, out,
-        x.stride(0), tail.stride(0), tail.stride(1), valid.stride(0), out.stride(0), channels,
-        WIDTH=width, BLOCK_C=CONV_BLOCK, HAS_BIAS=bias is not None, num_warps=4,
-    )  # fmt: skip
+    with _on_device(x):
+        _conv_step_kernel[grid](
+            x, tail, weight, bias if bias is not None else weight, valid, out,
+            x.stride(0), tail.stride(0), tail.stride(1), valid.stride(0), out.stride(0), channels,
+            WIDTH=width, BLOCK_C=CONV_BLOCK, HAS_BIAS=bias is not None, num_warps=4,
+        )  # fmt: skip
     return out
 
 
@@ -177,15 +182,16 @@ def flex_step(
     if mix:  # logit (B, 1) per token or (B, H) per head; swin (B, H, d)
         lb, lh = logit.stride(0), (logit.stride(1) if logit.shape[1] > 1 else 0)
     block = max(16, triton.next_power_of_2(dim))
-    _flex_step_kernel[(bsz, heads)](
-        xbc, dt_raw, gate if gate is not None else xbc, logit if mix else xbc, swin if mix else xbc, valid, state,
-        out, dt_bias, A_log, D, norm_weight,
-        xbc.stride(0), dt_raw.stride(0), gate.stride(0) if gate is not None else 0, lb, lh,
-        *(swin.stride() if mix else (0, 0, 0)), valid.stride(0), *state.stride(), out.stride(0), out.stride(1),
-        kv_heads, heads // kv_heads, dim, dim**-0.5, eps,
-        BLOCK_D=block, MASK_INPUT=mask_input, HAS_GATE=gate is not None, NORM=norm, MIX=mix,
-        ONE_OUTPUT=one_output, num_warps=step_warps(block),
-    )  # fmt: skip
+    with _on_device(xbc):
+        _flex_step_kernel[(bsz, heads)](
+            xbc, dt_raw, gate if gate is not None else xbc, logit if mix else xbc, swin if mix else xbc, valid,
+            state, out, dt_bias, A_log, D, norm_weight,
+            xbc.stride(0), dt_raw.stride(0), gate.stride(0) if gate is not None else 0, lb, lh,
+            *(swin.stride() if mix else (0, 0, 0)), valid.stride(0), *state.stride(), out.stride(0), out.stride(1),
+            kv_heads, heads // kv_heads, dim, dim**-0.5, eps,
+            BLOCK_D=block, MASK_INPUT=mask_input, HAS_GATE=gate is not None, NORM=norm, MIX=mix,
+            ONE_OUTPUT=one_output, num_warps=step_warps(block),
+        )  # fmt: skip
     return out
 
 
@@ -193,6 +199,11 @@ def step_warps(block: int) -> int:
     """Warps of the fused step: 8 for a 128 x 128 state tile (140 registers a thread with a float32 state on sm_90,
     no spills; 4 warps would take 252), 4 below."""
     return 8 if block >= 128 else 4
+
+
+def _on_device(t: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Launch on `t`'s GPU (Triton launches on the current device: a layer on another GPU would get a wrong one)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def _check_device(t: torch.Tensor) -> None:
