@@ -210,6 +210,11 @@ def main(out_path: str) -> None:
         out = conv_step(x, tail, weight, bias, valid)
         res["conv"][case] = (out, tail)
     res["ran"]["conv"] = last_conv_backend()
+    x, tail, weight, bias, valid = conv_inputs(CONV_CASES[0])
+    try:  # no backward: refused in grad mode, never a silently detached output
+        conv_step(x.requires_grad_(True), tail, weight, bias, valid)
+    except RuntimeError as exc:
+        res["refused_grad"] = str(exc)
     for case in STEP_CASES:
         args, kw = step_inputs(case)
         out = flex_decode_step(*args, **kw)

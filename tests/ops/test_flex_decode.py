@@ -85,6 +85,18 @@ def _close(got: torch.Tensor, ref: torch.Tensor, bf16: bool) -> None:
 # ------------------------------------------------------------------------------------------- the interpreter
 def test_the_kernels_ran_and_were_reported(interpreted):
     assert interpreted["ran"] == {"conv": "triton", "step": "triton", "block": ("triton", "triton")}
+    assert "has no backward" in interpreted["refused_grad"]
+
+
+def test_the_kernels_refuse_cpu_tensors_without_the_interpreter():
+    pytest.importorskip("triton", reason="triton is not installed")
+    from linmu_cli.ops.short_conv import conv_step
+
+    with pytest.raises(RuntimeError, match="needs CUDA tensors"):
+        conv_step(*conv_inputs(CONV_CASES[0]))
+    args, kw = step_inputs(STEP_CASES[0])
+    with pytest.raises(RuntimeError, match="needs CUDA tensors"):
+        flex_decode_step(*args, **kw)
 
 
 @pytest.mark.parametrize("case", CONV_CASES, ids=[str(c) for c in CONV_CASES])

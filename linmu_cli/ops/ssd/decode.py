@@ -63,7 +63,7 @@ def conv_step(
 ) -> torch.Tensor:
     """x (B, C) the new conv input (rows may be strided), tail (B, C, W-1) updated in place, weight (C, 1, W),
     bias (C,) or None, valid (B,) bool -> the conv output (B, C) in x's dtype."""
-    _check_device(x)
+    _check_call("conv_step", x, tail, weight, bias)
     bsz, channels = x.shape
     width = weight.shape[-1]
     if x.stride(1) != 1 or tail.shape != (bsz, channels, width - 1) or (width > 1 and tail.stride(2) != 1):
@@ -161,7 +161,7 @@ def flex_step(
     one_output: bool = False,
 ) -> torch.Tensor:
     """The fused step (module docstring); shapes as `ops.ssd.step.flex_decode_step` documents them."""
-    _check_device(xbc)
+    _check_call("flex_step", xbc, dt_raw, gate, state, dt_bias, A_log, D, norm_weight, logit, swin)
     bsz, heads, dim, dim_k = state.shape
     if dim != dim_k or xbc.shape != (bsz, (2 * kv_heads + heads) * dim) or xbc.stride(1) != 1:
         raise ValueError(f"flex_step needs xbc (B, (2 H_kv + H) d) with unit stride and a state (B, H, d, d); got "
@@ -206,9 +206,14 @@ def _on_device(t: torch.Tensor) -> contextlib.AbstractContextManager:
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-def _check_device(t: torch.Tensor) -> None:
-    if not (t.is_cuda or INTERPRET):
-        raise RuntimeError("Flex-MA's decode kernels need CUDA tensors (or TRITON_INTERPRET=1 on CPU)")
+def _check_call(name: str, first: torch.Tensor, *rest: torch.Tensor | None) -> None:
+    """CUDA tensors (or the interpreter), and no autograd: the kernels have no backward (the references have)."""
+    if not (first.is_cuda or INTERPRET):
+        raise RuntimeError(f"{name} needs CUDA tensors (or TRITON_INTERPRET=1 on CPU)")
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (first, *rest)):
+        raise RuntimeError(
+            f"{name} has no backward: run it under torch.no_grad() (the reference path has one)"
+        )
 
 
 __all__ = ["conv_step", "flex_step"]

@@ -136,13 +136,6 @@ def flex_decode_step(
         (B, n, H d) in xbc's dtype: n = 1 (y, or the one mix) or 2 (a y and (1 - a) swin, for two W_o).
     """
     global _LAST_STEP_BACKEND
-    if torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad
-        for t in (xbc, dt_raw, gate, state, dt_bias, A_log, D, norm_weight, logit, swin)
-    ):
-        raise RuntimeError(
-            "flex_decode_step has no backward: run it outside autograd (the reference step has one)"
-        )
     from linmu_cli.ops.ssd import decode
 
     _LAST_STEP_BACKEND = "triton"
