@@ -140,11 +140,15 @@ class MateAttention(nn.Module):
         fuse = [[self.fuse]] if hasattr(self, "fuse") else []
         return [*flex[:n_wide], *swin, *flex[n_wide:], *fuse], (len(flex), n_wide, len(swin))
 
-    def _project(self, u: torch.Tensor, layout: TokenLayout, pack: PackedLinear | None = None):
-        """Every input projection of the block from one GEMM (names unchanged): over concatenated weights, or
-        the kept `pack` of them (decode). Returns (FlexInputs or None, (q, k, v) or None, logit or None)."""
-        groups, (n_flex, n_wide, n_swin) = self._projection_groups(layout)
-        pieces = fused_linear(u, [group_part(g) for g in groups]) if pack is None else pack(u)
+    def _project(self, u: torch.Tensor, layout: TokenLayout):
+        """Every input projection of the block from one GEMM over concatenated weights (names unchanged).
+        Returns (FlexInputs or None, (q, k, v) or None, logit or None)."""
+        groups, counts = self._projection_groups(layout)
+        return self._split_projections(fused_linear(u, [group_part(g) for g in groups]), counts)
+
+    def _split_projections(self, pieces: list[torch.Tensor], counts: Counts):
+        """The GEMM's output slices (`_projection_groups` order) -> (FlexInputs, (q, k, v), logit), each or None."""
+        n_flex, n_wide, n_swin = counts
         flex_in = None
         if self.mate.use_flex:
             flex_in = self.flex.unpack([*pieces[:n_wide], *pieces[n_wide + n_swin : n_flex + n_swin]])
@@ -177,8 +181,8 @@ class MateAttention(nn.Module):
         with shared projections). Launches besides Local-Swin's: GEMV(s), conv, fused step, output GEMV(s)."""
         pack = self.__dict__.get("_decode_pack")
         if pack is not None:
-            pack.refresh(self._projection_groups(layout)[0])
-            flex_in, qkv, logit = self._project(u, layout, pack)
+            pack.refresh()
+            flex_in, qkv, logit = self._split_projections(pack(u), self.__dict__["_decode_counts"])
         else:
             flex_in = self.flex.project(u, layout)
             qkv = self._shared_qkv(flex_in) if self.mate.use_swin and self.swin.shared else None
@@ -238,18 +242,20 @@ def pack_decode_weights(model: nn.Module) -> int:
     per layer (Flex-MA's v, k, q, gate, dt: 8,220 rows; Local-Swin's q, k, v: 4,608; the fusion logit: 1; padding
     to 64 rows), 2.58 GB for 28 layers; 8,256 rows = 59.2 MB per layer (1.66 GB) with shared projections. It saves
     9 launches per layer (252 per token; 6 / 168 shared). Calling it again refreshes stale packs in place (what a
-    CUDA graph over the model needs after its weights change: a replay reads the pack, not the parameters).
+    CUDA graph over the model needs after its weights change: a replay reads the pack, not the parameters), and
+    rebuilds those whose modules were replaced.
     """
     total = 0
     for module in model.modules():
         if isinstance(module, MateAttention) and module.mate.use_flex:
             layout = TokenLayout.text_only(1, 1, next(module.parameters()).device)
-            groups = module._projection_groups(layout)[0]
+            groups, counts = module._projection_groups(layout)
             pack = module.__dict__.get("_decode_pack")
-            if pack is None:
-                module.__dict__["_decode_pack"] = pack = PackedLinear(groups)
+            if pack is None or not pack.built_from(groups):
+                pack = module.__dict__["_decode_pack"] = PackedLinear(groups)
             else:
-                pack.refresh(groups)
+                pack.refresh()
+            module.__dict__["_decode_counts"] = counts  # how `_decode` splits the pack's output
             total += pack.nbytes()
     return total
 
@@ -258,3 +264,4 @@ def drop_decode_weights(model: nn.Module) -> None:
     """Free what `pack_decode_weights` kept (the decode step goes back to the per-module projections)."""
     for module in model.modules():
         module.__dict__.pop("_decode_pack", None)
+        module.__dict__.pop("_decode_counts", None)

@@ -52,44 +52,44 @@ class PackedLinear:
     """`fused_linear`'s concatenated weight and bias over groups of modules, built once and kept: one GEMV per
     decode step with no copy of the weights. Inference only: it is a detached copy (never trained, no autograd).
 
-    Cost: a second copy of the packed weights (`nbytes`). Freshness: `refresh` compares every source tensor's
-    (address, version counter, shape, dtype, device) with the ones it was built from and re-copies, in place when
-    the shapes allow (a captured CUDA graph keeps its address). Writes through `.data` do not bump the version
-    counter: after those, call `refresh(groups, force=True)`. Copies and pickles of the owner drop it (rebuilt).
+    Cost: a second copy of the packed weights (`nbytes`). Freshness: `refresh` compares each source parameter of
+    the modules it was built from (the parameter object, its address, version counter, dtype, device) with the
+    last copy's and re-copies, in place when the shapes allow (a captured CUDA graph keeps its address). Not seen:
+    writes through `.data` (no version bump: `refresh(force=True)`) and modules replaced in their parent (build a
+    new pack). Copies and pickles of the owner drop it.
     """
 
     def __init__(self, groups: Sequence[Sequence[nn.Linear]]) -> None:
-        self.widths = [sum(m.out_features for m in g) for g in groups]
-        self.weight = self.bias = None
+        self.groups = [list(g) for g in groups]
+        self.widths = [sum(m.out_features for m in g) for g in self.groups]
+        self.weight: torch.Tensor | None = None
+        self.bias: torch.Tensor | None = None
         self._key: list | None = None
-        self.refresh(groups)
+        self.refresh()
 
-    @staticmethod
-    def _signature(groups: Sequence[Sequence[nn.Linear]]) -> list:
+    def _signature(self) -> list:
+        # `_parameters` is the dict nn.Module.__getattr__ reads: a tenth of its cost, and this runs every step
         return [
-            None if t is None else (t.data_ptr(), t._version, t.shape, t.dtype, t.device)
-            for g in groups
+            None if t is None else (id(t), t.data_ptr(), t._version, t.dtype, t.device)
+            for g in self.groups
             for m in g
-            for t in (m.weight, m.bias)
+            for t in (m._parameters["weight"], m._parameters["bias"])
         ]
 
     @torch.no_grad()
-    def refresh(self, groups: Sequence[Sequence[nn.Linear]], force: bool = False) -> bool:
+    def refresh(self, force: bool = False) -> bool:
         """Re-copy the sources if any changed since the last copy (or `force`); True when it copied."""
-        key = self._signature(groups)
+        key = self._signature()
         if key == self._key and not force:
             return False
-        mods = [m for g in groups for m in g]
-        if [sum(m.out_features for m in g) for g in groups] != self.widths:
-            raise ValueError("a PackedLinear is refreshed from modules of its own output widths only")
+        mods = [m for g in self.groups for m in g]
         ref = mods[0].weight
         rows = sum(self.widths) + (-sum(self.widths) % ALIGN)
         if self.weight is None or (self.weight.shape[1], self.weight.dtype, self.weight.device) != (
             ref.shape[1], ref.dtype, ref.device,
         ):  # fmt: skip
             self.weight = ref.new_zeros(rows, ref.shape[1])
-            has_bias = any(m.bias is not None for m in mods)
-            self.bias = ref.new_zeros(rows) if has_bias else None
+            self.bias = ref.new_zeros(rows) if any(m.bias is not None for m in mods) else None
         start = 0
         for m in mods:
             self.weight[start : start + m.out_features].copy_(m.weight)
@@ -100,6 +100,10 @@ class PackedLinear:
             start += m.out_features
         self._key = key
         return True
+
+    def built_from(self, groups: Sequence[Sequence[nn.Linear]]) -> bool:
+        """Whether `groups` are the very modules this pack copies."""
+        return [[id(m) for m in g] for g in groups] == [[id(m) for m in g] for g in self.groups]
 
     def __call__(self, u: torch.Tensor) -> list[torch.Tensor]:
         """One output slice per group (views into one GEMM output, as `fused_linear` returns them)."""

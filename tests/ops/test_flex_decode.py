@@ -246,23 +246,29 @@ def test_packed_weights_equal_the_per_call_concatenation_and_follow_the_paramete
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
     assert not pack.weight.requires_grad and pack.weight.shape[0] % 64 == 0
-    assert not pack.refresh(groups)  # fresh: nothing copied
+    assert not pack.refresh()  # fresh: nothing copied
     address = pack.weight.data_ptr()
     with torch.no_grad():
         block.flex.k_proj.weight.add_(1.0)  # an in-place update (an optimizer step, load_state_dict)
-    assert (
-        pack.refresh(groups) and pack.weight.data_ptr() == address
-    )  # re-copied in place (a graph's address)
+    assert pack.refresh()
+    assert pack.weight.data_ptr() == address  # re-copied in place: a captured graph's address stays valid
     block.fuse.bias = torch.nn.Parameter(block.fuse.bias.detach() + 1)  # a replaced parameter
-    assert pack.refresh(_groups(block))
+    assert pack.refresh()
     for a, b in zip(pack(u), fused_linear(u, [group_part(g) for g in _groups(block)]), strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+    block.flex.dt_proj = copy.deepcopy(
+        block.flex.dt_proj
+    )  # a replaced module: pack_decode_weights builds anew
+    pack_decode_weights(block)
+    assert block.__dict__["_decode_pack"] is not pack and block.__dict__["_decode_pack"].built_from(
+        _groups(block)
+    )
     assert (
         copy.deepcopy(block).__dict__.get("_decode_pack") is None
     )  # a copy owns other weights: no stale pack
     assert pickle.loads(pickle.dumps(pack)) is None  # a pickled model carries no second copy
     drop_decode_weights(block)
-    assert "_decode_pack" not in block.__dict__
+    assert "_decode_pack" not in block.__dict__ and "_decode_counts" not in block.__dict__
 
 
 def test_packed_decode_weights_cost_at_the_7b_shape():
