@@ -2,9 +2,9 @@
 
 The parameters stay the modules' own (checkpoint names unchanged); autograd gives each its slice of the
 gradient through the concatenation, so training is unaffected. The concatenation is a copy of the weights per
-call (about 92 MB per layer at the 7B shape, ~30 us on an H200): worth it for a prefill, not for one decode
-token. A decode step instead reads a `PackedLinear`: the same concatenation made once and kept (inference only,
-at the cost of a second copy of those weights), refreshed when a source parameter changes.
+call (about 92 MB per layer at the 7B shape, tens of microseconds on an H200): worth it for a prefill, not for
+one decode token. A decode step may instead read a `PackedLinear`: the same concatenation made once and kept
+(inference only, at the cost of a second copy of those weights), refreshed when a source parameter changes.
 """
 
 from __future__ import annotations
