@@ -373,7 +373,8 @@ def test_block_decode_kernels_match_the_reference_on_gpu(fields, pack):
     s_err = rel_error(cache.layer(1).ssm, ref_cache.layer(1).ssm)
     print(f"\n{fields} packed={pack}: worst step rel. error {max(errs):.1e}, state {s_err:.1e}")
     c_err = rel_error(cache.layer(1).conv, ref_cache.layer(1).conv)  # bit-equal but for the GEMV's rounding
-    assert max(errs) < 2e-2 and s_err < 1e-2 and c_err < 1e-2, (errs, s_err, c_err)
+    # bf16: the reference rounds between its ops (y, the D skip, the gate, each mix), the kernel once at the end
+    assert max(errs) < 3e-2 and s_err < 1e-2 and c_err < 1e-2, (errs, s_err, c_err)
 
 
 def _graph_step(name: str, batch: int) -> float:

@@ -1,6 +1,6 @@
 """Flex-MA's one-token decode step in two Triton kernels (docs/design.md §3, §5): the conv step and the fused step.
 
-Why: at batch 1 the decode step is launch-bound (one M-MATE layer ran ~35 small kernels between its projections and
+Why: at batch 1 the decode step is launch-bound (one M-MATE layer ran ~45 small kernels around its projections and
 its output GEMVs). Here the conv over the cached tail is one kernel, and one more does, per (batch row, head):
 
     dt = softplus(dt_raw + dt_bias) * valid,   S <- exp(dt A) S + dt x B^T,   y = S (C d^-1/2) + D x,
