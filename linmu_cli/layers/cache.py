@@ -62,9 +62,9 @@ class MateCacheLayer(CacheLayerMixin):
 
     # ------------------------------------------------------------------ Flex-MA
     def update_flex(self, conv: torch.Tensor | None, ssm: torch.Tensor) -> None:
-        """Write the conv tail and the SSM state after a forward, into the existing buffers when they fit (the
-        decode step's SSM state already is the buffer: ops/ssd/step.py updates it in place)."""
-        if conv is not None:
+        """Write the conv tail and the SSM state after a forward, into the existing buffers when they fit (a decode
+        step's state, and on the decode kernels its conv tail too, already is the buffer, updated in place)."""
+        if conv is not None and conv is not self.conv:
             self.conv = _write(self.conv, conv.detach(), conv.dtype)
         if ssm is not self.ssm:
             self.ssm = _write(self.ssm, ssm.detach(), self.ssm_dtype)
@@ -74,6 +74,15 @@ class MateCacheLayer(CacheLayerMixin):
         if self.ssm is None:
             self.ssm = torch.zeros(batch, heads, d_v, d_k, dtype=self.ssm_dtype, device=device)
         return self.ssm
+
+    def conv_buffer(
+        self, batch: int, channels: int, width: int, dtype: torch.dtype, device: torch.device
+    ) -> torch.Tensor:
+        """The conv tail buffer (B, channels, width), allocated (zeros: the reference's empty tail) when a decode
+        step on the decode kernels comes before any prefill."""
+        if self.conv is None:
+            self.conv = torch.zeros(batch, channels, width, dtype=dtype, device=device)
+        return self.conv
 
     # ------------------------------------------------------------------ Local-Swin
     def lazy_initialization(

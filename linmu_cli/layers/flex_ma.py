@@ -18,11 +18,11 @@ from torch import nn
 from linmu_cli.config import MateConfig
 from linmu_cli.layers.cache import MateCacheLayer
 from linmu_cli.layers.layout import TokenLayout
-from linmu_cli.ops.fused_linear import fused_linear
+from linmu_cli.ops.fused_linear import fused_linear, group_part
 from linmu_cli.ops.gated_norm import gated_rmsnorm
 from linmu_cli.ops.gather import permute_rows
-from linmu_cli.ops.short_conv import conv_tail, short_conv
-from linmu_cli.ops.ssd import expand_heads, ssd_step
+from linmu_cli.ops.short_conv import conv_step, conv_tail, short_conv
+from linmu_cli.ops.ssd import expand_heads, flex_decode_step, ssd_step
 from linmu_cli.ops.ssd import ssd_scan_gqa as ssd_scan  # grouped entry (the bench floor patches this name)
 
 
@@ -98,17 +98,20 @@ class FlexMA(nn.Module):
         """Whether this branch runs its CUDA kernels on `u` (see `fast_kernels`)."""
         return fast_kernels(u, self.mate)
 
-    def projection_parts(self, layout: TokenLayout) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-        """(weight, bias) of the input projections in the order `unpack` expects: [x, B, C] merged (the conv
-        input, one contiguous slice of the GEMM output), gate, dt, backward dt (only when it runs)."""
-        vkq = (self.v_proj, self.k_proj, self.q_proj)
-        parts = [(torch.cat([m.weight for m in vkq]), torch.cat([m.bias for m in vkq]))]
+    def projection_groups(self, layout: TokenLayout) -> list[list[nn.Linear]]:
+        """The input projections in the order `unpack` expects, one output slice per group: [x, B, C] = [v, k, q]
+        (the conv input, one contiguous slice of the GEMM output), gate, dt, backward dt (only when it runs)."""
+        groups = [[self.v_proj, self.k_proj, self.q_proj]]
         if self.mate.output_gate:
-            parts.append((self.gate_proj.weight, None))
-        parts.append((self.dt_proj.weight, None))
+            groups.append([self.gate_proj])
+        groups.append([self.dt_proj])
         if self.mate.bidirectional and layout.has_vision:
-            parts.append((self.dt_proj_bwd.weight, None))
-        return parts
+            groups.append([self.dt_proj_bwd])
+        return groups
+
+    def projection_parts(self, layout: TokenLayout) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """(weight, bias) of each of `projection_groups` ([x, B, C] merged), for `fused_linear`."""
+        return [group_part(g) for g in self.projection_groups(layout)]
 
     def unpack(self, pieces: list[torch.Tensor]) -> FlexInputs:
         """Projection outputs in `projection_parts` order -> FlexInputs."""
@@ -187,6 +190,39 @@ class FlexMA(nn.Module):
                 y = y * F.silu(inputs.gate).view(*y.shape)
             return y * self.norm_weight.to(y.dtype).view(h, d)
         return gated_rmsnorm(y.view(bsz, length, h, d), inputs.gate, self.norm_weight, self.eps, fast=fast)
+
+    def decode(
+        self,
+        inputs: FlexInputs,
+        layout: TokenLayout,
+        state: MateCacheLayer,
+        logit: torch.Tensor | None = None,
+        swin: torch.Tensor | None = None,
+        one_output: bool = False,
+    ) -> torch.Tensor:
+        """One text token on the decode kernels (the M-MATE block runs it on CUDA outside autograd; `forward`'s
+        decode branch is the reference): the conv step, which shifts the cached tail in place, then one kernel for
+        the step size, the recurrence on the cache's state (in place), the D skip, the gate and the norm and, given
+        Local-Swin's output `swin` (B, H, d) and the fusion `logit` (B, 1 or H), the fusion mix.
+
+        Returns (B, n, H d) in the projections' dtype: y (n = 1); a y and (1 - a) swin (n = 2); with `one_output`
+        a y + (1 - a) swin (n = 1, for one W_o)."""
+        xbc = inputs.xbc[:, 0]
+        bsz, h, d = xbc.shape[0], self.heads, self.head_dim
+        valid = layout.valid[:, 0]
+        conv = None
+        if self.mate.d_conv > 0:
+            conv = state.conv_buffer(bsz, self.conv_channels, self.mate.d_conv - 1, xbc.dtype, xbc.device)
+            xbc = conv_step(xbc, conv, self.conv.weight, self.conv.bias, valid)
+        ssm = state.ssm_buffer(bsz, h, d, d, xbc.device)
+        gate = inputs.gate[:, 0] if inputs.gate is not None else None
+        out = flex_decode_step(
+            xbc, inputs.dt_raw[:, 0], gate, ssm, valid, self.dt_bias, self.A_log, self.D, self.norm_weight,
+            kv_heads=self.kv_heads, eps=self.eps, norm=self.mate.output_norm, mask_input=self.mate.d_conv == 0,
+            logit=logit, swin=swin, one_output=one_output,
+        )  # fmt: skip
+        state.update_flex(conv, ssm)  # the one write: both buffers already hold the new state
+        return out
 
     def _scan(
         self,

@@ -4,6 +4,9 @@ y[:, t, c] = bias[c] + sum_j weight[c, 0, j] * x[:, t - (W - 1) + j, c], with th
 chunk taken from `prev` (the decode cache's conv tail) or zeros. The reference is `F.conv1d` on a transposed
 copy (what Flex-MA always ran); on CUDA fla-core's `causal_conv1d` reads the (B, L, C) activations in place,
 strided views included, with no transposes (docs/design.md §3, §8). CPU never touches Triton.
+
+One decode token (:func:`conv_step`) is one kernel of linmu's own (ops/ssd/decode.py) that also shifts the cached
+tail in place: the reference is `short_conv_reference` + `conv_tail`.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ _LAST_CONV_BACKEND: str | None = None
 
 
 def last_conv_backend() -> str | None:
-    """ "fla" or "torch": which path the most recent :func:`short_conv` took."""
+    """ "fla" or "torch": which path the most recent :func:`short_conv` took; "triton" after :func:`conv_step`."""
     return _LAST_CONV_BACKEND
 
 
@@ -81,4 +84,20 @@ def conv_tail(x: torch.Tensor, prev: torch.Tensor | None, width: int) -> torch.T
     return full[:, :, full.shape[2] - (width - 1) :]
 
 
-__all__ = ["conv_tail", "last_conv_backend", "short_conv", "short_conv_reference"]
+def conv_step(
+    x: torch.Tensor, tail: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, valid: torch.Tensor
+) -> torch.Tensor:
+    """The conv on one decode token in one Triton kernel (CUDA, or Triton's interpreter), the tail updated in place.
+
+    x (B, C) the new input (unit channel stride; a strided slice of the block's GEMV output is fine), zeroed where
+    `valid` (B,) is False as the reference masks padding; tail (B, C, W - 1) the cached inputs (the cache's conv
+    buffer), afterwards the last W - 1 inputs; weight (C, 1, W); bias (C,) or None. Returns (B, C) in x's dtype.
+    """
+    global _LAST_CONV_BACKEND
+    from linmu_cli.ops.ssd import decode
+
+    _LAST_CONV_BACKEND = "triton"
+    return decode.conv_step(x, tail, weight, bias, valid)
+
+
+__all__ = ["conv_step", "conv_tail", "last_conv_backend", "short_conv", "short_conv_reference"]

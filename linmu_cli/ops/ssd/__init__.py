@@ -19,7 +19,8 @@ One file per path, as fla's ``ops/``:
 * ``chunk.py``  :func:`ssd_chunked`, chunked SSD in pure PyTorch (CPU or GPU, differentiable).
 * ``fla.py``    :func:`ssd_fla`, CUDA only: fla-core's ``chunk_simple_gla`` (Triton).
 * ``mamba.py``  :func:`ssd_mamba`, CUDA only: mamba_ssm's ``mamba_chunk_scan_combined`` (Triton).
-* ``step.py``   :func:`ssd_step`, the decode step (mamba's ``selective_state_update`` or in-place PyTorch).
+* ``step.py``   :func:`ssd_step`, the decode step (mamba's ``selective_state_update`` or in-place PyTorch), and
+  :func:`flex_decode_step`, Flex-MA's whole fused decode step (``decode.py``: Triton, imported on first use).
 * ``backends.py`` which backends run here and which one a scan gets; ``utils.py`` shapes, reset plans.
 
 :func:`ssd_scan` and :func:`ssd_scan_gqa` (Flex-MA's entry) dispatch by :func:`select_ssd_backend` and never
@@ -39,8 +40,8 @@ from linmu_cli.ops.ssd.backends import _backend_import_error as _backend_import_
 from linmu_cli.ops.ssd.chunk import ssd_chunked
 from linmu_cli.ops.ssd.fla import fla_backward_supported, fla_scan_gqa, ssd_fla
 from linmu_cli.ops.ssd.mamba import mamba_scan_gqa, ssd_mamba
-from linmu_cli.ops.ssd.naive import ssd_naive, ssd_step_naive
-from linmu_cli.ops.ssd.step import last_ssd_step_backend, ssd_step, step_backend
+from linmu_cli.ops.ssd.naive import flex_step_naive, ssd_naive, ssd_step_naive
+from linmu_cli.ops.ssd.step import flex_decode_step, last_ssd_step_backend, ssd_step, step_backend
 from linmu_cli.ops.ssd.utils import (
     DEFAULT_CHUNK,
     ResetPlan,
@@ -55,6 +56,8 @@ __all__ = [
     "SSDBackendError",
     "available_ssd_backends",
     "fla_backward_supported",
+    "flex_decode_step",
+    "flex_step_naive",
     "last_ssd_backend",
     "last_ssd_step_backend",
     "select_ssd_backend",

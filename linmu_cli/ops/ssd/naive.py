@@ -9,7 +9,9 @@ state). Every other path (chunked PyTorch, fla, mamba, the in-place decode step)
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
+from linmu_cli.ops.gated_norm import gated_rmsnorm_reference
 from linmu_cli.ops.ssd.utils import check_inputs
 
 
@@ -69,4 +71,52 @@ def ssd_naive(
     return y, S
 
 
-__all__ = ["ssd_naive", "ssd_step_naive"]
+def flex_step_naive(
+    xbc: torch.Tensor,
+    dt_raw: torch.Tensor,
+    gate: torch.Tensor | None,
+    state: torch.Tensor,
+    valid: torch.Tensor,
+    dt_bias: torch.Tensor,
+    A_log: torch.Tensor,
+    D: torch.Tensor,
+    norm_weight: torch.Tensor,
+    *,
+    kv_heads: int,
+    eps: float,
+    norm: bool = True,
+    mask_input: bool = False,
+    logit: torch.Tensor | None = None,
+    swin: torch.Tensor | None = None,
+    one_output: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`ops.ssd.step.flex_decode_step` in float32, functional: (out (B, n, H d), new state (B, H, d, d)), both
+    float32 (arguments as documented there)."""
+    xbc, dt_raw, state, dt_bias, A_log, D, norm_weight = (
+        t.float() for t in (xbc, dt_raw, state, dt_bias, A_log, D, norm_weight)
+    )
+    bsz, heads, d, _ = state.shape
+    keep = valid.float()[:, None]
+    if mask_input:
+        xbc = xbc * keep
+    x, k, q = torch.split(xbc, [kv_heads * d, kv_heads * d, heads * d], dim=-1)
+    g = heads // kv_heads
+    x = x.view(bsz, kv_heads, d).repeat_interleave(g, 1)
+    k = k.view(bsz, kv_heads, d).repeat_interleave(g, 1)
+    dt = F.softplus(dt_raw + dt_bias) * keep
+    y, new = ssd_step_naive(x, dt, -torch.exp(A_log), k, q.view(bsz, heads, d) * d**-0.5, state)
+    y = (y + D[:, None] * x)[:, None]  # (B, 1, H, d)
+    gate = gate.float()[:, None] if gate is not None else None
+    if norm:
+        y = gated_rmsnorm_reference(y, gate, norm_weight, eps)
+    else:
+        y = (y * F.silu(gate).view(y.shape) if gate is not None else y) * norm_weight.view(heads, d)
+    y = y.reshape(bsz, 1, heads * d)
+    if logit is None:
+        return y, new
+    a = torch.sigmoid(logit.float())[:, :, None].expand(bsz, heads, d).reshape(bsz, 1, heads * d)
+    rest = (1 - a) * swin.float().reshape(bsz, 1, heads * d)
+    return (a * y + rest if one_output else torch.cat([a * y, rest], dim=1)), new
+
+
+__all__ = ["flex_step_naive", "ssd_naive", "ssd_step_naive"]

@@ -8,6 +8,10 @@ elsewhere a few in-place PyTorch ops in float32. Both give y in x's dtype.
 
 In grad mode with inputs that require grad the step is functional (a new state; nothing is modified in place).
 `naive.ssd_step_naive` is the reference both paths are tested against.
+
+:func:`flex_decode_step` is Flex-MA's whole decode step after the conv (step size, GQA, the step, D skip, gated
+norm, fusion mix) in one kernel of linmu's own (`decode.py`): what the M-MATE block runs on CUDA outside autograd;
+`naive.flex_step_naive` is its reference. :func:`last_ssd_step_backend` reports it as "triton".
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ _LAST_STEP_BACKEND: str | None = None
 
 
 def last_ssd_step_backend() -> str | None:
-    """ "mamba" or "torch": which path ran the most recent :func:`ssd_step`."""
+    """ "mamba" or "torch": which path ran the most recent :func:`ssd_step`; "triton" when the most recent decode
+    step was :func:`flex_decode_step`."""
     return _LAST_STEP_BACKEND
 
 
@@ -96,4 +101,48 @@ def ssd_step(
     return y.to(x.dtype), state
 
 
-__all__ = ["last_ssd_step_backend", "ssd_step", "step_backend"]
+def flex_decode_step(
+    xbc: torch.Tensor,
+    dt_raw: torch.Tensor,
+    gate: torch.Tensor | None,
+    state: torch.Tensor,
+    valid: torch.Tensor,
+    dt_bias: torch.Tensor,
+    A_log: torch.Tensor,
+    D: torch.Tensor,
+    norm_weight: torch.Tensor,
+    *,
+    kv_heads: int,
+    eps: float,
+    norm: bool = True,
+    mask_input: bool = False,
+    logit: torch.Tensor | None = None,
+    swin: torch.Tensor | None = None,
+    one_output: bool = False,
+) -> torch.Tensor:
+    """One token of Flex-MA after its conv, in one Triton kernel, `state` updated in place (CUDA-graph safe).
+
+    Args:
+        xbc: (B, (2 H_kv + H) d) the conv output [x, B, C] (x, B at key/value-head width), unit channel stride.
+        dt_raw: (B, H) step sizes before softplus and `dt_bias`; gate: (B, H d) or None (no output gate).
+        state: (B, H, d, d) float32 or bf16 (updated in float32, stored rounded).
+        valid: (B,) bool: False (padding) gives dt = 0, so the state is kept.
+        dt_bias, A_log, D: (H,); norm_weight: (H d,). kv_heads: H_kv; eps: the norm's epsilon.
+        norm: the per-head RMSNorm (MateConfig.output_norm); mask_input: zero padding's xbc (no conv ran).
+        logit, swin: the fusion logit (B, 1) or (B, H) and Local-Swin's output (B, H, d), both or neither.
+        one_output: with the mix, write a y + (1 - a) swin (one W_o) instead of a y and (1 - a) swin.
+
+    Returns:
+        (B, n, H d) in xbc's dtype: n = 1 (y, or the one mix) or 2 (a y and (1 - a) swin, for two W_o).
+    """
+    global _LAST_STEP_BACKEND
+    from linmu_cli.ops.ssd import decode
+
+    _LAST_STEP_BACKEND = "triton"
+    return decode.flex_step(
+        xbc, dt_raw, gate, state, valid, dt_bias, A_log, D, norm_weight, kv_heads=kv_heads, eps=eps, norm=norm,
+        mask_input=mask_input, logit=logit, swin=swin, one_output=one_output,
+    )  # fmt: skip
+
+
+__all__ = ["flex_decode_step", "last_ssd_step_backend", "ssd_step", "step_backend"]
