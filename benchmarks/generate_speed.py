@@ -4,7 +4,8 @@ LinMU's decode cost does not depend on the prompt (a fixed-size state), so a sho
 batch this times, on the same converted model:
   - `bench_step`: `StaticDecoder` over a prefilled LinMUCache, captured in a CUDA graph (what `linmu bench`
     reports as LinMU's decode), steps per second after a warm-up;
-  - `generate_static`: `model.generate(..., cache_implementation="static")` (greedy) at two lengths; the
+  - `generate_static`: `model.generate(..., cache_implementation="static")` (greedy; on CUDA linmu's decoding loop,
+    `linmu_cli.models.decode_loop`, named in the JSON) at two lengths; the
     difference of the two wall times over the difference of the new tokens is the steady per-token cost, so the
     prefill, the capture and generate()'s set-up cancel out;
   - `generate_default`: the same for plain `generate()` (eager steps on the same LinMUCache).
@@ -92,7 +93,7 @@ def main() -> None:
 
     from linmu_cli.archs import build_random_model
     from linmu_cli.config import MateConfig
-    from linmu_cli.models import convert_model
+    from linmu_cli.models import convert_model, decode_loop
 
     torch.manual_seed(0)
     dev = torch.device(args.device)
@@ -115,6 +116,9 @@ def main() -> None:
         impl = "static" if dev.type == "cuda" else None
         row["generate_static"] = per_token_ms(model, ids, args.short, args.long, args.repeats,
                                               **({"cache_implementation": impl} if impl else {}))  # fmt: skip
+        row["generate_static"]["loop"] = (
+            decode_loop.last_decode_loop()
+        )  # linmu_static on CUDA, else transformers
         if not args.skip_default:
             short, long = (int(n) for n in args.default_tokens.split(","))
             row["generate_default"] = per_token_ms(model, ids, short, long, 1)

@@ -85,6 +85,9 @@ def main() -> None:
         "--json", type=Path, default=Path(__file__).parent / "results" / "2026-12-01" / "layer_profile.json"
     )
     ap.add_argument("--no-decode", action="store_true", help="skip the decode-step timings")
+    ap.add_argument("--forward-only", action="store_true",
+                    help="only the teacher's and the M-MATE layer's forwards, and whether the layer's output is finite "
+                         "(a long-context check, e.g. --tokens 262144 for 2048 frames)")  # fmt: skip
     ap.add_argument("--fwd-bwd-only", action="store_true",
                     help="only the forwards, forward + backward of both layers and the fwd+bwd kernel table")  # fmt: skip
     args = ap.parse_args()
@@ -145,6 +148,12 @@ def main() -> None:
         ms["mate_layer"] = timed(lambda: block(u, position_embeddings=rope, linmu_layout=layout), r)
         res["ssd_backend_ran"] = last_ssd_backend()
         res["conv_backend_ran"], res["norm_backend_ran"] = last_conv_backend(), last_norm_backend()
+        if args.forward_only:
+            out = block(u, position_embeddings=rope, linmu_layout=layout)[0]
+            res["mate_layer_finite"] = bool(torch.isfinite(out).all())
+            print(f"M-MATE layer output finite: {res['mate_layer_finite']}", flush=True)
+            write_json(args.json, res)
+            return
     if not args.fwd_bwd_only:
         with torch.no_grad():
             with skip_mixers():

@@ -62,9 +62,40 @@ def gated_rmsnorm(
     name, fn = kernel
     _LAST_NORM_BACKEND = name
     shape = y.shape
-    flat = y.reshape(*shape[:-2], shape[-2] * shape[-1])
-    out = fn(flat, weight.to(y.dtype), None, z=gate, eps=eps, group_size=shape[-1], norm_before_gate=False)
-    return out.view(shape)
+    rows = y.reshape(-1, shape[-2] * shape[-1])
+    gates = gate.reshape(-1, gate.shape[-1]) if gate is not None else None
+    w = weight.to(y.dtype)
+    outs = [
+        fn(
+            rows[i:j],
+            w,
+            None,
+            z=gates[i:j] if gates is not None else None,
+            eps=eps,
+            group_size=shape[-1],
+            norm_before_gate=False,
+        )  # fmt: skip
+        for i, j in int32_row_chunks(rows, gates)
+    ]
+    return (outs[0] if len(outs) == 1 else torch.cat(outs)).view(shape)
 
 
-__all__ = ["gated_rmsnorm", "gated_rmsnorm_reference", "last_norm_backend"]
+_INT32_MAX = 2**31 - 1
+
+
+def int32_row_chunks(*matrices: torch.Tensor | None) -> list[tuple[int, int]]:
+    """Row ranges [i, j) of 2-D views whose every element offset fits in int32.
+
+    mamba-ssm's / fla's gated-norm kernels address a row as `row * stride_row` in int32 (the program id times an
+    int argument). The gate is a column slice of the block's fused projection GEMM (12,864 columns at 7B), so from
+    ~167k tokens (1,300 frames) one call would overflow and read out of bounds; a call per chunk of rows starts
+    each chunk at its own base pointer (64-bit on the host)."""
+    present = [m for m in matrices if m is not None]
+    n = present[0].shape[0]
+    stride = max(max(m.stride(0), 1) for m in present)
+    cols = max(m.shape[1] for m in present)
+    step = max(1, (_INT32_MAX - cols) // stride)  # (step - 1) * stride + cols - 1 < 2^31 - 1
+    return [(i, min(i + step, n)) for i in range(0, n, step)] or [(0, 0)]
+
+
+__all__ = ["gated_rmsnorm", "gated_rmsnorm_reference", "int32_row_chunks", "last_norm_backend"]

@@ -113,6 +113,26 @@ def test_gated_norm_kernel_matches_reference_forward_and_backward():
     assert all(e < 1e-2 for e in errs), errs
 
 
+def test_gated_norm_past_int32_offsets_equals_reference():
+    """A gate sliced from a 12,864-column GEMM output over 170,000 rows (2048-frame prompts have 262k): the kernel's
+    int32 `row * stride` would pass 2^31 (an illegal memory access at 2048 frames on 2026-12-02); the call is split
+    into row chunks, and every row still equals the reference (checked around the chunk edge and at the end)."""
+    dev = torch.device("cuda")
+    rows, width, hd = 170_000, 12_864, 28 * 128
+    gemm = torch.randn(1, rows, width, device=dev, dtype=torch.bfloat16)
+    z = gemm[..., 512 : 512 + hd]  # a strided column slice, as MateAttention._project hands it over
+    y = torch.randn(1, rows, 28, 128, device=dev, dtype=torch.bfloat16)
+    w = (1 + 0.1 * torch.randn(hd, device=dev)).bfloat16()
+    with torch.no_grad():
+        out = gated_rmsnorm(y, z, w, 1e-6, fast=True)
+    if last_norm_backend() == "torch":
+        pytest.skip("no gated RMSNorm kernel imports (mamba-ssm or fla-core)")
+    edge = (2**31 - 1 - hd) // width
+    for lo, hi in ((0, 1000), (edge - 500, edge + 500), (rows - 1000, rows)):
+        ref = gated_rmsnorm_reference(y[:, lo:hi].float(), z[:, lo:hi].float(), w.float(), 1e-6)
+        assert rel(out[:, lo:hi], ref) < 1e-2, (lo, hi)
+
+
 @pytest.mark.parametrize("backend", ["mamba", "fla"])
 def test_one_layer_prefill_captures_in_a_cuda_graph(backend):
     """No host synchronisation in a prefill layer: capture fails on any sync (docs/design.md §6)."""
