@@ -26,6 +26,7 @@ from linmu_cli.cuda_graphs import record_cuda_graph
 from linmu_cli.decode_layer import decode_layer, final_norm
 from linmu_cli.layers.cache import LinMUCache
 from linmu_cli.layers.layout import TokenLayout
+from linmu_cli.layers.mate import pack_decode_weights
 
 
 def _text_model(model: nn.Module) -> nn.Module:
@@ -54,6 +55,8 @@ class StaticDecoder:
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None
         self._addresses: list[int] = []
+        self.packed_bytes = 0  # decode weights packed for the graph (`capture(pack_weights=True)`)
+        self._packs: list = []  # what the graph reads: kept alive as long as the graph
 
     def nbytes(self) -> int:
         """Bytes of decode state (what grows with the batch, not with the prompt)."""
@@ -136,14 +139,25 @@ class StaticDecoder:
         return self.logits
 
     @torch.no_grad()
-    def capture(self, warmup: int = 2, keep_state: bool = False) -> None:
+    def capture(self, warmup: int = 2, keep_state: bool = False, pack_weights: bool = True) -> None:
         """Record one step in a CUDA graph (after `warmup` eager steps on a side stream, as torch requires).
 
         The warm-up and capture steps advance the state; `keep_state=True` puts every buffer back afterwards (in
         place, so the graph's addresses stay valid): what `generate()` needs after a real prefill.
+
+        `pack_weights`: first keep every M-MATE block's decode input projections concatenated
+        (`layers.mate.pack_decode_weights`): one GEMV per block instead of nine. Measured on an H200 at the 7B
+        shape (2026-12-02): one block's graph-replayed step 0.138 -> 0.088 ms at batch 1, 0.180 -> 0.118 ms at
+        batch 16, for 92 MB of copied weights per layer (2.58 GB at 7B, `packed_bytes`; the model keeps them
+        until `layers.mate.drop_decode_weights(model)`; the runner holds the packs its graph reads).
         """
         if self.tokens.device.type != "cuda":
             raise RuntimeError("CUDA graphs need a CUDA device")
+        if pack_weights:
+            self.packed_bytes = pack_decode_weights(self.model)
+            self._packs = [
+                m.__dict__["_decode_pack"] for m in self.model.modules() if "_decode_pack" in m.__dict__
+            ]
         seen = [layer.seen for layer in self.cache.layers]
         saved = [t.clone() for t in self._buffers()] if keep_state else None
         self.graph, self.logits = record_cuda_graph(self._step, warmup_steps=warmup)
@@ -180,7 +194,7 @@ class StaticDecoder:
         self.positions.copy_(self.positions.index_select(1, index.to(self.positions.device)))
 
     def release(self) -> None:
-        self.graph, self.logits, self._addresses = None, None, []
+        self.graph, self.logits, self._addresses, self._packs = None, None, [], []
 
 
 __all__ = ["StaticDecoder"]

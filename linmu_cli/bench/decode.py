@@ -259,10 +259,13 @@ class Decoding:
             steps, seconds = self._time(dec.step)
             state_bytes, moved = dec.nbytes(), linmu_state_step_bytes(dec)
             paths = norm_mlp_paths()  # what this runner's step (or its capture) ran
+            packed = dec.packed_bytes
             dec.release()
         entry = self._entry(batch, steps, seconds, fill, mode, state_bytes, mem,
                             step_bytes=self.weight_bytes(model) + moved)  # fmt: skip
         entry["norm_mlp_kernels"] = paths
+        # the copy of the decode input projections the graph reads (model-resident, once per model: docs/benchmarks.md)
+        entry["packed_decode_weight_bytes"] = packed
         if held is not None:
             entry["prefill_cache_storage_bytes"] = held
         return entry

@@ -46,14 +46,22 @@ def set_last_decode_loop(name: str) -> None:
 
 
 def uses_static_decode(model: nn.Module, kwargs: dict[str, Any]) -> bool:
-    """Whether a generate() call with these keyword arguments can run `static_decode`: the fixed-buffer cache
-    ("static") on CUDA, greedy or sampling with one beam, no assistant, no streamer, no per-step attentions /
-    hidden states."""
-    config = kwargs.get("generation_config") or model.generation_config
+    """Whether a generate() call with these keyword arguments runs `static_decode`: on CUDA, when
+    `static_decode_applies`."""
+    return next(model.parameters()).device.type == "cuda" and static_decode_applies(
+        model.generation_config, kwargs
+    )
+
+
+def static_decode_applies(default: GenerationConfig, kwargs: dict[str, Any]) -> bool:
+    """The fixed-buffer cache ("static"), greedy or sampling with one beam, no assistant, no streamer, no
+    negative prompt, no per-step attentions / hidden states. Unset fields are None in transformers 5.x
+    (`num_beams` too), resolved later by generate(): None means the default here."""
+    config = kwargs.get("generation_config") or default
     config = GenerationConfig.from_dict(config.to_dict())  # a copy: update() below must not touch the model's
     config.update(**{k: v for k, v in kwargs.items() if hasattr(config, k)})
     unsupported = (
-        config.num_beams != 1
+        (config.num_beams or 1) != 1
         or config.output_attentions
         or config.output_hidden_states
         or kwargs.get("assistant_model") is not None
@@ -62,8 +70,7 @@ def uses_static_decode(model: nn.Module, kwargs: dict[str, Any]) -> bool:
         or kwargs.get("negative_prompt_ids") is not None
         or kwargs.get("streamer") is not None  # a callable custom_generate is not handed the streamer
     )
-    device = next(model.parameters()).device
-    return config.cache_implementation == "static" and device.type == "cuda" and not unsupported
+    return config.cache_implementation == "static" and not unsupported
 
 
 def _cache_of(model_kwargs: dict[str, Any]) -> LinMUCache | None:
@@ -93,7 +100,7 @@ def static_decode(
     **model_kwargs: Any,
 ) -> GenerateDecoderOnlyOutput | torch.LongTensor:
     """transformers' `_sample` loop (same arguments, same result) stepping the cache's `StaticDecoder`."""
-    if synced_gpus or generation_config.num_beams != 1:
+    if synced_gpus or (generation_config.num_beams or 1) != 1:
         raise ValueError(
             "static_decode runs one beam on one process: call generate() without custom_generate"
         )
@@ -163,4 +170,4 @@ def static_decode(
     return input_ids
 
 
-__all__ = ["CHECK_EVERY", "last_decode_loop", "static_decode", "uses_static_decode"]
+__all__ = ["CHECK_EVERY", "last_decode_loop", "static_decode", "static_decode_applies", "uses_static_decode"]

@@ -99,3 +99,24 @@ def test_generate_chooses_the_loop(student):
     assert not decode_loop.uses_static_decode(model, {"cache_implementation": "static"})
     with pytest.raises(ValueError, match='cache_implementation="static"'):
         model.generate(**inputs, max_new_tokens=2, custom_generate=decode_loop.static_decode)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "applies"),
+    [
+        ({"cache_implementation": "static"}, True),  # num_beams unset (None in transformers 5.x): one beam
+        ({"cache_implementation": "static", "do_sample": True, "top_k": 4}, True),
+        ({"cache_implementation": "static", "num_return_sequences": 2, "do_sample": True}, True),
+        ({}, False),
+        ({"cache_implementation": "dynamic"}, False),
+        ({"cache_implementation": "static", "num_beams": 3}, False),
+        ({"cache_implementation": "static", "output_hidden_states": True}, False),
+        ({"cache_implementation": "static", "streamer": object()}, False),
+        ({"cache_implementation": "static", "prompt_lookup_num_tokens": 3}, False),
+    ],
+)
+def test_which_calls_take_the_static_loop(student, kwargs, applies):
+    """The choice generate() makes on CUDA (the device aside): on 2026-12-02 the H200 run showed every call
+    falling back to transformers' loop, because an unset num_beams is None, not 1."""
+    model, _ = student
+    assert decode_loop.static_decode_applies(model.generation_config, kwargs) is applies
