@@ -460,6 +460,9 @@ class GridProbes(torch.nn.Module):
         self.time = torch.nn.Linear(hidden, max_pairs)
         self.layer, self.max_side, self.max_pairs = layer, max_side, max_pairs
         self.vision_out: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.parts: dict[str, list[torch.Tensor]] = collections.defaultdict(
+            list
+        )  # per-probe losses, for the log
         # "no object" is most tokens: weigh it down so that the probe learns the colours
         self.register_buffer("color_weight", torch.tensor([0.1] + [1.0] * len(PALETTE)), persistent=False)
 
@@ -498,20 +501,38 @@ class GridProbes(torch.nn.Module):
         losses = []
         for feats, grid in self.vision_out:
             row, col, _ = (x.to(feats.device).clamp(max=self.max_side - 1) for x in self._layout(grid))
-            losses.append((ce(self.row(feats).float(), row) + ce(self.col(feats).float(), col)) / 2)
+            losses.append(
+                self._part(
+                    "rowcol", (ce(self.row(feats).float(), row) + ce(self.col(feats).float(), col)) / 2
+                )
+            )
             if frames is not None:
                 colors = token_colors(frames)
-                losses.append(ce(self.color(feats).float(), colors, weight=self.color_weight))
+                losses.append(
+                    self._part("color", ce(self.color(feats).float(), colors, weight=self.color_weight))
+                )
                 glyph = self._glyph_targets(colors, rows or [])
                 if glyph is not None and (glyph >= 0).any():  # all-ignored targets would give nan
-                    losses.append(ce(self.glyph(feats).float(), glyph, ignore_index=-100))
+                    losses.append(
+                        self._part("glyph", ce(self.glyph(feats).float(), glyph, ignore_index=-100))
+                    )
         self.vision_out.clear()
         if inputs.get("video_grid_thw") is not None:
             _, _, time_idx = self._layout(inputs["video_grid_thw"])
             video = hidden_states[self.layer][inputs["mm_token_type_ids"] == 2]
             time_idx = time_idx.to(video.device).clamp(max=self.max_pairs - 1)
-            losses.append(ce(self.time(video).float(), time_idx))
+            losses.append(self._part("time", ce(self.time(video).float(), time_idx)))
         return sum(losses) / len(losses)
+
+    def _part(self, name: str, loss: torch.Tensor) -> torch.Tensor:
+        self.parts[name].append(loss.detach())
+        return loss
+
+    def summary(self) -> dict[str, float]:
+        """Mean loss of each probe since the last call (one sync, at log lines only)."""
+        out = {k: round(torch.stack(v).mean().item(), 4) for k, v in sorted(self.parts.items())}
+        self.parts.clear()
+        return out
 
 
 def answer_window(labels: torch.Tensor) -> int:
@@ -976,8 +997,13 @@ def main(argv: list[str] | None = None) -> int:
             )
             if stats.window:
                 summary = stats.summary()
-                curve.append({"step": step + 1, "seconds": round(elapsed, 1), "tasks": summary})
+                point = {"step": step + 1, "seconds": round(elapsed, 1), "tasks": summary}
+                if isinstance(probes, GridProbes):
+                    point["probes"] = probes.summary()
+                curve.append(point)
                 print(f"  per task (loss/teacher-forced acc): {stats.line(summary)}", flush=True)
+                if point.get("probes"):
+                    print(f"  probe losses: {point['probes']}", flush=True)
         if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
             image_tasks = [t for t in tasks if synthetic.KIND[t] == "image"]
             quick = {t: evaluate(model, processor, t, args.eval_seed, 16, 40, size=args.size) for t in tasks}

@@ -26,7 +26,7 @@ The object asked about in these three is always the red square (as in `video_cou
 when, not which colour word names which colour; `grid_order` and `grid_color` tie colour words to the picture.
 - `grid_order` (video): "Which appears first, the red square or the blue square?" -> a colour word.
 - `grid_glyph` (video): "Which letter is shown in the video?" -> a letter of `GLYPHS` (a 3x5 pixel font drawn
-  at 6 px per font pixel: 18x30 px, larger than one 14-px patch) in one frame pair; the OCR stand-in.
+  at 8 px per font pixel: 24x40 px, a font pixel larger than half a 14-px patch) in one frame pair; the OCR stand-in.
 """
 
 from __future__ import annotations
@@ -153,7 +153,7 @@ GLYPHS: dict[str, str] = {
     "X": "101101010101101",
     "Z": "111001010100111",
 }
-_OBJECT, _TOKEN_OBJECT, _GLYPH_SCALE = 28, 24, 6  # pixels at GRID_SIZE (one merged token is 28x28)
+_OBJECT, _TOKEN_OBJECT, _GLYPH_SCALE = 28, 24, 8  # pixels at GRID_SIZE (one merged token is 28x28)
 TARGET = "red"  # the object asked about in grid_position / grid_motion / grid_count
 
 
