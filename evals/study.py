@@ -15,6 +15,12 @@ distills once (the recipe plus every --set) and scores that student and the teac
 the raw answers (docs/quality.md, "Length generalization: which suspect ..."; tables by evals/length_table.py,
 count fits by evals/count_analysis.py). `--from-json X.json --markdown docs/quality.md` rewrites the tables from a
 (possibly partial) --json of a full study run.
+
+    python evals/study.py --teacher evals/teacher2 --tasks grid --set data.size=224 --device cuda --out runs/s2
+
+runs the same study on teacher 2 (issue 15) and its grid tasks (`--tasks grid` = `synthetic.GRID_TASKS`, or a
+comma-separated list of task names), with every model scored on the GPU; distillation follows the recipe's
+`device` (set to `--device` too).
 """
 
 from __future__ import annotations
@@ -43,6 +49,8 @@ from linmu_cli.models import convert_model  # noqa: E402
 
 EVAL_SEED = 12345  # never used for training (distillation uses the recipe seed and seed + 7919)
 RECIPE = ROOT / "recipes" / "synthetic.yaml"
+# Where models are scored and how many samples go through one greedy batch (set from --device in main()).
+RUN: dict[str, Any] = {"device": "cpu", "batch": 8}
 NOTES_MARKER = "<!-- everything below this line is kept when evals/study.py rewrites the tables above -->"
 
 
@@ -70,19 +78,19 @@ ABLATIONS = [
 
 def load(path: Path) -> tuple[Any, Any]:
     """(model, processor) of a teacher or LinMU checkpoint, through the loader every linmu command uses."""
-    loaded = load_model(path, require_processor=True)
+    loaded = load_model(path, require_processor=True, device=RUN["device"])
     return loaded.model, loaded.processor
 
 
 def answers(
-    model: Any, processor: Any, tasks: list[str], n: int, frames: int, size: int, batch: int = 8
+    model: Any, processor: Any, tasks: list[str], n: int, frames: int, size: int, batch: int | None = None
 ) -> dict[str, list]:
     """Greedy one-word answers to `n` held-out samples of each task (same samples for every model):
     {task: [(normalized reply, answer)]}."""
     out: dict[str, list] = {}
     for task in tasks:
         samples = [synthetic.generate(task, i, EVAL_SEED, frames, size) for i in range(n)]
-        replies = greedy_answers(model, processor, samples, batch_size=batch)
+        replies = greedy_answers(model, processor, samples, batch_size=batch or RUN["batch"])
         out[task] = [
             (normalize_answer(r), normalize_answer(s.answer)) for r, s in zip(replies, samples, strict=True)
         ]
@@ -200,6 +208,14 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=50, help="held-out samples per task")
     ap.add_argument("--frames", type=int, default=16, help="frames used in distillation (recipe data.frames)")
     ap.add_argument("--set", action="append", default=[], help="extra recipe override for every run")
+    ap.add_argument(
+        "--tasks",
+        default=None,
+        help="synthetic tasks (default: the recipe's): 'grid' or a comma-separated list",
+    )
+    ap.add_argument(
+        "--device", default="cpu", help="where models are scored and distilled: cpu | cuda | cuda:N | auto"
+    )
     ap.add_argument("--only", nargs="*", default=None, help="ablations to run (default all; 'none' for none)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--markdown", default=None)
@@ -224,12 +240,24 @@ def main() -> None:
         write_markdown(Path(args.markdown), res, res.get("command", "python evals/study.py"))
         return
     out = Path(args.out)
-    base = [f"teacher={args.teacher}", f"data.frames={args.frames}", *args.set]
+    import torch
+
+    RUN["device"] = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    RUN["batch"] = 8 if RUN["device"] == "cpu" else 50
+    task_list = list(synthetic.GRID_TASKS) if args.tasks == "grid" else (args.tasks or "").split(",")
+    unknown = [t for t in task_list if t and t not in synthetic.TASKS]
+    if unknown:
+        ap.error(f"--tasks: unknown {unknown}; known: grid, {', '.join(synthetic.TASKS)}")
+    base = [f"teacher={args.teacher}", f"data.frames={args.frames}", f"device={RUN['device']}"]
+    base += [f"data.tasks=[{','.join(task_list)}]"] if args.tasks else []
+    base += args.set
     recipe = load_recipe(RECIPE, base)
     tasks = list(recipe.data.tasks)
     size = recipe.data.size
     flags = [f"--teacher {args.teacher}"] if args.teacher != ap.get_default("teacher") else []
     flags += [f"--frames {args.frames}"] if args.frames != 16 else []
+    flags += [f"--tasks {args.tasks}"] if args.tasks else []
+    flags += [f"--device {args.device}"] if args.device != "cpu" else []
     cmd_base = " ".join(["python evals/study.py", *flags, *(f"--set {s}" for s in args.set)])
     if args.length_only:
         cmd = " ".join(

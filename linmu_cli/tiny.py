@@ -96,6 +96,26 @@ _BPE_VOCAB_SIZE = 1024  # target size of the learned byte-level vocabulary (256 
 PATCH_SIZE, MERGE_SIZE, TEMPORAL_PATCH_SIZE = 14, 2, 2
 MIN_PIXELS, MAX_PIXELS = 56 * 56, 112 * 112
 
+# Named sizes of `build_tiny_teacher`: config overrides (as `tiny_config` takes them) and the processor's pixel cap.
+# "teacher2" (issue 15) is the second, larger teacher trained by `evals/train_teacher.py --preset teacher2`: a
+# GQA decoder of 6 layers x 384 (6 heads of 64, 2 key/value heads) and a vision tower of 4 blocks x 256, ~16M
+# parameters, with 224x224 frames: 16x16 patches of 14 px -> 8x8 merged tokens per frame pair.
+TEACHER2_MAX_PIXELS = 224 * 224
+SIZES: dict[str, tuple[dict[str, Any], int]] = {
+    "tiny": ({}, MAX_PIXELS),
+    "teacher2": (
+        {
+            "hidden_size": 384,
+            "intermediate_size": 1152,
+            "num_hidden_layers": 6,
+            "num_attention_heads": 6,
+            "num_key_value_heads": 2,
+            "vision_config": {"embed_dim": 256, "depth": 4, "num_heads": 4, "mlp_ratio": 4},
+        },
+        TEACHER2_MAX_PIXELS,
+    ),
+}
+
 
 def _family(name: str) -> Family:
     """The family's adapter (its transformers config / model / processor classes, `linmu_cli.models.family`);
@@ -284,14 +304,35 @@ def tiny_config(family: str, vocab_size: int, **overrides: Any) -> transformers.
     return config_cls(text_config=text, vision_config=vision, **top)
 
 
+def size_overrides(size: str, **config_overrides: Any) -> dict[str, Any]:
+    """The named size's `tiny_config` overrides with `config_overrides` on top (`vision_config` /
+    `text_config` dicts merged key by key, so one field can change without restating the rest)."""
+    if size not in SIZES:
+        raise ValueError(f"unknown tiny teacher size {size!r}; expected one of {tuple(SIZES)}")
+    merged = {k: dict(v) if isinstance(v, dict) else v for k, v in SIZES[size][0].items()}
+    for key, value in config_overrides.items():
+        if key in ("vision_config", "text_config") and isinstance(merged.get(key), dict):
+            merged[key] = {**merged[key], **value}
+        else:
+            merged[key] = value
+    return merged
+
+
 def build_tiny_teacher(
-    family: str, seed: int = 0, **config_overrides: Any
+    family: str, seed: int = 0, size: str = "tiny", **config_overrides: Any
 ) -> tuple[transformers.PreTrainedModel, transformers.ProcessorMixin]:
-    """A seeded, randomly initialised real model (eval mode, float32, sdpa) and its matching processor."""
-    processor = build_tiny_processor(family)
+    """A seeded, randomly initialised real model (eval mode, float32, sdpa) and its matching processor.
+
+    `size` picks a named size of `SIZES` ("tiny": a few hundred thousand parameters at <= 112x112;
+    "teacher2": ~16M parameters at 224x224, Qwen2-VL only); `config_overrides` go on top of it.
+    """
+    overrides = size_overrides(size, **config_overrides)  # validates `size` first
+    if size != "tiny" and family != "qwen2_vl":
+        raise ValueError(f"tiny teacher size {size!r} is defined for qwen2_vl only, not {family}")
+    processor = build_tiny_processor(family, max_pixels=SIZES[size][1])
     tokenizer = processor.tokenizer
     vocab_size = -(-len(tokenizer) // 64) * 64  # round up, like real checkpoints pad their vocab
-    config = tiny_config(family, vocab_size, **config_overrides)
+    config = tiny_config(family, vocab_size, **overrides)
     model_cls = _family(family).model_class
     with torch.random.fork_rng(devices=[]):  # seed the init without disturbing the caller's RNG stream
         torch.manual_seed(seed)

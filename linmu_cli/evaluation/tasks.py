@@ -42,7 +42,7 @@ class SyntheticDataset:
     name: str  # directory under evals/data
     source: str  # linmu_cli.data.synthetic task
     frames: int = 16
-    size: int = 56
+    size: int | None = None  # None: the task's own (`synthetic.DEFAULT_SIZE`: 56, or 224 for the grid tasks)
     count: int = 100
 
 
@@ -57,6 +57,13 @@ DATASETS: dict[str, SyntheticDataset] = {
         SyntheticDataset("long_video_count", "video_count", frames=64),
         SyntheticDataset("long_video_order", "video_order", frames=64),
         SyntheticDataset("long_video_when", "video_when", frames=64),
+        # Teacher 2's grid tasks (issue 15): 224x224 frames, 8x8 merged tokens per frame pair.
+        *(SyntheticDataset(t, t) for t in synthetic.GRID_TASKS),
+        *(
+            SyntheticDataset(f"long_{t}", t, frames=64)
+            for t in synthetic.GRID_TASKS
+            if synthetic.KIND[t] == "video"
+        ),
     )
 }
 
@@ -108,7 +115,7 @@ def generate_dataset(
     spec = DATASETS[name]
     count = spec.count if count is None else int(count)
     frames = spec.frames if frames is None else int(frames)
-    size = spec.size if size is None else int(size)
+    size = (spec.size or synthetic.DEFAULT_SIZE[spec.source]) if size is None else int(size)
     if count < 1:
         raise LinmuError(f"--count must be at least 1, got {count}")
     if frames < 2 or frames % 2:
@@ -161,7 +168,7 @@ def ensure_datasets(
     """Generate (with the defaults) every dataset in `names` (default: all) that is missing; return those made.
 
     `on_sample(done, total)` follows the samples written over all missing datasets (the first run writes 700
-    PNGs / mp4s, ~80 MB: a progress bar, not a silent minute)."""
+    PNGs / mp4s, ~100 MB, 1,700 with the grid tasks: a progress bar, not a silent minute)."""
     root = data_root(Path(evals))
     missing = [n for n in (names if names is not None else list(DATASETS)) if not dataset_ready(root, n)]
     total = sum(DATASETS[n].count for n in missing if n in DATASETS)
@@ -197,7 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=EVAL_SEED)
     parser.add_argument("--count", type=int, default=None, help="samples per dataset (default: 100)")
     parser.add_argument("--frames", type=int, default=None, help="frames per video (default: 16; long_*: 64)")
-    parser.add_argument("--size", type=int, default=None, help="frame / image side in pixels (default: 56)")
+    parser.add_argument(
+        "--size", type=int, default=None, help="frame / image side in pixels (default: 56; grid_*: 224)"
+    )
     parser.add_argument("--force", action="store_true", help="replace datasets that already exist")
     args = parser.parse_args(argv)
     try:
