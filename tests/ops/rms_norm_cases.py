@@ -55,27 +55,6 @@ def silu_inputs(shape: tuple, halves: bool, dtype: torch.dtype, device="cpu", se
     return gate, torch.randn(*shape, generator=gen, device=device).to(dtype)
 
 
-def _probe() -> str | None:
-    """None if the interpreter runs a trivial kernel right, else why not."""
-    try:
-        import triton
-        import triton.language as tl
-
-        @triton.jit
-        def double(x, out, BLOCK: tl.constexpr):
-            i = tl.arange(0, BLOCK)
-            tl.store(out + i, 2 * tl.load(x + i))
-
-        x = torch.arange(8, dtype=torch.float32)
-        out = torch.empty_like(x)
-        double[(1,)](x, out, BLOCK=8)
-        if not torch.equal(out, 2 * x):
-            return "a trivial kernel ran wrongly"
-    except Exception as exc:  # noqa: BLE001 - any failure means no usable interpreter
-        return repr(exc)
-    return None
-
-
 def tiny_models():
     """The tiny Qwen2-VL teacher (float32, seed 0) and its LinMU conversion."""
     from linmu_cli.config import MateConfig
@@ -110,6 +89,8 @@ def runner_steps() -> dict[str, list[torch.Tensor]]:
 
 
 def main(out_path: str) -> None:
+    from decode_attention_cases import _probe
+
     why = _probe()
     if why is not None:
         torch.save({"unavailable": why}, out_path)

@@ -20,11 +20,11 @@ import copy
 import os
 import pickle
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from decode_attention_cases import run_interpreted
 from flex_decode_cases import (
     BLOCK_CASES,
     CONV_CASES,
@@ -52,26 +52,17 @@ from linmu_cli.ops.short_conv import conv_tail, short_conv_reference
 from linmu_cli.ops.ssd import flex_decode_step, flex_step_naive, last_ssd_step_backend
 
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parents[1]
 
 
 @pytest.fixture(scope="module")
 def interpreted(tmp_path_factory) -> dict:
     """Every kernel / block / model result of `flex_decode_cases.py`, run with TRITON_INTERPRET=1 in a subprocess
     (it must be set before triton is imported); this process computes the references from the same seeds."""
-    pytest.importorskip("triton", reason="triton is not installed: the Triton kernels are not testable")
-    out = tmp_path_factory.mktemp("flex_decode") / "interpreted.pt"
-    path = os.pathsep.join([str(ROOT), str(ROOT / "tests"), str(HERE), os.environ.get("PYTHONPATH", "")])
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1", PYTHONPATH=path)
-    proc = subprocess.run([sys.executable, str(HERE / "flex_decode_cases.py"), str(out)], env=env,
-                          capture_output=True, text=True, timeout=900)  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    res = torch.load(out, weights_only=False)
-    if "unavailable" in res:
-        pytest.skip(
-            f"Triton's CPU interpreter (TRITON_INTERPRET=1) is unavailable here: {res['unavailable']}"
-        )
-    return res
+    return run_interpreted(
+        HERE / "flex_decode_cases.py",
+        tmp_path_factory.mktemp("flex_decode") / "interpreted.pt",
+        weights_only=False,
+    )
 
 
 def _close(got: torch.Tensor, ref: torch.Tensor, bf16: bool) -> None:

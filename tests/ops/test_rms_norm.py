@@ -9,13 +9,11 @@ Run the GPU part with `python3 -m pytest -s -m gpu tests/ops/test_rms_norm.py`.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from decode_attention_cases import run_interpreted
 from rms_norm_cases import (
     EPS,
     NORM_CASES,
@@ -33,7 +31,6 @@ from linmu_cli.ops import rms_norm as ops
 from linmu_cli.ops.rms_norm import add_rms_norm_naive, rms_norm_naive, silu_mul_naive
 
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parents[1]
 
 
 def rel_ulps(got: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -46,19 +43,7 @@ def rel_ulps(got: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> torch.
 def interpreted(tmp_path_factory) -> dict:
     """The kernels' outputs on every case, from `rms_norm_cases.py` run with TRITON_INTERPRET=1 in a subprocess;
     this process builds the same inputs from the same seeds and checks them against the references."""
-    pytest.importorskip("triton", reason="triton is not installed: the Triton kernels are not testable")
-    out = tmp_path_factory.mktemp("rms_norm") / "interpreted.pt"
-    path = os.pathsep.join([str(ROOT), str(ROOT / "tests"), str(HERE), os.environ.get("PYTHONPATH", "")])
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1", PYTHONPATH=path)
-    proc = subprocess.run([sys.executable, str(HERE / "rms_norm_cases.py"), str(out)], env=env,
-                          capture_output=True, text=True, timeout=900)  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    res = torch.load(out)
-    if "unavailable" in res:
-        pytest.skip(
-            f"Triton's CPU interpreter (TRITON_INTERPRET=1) is unavailable here: {res['unavailable']}"
-        )
-    return res
+    return run_interpreted(HERE / "rms_norm_cases.py", tmp_path_factory.mktemp("rms_norm") / "interpreted.pt")
 
 
 def _close(got: torch.Tensor, ref: torch.Tensor, act_dtype: torch.dtype, roundings: int = 2) -> None:

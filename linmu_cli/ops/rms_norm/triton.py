@@ -17,22 +17,12 @@ result may be 1-2 ulp from the reference.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from linmu_cli.ops.decode_attention.triton import INTERPRET  # the one place the interpreter is detected
 
-def _interpreting() -> bool:
-    """Whether `triton.jit` makes interpreted kernels here (triton.knobs from Triton 3.4, else the variable)."""
-    knobs = getattr(triton, "knobs", None)
-    if knobs is not None:
-        return bool(knobs.runtime.interpret)
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
-
-
-INTERPRET: bool = _interpreting()
 MAX_NORM_DIM = 1 << 16  # one program holds a row in registers: up to 64k (Qwen2-VL-72B's hidden is 8192)
 SILU_BLOCK = 1024
 
