@@ -138,7 +138,8 @@ def say(line: str) -> None:
 
 
 def run(arch: str, device: torch.device, batches: list[int], prompt: int, steps: int, teacher_kernel: str,
-        variants: list[str], json_path: Path | None = None) -> dict:  # fmt: skip
+        variants: list[str], json_path: Path | None = None,
+        runners: tuple[str, ...] = ("linmu", "teacher")) -> dict:  # fmt: skip
     """Every (runner, batch, norm / MLP variant) entry, one runner at a time (one cache or state in memory);
     the JSON is rewritten after each, so a run cut short keeps what it measured."""
     started = time.perf_counter()
@@ -153,7 +154,7 @@ def run(arch: str, device: torch.device, batches: list[int], prompt: int, steps:
                            "torch": torch.__version__, "ceilings": ceilings.to_json(), "norm_mlp_variants": variants,
                            "linmu": {}, "teacher": {}}  # fmt: skip
     for batch in batches:
-        for name in ("linmu", "teacher"):
+        for name in runners:
             kernel = teacher_kernel
             per_batch = res[name][f"batch_{batch}"] = {}
             for variant in variants:
@@ -196,16 +197,22 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--norm-mlp", default="auto,torch",
                     help="decode_layer's norm / MLP paths to measure, each in turn: auto (Triton on CUDA) and / or "
                          "torch (the references, what the HF modules compute) [auto,torch]")  # fmt: skip
+    ap.add_argument("--runners", default="linmu,teacher",
+                    help="which runners, comma-separated: linmu and / or teacher (a large --batch fits only "
+                         "LinMU's constant state: --runners linmu --batch 1024) [linmu,teacher]")  # fmt: skip
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
+    runners = tuple(args.runners.split(","))
+    if not runners or any(r not in ("linmu", "teacher") for r in runners):
+        sys.exit(f"--runners {args.runners!r}: name linmu and / or teacher, comma-separated")
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("no CUDA GPU here: pass --device cpu (a smoke run)")
     prompt = args.prompt or (TINY_PROMPT if args.arch in TINY_ARCHS else REAL_PROMPT)
     batches = [int(b) for b in args.batch.split(",")]
     variants = args.norm_mlp.split(",")
-    res = run(args.arch, device, batches, prompt, args.steps, args.teacher_kernel, variants, args.json)
-    for name in ("linmu", "teacher"):
+    res = run(args.arch, device, batches, prompt, args.steps, args.teacher_kernel, variants, args.json, runners)
+    for name in runners:
         for key, per_batch in res[name].items():
             for variant, entry in per_batch.items():
                 for k in entry.get("top_kernels", [])[:8]:
