@@ -25,6 +25,7 @@ CASES = [
     (2, 2, 7, 77, 32, [77, 1], 3),  # GQA 7 (Qwen2-VL-7B's), length 1: two of its three splits are empty
     (3, 2, 7, 40, 24, [5, 40, 17], 2),  # head_dim off the power of 2 (masked d), one row per split boundary
     (4, 1, 1, 37, 16, [1, 16, 17, 37], 5),  # at, below, past a block; 5 asked -> 3 whole-tile chunks
+    (2, 1, 7, 40, 24, [40, 9], 1),  # one split: still partials + the merge (the ring's one split writes out)
 ]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 BLOCK_N = 16
@@ -181,18 +182,25 @@ def compile_for_sm90(fn, values: dict, constexprs: dict, num_warps: int, num_sta
     return triton.compile(src, target=target, options=options.__dict__)
 
 
+# a byte-wide global load: the validity mask's (`_split_kv_kernel` with HAS_VALID), none on the teacher's path
+BYTE_LOAD = r"ld\.global(\.\w+)*\.[bsu]8\s"
+
+
 def split_kv_values(dtype: str, capacity: int, splits: int, chunk: int, heads=28, kv_heads=4, d=128) -> dict:
     """`_split_kv_kernel`'s runtime arguments in the served teacher's layout (q (B, Hkv, G, d) from (B, H, d);
-    contiguous (B, Hkv, capacity, d) caches; one length for every row, len_offset=1)."""
+    contiguous (B, Hkv, capacity, d) caches; one length for every row, len_offset=1), as `split_kv_decode`
+    passes them: HAS_VALID false (VALID is the length tensor again, its strides 0), SPLIT (OUT unused)."""
     g = heads // kv_heads
-    vals = {n: (f"*{dtype}", 0) for n in ("Q", "K", "V")} | {"LEN": ("*i64", 0)}
+    vals = {n: (f"*{dtype}", 0) for n in ("Q", "K", "V", "OUT")} | {n: ("*i64", 0) for n in ("LEN", "VALID")}
     vals |= {n: ("*fp32", 0) for n in ("PO", "PM", "PL")}
     for name, x in zip(("b", "h", "g", "d"), (heads * d, g * d, d, 1), strict=True):
         vals[f"stride_q{name}"] = ("i32", x)
+    for name, x in zip(("b", "h", "g", "d"), (kv_heads * g * d, g * d, d, 1), strict=True):
+        vals[f"stride_o{name}"] = ("i32", x)
     for p in "kv":
         for name, x in zip(("b", "h", "n", "d"), (kv_heads * capacity * d, capacity * d, d, 1), strict=True):
             vals[f"stride_{p}{name}"] = ("i32", x)
-    ints = {"stride_lb": 0, "len_offset": 1, "kv_heads": kv_heads, "group": g, "head_dim": d, "chunk": chunk,
-            "num_splits": splits}  # fmt: skip
+    ints = {"stride_lb": 0, "stride_mb": 0, "stride_mn": 0, "len_offset": 1, "kv_heads": kv_heads, "group": g,
+            "head_dim": d, "capacity": capacity, "chunk": chunk, "num_splits": splits}  # fmt: skip
     vals |= {n: ("i32", x) for n, x in ints.items()}
     return vals | {"scale_log2": ("fp32", 0.1)}

@@ -10,11 +10,13 @@ Run the GPU part with `python3 -m pytest -s -m gpu tests/ops/test_decode_attenti
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import pytest
 import torch
 from decode_attention_cases import (
+    BYTE_LOAD,
     CASES,
     DTYPES,
     OFFSET_CASE,
@@ -146,12 +148,13 @@ def test_triton_kernels_compile_for_the_h200_without_a_gpu():
     from linmu_cli.ops.decode_attention import triton as tri
 
     consts = {"BLOCK_G": 16, "BLOCK_N": tri.DEFAULT_BLOCK_N, "BLOCK_D": 128, "EVEN_D": True, "UPCAST": False,
-              "PRECISION": "tf32"}  # fmt: skip
+              "PRECISION": "tf32", "HAS_VALID": False, "SPLIT": True}  # fmt: skip
     k = compile_for_sm90(tri._split_kv_kernel, split_kv_values("bf16", 65_717, 65, 1024), consts,
                          tri.DEFAULT_NUM_WARPS, tri.DEFAULT_NUM_STAGES)  # fmt: skip
     ptx = k.asm["ptx"]
     assert "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32" in ptx
     assert "ld.global.b16" not in ptx and ("ld.global.v4" in ptx or "cp.async" in ptx)
+    assert not re.search(BYTE_LOAD, ptx)  # HAS_VALID false: no validity mask read, the loop as it was
     assert k.metadata.shared <= 227 * 1024, k.metadata.shared
     print(
         f"\nsplit-KV kernel: {k.metadata.shared} B shared, cp.async {ptx.count('cp.async')} (pipelined loads)"

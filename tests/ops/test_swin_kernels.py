@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from decode_attention_cases import compile_for_sm90, run_interpreted
+from decode_attention_cases import BYTE_LOAD, compile_for_sm90, run_interpreted
 from helpers import rel_error
 from swin_kernel_cases import (
     DTYPES,
@@ -160,24 +160,25 @@ def test_triton_ring_decode_compiles_for_the_h200():
     from linmu_cli.ops.decode_attention import triton as tri
 
     ring, heads, kv_heads, d = 512, 28, 4, 128
-    vals = {n: ("*bf16", 0) for n in ("Q", "K", "V", "OUT")} | {"VALID": ("*u8", 0)}
+    vals = {n: ("*bf16", 0) for n in ("Q", "K", "V", "OUT")} | {n: ("*u8", 0) for n in ("LEN", "VALID")}
     vals |= {n: ("*fp32", 0) for n in ("PO", "PM", "PL")}
     for p in "qo":
         vals |= {f"stride_{p}{a}": ("i32", x) for a, x in zip("bhgd", (heads * d, 7 * d, d, 1), strict=True)}
     for p in "kv":
         strides = (kv_heads * ring * d, ring * d, d, 1)
         vals |= {f"stride_{p}{a}": ("i32", x) for a, x in zip("bhnd", strides, strict=True)}
-    ints = {"stride_mb": ring, "stride_mn": 1, "kv_heads": kv_heads, "group": 7, "head_dim": d, "capacity": ring,
-            "chunk": 64, "num_splits": 8}  # fmt: skip
+    ints = {"stride_lb": 0, "stride_mb": ring, "stride_mn": 1, "len_offset": 0, "kv_heads": kv_heads,
+            "group": 7, "head_dim": d, "capacity": ring, "chunk": 64, "num_splits": 8}  # fmt: skip
     vals |= {n: ("i32", x) for n, x in ints.items()} | {"scale_log2": ("fp32", 0.1)}
     for split in (False, True):
         consts = {"BLOCK_G": 16, "BLOCK_N": tri.DEFAULT_BLOCK_N, "BLOCK_D": 128, "EVEN_D": True, "UPCAST": False,
-                  "PRECISION": "tf32", "SPLIT": split}  # fmt: skip
-        kernel = compile_for_sm90(tri._masked_split_kv_kernel, vals, consts, tri.DEFAULT_NUM_WARPS,
+                  "PRECISION": "tf32", "HAS_VALID": True, "SPLIT": split}  # fmt: skip
+        kernel = compile_for_sm90(tri._split_kv_kernel, vals, consts, tri.DEFAULT_NUM_WARPS,
                                   tri.DEFAULT_NUM_STAGES)  # fmt: skip
         ptx = kernel.asm["ptx"]
         assert "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32" in ptx
         assert "cp.async" in ptx and kernel.metadata.shared <= 227 * 1024, kernel.metadata.shared
+        assert re.search(BYTE_LOAD, ptx)  # the validity mask's bytes (none on the teacher's path)
 
 
 # ----------------------------------------------------------------------------------------------------- GPU

@@ -42,20 +42,32 @@ DEFAULT_NUM_STAGES = 3
 
 @triton.jit
 def _split_kv_kernel(
-    Q, K, V, LEN, PO, PM, PL,
+    Q, K, V, LEN, VALID, OUT, PO, PM, PL,
     stride_qb, stride_qh, stride_qg, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_lb, len_offset, kv_heads, group, head_dim, chunk, num_splits, scale_log2,
+    stride_lb, stride_mb, stride_mn,
+    stride_ob, stride_oh, stride_og, stride_od,
+    len_offset, kv_heads, group, head_dim, capacity, chunk, num_splits, scale_log2,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, HAS_VALID: tl.constexpr, SPLIT: tl.constexpr,
 ):  # fmt: skip
-    """One (split, batch row x kv head): online softmax over its chunk's valid slots for the G query heads."""
+    """One (split, batch row x kv head): online softmax over its chunk's valid slots for the G query heads.
+
+    HAS_VALID false (the teacher's prefix): the valid slots are [0, LEN[b] + len_offset); VALID, its strides
+    and capacity are unused. HAS_VALID true (the ring): the slots of [0, capacity) whose VALID byte is not 0,
+    anywhere in the cache (a ring's valid slots are no prefix after it wraps); LEN, stride_lb, len_offset are
+    unused. Only there may a tile be all invalid, so only there is the running max made finite before use.
+    SPLIT: write partial results for `_merge_kernel` (PO / PM / PL); else (one split) the normalized output
+    to OUT directly."""
     split = tl.program_id(0)
     row = tl.program_id(1)
     b = (row // kv_heads).to(tl.int64)
     h = (row % kv_heads).to(tl.int64)
-    n_valid = tl.load(LEN + b * stride_lb).to(tl.int32) + len_offset
+    if HAS_VALID:  # noqa: SIM108 - a compile-time branch: no length load on the masked path
+        n_valid = capacity  # every slot is a candidate, VALID says which
+    else:
+        n_valid = tl.load(LEN + b * stride_lb).to(tl.int32) + len_offset
     lo = split * chunk
     hi = tl.minimum(lo + chunk, n_valid)
 
@@ -80,6 +92,8 @@ def _split_kv_kernel(
     for start in range(lo, hi, BLOCK_N):
         n = start + offs_n
         mask_n = n < hi
+        if HAS_VALID:  # invalid slots are never read: NaN there cannot leak
+            mask_n = mask_n & (tl.load(VALID + b * stride_mb + n * stride_mn, mask=mask_n, other=0) != 0)
         if EVEN_D:  # noqa: SIM108 - a compile-time branch: no d mask on the loads
             kv_mask = mask_n[:, None]
         else:
@@ -92,16 +106,29 @@ def _split_kv_kernel(
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2  # (G, N), log2 domain
         s = tl.where(mask_n[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
+        # a masked tile may have no valid slot yet: exp2(-inf - 0) = 0, no NaN (a prefix tile's first one is)
+        if HAS_VALID:  # noqa: SIM108 - a compile-time branch: no extra select on the prefix path
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_use = m_new
+        alpha = tl.exp2(m_i - m_use)
+        p = tl.exp2(s - m_use[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
 
-    part = (row * num_splits + split).to(tl.int64) * group + offs_g  # (row, split, g) in the partial buffers
-    tl.store(PM + part, m_i, mask=mask_g)
-    tl.store(PL + part, l_i, mask=mask_g)
-    tl.store(PO + part[:, None] * head_dim + offs_d[None, :], acc, mask=mask_g[:, None] & mask_d[None, :])
+    if SPLIT:
+        part = (row * num_splits + split).to(tl.int64) * group + offs_g  # (row, split, g) of the partials
+        tl.store(PM + part, m_i, mask=mask_g)
+        tl.store(PL + part, l_i, mask=mask_g)
+        tl.store(PO + part[:, None] * head_dim + offs_d[None, :], acc, mask=mask_g[:, None] & mask_d[None, :])
+    else:
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # no valid slot at all: 0, as the merge gives
+        tl.store(
+            OUT + b * stride_ob + h * stride_oh + offs_g[:, None] * stride_og + offs_d[None, :] * stride_od,
+            out.to(OUT.dtype.element_ty),
+            mask=mask_g[:, None] & mask_d[None, :],
+        )
 
 
 @triton.jit
@@ -170,6 +197,76 @@ def choose_num_splits(rows: int, capacity: int, sms: int, block_n: int = DEFAULT
     return best
 
 
+def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """The shapes and dtypes both entry points need: q (B, Hkv, G, d), k / v (B, Hkv, capacity, d)."""
+    bsz, hkv, _, d = q.shape
+    cap = k.shape[2]
+    if k.shape != (bsz, hkv, cap, d) or v.shape != k.shape:
+        raise ValueError(f"q {tuple(q.shape)} needs k / v of shape (B, Hkv, capacity, d); got {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")  # fmt: skip
+    if not q.dtype == k.dtype == v.dtype:
+        raise ValueError(f"q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+
+
+def _launch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lengths: torch.Tensor | None,
+    len_offset: int,
+    valid: torch.Tensor | None,
+    scale: float | None,
+    num_splits: int | None,
+    block_n: int,
+    num_warps: int,
+    num_stages: int,
+) -> torch.Tensor:
+    """`_split_kv_kernel` (+ `_merge_kernel`) over a prefix (`lengths`, `valid` None) or a mask (`valid`,
+    `lengths` None), inputs checked. The prefix path always writes partial results and merges them, even at
+    one split; the masked one writes its output directly at one split."""
+    if not (q.is_cuda or INTERPRET):
+        raise RuntimeError("the Triton decode kernel needs a CUDA tensor (or TRITON_INTERPRET=1 on CPU)")
+    bsz, hkv, group, d = q.shape
+    cap = k.shape[2]
+    scale = d**-0.5 if scale is None else scale
+    rows = bsz * hkv
+    if num_splits is None:
+        num_splits = choose_num_splits(rows, cap, _sm_count(q.device), block_n)
+    chunk = math.ceil(math.ceil(cap / num_splits) / block_n) * block_n
+    splits = math.ceil(cap / chunk)  # no empty split at the end
+    has_valid = valid is not None
+    split = splits > 1 or not has_valid
+    dev = q.device
+    out = torch.empty(bsz, hkv, group, d, device=dev, dtype=q.dtype)
+    if split:
+        po = torch.empty(rows, splits, group, d, device=dev, dtype=torch.float32)
+        pm = torch.empty(rows, splits, group, device=dev, dtype=torch.float32)
+        pl = torch.empty(rows, splits, group, device=dev, dtype=torch.float32)
+    else:  # unused by the one-split kernel
+        po = pm = pl = out
+    if has_valid:
+        flags = valid.view(torch.uint8)  # the same bytes, a type every Triton version loads
+        stride_mb, stride_mn = flags.stride()
+        lens, stride_lb, len_offset = flags, 0, 0  # LEN unused
+    else:
+        lens = lengths.reshape(-1)
+        stride_lb = lens.stride(0) if lens.numel() > 1 else 0
+        flags, stride_mb, stride_mn = lens, 0, 0  # VALID unused
+    block_d = max(16, triton.next_power_of_2(d))
+    _split_kv_kernel[(splits, rows)](
+        q, k, v, lens, flags, out, po, pm, pl,
+        *q.stride(), *k.stride(), *v.stride(),
+        stride_lb, stride_mb, stride_mn, *out.stride(),
+        len_offset, hkv, group, d, cap, chunk, splits, scale * LOG2E,
+        BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, BLOCK_D=block_d, EVEN_D=block_d == d,
+        UPCAST=INTERPRET, PRECISION="ieee" if q.dtype == torch.float32 else "tf32", HAS_VALID=has_valid,
+        SPLIT=split, num_warps=num_warps, num_stages=num_stages,
+    )  # fmt: skip
+    if split:
+        _merge(po, pm, pl, out, block_d)
+    return out
+
+
 def split_kv_decode(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -188,40 +285,11 @@ def split_kv_decode(
     Row b attends slots [0, lengths[b] + len_offset) (`lengths` (B,) or (1,) integer, on q's device;
     `len_offset=1` takes teacher_decode's "slot of the current token" directly, without a kernel per layer to
     add 1). `num_splits` defaults to `choose_num_splits` for this GPU; the block sizes are compile-time."""
-    bsz, hkv, group, d = q.shape
-    cap = k.shape[2]
-    if k.shape != (bsz, hkv, cap, d) or v.shape != k.shape:
-        raise ValueError(f"q {tuple(q.shape)} needs k / v of shape (B, Hkv, capacity, d); got {tuple(k.shape)}, "
-                         f"{tuple(v.shape)}")  # fmt: skip
-    if not q.dtype == k.dtype == v.dtype:
-        raise ValueError(f"q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+    _check_qkv(q, k, v)
+    bsz = q.shape[0]
     if lengths.device != q.device or lengths.dtype.is_floating_point or lengths.numel() not in (1, bsz):
         raise ValueError("lengths must be a (B,) or (1,) integer tensor on q's device")
-    if not (q.is_cuda or INTERPRET):
-        raise RuntimeError("the Triton decode kernel needs a CUDA tensor (or TRITON_INTERPRET=1 on CPU)")
-    scale = d**-0.5 if scale is None else scale
-    rows = bsz * hkv
-    if num_splits is None:
-        num_splits = choose_num_splits(rows, cap, _sm_count(q.device), block_n)
-    chunk = math.ceil(math.ceil(cap / num_splits) / block_n) * block_n
-    splits = math.ceil(cap / chunk)  # no empty split at the end
-    dev = q.device
-    po = torch.empty(rows, splits, group, d, device=dev, dtype=torch.float32)
-    pm = torch.empty(rows, splits, group, device=dev, dtype=torch.float32)
-    pl = torch.empty(rows, splits, group, device=dev, dtype=torch.float32)
-    out = torch.empty(bsz, hkv, group, d, device=dev, dtype=q.dtype)
-    block_d = max(16, triton.next_power_of_2(d))
-    lens = lengths.reshape(-1)
-    _split_kv_kernel[(splits, rows)](
-        q, k, v, lens, po, pm, pl,
-        *q.stride(), *k.stride(), *v.stride(),
-        lens.stride(0) if lens.numel() > 1 else 0, len_offset, hkv, group, d, chunk, splits, scale * LOG2E,
-        BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, BLOCK_D=block_d, EVEN_D=block_d == d,
-        UPCAST=INTERPRET, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=num_warps, num_stages=num_stages,
-    )  # fmt: skip
-    _merge(po, pm, pl, out, block_d)
-    return out
+    return _launch(q, k, v, lengths, len_offset, None, scale, num_splits, block_n, num_warps, num_stages)
 
 
 def _merge(po: torch.Tensor, pm: torch.Tensor, pl: torch.Tensor, out: torch.Tensor, block_d: int) -> None:
@@ -232,84 +300,6 @@ def _merge(po: torch.Tensor, pm: torch.Tensor, pl: torch.Tensor, out: torch.Tens
         po, pm, pl, out, *out.stride(), out.shape[1], group, d, splits, BLOCK_S=block_s, BLOCK_D=block_d,
         num_warps=1 if block_s <= 16 else 4 if block_s <= 64 else 8,  # the (splits x d) float32 tile in registers
     )  # fmt: skip
-
-
-# ------------------------------------------------------------------------------ a validity mask (the ring)
-@triton.jit
-def _masked_split_kv_kernel(
-    Q, K, V, VALID, OUT, PO, PM, PL,
-    stride_qb, stride_qh, stride_qg, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_mb, stride_mn,
-    stride_ob, stride_oh, stride_og, stride_od,
-    kv_heads, group, head_dim, capacity, chunk, num_splits, scale_log2,
-    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr, SPLIT: tl.constexpr,
-):  # fmt: skip
-    """`_split_kv_kernel` over the slots whose VALID byte is nonzero, anywhere in the cache (a ring's valid slots
-    are no prefix after it wraps). A tile may be all invalid, so the running max is made finite before use.
-    SPLIT: write partial results for `_merge_kernel`; else (one split) the normalized output directly."""
-    split = tl.program_id(0)
-    row = tl.program_id(1)
-    b = (row // kv_heads).to(tl.int64)
-    h = (row % kv_heads).to(tl.int64)
-    lo = split * chunk
-    hi = tl.minimum(lo + chunk, capacity)
-
-    offs_g = tl.arange(0, BLOCK_G)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_g = offs_g < group
-    mask_d = offs_d < head_dim
-    q = tl.load(
-        Q + b * stride_qb + h * stride_qh + offs_g[:, None] * stride_qg + offs_d[None, :] * stride_qd,
-        mask=mask_g[:, None] & mask_d[None, :],
-        other=0.0,
-    )
-    if UPCAST:
-        q = q.to(tl.float32)
-    k_base = K + b * stride_kb + h * stride_kh + offs_d[None, :] * stride_kd
-    v_base = V + b * stride_vb + h * stride_vh + offs_d[None, :] * stride_vd
-
-    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_G], tl.float32)
-    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    for start in range(lo, hi, BLOCK_N):
-        n = start + offs_n
-        in_range = n < hi
-        ok = in_range & (tl.load(VALID + b * stride_mb + n * stride_mn, mask=in_range, other=0) != 0)
-        if EVEN_D:  # noqa: SIM108 - a compile-time branch: no d mask on the loads
-            kv_mask = ok[:, None]
-        else:
-            kv_mask = ok[:, None] & mask_d[None, :]
-        k = tl.load(k_base + n[:, None] * stride_kn, mask=kv_mask, other=0.0)  # invalid slots read as 0
-        v = tl.load(v_base + n[:, None] * stride_vn, mask=kv_mask, other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2  # (G, N), log2 domain
-        s = tl.where(ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing valid yet: exp2(-inf - 0) = 0, no NaN
-        alpha = tl.exp2(m_i - m_use)
-        p = tl.exp2(s - m_use[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
-
-    if SPLIT:
-        part = (row * num_splits + split).to(tl.int64) * group + offs_g
-        tl.store(PM + part, m_i, mask=mask_g)
-        tl.store(PL + part, l_i, mask=mask_g)
-        tl.store(PO + part[:, None] * head_dim + offs_d[None, :], acc, mask=mask_g[:, None] & mask_d[None, :])
-    else:
-        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # no valid slot at all: 0, as the merge gives
-        tl.store(
-            OUT + b * stride_ob + h * stride_oh + offs_g[:, None] * stride_og + offs_d[None, :] * stride_od,
-            out.to(OUT.dtype.element_ty),
-            mask=mask_g[:, None] & mask_d[None, :],
-        )
 
 
 def masked_split_kv_decode(
@@ -328,47 +318,15 @@ def masked_split_kv_decode(
     ring, docs/design.md §4): q (B, Hkv, G, d), k / v (B, Hkv, capacity, d) -> (B, Hkv, G, d) in q's dtype.
 
     Invalid slots are never read (NaN there cannot leak); a row with no valid slot gives zeros. One split is
-    one kernel; more write partial results merged by `_merge_kernel` (two). `num_splits` defaults to
-    `choose_num_splits`, as the teacher's kernel. CUDA-graph capturable: the mask is read on the device."""
-    bsz, hkv, group, d = q.shape
-    cap = k.shape[2]
-    if k.shape != (bsz, hkv, cap, d) or v.shape != k.shape:
-        raise ValueError(f"q {tuple(q.shape)} needs k / v of shape (B, Hkv, capacity, d); got {tuple(k.shape)}, "
-                         f"{tuple(v.shape)}")  # fmt: skip
-    if not q.dtype == k.dtype == v.dtype:
-        raise ValueError(f"q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+    one kernel (`_split_kv_kernel` with HAS_VALID); more write partial results merged by `_merge_kernel`
+    (two). `num_splits` defaults to `choose_num_splits`, as the teacher's kernel. CUDA-graph capturable: the
+    mask is read on the device."""
+    _check_qkv(q, k, v)
+    bsz, cap = q.shape[0], k.shape[2]
     if valid.dtype != torch.bool or valid.shape != (bsz, cap) or valid.device != q.device:
         raise ValueError(f"valid must be a ({bsz}, {cap}) bool tensor on q's device; got {valid.dtype} "
                          f"{tuple(valid.shape)} on {valid.device}")  # fmt: skip
-    if not (q.is_cuda or INTERPRET):
-        raise RuntimeError("the Triton decode kernel needs a CUDA tensor (or TRITON_INTERPRET=1 on CPU)")
-    scale = d**-0.5 if scale is None else scale
-    rows = bsz * hkv
-    if num_splits is None:
-        num_splits = choose_num_splits(rows, cap, _sm_count(q.device), block_n)
-    chunk = math.ceil(math.ceil(cap / num_splits) / block_n) * block_n
-    splits = math.ceil(cap / chunk)  # no empty split at the end
-    dev = q.device
-    out = torch.empty(bsz, hkv, group, d, device=dev, dtype=q.dtype)
-    if splits > 1:
-        po = torch.empty(rows, splits, group, d, device=dev, dtype=torch.float32)
-        pm = torch.empty(rows, splits, group, device=dev, dtype=torch.float32)
-        pl = torch.empty(rows, splits, group, device=dev, dtype=torch.float32)
-    else:  # unused by the one-split kernel
-        po = pm = pl = out
-    block_d = max(16, triton.next_power_of_2(d))
-    flags = valid.view(torch.uint8)  # the same bytes, a type every Triton version loads
-    _masked_split_kv_kernel[(splits, rows)](
-        q, k, v, flags, out, po, pm, pl,
-        *q.stride(), *k.stride(), *v.stride(), *flags.stride(), *out.stride(),
-        hkv, group, d, cap, chunk, splits, scale * LOG2E,
-        BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, BLOCK_D=block_d, EVEN_D=block_d == d,
-        UPCAST=INTERPRET, PRECISION="ieee" if q.dtype == torch.float32 else "tf32", SPLIT=splits > 1,
-        num_warps=num_warps, num_stages=num_stages,
-    )  # fmt: skip
-    if splits > 1:
-        _merge(po, pm, pl, out, block_d)
-    return out
+    return _launch(q, k, v, None, 0, valid, scale, num_splits, block_n, num_warps, num_stages)
 
 
 __all__ = ["INTERPRET", "choose_num_splits", "masked_split_kv_decode", "split_kv_decode"]
