@@ -139,7 +139,7 @@ def say(line: str) -> None:
 
 def run(arch: str, device: torch.device, batches: list[int], prompt: int, steps: int, teacher_kernel: str,
         variants: list[str], json_path: Path | None = None,
-        runners: tuple[str, ...] = ("linmu", "teacher")) -> dict:  # fmt: skip
+        runners: tuple[str, ...] = ("linmu", "teacher"), ssm_dtype: torch.dtype = torch.float32) -> dict:  # fmt: skip
     """Every (runner, batch, norm / MLP variant) entry, one runner at a time (one cache or state in memory);
     the JSON is rewritten after each, so a run cut short keeps what it measured."""
     started = time.perf_counter()
@@ -152,6 +152,7 @@ def run(arch: str, device: torch.device, batches: list[int], prompt: int, steps:
     res: dict[str, Any] = {"arch": arch, "source": source, "device": str(device), "dtype": str(dtype), "prompt": prompt,
                            "layers": layers, "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
                            "torch": torch.__version__, "ceilings": ceilings.to_json(), "norm_mlp_variants": variants,
+                           "linmu_ssm_dtype": str(ssm_dtype).replace("torch.", ""),
                            "linmu": {}, "teacher": {}}  # fmt: skip
     for batch in batches:
         for name in runners:
@@ -160,7 +161,7 @@ def run(arch: str, device: torch.device, batches: list[int], prompt: int, steps:
             for variant in variants:
                 with torch.no_grad(), use_backend(variant):
                     if name == "linmu":
-                        dec = StaticDecoder.random(student, batch, position=prompt + 1)
+                        dec = StaticDecoder.random(student, batch, position=prompt + 1, ssm_dtype=ssm_dtype)
                     else:  # the second variant reuses the first one's attention kernel: no second trial
                         dec = ServedTeacherDecoder.random(teacher, batch, prompt=prompt, new_tokens=steps + 16,
                                                           kernel=kernel)  # fmt: skip
@@ -200,6 +201,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--runners", default="linmu,teacher",
                     help="which runners, comma-separated: linmu and / or teacher (a large --batch fits only "
                          "LinMU's constant state: --runners linmu --batch 1024) [linmu,teacher]")  # fmt: skip
+    ap.add_argument("--ssm-dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="LinMU's SSM state dtype (LinMUCache ssm_dtype: bfloat16 halves the state a step moves; "
+                         "updated in float32, stored rounded) [float32]")  # fmt: skip
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
     runners = tuple(args.runners.split(","))
@@ -211,7 +215,8 @@ def main(argv: list[str] | None = None) -> dict:
     prompt = args.prompt or (TINY_PROMPT if args.arch in TINY_ARCHS else REAL_PROMPT)
     batches = [int(b) for b in args.batch.split(",")]
     variants = args.norm_mlp.split(",")
-    res = run(args.arch, device, batches, prompt, args.steps, args.teacher_kernel, variants, args.json, runners)
+    res = run(args.arch, device, batches, prompt, args.steps, args.teacher_kernel, variants, args.json, runners,
+              getattr(torch, args.ssm_dtype))
     for name in runners:
         for key, per_batch in res[name].items():
             for variant, entry in per_batch.items():
