@@ -215,8 +215,8 @@ def main(argv: list[str] | None = None) -> dict:
     prompt = args.prompt or (TINY_PROMPT if args.arch in TINY_ARCHS else REAL_PROMPT)
     batches = [int(b) for b in args.batch.split(",")]
     variants = args.norm_mlp.split(",")
-    res = run(args.arch, device, batches, prompt, args.steps, args.teacher_kernel, variants, args.json, runners,
-              getattr(torch, args.ssm_dtype))
+    ssm_dtype = getattr(torch, args.ssm_dtype)
+    res = run(args.arch, device, batches, prompt, args.steps, args.teacher_kernel, variants, args.json, runners, ssm_dtype)
     for name in runners:
         for key, per_batch in res[name].items():
             for variant, entry in per_batch.items():
