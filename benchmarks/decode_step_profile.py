@@ -216,7 +216,8 @@ def main(argv: list[str] | None = None) -> dict:
     batches = [int(b) for b in args.batch.split(",")]
     variants = args.norm_mlp.split(",")
     ssm_dtype = getattr(torch, args.ssm_dtype)
-    res = run(args.arch, device, batches, prompt, args.steps, args.teacher_kernel, variants, args.json, runners, ssm_dtype)
+    res = run(args.arch, device, batches, prompt, args.steps, args.teacher_kernel, variants, args.json,
+              runners=runners, ssm_dtype=ssm_dtype)  # fmt: skip
     for name in runners:
         for key, per_batch in res[name].items():
             for variant, entry in per_batch.items():
