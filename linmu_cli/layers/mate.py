@@ -19,6 +19,7 @@ from linmu_cli.layers.flex_ma import FlexInputs, FlexMA, fast_kernels
 from linmu_cli.layers.layout import TokenLayout
 from linmu_cli.layers.local_swin import LocalSwin
 from linmu_cli.ops.fused_linear import PackedLinear, fused_linear, group_part
+from linmu_cli.ops.fusion_mix import fusion_mix
 
 # what `_projection_groups` returns beside the groups: (Flex-MA's groups, the wide ones among them, Local-Swin's)
 Counts = tuple[int, int, int]
@@ -210,12 +211,15 @@ class MateAttention(nn.Module):
             return self.flex.o_proj(flex.flatten(2))
         if flex is None:
             return self.swin.o_proj(swin.flatten(2))
-        a = torch.sigmoid(self.fuse(u) if logit is None else logit)[..., None]  # (B, L, 1 or H, 1)
+        logit = self.fuse(u) if logit is None else logit  # (B, L, 1 or H)
         if not fast:  # the reference: the formula of docs/design.md §5 as written
+            a = torch.sigmoid(logit)[..., None]
             return self.flex.o_proj((a * flex).flatten(2)) + self.swin.o_proj(((1 - a) * swin).flatten(2))
-        if self.swin.shared:  # one W_o: W_o (a flex + (1 - a) swin), the mix in one lerp kernel
-            return self.flex.o_proj(torch.lerp(swin, flex, a.to(swin.dtype)).flatten(2))
-        return self._two_output_projections((a * flex).flatten(2), (1 - a) * swin)
+        # the fast path: sigmoid and both W_o inputs in one Triton launch (`ops/fusion_mix`, one-launch backward)
+        if self.swin.shared:  # one W_o: W_o (a flex + (1 - a) swin)
+            return self.flex.o_proj(fusion_mix(flex, swin, logit, one_output=True)[0].flatten(2))
+        mixed_flex, mixed_swin = fusion_mix(flex, swin, logit)
+        return self._two_output_projections(mixed_flex.flatten(2), mixed_swin)
 
 
 def set_ssd_backend(model: nn.Module, backend: str) -> None:

@@ -14,13 +14,22 @@ from linmu_cli.config import MateConfig
 from linmu_cli.layers.layout import Segment, TokenLayout
 from linmu_cli.layers.mate import MateAttention
 from linmu_cli.ops import SSDBackendError, last_ssd_backend, select_ssd_backend
+from linmu_cli.ops.fusion_mix import last_fusion_mix_backend
 from linmu_cli.ops.gated_norm import gated_rmsnorm, gated_rmsnorm_reference, last_norm_backend
+from linmu_cli.ops.scan_inputs import last_scan_inputs_backend
 from linmu_cli.ops.short_conv import conv_kernel_error, last_conv_backend, short_conv, short_conv_reference
 
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (and fla-core or mamba-ssm)"),
 ]
+
+
+def forget_fused_backends() -> None:
+    """Clear what the fused scan-input / fusion-mix entries recorded, so a test sees only its own calls."""
+    from linmu_cli.ops import fusion_mix, scan_inputs
+
+    fusion_mix._LAST_BACKEND = scan_inputs._LAST_BACKEND = None
 
 
 def rel(a, b):
@@ -57,19 +66,78 @@ def test_fast_block_matches_reference_forward_and_backward(shared):
         torch.cat([angles, angles], -1).sin().bfloat16(),
     )
     outs, grads = [], []
+    forget_fused_backends()
     for block in (ref_block, fast_block):
         out = block(u, position_embeddings=rope, linmu_layout=layout)[0]
         ran = last_ssd_backend(), last_conv_backend(), last_norm_backend()
+        fused = last_scan_inputs_backend(), last_fusion_mix_backend()
         (out.float() * valid[..., None].to(dev)).square().mean().backward()
         outs.append(out)
         grads.append({n: p.grad for n, p in block.named_parameters()})
     assert ran[0] == fast and ran[1] == "fla" and ran[2] in ("mamba", "fla"), ran
+    assert fused == ("triton", "triton"), fused  # the fused scan inputs and fusion mix ran
     fwd_err = rel(outs[1][valid], outs[0][valid])
     grad_errs = {n: rel(grads[1][n], grads[0][n]) for n in grads[0]}
     print(f"\nfast backend {ran} (shared={shared}): forward rel. error {fwd_err:.2e}; worst grad rel. error "
           f"{max(grad_errs.values()):.2e} ({max(grad_errs, key=grad_errs.get)})")  # fmt: skip
     assert fwd_err < 2e-2
     assert all(e < 5e-2 for e in grad_errs.values()), grad_errs
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_fla_block_matches_reference_forward_and_backward(shared):
+    """The inference path on fla (what the prefill profile runs): the fused scan inputs (fla mode: k = B dt, v, g in
+    one launch) and the fused fusion mix against the "torch" reference block; forward always, backward where fla
+    may run it (not on Hopper with Triton < 3.7.1: docs/design.md §8)."""
+    from linmu_cli.ops import fla_backward_supported
+
+    dev = torch.device("cuda")
+    try:
+        select_ssd_backend(dev, "fla")
+    except SSDBackendError as e:
+        pytest.skip(f"fla does not run here: {e}")
+    backward = fla_backward_supported(dev)[0]
+    cfg = Qwen2VLTextConfig(hidden_size=3584, num_attention_heads=28, num_key_value_heads=4,
+                            intermediate_size=256, num_hidden_layers=2, vocab_size=100)  # fmt: skip
+    torch.manual_seed(0)
+    length, seg = 1400, Segment(100, 4, 16, 16)
+    ref_block = MateAttention(cfg, MateConfig(ssd_backend="torch", shared_projections=shared), layer_idx=1)
+    for p in ref_block.parameters():
+        torch.nn.init.normal_(p, 0, 0.02)
+    ref_block.flex.init_new_parameters(0.02)
+    ref_block = ref_block.to(dev, torch.bfloat16)
+    fast_block = copy.deepcopy(ref_block)
+    fast_block.mate = fast_block.flex.mate = fast_block.swin.mate = MateConfig(
+        ssd_backend="fla", shared_projections=shared
+    )
+    layout = TokenLayout.text_only(1, length, dev)
+    layout.segments = [[seg]]
+    u = torch.randn(1, length, 3584, device=dev, dtype=torch.bfloat16)
+    angles = torch.randn(1, length, 64, device=dev)
+    rope = (
+        torch.cat([angles, angles], -1).cos().bfloat16(),
+        torch.cat([angles, angles], -1).sin().bfloat16(),
+    )
+    outs, grads = [], []
+    forget_fused_backends()
+    for block in (ref_block, fast_block):
+        with torch.set_grad_enabled(backward):
+            out = block(u, position_embeddings=rope, linmu_layout=layout)[0]
+        ran = last_ssd_backend(), last_scan_inputs_backend(), last_fusion_mix_backend()
+        if backward:
+            out.float().square().mean().backward()
+            grads.append({n: p.grad for n, p in block.named_parameters()})
+        outs.append(out)
+    assert ran == ("fla", "triton", "triton"), ran
+    fwd_err = rel(outs[1], outs[0])
+    print(f"\nfla block (shared={shared}): forward rel. error {fwd_err:.2e}", end="")
+    assert fwd_err < 2e-2
+    if backward:
+        grad_errs = {n: rel(grads[1][n], grads[0][n]) for n in grads[0]}
+        print(f"; worst grad rel. error {max(grad_errs.values()):.2e} ({max(grad_errs, key=grad_errs.get)})")
+        assert all(e < 5e-2 for e in grad_errs.values()), grad_errs
+    else:
+        print(" (backward: fla refuses it here)")
 
 
 def test_short_conv_kernel_matches_reference_forward_and_backward():

@@ -11,7 +11,7 @@ import re
 
 import torch
 
-from linmu_cli.ops.ssd.utils import ResetPlan, check_inputs, expand_heads, require_cuda, split_segments
+from linmu_cli.ops.ssd.utils import ResetPlan, check_inputs, require_cuda, split_segments
 
 
 @functools.cache
@@ -153,13 +153,13 @@ def fla_scan_gqa(
     cs: int,
     return_final_state: bool,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """The grouped scan on fla: the repeat of B fused with k = B * dt, the query scale as fla's own ``scale``."""
-    b, T, h, n = C.shape
-    g = B.shape[2]
+    """The grouped scan on fla: v = x repeated, k = B repeated * dt and g = dt * A from one Triton launch
+    (`linmu_cli.ops.scan_inputs`, with a one-launch backward), the query scale as fla's own ``scale``."""
+    from linmu_cli.ops.scan_inputs import scan_inputs
+
+    h = C.shape[2]
     dtype = x.dtype
-    k = (B.unsqueeze(3) * dt.to(dtype).view(b, T, g, h // g, 1)).reshape(b, T, h, n)
-    v = expand_heads(x, h)
-    gate = dt.float() * A.float()
+    v, k, gate = scan_inputs(x, B, dt, A.float(), h)
     return _fla_run(_import_fla(), C.to(dtype), k, v, gate, scale, None, initial_state, cs,
                     return_final_state, plan)  # fmt: skip
 

@@ -15,7 +15,7 @@ import types
 
 import torch
 
-from linmu_cli.ops.ssd.utils import DEFAULT_CHUNK, ResetPlan, check_inputs, expand_heads, require_cuda
+from linmu_cli.ops.ssd.utils import DEFAULT_CHUNK, ResetPlan, check_inputs, require_cuda
 
 
 @functools.cache
@@ -114,12 +114,12 @@ def mamba_scan_gqa(
     cs: int,
     return_final_state: bool,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """The grouped scan on mamba: x repeated and scaled in one kernel (mamba has no query scale), B repeated."""
-    b, T, h, n = C.shape
-    hx = x.shape[2]
-    xs = x.unsqueeze(3).expand(b, T, hx, h // hx, x.shape[-1]) * scale  # repeat and scale in one kernel
-    return _mamba_call(_import_mamba(), xs.reshape(b, T, h, -1), dt, A, expand_heads(B, h), C, None,
-                       initial_state, cs, return_final_state, plan)  # fmt: skip
+    """The grouped scan on mamba: x repeated and scaled (mamba has no query scale) and B repeated, both from one
+    Triton launch (`linmu_cli.ops.scan_inputs`, with a one-launch backward)."""
+    from linmu_cli.ops.scan_inputs import scan_inputs
+
+    xs, bs, _ = scan_inputs(x, B, None, None, C.shape[2], x_scale=scale, dt_on_b=False)
+    return _mamba_call(_import_mamba(), xs, dt, A, bs, C, None, initial_state, cs, return_final_state, plan)
 
 
 __all__ = ["mamba_scan_gqa", "ssd_mamba"]
