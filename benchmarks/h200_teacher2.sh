@@ -22,7 +22,9 @@
 #
 # Time (limit 10 min per call): wheel install ~20 s, start-up ~15 s, training BUDGET = 400 s, held-out evaluation
 # (200 samples x 14 (task, frames) pairs = 2,800 greedy answers, batches of 100) ~40 s, save + tar ~5 s: ~8 min.
-# The trainer stops at the budget whatever the step time; `timeout` below is only a backstop for a hang.
+# The trainer stops at the budget whatever the step time; `timeout` below is only a backstop for a hang. It also
+# stops at the first non-finite loss or gradient norm (exit code 3, one "ERROR: non-finite ..." line, which this
+# script repeats at the end), so a diverged run costs a few steps, not the budget.
 #
 # Sizing (FLOPs measured with torch.utils.flop_counter on the CPU, forward + backward, bf16-agnostic): one
 # image sample 12.8 GFLOP, one video 42 GFLOP at 8 frames and 81 GFLOP at 16 (~4.8 GFLOP per frame plus the
@@ -76,7 +78,13 @@ print(f"lowest {r['min_accuracy']:.3f}: {verdict}")
 PY
   ls -la "$OUT"
 else
-  echo "no checkpoint written (exit code $RC): see train.log" | tee -a "$OUT/train.log"
+  # train_teacher stops at the first non-finite loss or gradient norm with one "ERROR: non-finite ..." line (exit 3)
+  NONFINITE=$(grep -m1 '^ERROR: non-finite' "$OUT/train.log")
+  if [ -n "$NONFINITE" ]; then
+    echo "TRAINING DIVERGED, no checkpoint written (exit code $RC): $NONFINITE" | tee -a "$OUT/train.log"
+  else
+    echo "no checkpoint written (exit code $RC): see train.log" | tee -a "$OUT/train.log"
+  fi
 fi
 echo "done in $((SECONDS - T0)) s" | tee -a "$OUT/train.log"
 exit "$RC"

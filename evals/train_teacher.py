@@ -12,6 +12,9 @@ the `grid_*` tasks at 224x224 (8x8 merged tokens per frame pair), trained with b
 normalised and patchified on the GPU (`evals/device_inputs.py`, checked against the processor at start), the loss
 computed on the answer positions only, and saved in bfloat16; its held-out accuracy is greedy generation on the
 saved weights. `benchmarks/h200_teacher2.sh` is the one device call that trains and reports it.
+The decoder's attention mask lets left-pad query rows attend to every key (`mask_without_empty_rows`: a row with no
+key made the bf16 H200 gradients NaN; real tokens are unaffected), and the first non-finite loss term or gradient
+norm stops the run with one `ERROR: non-finite ...` line and exit code 3, saving nothing.
 
 The model is transformers' own `Qwen2VLForConditionalGeneration` at a few million parameters (real layout: patch
 14, spatial merge 2, temporal patch 2, M-RoPE, GQA, head_dim 64) with linmu's tiny tokenizer and processor. It
@@ -356,6 +359,41 @@ def use_vision_attention(model, name: str) -> None:
         AttentionInterface.register(VISION_ATTENTION, batched_vision_attention)
     model.config.vision_config._attn_implementation = name
     model.model.visual.config._attn_implementation = name
+
+
+TEXT_ATTENTION = "sdpa_no_empty_rows"  # the decoder's SDPA with a mask that leaves no query row without a key
+
+
+def mask_without_empty_rows(*args, **kwargs):
+    """transformers' `sdpa_mask`, except that a query row allowed to attend to no key at all may attend to every key.
+
+    With left padding every pad position is such a row (causal: only earlier keys; padding: none of them), and
+    transformers 5.x no longer patches them (`allow_torch_fix` is a no-op). An empty row has logsumexp -inf;
+    kernels that rebuild the probabilities from it in the backward (exp(s - lse), flash-style) get -inf - -inf =
+    NaN, and with a bf16 mask on an H100/H200 (cuDNN attention, torch 2.11) that NaN reaches the gradients: the
+    teacher-2 run of 2026-12-02 went NaN right after step 1 for that (`tests/evals/test_train_teacher.py`
+    reproduces it on the CPU with such a kernel). The rows that change are pad positions only: no real token
+    attends to them (they are masked as keys), their labels are -100 and no probe reads them, so every real
+    token's output, the loss and the gradients are exactly those of the plain mask."""
+    from transformers.masking_utils import sdpa_mask
+
+    mask = sdpa_mask(*args, **kwargs)
+    if mask is None or mask.dtype != torch.bool:
+        return mask
+    return mask | ~mask.any(dim=-1, keepdim=True)
+
+
+def use_text_attention(model, name: str) -> None:
+    """`TEXT_ATTENTION` (training and held-out scoring) or "sdpa" (what is saved) for the decoder."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface
+
+    if name == TEXT_ATTENTION:
+        AttentionInterface.register(TEXT_ATTENTION, sdpa_attention_forward)
+        AttentionMaskInterface.register(TEXT_ATTENTION, mask_without_empty_rows)
+    model.config.text_config._attn_implementation = name
+    model.model.language_model.config._attn_implementation = name
 
 
 class LayoutProbes(torch.nn.Module):
@@ -800,11 +838,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def train_step(model, probes, batches, args, device, amp: bool, stats, frames: int):
     """One optimizer step's forward/backward over the step's batches (gradient accumulation, each batch weighted
-    by its number of samples); returns (answer loss, probe loss) as tensors, so that the host does not wait for
-    the device until a log line asks. `stats` collects per-task numbers (teacher 2)."""
+    by its number of samples); returns (answer loss, probe loss, terms) as tensors, so that the host does not wait
+    for the device until a log line asks; `terms` ({name: scalar}) is every loss term of the step, for
+    `nonfinite_error`. `stats` collects per-task numbers (teacher 2)."""
     total = sum(n for _, n, _ in batches)
     loss_sum = aux_sum = torch.zeros((), device=device)
+    terms: dict[str, torch.Tensor] = {}
+    parts_before = {k: len(v) for k, v in getattr(probes, "parts", {}).items()}
     for inputs, n, rows in batches:
+        kind = "video" if inputs.get("video_grid_thw") is not None else "image"
         if args.preset == "tiny":  # the original step, bit for bit (evals/teacher's reproduce command)
             inputs.pop(FRAMES_KEY, None)
             out = model(**inputs, output_hidden_states=args.aux_weight > 0)
@@ -828,7 +870,33 @@ def train_step(model, probes, batches, args, device, amp: bool, stats, frames: i
         ((loss + args.aux_weight * aux) * (n / total)).backward()
         loss_sum = loss_sum + loss.detach() * n / total
         aux_sum = aux_sum + aux.detach() * n / total
-    return loss_sum, aux_sum
+        terms[f"answer loss ({kind} batch)"] = loss.detach().float()
+        terms[f"probe loss ({kind} batch)"] = aux.detach().float()
+    for name, values in getattr(probes, "parts", {}).items():  # GridProbes: each probe's losses of this step
+        if len(values) > parts_before.get(name, 0):
+            terms[f"{name} probe loss"] = torch.stack(values[parts_before.get(name, 0) :]).float().sum()
+    return loss_sum, aux_sum, terms
+
+
+def nonfinite_error(step: int, terms: dict[str, float], args, frames: int) -> str | None:
+    """The one error line for step `step` (0-based) if a loss term or gradient norm of it is not finite, else None:
+    which step, which terms, and what to try."""
+    bad = [k for k, v in terms.items() if not math.isfinite(v)]
+    if not bad:
+        return None
+    losses_finite = all("norm" in k for k in bad)
+    if losses_finite:
+        hint = ("every loss was finite, so the backward made it (a bf16 attention kernel, a mask row with no key, "
+                "...): rerun with --amp off, or check the attention masks and kernels")  # fmt: skip
+    else:
+        hint = (f"lower --lr (now {args.lr:g}, warm-up {args.warmup} steps) or rerun with --amp off; a probe loss "
+                "alone: check its targets on this step's batch")  # fmt: skip
+    values = ", ".join(f"{k} {v:.4g}" for k, v in terms.items())
+    lr = lr_at(step, args.steps, args.lr, args.warmup)
+    return (
+        f"ERROR: non-finite {' and '.join(bad)} at step {step + 1} (lr {lr:.2e}, {frames} frames; {values}): "
+        f"training stopped, nothing saved (--out left as it was); try: {hint}"
+    )
 
 
 class TaskStats:
@@ -908,6 +976,8 @@ def main(argv: list[str] | None = None) -> int:
                   "without the pixel-reading probes)", flush=True)  # fmt: skip
     model.to(device).train()
     use_vision_attention(model, VISION_ATTENTION)
+    if args.preset != "tiny":  # tiny: fp32 only, its original step bit for bit
+        use_text_attention(model, TEXT_ATTENTION)
     n_params = sum(p.numel() for p in model.parameters())
     print(
         f"Qwen2VLForConditionalGeneration: {n_params / 1e6:.2f}M parameters, frames {frame_counts}, "
@@ -948,6 +1018,13 @@ def main(argv: list[str] | None = None) -> int:
     samples = tokens = 0
     curve: list[dict] = []  # per-task numbers at every log line (teacher 2): the learning curves
     t10 = stopped_at_budget = None
+    pending = None  # (step, its loss terms and gradient norms on the device, frames): checked one step later
+
+    def check_pending(item) -> str | None:
+        done, values, n_frames = item
+        values = dict(zip(values, torch.stack(list(values.values())).float().tolist(), strict=True))
+        return nonfinite_error(done, values, args, n_frames)
+
     for step, (batches, frames) in enumerate(loader):
         if step == args.steps:
             break
@@ -983,9 +1060,18 @@ def main(argv: list[str] | None = None) -> int:
         samples += sum(n for _, n, _ in batches)
         tokens += sum(b["input_ids"].numel() for b, _, _ in batches)
         opt.zero_grad(set_to_none=True)
-        loss_sum, aux_sum = train_step(model, probes, batches, args, device, amp, stats, frames)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        loss_sum, aux_sum, terms = train_step(model, probes, batches, args, device, amp, stats, frames)
+        terms["gradient norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        terms["probe gradient norm"] = torch.nn.utils.clip_grad_norm_(
+            probes.parameters(), math.inf
+        )  # unclipped
         opt.step()
+        # One step late, so that the host never waits for the device here: step `step - 1` is done by now.
+        # Its parameters are already updated, but nothing is saved: the run stops with the first bad step.
+        if pending is not None and (error := check_pending(pending)):
+            print(error, flush=True)
+            return 3
+        pending = (step, terms, frames)
         running = loss_sum if step == 0 else 0.95 * running + 0.05 * loss_sum
         running_aux = aux_sum if step == 0 else 0.95 * running_aux + 0.05 * aux_sum
         if (step + 1) % args.log_every == 0 or step == 0:
@@ -1015,6 +1101,9 @@ def main(argv: list[str] | None = None) -> int:
                 }  # fmt: skip
             )
             print(f"  held-out @16 (and @64) frames, 40/task: {json.dumps(quick)}", flush=True)
+    if pending is not None and (error := check_pending(pending)):
+        print(error, flush=True)
+        return 3
     steps_done = stopped_at_budget if stopped_at_budget is not None else args.steps
     train_s = time.time() - start
 
@@ -1070,6 +1159,8 @@ def main(argv: list[str] | None = None) -> int:
     with atomic_directory(Path(args.out), force=args.force) as tmp:
         if args.save_dtype == "bfloat16":
             model.to(torch.bfloat16)
+        if args.preset != "tiny":
+            use_text_attention(model, "sdpa")  # the saved config says sdpa
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
         weights = (tmp / "model.safetensors").read_bytes()

@@ -84,6 +84,9 @@ def test_teacher2_short_run_writes_report_curves_and_bf16_weights(tmp_path):
     config = json.loads((out / "config.json").read_text())
     assert config.get("dtype", config.get("torch_dtype")) == "bfloat16"
     assert "flash" not in (out / "config.json").read_text()
+    assert (
+        train_teacher.TEXT_ATTENTION not in (out / "config.json").read_text()
+    )  # training-only mask: sdpa saved
     assert "Held-out accuracy" in (out / "README.md").read_text()
 
 
@@ -142,3 +145,140 @@ def test_token_colors_and_glyph_targets_read_the_pixels():
     letter = list(synthetic.GLYPHS).index(g.answer)
     assert (targets == letter).any() and set(targets.unique().tolist()) <= {letter, -100}
     assert train_teacher.GridProbes._glyph_targets(colors, [("grid_count", "3")]) is None
+
+
+# --- issue 15's NaN run: a decoder query row with no key to attend to, and the trainer's stop on a NaN ------------
+
+
+class _FlashStyleAttention(torch.autograd.Function):
+    """Attention whose backward rebuilds the probabilities from the forward's logsumexp, P = exp(s - lse), as
+    flash-style kernels (cuDNN's on the H200 among them) do, with no special case for a row that may attend to no
+    key (lse = -inf, so P = exp(-inf - -inf) = NaN there). Its forward gives such a row 0, as torch's SDPA does:
+    the loss stays finite and only the gradients go NaN, as in the 2026-12-02 H200 run."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask, scale):
+        s = (q @ k.transpose(-1, -2) * scale).masked_fill(~mask, float("-inf"))
+        lse = torch.logsumexp(s, dim=-1, keepdim=True)
+        out = torch.exp(s - lse).nan_to_num(0.0) @ v
+        ctx.save_for_backward(q, k, v, mask, lse, out)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, mask, lse, out = ctx.saved_tensors
+        p = torch.exp((q @ k.transpose(-1, -2) * ctx.scale).masked_fill(~mask, float("-inf")) - lse)
+        ds = p * (dout @ v.transpose(-1, -2) - (dout * out).sum(-1, keepdim=True))
+        return (
+            ds @ k * ctx.scale,
+            ds.transpose(-1, -2) @ q * ctx.scale,
+            p.transpose(-1, -2) @ dout,
+            None,
+            None,
+        )
+
+
+def _flash_style_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
+    rep = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(rep, dim=1), value.repeat_interleave(rep, dim=1)
+    lq, lk = query.shape[2], key.shape[2]
+    mask = attention_mask if attention_mask is not None else torch.ones(lq, lk, dtype=torch.bool).tril()
+    out = _FlashStyleAttention.apply(query, key, value, mask, scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _teacher2_step(model, inputs, labels):
+    """One forward/backward of the answer loss: (loss, answer logits, {name: grad})."""
+    model.zero_grad(set_to_none=True)
+    out = model(**inputs, use_cache=False, logits_to_keep=train_teacher.answer_window(labels))
+    loss = train_teacher.answer_loss(out.logits, labels)[0]
+    loss.backward()
+    return (
+        loss.detach(),
+        out.logits.detach(),
+        {n: p.grad for n, p in model.named_parameters() if p.grad is not None},
+    )
+
+
+def test_teacher2_decoder_mask_leaves_no_row_without_a_key_and_changes_nothing_else():
+    """Left padding gives every pad position a query row with no key; with the plain mask a flash-style backward
+    turns it into NaN gradients (the H200 run). The trainer's mask lets those rows attend to every key: finite
+    gradients with the same kernel, and the same loss, logits and gradients as torch's SDPA on the plain mask."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
+
+    args = train_teacher.parse_args(["--out", "x", *SMALL_T2])
+    model, processor = build_tiny_teacher(
+        "qwen2_vl", seed=0, size="teacher2", **train_teacher.model_config(args)
+    )
+    model.train()
+    batches, _ = train_teacher.make_batches(0, args, processor, [8], list(synthetic.GRID_TASKS), 1.0)
+    host = dict(batches[1][0])  # the video batch
+    labels = host.pop("labels")
+    inputs = device_batch(host, "cpu", processor)
+    assert (inputs["attention_mask"] == 0).any()  # left padding: pad positions exist
+
+    masks = []
+    try:
+        AttentionInterface.register("test_flash_style_plain", _flash_style_attention)
+        AttentionMaskInterface.register("test_flash_style_plain", sdpa_mask)
+        train_teacher.use_text_attention(model, "test_flash_style_plain")
+        _, _, grads = _teacher2_step(model, inputs, labels)
+        assert not all(torch.isfinite(g).all() for g in grads.values())  # the failure, reproduced on the CPU
+
+        train_teacher.use_text_attention(model, train_teacher.TEXT_ATTENTION)
+
+        def spy(module, query, key, value, attention_mask, **kw):
+            masks.append(attention_mask)
+            return _flash_style_attention(module, query, key, value, attention_mask, **kw)
+
+        AttentionInterface.register(train_teacher.TEXT_ATTENTION, spy)
+        loss, logits, grads = _teacher2_step(model, inputs, labels)
+    finally:
+        train_teacher.use_text_attention(model, train_teacher.TEXT_ATTENTION)  # restores its sdpa kernel
+        for interface in (AttentionInterface, AttentionMaskInterface):
+            interface._global_mapping.pop("test_flash_style_plain", None)
+    assert masks and all(m.any(dim=-1).all() for m in masks)  # every query row attends to some key
+    assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads.values())
+
+    train_teacher.use_text_attention(model, "sdpa")  # torch's kernel on the plain mask: the reference
+    assert "test_flash_style_plain" not in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping
+    ref_loss, ref_logits, ref_grads = _teacher2_step(model, inputs, labels)
+    torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-4)
+    assert set(grads) == set(ref_grads)
+    for name, g in grads.items():
+        torch.testing.assert_close(
+            g, ref_grads[name], atol=1e-5, rtol=1e-3, msg=lambda m, n=name: f"{n}: {m}"
+        )
+
+
+def test_teacher2_stops_at_the_first_nonfinite_loss(tmp_path, monkeypatch, capsys):
+    """A NaN answer loss at step 2 ends the run with one error line naming the step and the term, exit code 3,
+    and nothing written."""
+    real, calls = train_teacher.answer_loss, []
+
+    def answer_loss(logits, labels):
+        calls.append(1)
+        loss, per_row, right = real(logits, labels)
+        return (loss * float("nan") if len(calls) == 3 else loss), per_row, right  # step 2's image batch
+
+    monkeypatch.setattr(train_teacher, "answer_loss", answer_loss)
+    out = tmp_path / "teacher2"
+    assert train_teacher.main(["--out", str(out), *SMALL_T2, "--steps", "5", "--eval-count", "1"]) == 3
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("ERROR")]
+    assert len(lines) == 1 and "non-finite answer loss (image batch) and gradient norm at step 2 " in lines[0]
+    assert "gradient norm" in lines[0] and "try:" in lines[0]
+    assert len(calls) == 6 and not out.exists()  # stopped after step 3 (checked one step late), saved nothing
+
+
+def test_nonfinite_error_names_the_term_and_what_to_try():
+    args = train_teacher.parse_args(["--out", "x", "--preset", "teacher2"])
+    finite = {"answer loss (video batch)": 2.5, "time probe loss": 1.2, "gradient norm": 3.0}
+    assert train_teacher.nonfinite_error(4, finite, args, 8) is None
+    line = train_teacher.nonfinite_error(4, {**finite, "gradient norm": float("nan")}, args, 8)
+    assert line.startswith("ERROR: non-finite gradient norm at step 5 (lr 5.00e-05, 8 frames;")
+    assert "every loss was finite" in line and "--amp off" in line and "\n" not in line
+    line = train_teacher.nonfinite_error(0, {**finite, "time probe loss": float("inf")}, args, 8)
+    assert "non-finite time probe loss at step 1" in line and "lower --lr (now 0.001" in line
