@@ -36,21 +36,32 @@ def rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
+def random_block(mate: MateConfig, dev: torch.device) -> MateAttention:
+    """An M-MATE block at the 7B attention shape (hidden 3584, 28 / 4 heads), random weights, bf16 on `dev`."""
+    cfg = Qwen2VLTextConfig(hidden_size=3584, num_attention_heads=28, num_key_value_heads=4,
+                            intermediate_size=256, num_hidden_layers=2, vocab_size=100)  # fmt: skip
+    torch.manual_seed(0)
+    block = MateAttention(cfg, mate, layer_idx=1)
+    for p in block.parameters():
+        torch.nn.init.normal_(p, 0, 0.02)
+    block.flex.init_new_parameters(0.02)
+    return block.to(dev, torch.bfloat16)
+
+
+def random_rope(batch: int, length: int, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random (cos, sin) position embeddings of head_dim 128, bf16, as the decoder passes them."""
+    angles = torch.randn(batch, length, 64, device=dev)
+    return torch.cat([angles] * 2, -1).cos().bfloat16(), torch.cat([angles] * 2, -1).sin().bfloat16()
+
+
 @pytest.mark.parametrize("shared", [False, True])
 def test_fast_block_matches_reference_forward_and_backward(shared):
     dev = torch.device("cuda")
     fast = select_ssd_backend(dev, "auto", need_backward=True)
     if fast == "torch":
         pytest.skip("no fast SSD backend with a backward pass imports on this GPU")
-    cfg = Qwen2VLTextConfig(hidden_size=3584, num_attention_heads=28, num_key_value_heads=4,
-                            intermediate_size=256, num_hidden_layers=2, vocab_size=100)  # fmt: skip
-    torch.manual_seed(0)
     length, seg = 1400, Segment(100, 4, 16, 16)  # 1024 video tokens
-    ref_block = MateAttention(cfg, MateConfig(ssd_backend="torch", shared_projections=shared), layer_idx=1)
-    for p in ref_block.parameters():
-        torch.nn.init.normal_(p, 0, 0.02)
-    ref_block.flex.init_new_parameters(0.02)
-    ref_block = ref_block.to(dev, torch.bfloat16)
+    ref_block = random_block(MateConfig(ssd_backend="torch", shared_projections=shared), dev)
     fast_block = copy.deepcopy(ref_block)
     fast_block.mate = fast_block.flex.mate = fast_block.swin.mate = MateConfig(
         ssd_backend=fast, shared_projections=shared
@@ -60,11 +71,7 @@ def test_fast_block_matches_reference_forward_and_backward(shared):
     layout = TokenLayout.text_only(2, length, dev, valid)
     layout.segments = [[seg], [Segment(seg.start + 37, 4, 16, 16)]]
     u = torch.randn(2, length, 3584, device=dev, dtype=torch.bfloat16)
-    angles = torch.randn(2, length, 64, device=dev)
-    rope = (
-        torch.cat([angles, angles], -1).cos().bfloat16(),
-        torch.cat([angles, angles], -1).sin().bfloat16(),
-    )
+    rope = random_rope(2, length, dev)
     outs, grads = [], []
     forget_fused_backends()
     for block in (ref_block, fast_block):
@@ -97,15 +104,8 @@ def test_fla_block_matches_reference_forward_and_backward(shared):
     except SSDBackendError as e:
         pytest.skip(f"fla does not run here: {e}")
     backward = fla_backward_supported(dev)[0]
-    cfg = Qwen2VLTextConfig(hidden_size=3584, num_attention_heads=28, num_key_value_heads=4,
-                            intermediate_size=256, num_hidden_layers=2, vocab_size=100)  # fmt: skip
-    torch.manual_seed(0)
     length, seg = 1400, Segment(100, 4, 16, 16)
-    ref_block = MateAttention(cfg, MateConfig(ssd_backend="torch", shared_projections=shared), layer_idx=1)
-    for p in ref_block.parameters():
-        torch.nn.init.normal_(p, 0, 0.02)
-    ref_block.flex.init_new_parameters(0.02)
-    ref_block = ref_block.to(dev, torch.bfloat16)
+    ref_block = random_block(MateConfig(ssd_backend="torch", shared_projections=shared), dev)
     fast_block = copy.deepcopy(ref_block)
     fast_block.mate = fast_block.flex.mate = fast_block.swin.mate = MateConfig(
         ssd_backend="fla", shared_projections=shared
@@ -113,11 +113,7 @@ def test_fla_block_matches_reference_forward_and_backward(shared):
     layout = TokenLayout.text_only(1, length, dev)
     layout.segments = [[seg]]
     u = torch.randn(1, length, 3584, device=dev, dtype=torch.bfloat16)
-    angles = torch.randn(1, length, 64, device=dev)
-    rope = (
-        torch.cat([angles, angles], -1).cos().bfloat16(),
-        torch.cat([angles, angles], -1).sin().bfloat16(),
-    )
+    rope = random_rope(1, length, dev)
     outs, grads = [], []
     forget_fused_backends()
     for block in (ref_block, fast_block):
@@ -209,20 +205,12 @@ def test_one_layer_prefill_captures_in_a_cuda_graph(backend):
         select_ssd_backend(dev, backend)
     except SSDBackendError as e:
         pytest.skip(str(e))
-    cfg = Qwen2VLTextConfig(hidden_size=3584, num_attention_heads=28, num_key_value_heads=4,
-                            intermediate_size=256, num_hidden_layers=2, vocab_size=100)  # fmt: skip
-    torch.manual_seed(0)
-    block = MateAttention(cfg, MateConfig(ssd_backend=backend), layer_idx=1)
-    for p in block.parameters():
-        torch.nn.init.normal_(p, 0, 0.02)
-    block.flex.init_new_parameters(0.02)
-    block = block.to(dev, torch.bfloat16).eval()
+    block = random_block(MateConfig(ssd_backend=backend), dev).eval()
     length = 40 + 4 * 256
     layout = TokenLayout.text_only(1, length, dev)
     layout.segments = [[Segment(20, 4, 16, 16)]]
     u = torch.randn(1, length, 3584, device=dev, dtype=torch.bfloat16)
-    angles = torch.randn(1, length, 64, device=dev)
-    rope = (torch.cat([angles] * 2, -1).cos().bfloat16(), torch.cat([angles] * 2, -1).sin().bfloat16())
+    rope = random_rope(1, length, dev)
     run = lambda: block(u, position_embeddings=rope, linmu_layout=layout)[0]  # noqa: E731
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
