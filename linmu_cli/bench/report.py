@@ -35,7 +35,9 @@ NOTES = [
     "LinMU's scans) / TTFT, of_matmul_peak against the measured matmul rate; decode achieved_bytes_per_s = "
     "bytes a step must move (decoder weights + LM head + KV cache read, or LinMU's state read and written) / "
     "step time, of_copy_bandwidth against the measured copy bandwidth (environment.ceilings).",
-    "Vision: both models run the same vision tower code (environment.kernels.vision).",
+    "Vision: both models run the same vision tower code (environment.kernels.vision). Before the runs of each "
+    "frame count the tower runs once untimed (vision_warmup_s), so that shape's one-time costs land in neither "
+    "model's TTFT (from 512 frames on each model runs once, the teacher first).",
     "Memory figures are bytes above what was allocated before the measurement (weights excluded).",
 ]
 

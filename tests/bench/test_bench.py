@@ -59,6 +59,7 @@ def test_cpu_smoke_run_writes_the_documented_json_and_plot(tmp_path):
     (row,) = data["results"]
     assert row["frames"] == 8 and row["video_tokens"] == 4 * 16 * 16  # frames/2 x (448/28)^2
     assert row["lm_tokens"] == row["video_tokens"] + data["config"]["text_tokens"]
+    assert row["vision_warmup_s"] > 0  # the untimed tower pass before this frame count's runs
     for ttft in (row["teacher"]["ttft"], row["linmu"]["ttft"], row["linmu"]["floor"]):
         assert ttft["status"] == "ok" and len(ttft["runs_s"]) == 2
         parts = ttft["vision_s"] + ttft["prefill_s"] + ttft["first_step_s"]
@@ -152,6 +153,25 @@ def test_bad_arguments_are_one_clear_line(args, message):
 def test_cuda_without_a_gpu_says_so():
     res = runner.invoke(app, ["bench", "--arch", "tiny-qwen2-vl", "--frames", "8"])
     assert res.exit_code == 2 and "no CUDA GPU" in res.output
+
+
+@pytest.mark.parametrize("tiny", ["qwen2_vl"], indirect=True)
+def test_vision_warm_up_runs_the_tower_once_untimed_and_skips_text(tiny):
+    """From 512 frames each model's TTFT is one run, teacher first: a new shape's one-time costs of the shared
+    tower must not land in one model's timed run (`warm_vision` before the runs)."""
+    from linmu_cli.bench.runner import warm_vision
+
+    _, teacher, _ = tiny
+    prompt = bench.synthetic_video(teacher.config, 4, 56, torch.device("cpu"), torch.float32)
+    calls = []
+    hook = teacher.model.visual.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        seconds = warm_vision(teacher, prompt, torch.device("cpu"))
+        text_only = bench.VideoPrompt(4, 56, 0, {"input_ids": prompt.inputs["input_ids"]})
+        assert warm_vision(teacher, text_only, torch.device("cpu")) == 0.0
+    finally:
+        hook.remove()
+    assert seconds > 0 and calls == [1]
 
 
 def test_synthetic_video_has_the_processor_layout():
