@@ -33,8 +33,16 @@ teacher: keys ckpt (layer-wise stages' checkpointing policy: all | every_other |
 ckpt_e2e (stage 3's), optimizer (auto | foreach | fused | for_loop), teacher_keep (all: every layer's input
 and output and full logits, as before issue 17 | used: what the stage's loss reads), prefetch (batches made
 ahead in a thread), data (synthetic | none), share_embeds (1: stage 3's student starts from the teacher's
-input embeddings, no second vision tower pass; needs teacher_keep=used), stages (e.g. stage1+stage2; default --stages). Unset keys take the
-command-line flags.
+input embeddings, no second vision tower pass; needs teacher_keep=used), stages (e.g. stage1+stage2; default --stages),
+batch (samples per step, default --batch 1: N copies of the same-shaped sample stacked as one batch the way the
+Qwen2-VL processor batches N videos, so a step trains on N x tokens and the CPU's launch cost of every kernel is
+spread over N times the GPU work). Unset keys take the command-line flags.
+
+Every record carries `batch` and `tokens_per_step` (batch x tokens per sample; tokens/s count them all). The
+baseline is measured at every batch some variant uses, right before the first such variant, into
+`baseline_by_batch` ({"1": ..., "2": ...}; `baseline_teacher_fwd_bwd` is the first variant's, as before), and a
+variant's `over_baseline` compares it with the baseline at its own batch (like with like); at batch > 1,
+`over_baseline_batch1` compares it with the one-sample teacher instead.
 
 Under torchrun each process trains on a sample of the same shape (the same random values on every rank: the
 speed does not depend on them), data parallel through `linmu_cli.distillation.parallel` (DDP, or FSDP2 of the
@@ -83,11 +91,18 @@ PHASES = (
     "optimizer",
     "other",
 )
-VARIANT_KEYS = ("ckpt", "ckpt_e2e", "optimizer", "teacher_keep", "prefetch", "data", "share_embeds", "stages")
+VARIANT_KEYS = (
+    "ckpt", "ckpt_e2e", "optimizer", "teacher_keep", "prefetch", "data", "share_embeds", "stages", "batch"
+)  # fmt: skip
+INT_KEYS = ("prefetch", "share_embeds", "batch")
 
 
-def video_batch(config, frames: int, resolution: int, text: int, device) -> dict:
-    """Processor-shaped inputs for one video of `frames` frames at `resolution`^2 plus `text` text tokens."""
+def video_batch(config, frames: int, resolution: int, text: int, device, batch: int = 1) -> dict:
+    """Processor-shaped inputs for one video of `frames` frames at `resolution`^2 plus `text` text tokens;
+    `batch` > 1 stacks that many copies of the same sample as the Qwen2-VL processor batches videos: token rows
+    stacked (batch, L), every video's patches concatenated along dim 0 of `pixel_values_videos` and one
+    `video_grid_thw` row per video, in row order (transformers' `Qwen2VLVideoProcessor`: `torch.cat(...,
+    dim=0)` / `torch.tensor(grids)`)."""
     patch, merge, tp = config.vision_config.patch_size, config.vision_config.spatial_merge_size, 2
     gt, gh, gw = frames // tp, resolution // patch, resolution // patch
     n_vis = gt * (gh // merge) * (gw // merge)
@@ -95,13 +110,21 @@ def video_batch(config, frames: int, resolution: int, text: int, device) -> dict
     ids[0, text // 2] = config.vision_start_token_id
     ids[0, text // 2 + 1 : text // 2 + 1 + n_vis] = config.video_token_id
     ids[0, text // 2 + 1 + n_vis] = config.vision_end_token_id
-    return {
+    one = {
         "input_ids": ids.to(device),
         "attention_mask": torch.ones_like(ids).to(device),
         "mm_token_type_ids": (2 * (ids == config.video_token_id)).to(device),
         "pixel_values_videos": torch.randn(gt * gh * gw, 3 * tp * patch * patch, device=device),
         "video_grid_thw": torch.tensor([[gt, gh, gw]], device=device),
     }
+    return stack_copies(one, batch)
+
+
+def stack_copies(sample: dict, n: int) -> dict:
+    """`n` copies of a one-sample batch as one batch: token tensors stacked along the batch dimension,
+    `pixel_values_*` (every patch of every image / video, concatenated) and `*_grid_thw` (one row per image /
+    video) concatenated along dim 0, as the processor batches them."""
+    return {k: v if n == 1 else v.repeat(n, *(1,) * (v.dim() - 1)) for k, v in sample.items()}
 
 
 class PhaseTimer:
@@ -197,11 +220,12 @@ def measure(step: Callable[[], None], timer: PhaseTimer, steps: int, dev: torch.
 
 
 class Data:
-    """One sample per step from the synthetic stream (made, then dropped) and the fixed batch to the device."""
+    """`batch` samples per step from the synthetic stream (made, then dropped) and the fixed batch (of as many
+    rows) to the device."""
 
     def __init__(self, host_batch: dict, dev: torch.device, frames: int, resolution: int, kind: str,
-                 prefetch: int) -> None:  # fmt: skip
-        self.host, self.dev = host_batch, dev
+                 prefetch: int, batch: int = 1) -> None:  # fmt: skip
+        self.host, self.dev, self.batch = host_batch, dev, batch
         if dev.type == "cuda":
             self.host = {k: v.pin_memory() for k, v in host_batch.items()}
         self.stream: SampleStream | Prefetcher | None = None
@@ -211,11 +235,11 @@ class Data:
             cfg = DataConfig(source="synthetic", tasks=["video_count"], frames=frames, size=resolution,
                              max_pixels=resolution * resolution, max_tokens=1 << 30, heldout=1)  # fmt: skip
             stream = SampleStream(cfg, build_tiny_processor("qwen2_vl", max_pixels=resolution**2), seed=0)
-            self.stream = Prefetcher(stream, 1, prefetch) if prefetch else stream
+            self.stream = Prefetcher(stream, batch, prefetch) if prefetch else stream
 
     def next(self) -> dict:
         if self.stream is not None:
-            self.stream.next_batch(1)
+            self.stream.next_batch(self.batch)
         return {k: v.to(self.dev, non_blocking=v.is_pinned()) for k, v in self.host.items()}
 
     def close(self) -> None:
@@ -255,15 +279,11 @@ def parse_variant(text: str, defaults: dict[str, Any]) -> tuple[str, dict[str, A
         key, _, value = item.partition("=")
         if key not in VARIANT_KEYS:
             raise SystemExit(f"--variant {text}: unknown key {key!r}; keys: {', '.join(VARIANT_KEYS)}")
-        cfg[key] = (
-            int(value)
-            if key in ("prefetch", "share_embeds")
-            else value.replace("+", ",")
-            if key == "stages"
-            else value
-        )
+        cfg[key] = int(value) if key in INT_KEYS else value.replace("+", ",") if key == "stages" else value
     for key in ("ckpt", "ckpt_e2e"):
         policy_of(cfg[key])  # refuse a misspelt policy before the model is built
+    if cfg["batch"] < 1:
+        raise SystemExit(f"--variant {text}: batch must be >= 1")
     return name or "default", cfg
 
 
@@ -283,6 +303,9 @@ def main() -> None:
     ap.add_argument("--teacher-keep", default="all", choices=["all", "used"])
     ap.add_argument("--prefetch", type=int, default=0)
     ap.add_argument("--data", default="synthetic", choices=["synthetic", "none"])
+    ap.add_argument(
+        "--batch", type=int, default=1, help="samples per step (copies of the same-shaped sample)"
+    )
     ap.add_argument(
         "--share-embeds", action="store_true", help="stage 3 starts from the teacher's embeddings"
     )
@@ -306,7 +329,7 @@ def main() -> None:
                 "ckpt_e2e": args.checkpointing_e2e or args.checkpointing, "optimizer": args.optimizer,
                 "teacher_keep": args.teacher_keep, "prefetch": args.prefetch, "data": args.data,
                 "share_embeds": int(args.share_embeds),
-                "stages": args.stages}  # fmt: skip
+                "stages": args.stages, "batch": args.batch}  # fmt: skip
     variants = [parse_variant(v, defaults) for v in args.variant] or [("default", defaults)]
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     cuda = torch.cuda.is_available()
@@ -318,8 +341,15 @@ def main() -> None:
     torch.manual_seed(0)
     teacher = build_random_model(args.arch, torch.bfloat16 if dev.type == "cuda" else torch.float32, dev)
     teacher.requires_grad_(False)
-    host_batch = video_batch(teacher.config, args.frames, args.resolution, 64, "cpu")
-    tokens = host_batch["input_ids"].numel()
+    host_batches = {1: video_batch(teacher.config, args.frames, args.resolution, 64, "cpu")}
+
+    def host_batch_of(n: int) -> dict:
+        """The fixed host batch of `n` copies of the one sample (the same sample for every n)."""
+        if n not in host_batches:
+            host_batches[n] = stack_copies(host_batches[1], n)
+        return host_batches[n]
+
+    tokens = host_batch_of(1)["input_ids"].numel()  # per sample
     layers = teacher.model.language_model.layers
     gpu = torch.cuda.get_device_name(0) if dev.type == "cuda" else "cpu"
     results: dict[str, Any] = {
@@ -331,6 +361,7 @@ def main() -> None:
     }  # fmt: skip
     say = print if rank == 0 else (lambda *a, **k: None)
     say(f"{args.arch}: {tokens} tokens per sample x {world} process(es)", flush=True)
+    results["baseline_by_batch"] = {}
     target = (
         Path(args.out) / f"distill_throughput{'-' + args.label if args.label else ''}.json"
         if args.out
@@ -344,10 +375,11 @@ def main() -> None:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(results, indent=2) + "\n")
 
-    def rate(rec: dict) -> dict:
-        sec = rec["s_per_step"]
-        rec["tokens_per_s"] = world * tokens / sec
-        rec["tokens_per_s_without_data"] = world * tokens / max(sec - rec["phases_s"]["data"], 1e-9)
+    def rate(rec: dict, batch: int) -> dict:
+        sec, step_tokens = rec["s_per_step"], batch * tokens
+        rec.update(batch=batch, tokens_per_step=step_tokens)
+        rec["tokens_per_s"] = world * step_tokens / sec
+        rec["tokens_per_s_without_data"] = world * step_tokens / max(sec - rec["phases_s"]["data"], 1e-9)
         return rec
 
     def over_budget() -> bool:
@@ -355,11 +387,23 @@ def main() -> None:
 
     timer = PhaseTimer(dev)
     first = variants[0][1]
-    if world == 1 and not args.no_baseline:
-        # baseline: teacher forward + backward, gradients for every decoder weight (one process only)
+
+    def baseline_at(n: int) -> dict | None:
+        """The baseline at `n` samples per step, measured the first time a variant asks for it: teacher forward
+        + backward, gradients for every decoder weight (one process only), with the first variant's data."""
+        key = str(n)
+        if world > 1 or args.no_baseline:
+            return None
+        if key in results["baseline_by_batch"]:
+            return results["baseline_by_batch"][key]
+        if over_budget():
+            results["baseline_by_batch"][key] = {"skipped": "time budget", "batch": n}
+            return None
         for p in layers.parameters():
             p.requires_grad_(True)
-        base_data = Data(host_batch, dev, args.frames, args.resolution, first["data"], first["prefetch"])
+        base_data = Data(
+            host_batch_of(n), dev, args.frames, args.resolution, first["data"], first["prefetch"], n
+        )
 
         def baseline() -> None:
             with timer.span("data"):
@@ -371,19 +415,30 @@ def main() -> None:
                     logits.float().square().mean().backward()
             teacher.zero_grad(set_to_none=True)
 
-        with timed_losses(timer):
-            rec = rate(measure(baseline, timer, args.steps, dev))
+        try:
+            with timed_losses(timer):
+                rec = rate(measure(baseline, timer, args.steps, dev), n)
+            say(f"teacher fwd+bwd (batch {n}): {rec['tokens_per_s']:,.0f} tok/s, peak {rec['peak_gib']:.1f} GiB",
+                flush=True)  # fmt: skip
+        except torch.OutOfMemoryError:
+            rec = {"oom": True, "batch": n}
+            timer.spans = []
+            teacher.zero_grad(set_to_none=True)
+            say(f"teacher fwd+bwd (batch {n}): out of memory", flush=True)
         base_data.close()
-        results["baseline_teacher_fwd_bwd"] = rec
-        say(f"teacher fwd+bwd: {rec['tokens_per_s']:,.0f} tok/s, peak {rec['peak_gib']:.1f} GiB", flush=True)
+        results["baseline_by_batch"][key] = rec
+        if n == first["batch"]:
+            results["baseline_teacher_fwd_bwd"] = rec  # the first variant's batch (1 by default), as before
         teacher.requires_grad_(False)
         if cuda:
             torch.cuda.empty_cache()
         write()
+        return rec if "tokens_per_s" in rec else None
 
     for vname, var in variants:
         vres: dict[str, Any] = {"config": var, "stages": {}}
         results["variants"][vname] = vres
+        baseline_at(var["batch"])  # like with like: measured before the first variant at a new batch
         for name, defaults_ in STAGE_DEFAULTS.items():
             if name not in var["stages"].split(","):
                 continue
@@ -412,24 +467,25 @@ def main() -> None:
                 else EndToEndObjective(student, loss, bool(var["share_embeds"]))
             )
             opt = torch.optim.AdamW(params, lr=1e-5, **optimizer_flags(var["optimizer"]))
-            layout = student.token_layout(**{k: v.to(dev) for k, v in host_batch.items()})
+            n = var["batch"]
+            layout = student.token_layout(**{k: v.to(dev) for k, v in host_batch_of(n).items()})
             used = var["teacher_keep"] == "used"
             keep: dict[str, Any] = {"keep_embeds": True} if e2e and var["share_embeds"] else {}
             if used and e2e:
                 keep.update(keep_inputs=False, keep_layers=hidden_layer_ids(loss, len(s_layers)))
             want_logits = bool(loss.kl) if used else True
-            data = Data(host_batch, dev, args.frames, args.resolution, var["data"], var["prefetch"])
+            data = Data(host_batch_of(n), dev, args.frames, args.resolution, var["data"], var["prefetch"], n)
             step = make_step(teacher, layers, data, objective, opt, params, layout, defaults_["mode"], dev,
                              timer, keep, want_logits)  # fmt: skip
             try:
                 with timed_losses(timer):
-                    rec = rate(measure(step, timer, args.steps, dev))
+                    rec = rate(measure(step, timer, args.steps, dev), n)
                 rec.update(ssd_backend=last_ssd_backend(), trainable_params=trainable, checkpointing=policy)
             except torch.OutOfMemoryError:
-                rec = {"oom": True, "checkpointing": policy}
+                rec = {"oom": True, "checkpointing": policy, "batch": n}
                 timer.spans = []
             except Exception as exc:  # noqa: BLE001 (one broken variant must not lose the others' numbers)
-                rec = {"error": f"{type(exc).__name__}: {exc}"[:500], "checkpointing": policy}
+                rec = {"error": f"{type(exc).__name__}: {exc}"[:500], "checkpointing": policy, "batch": n}
                 timer.spans = []
                 say(f"[{vname}] {name} failed: {rec['error']}", flush=True)
             data.close()
@@ -440,9 +496,9 @@ def main() -> None:
                 dist.all_reduce(stats, op=dist.ReduceOp.MAX)
                 if "oom" not in rec and stats[0].isfinite():
                     rec.update(s_per_step=float(stats[0]), peak_gib=float(stats[1]))
-                    rate(rec)
+                    rate(rec, n)
                 else:
-                    rec = {"oom": True}
+                    rec = {"oom": True, "batch": n}
             vres["stages"][name] = rec
             shown = {
                 k: (round(v, 4) if isinstance(v, float) else v) for k, v in rec.items() if k != "phases_s"
@@ -454,17 +510,23 @@ def main() -> None:
             if cuda:
                 torch.cuda.empty_cache()
             write()
-        base = results.get("baseline_teacher_fwd_bwd")
+        base = results["baseline_by_batch"].get(str(var["batch"]), {})
+        base = base if "tokens_per_s" in base else None
+        base1 = results["baseline_by_batch"].get("1", {})
         for rec in vres["stages"].values():
             if base and "tokens_per_s" in rec:
                 # the baseline as issue 17 defines it: teacher compute only, no data phase
                 ref = base["tokens_per_s_without_data"]
                 rec["over_baseline"] = rec["tokens_per_s"] / ref
                 rec["over_baseline_without_data"] = rec["tokens_per_s_without_data"] / ref
+                if var["batch"] != 1 and "tokens_per_s_without_data" in base1:
+                    # against the one-sample teacher: what batching gains over the batch-1 reference
+                    rec["over_baseline_batch1"] = rec["tokens_per_s"] / base1["tokens_per_s_without_data"]
         s3 = vres["stages"].get("stage3", {})
         if "over_baseline" in s3:
             vres["stage3_over_baseline"] = s3["over_baseline"]
-            say(f"[{vname}] stage3 throughput / teacher fwd+bwd = {s3['over_baseline']:.2f}", flush=True)
+            say(f"[{vname}] stage3 throughput / teacher fwd+bwd (batch {var['batch']}) = {s3['over_baseline']:.2f}",
+                flush=True)  # fmt: skip
     results["stages"] = results["variants"][variants[0][0]]["stages"]  # the first variant, as before
     if "stage3_over_baseline" in results["variants"][variants[0][0]]:
         results["stage3_over_baseline"] = results["variants"][variants[0][0]]["stage3_over_baseline"]

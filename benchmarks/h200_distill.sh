@@ -12,6 +12,12 @@
 #   before           checkpointing all, torch's default AdamW (foreach), the teacher keeping every layer's input
 #                    and output and the full logits, the sample made in the step: the pre-issue-17 step + data
 #   trimmed          + fused AdamW, the teacher keeping only what the loss reads, the next sample prefetched
+#   trimmed_b2       trimmed at 2 samples per step (2 x 8,258 tokens, the same sample twice, stacked as the
+#                    processor batches videos): the step is CPU-bound at batch 1, so this spreads the kernel
+#                    launch cost over twice the GPU work; its over_baseline is against the teacher at batch 2
+#                    (baseline_by_batch["2"], measured right before it), over_baseline_batch1 against batch 1
+#   trimmed_b4       trimmed at 4 samples per step (4 x 8,258 tokens; stage 3 or the batch-4 baseline may run out of
+#                    memory: recorded as oom)
 #   e2e_every_other  trimmed, stage 3 checkpointing layers 0, 2, 4, ...
 #   e2e_mlp_only     trimmed, stage 3 checkpointing only the MLPs
 #   e2e_shared       trimmed, stage 3's student starting from the teacher's input embeddings (no 2nd vision pass)
@@ -45,6 +51,8 @@ timeout -k 10 $((BUDGET + 90)) python3 benchmarks/distill_throughput.py --arch "
   --out "$OUT" --label 7b \
   --variant "before:ckpt=all,ckpt_e2e=all,optimizer=auto,teacher_keep=all,prefetch=0" \
   --variant "trimmed:$T,ckpt_e2e=all" \
+  --variant "trimmed_b2:$T,ckpt_e2e=all,batch=2" \
+  --variant "trimmed_b4:$T,ckpt_e2e=all,batch=4" \
   --variant "e2e_every_other:$T,ckpt_e2e=every_other,stages=stage3" \
   --variant "e2e_mlp_only:$T,ckpt_e2e=mlp_only,stages=stage3" \
   --variant "e2e_shared:$T,ckpt_e2e=all,share_embeds=1,stages=stage3" \

@@ -244,6 +244,7 @@ def test_distill_throughput_breakdown_adds_up(tmp_path):
     cmd = [sys.executable, str(ROOT / "benchmarks" / "distill_throughput.py"), "--tiny", "--steps", "1",
            "--variant", "before:ckpt=all,ckpt_e2e=all",
            "--variant", "after:ckpt=none,ckpt_e2e=mlp_only,optimizer=fused,teacher_keep=used,prefetch=1,stages=stage1+stage3",
+           "--variant", "b2:ckpt=none,teacher_keep=used,prefetch=1,stages=stage1,batch=2",
            "--out", str(tmp_path), "--label", "t"]  # fmt: skip
     res = subprocess.run(
         cmd,
@@ -257,10 +258,23 @@ def test_distill_throughput_breakdown_adds_up(tmp_path):
     phases = set(data["phases"])
     assert phases == {"data", "teacher_forward", "student_forward", "losses", "recompute", "backward",
                       "optimizer", "other"}  # fmt: skip
-    records = [data["baseline_teacher_fwd_bwd"]] + [
+    records = [data["baseline_teacher_fwd_bwd"], data["baseline_by_batch"]["2"]] + [
         s for v in data["variants"].values() for s in v["stages"].values()
     ]
-    assert len(records) == 6 and set(data["variants"]["after"]["stages"]) == {"stage1", "stage3"}
+    assert len(records) == 8 and set(data["variants"]["after"]["stages"]) == {"stage1", "stage3"}
+    # batch=2: twice the tokens per step, against the teacher at batch 2 (and at batch 1)
+    base1, base2 = data["baseline_by_batch"]["1"], data["baseline_by_batch"]["2"]
+    b2 = data["variants"]["b2"]["stages"]["stage1"]
+    assert base1 == data["baseline_teacher_fwd_bwd"] and base1["tokens_per_step"] == data["tokens"]
+    assert (
+        b2["batch"] == base2["batch"] == 2
+        and b2["tokens_per_step"] == base2["tokens_per_step"] == 2 * data["tokens"]
+    )
+    assert b2["tokens_per_s"] == pytest.approx(2 * data["tokens"] / b2["s_per_step"])
+    assert b2["over_baseline"] == pytest.approx(b2["tokens_per_s"] / base2["tokens_per_s_without_data"])
+    assert b2["over_baseline_batch1"] == pytest.approx(
+        b2["tokens_per_s"] / base1["tokens_per_s_without_data"]
+    )
     for rec in records:
         assert set(rec["phases_s"]) == phases
         assert rec["phases_sum_s"] == pytest.approx(rec["s_per_step"], rel=1e-6)
@@ -297,3 +311,62 @@ def test_shared_teacher_embeddings_skip_the_students_vision_tower(tiny):
         EndToEndObjective(student, LossConfig(), True)(batch, plain, student.token_layout(**batch))
     with pytest.raises(LinmuError, match="share_teacher_embeddings"):
         load_recipe(RECIPE, ["stages.stage1.share_teacher_embeddings=true"])
+
+
+def _distill_throughput():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "distill_throughput", ROOT / "benchmarks" / "distill_throughput.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_distill_throughput_batch_of_copies_has_the_one_sample_loss(tiny):
+    """distill_throughput.py `batch=2`: two copies of the sample stacked as the processor batches two videos
+    (patches concatenated, one grid row per video), twice the tokens per step, one segment per row, and stage
+    1's and stage 3's losses (finite) those of the one sample: identical rows give the same weighted means."""
+    bench = _distill_throughput()
+    from linmu_cli.archs import build_random_model
+    from linmu_cli.distillation.objectives import hidden_layer_ids
+    from linmu_cli.distillation.recipe import STAGE_DEFAULTS
+
+    _, _, _, processed = tiny  # what the processor makes of 2 videos: the layout stack_copies follows
+    grid = processed["video_grid_thw"]
+    assert grid.shape == (2, 3) and processed["pixel_values_videos"].shape[0] == int(grid.prod(-1).sum())
+    torch.manual_seed(0)
+    teacher = build_random_model("tiny-qwen2-vl", torch.float32, torch.device("cpu"))
+    teacher.requires_grad_(False)
+    torch.manual_seed(1)
+    one = bench.video_batch(teacher.config, 8, 112, 64, "cpu")
+    two = bench.stack_copies(one, 2)
+    assert two["input_ids"].shape == (2, one["input_ids"].shape[1])
+    assert two["input_ids"].numel() == 2 * one["input_ids"].numel()
+    assert two["pixel_values_videos"].shape[0] == 2 * one["pixel_values_videos"].shape[0]
+    assert two["video_grid_thw"].tolist() == 2 * one["video_grid_thw"].tolist()
+    assert all(torch.equal(two[k][1:], one[k]) for k in ("input_ids", "attention_mask", "mm_token_type_ids"))
+    layers = teacher.model.language_model.layers
+    student = convert_model(teacher, MateConfig(), seed=0)
+    student.train()
+    for stage in ("stage1", "stage3"):
+        loss_cfg = LossConfig(**STAGE_DEFAULTS[stage].get("loss", {}))
+        keep = hidden_layer_ids(loss_cfg, len(layers))
+        losses = []
+        for batch in (one, two):
+            layout = student.token_layout(**batch)
+            assert [[(s.start, s.length) for s in row] for row in layout.segments] == [
+                [(s.start, s.length) for s in student.token_layout(**one).segments[0]]
+            ] * batch["input_ids"].shape[0]
+            if stage == "stage1":
+                tp = run_teacher(teacher, layers, batch, want_logits=False)
+                out = LayerwiseObjective(student, loss_cfg)(tp, layout)
+            else:
+                tp = run_teacher(
+                    teacher, layers, batch, want_logits=True, keep_inputs=False, keep_layers=keep
+                )
+                out = EndToEndObjective(student, loss_cfg)(batch, tp, layout)
+            losses.append(out["loss"].detach())
+        assert torch.isfinite(losses[0]) and losses[0] > 0, stage
+        torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-7, msg=stage)
