@@ -22,6 +22,7 @@ from linmu_cli.ops.fused_linear import fused_linear, group_part
 from linmu_cli.ops.gated_norm import gated_rmsnorm
 from linmu_cli.ops.gather import permute_rows
 from linmu_cli.ops.short_conv import conv_step, conv_tail, short_conv
+from linmu_cli.ops.skip_add import skip_add
 from linmu_cli.ops.ssd import expand_heads, flex_decode_step, ssd_step
 from linmu_cli.ops.ssd import ssd_scan_gqa as ssd_scan  # grouped entry (the bench floor patches this name)
 
@@ -143,7 +144,8 @@ class FlexMA(nn.Module):
         """u (B, L, hidden) -> per-head outputs (B, L, H, d), before the output projection.
 
         `inputs`: the projections already computed (the block's one GEMM); else computed here. Conv, the
-        step sizes, both scans and the D skip stay at key/value-head width for x and B (GQA). The cache
+        step sizes, both scans and the D skip stay at key/value-head width for x and B (GQA). On the fast path the
+        backward scan's masked output and the D skip are one kernel (`linmu_cli.ops.skip_add`). The cache
         (`state`: conv tail and SSM state) is read once at the start and written once at the end.
         """
         bsz, length, _ = u.shape
@@ -170,20 +172,25 @@ class FlexMA(nn.Module):
             ssm = state.ssm_buffer(bsz, h, d, d, u.device)
             y, ssm_next = ssd_step(expand_heads(x, h)[:, 0], dt[:, 0], a, expand_heads(b, h)[:, 0],
                                    (c * d**-0.5)[:, 0], ssm, backend=self.mate.ssd_backend)  # fmt: skip
-            y = y[:, None]
+            y, back, keep = y[:, None], None, None
         else:
             # a reduced-precision cache state (LinMUCache ssm_dtype) enters the scan in float32
             if ssm_prev is not None and ssm_prev.dtype != torch.float32:
                 ssm_prev = ssm_prev.float()
-            y, ssm_next = self._scan(
-                xbc, dt, a, inputs.dtb_raw, layout, layer_idx, ssm_prev, state is not None
+            y, ssm_next, back, keep = self._scan(
+                xbc, dt, a, inputs.dtb_raw, layout, layer_idx, ssm_prev, state is not None, add_back=not fast
             )
         if state is not None:  # the one write of Flex-MA's cache, after every read of it
             state.update_flex(conv_next, ssm_next)
 
         # y + D * x with x at key/value width, broadcast over each group (no repeated copy of x)
         g = h // hk
-        y = torch.addcmul(y.reshape(bsz, length, hk, g, d), self.D.to(y.dtype).view(hk, g, 1), x.unsqueeze(3))
+        if fast:  # one kernel: y + keep * back + D x (the backward scan's output not added by `_scan`)
+            y = skip_add(y, back, keep, x, self.D, fast=True)
+        else:
+            y = torch.addcmul(
+                y.reshape(bsz, length, hk, g, d), self.D.to(y.dtype).view(hk, g, 1), x.unsqueeze(3)
+            )
         if not self.mate.output_norm:  # magnitude kept: gate and per-channel scale, no RMS
             y = y.view(bsz, length, h, d)
             if inputs.gate is not None:
@@ -234,9 +241,13 @@ class FlexMA(nn.Module):
         layer_idx: int,
         initial_state: torch.Tensor | None,
         final: bool,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        add_back: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
         """Forward SSD scan over every token plus the segment-confined backward scan: (y (B, L, H, d), the
-        forward scan's final state when `final`, else None).
+        forward scan's final state when `final`, else None, back, keep). With `add_back` (the reference) y holds
+        the backward scan's masked output and back, keep are None; without it (the fast path, whose `skip_add`
+        adds it with the D skip) back (B, L, H, d) and its per-token mask keep (B, L, 1, 1) come apart (None
+        without a backward scan).
 
         The conv output xbc = [x, B, C] is put into scan order with one row gather (x and B at key/value
         width), using index maps the layout built once per forward (docs/design.md §3); the output comes
@@ -275,5 +286,7 @@ class FlexMA(nn.Module):
                 backend=self.mate.ssd_backend,
             )  # fmt: skip
             back = yb.reshape(rows * steps, h * d).index_select(0, bg.out_index).view(bsz, length, h, d)
+            if not add_back:
+                return y, final_state, back, bg.keep
             y = torch.addcmul(y, back, bg.keep.to(y.dtype))
-        return y, final_state
+        return y, final_state, None, None

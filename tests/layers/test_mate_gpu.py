@@ -18,6 +18,7 @@ from linmu_cli.ops.fusion_mix import last_fusion_mix_backend
 from linmu_cli.ops.gated_norm import gated_rmsnorm, gated_rmsnorm_reference, last_norm_backend
 from linmu_cli.ops.scan_inputs import last_scan_inputs_backend
 from linmu_cli.ops.short_conv import conv_kernel_error, last_conv_backend, short_conv, short_conv_reference
+from linmu_cli.ops.skip_add import last_skip_add_backend
 
 pytestmark = [
     pytest.mark.gpu,
@@ -26,10 +27,10 @@ pytestmark = [
 
 
 def forget_fused_backends() -> None:
-    """Clear what the fused scan-input / fusion-mix entries recorded, so a test sees only its own calls."""
-    from linmu_cli.ops import fusion_mix, scan_inputs
+    """Clear what the fused scan-input / skip-add / fusion-mix entries recorded, so a test sees only its own calls."""
+    from linmu_cli.ops import fusion_mix, scan_inputs, skip_add
 
-    fusion_mix._LAST_BACKEND = scan_inputs._LAST_BACKEND = None
+    fusion_mix._LAST_BACKEND = scan_inputs._LAST_BACKEND = skip_add._LAST_BACKEND = None
 
 
 def rel(a, b):
@@ -77,12 +78,12 @@ def test_fast_block_matches_reference_forward_and_backward(shared):
     for block in (ref_block, fast_block):
         out = block(u, position_embeddings=rope, linmu_layout=layout)[0]
         ran = last_ssd_backend(), last_conv_backend(), last_norm_backend()
-        fused = last_scan_inputs_backend(), last_fusion_mix_backend()
+        fused = last_scan_inputs_backend(), last_skip_add_backend(), last_fusion_mix_backend()
         (out.float() * valid[..., None].to(dev)).square().mean().backward()
         outs.append(out)
         grads.append({n: p.grad for n, p in block.named_parameters()})
     assert ran[0] == fast and ran[1] == "fla" and ran[2] in ("mamba", "fla"), ran
-    assert fused == ("triton", "triton"), fused  # the fused scan inputs and fusion mix ran
+    assert fused == ("triton",) * 3, fused  # the fused scan inputs, skip add and fusion mix ran
     fwd_err = rel(outs[1][valid], outs[0][valid])
     grad_errs = {n: rel(grads[1][n], grads[0][n]) for n in grads[0]}
     print(f"\nfast backend {ran} (shared={shared}): forward rel. error {fwd_err:.2e}; worst grad rel. error "
@@ -94,8 +95,8 @@ def test_fast_block_matches_reference_forward_and_backward(shared):
 @pytest.mark.parametrize("shared", [False, True])
 def test_fla_block_matches_reference_forward_and_backward(shared):
     """The inference path on fla (what the prefill profile runs): the fused scan inputs (fla mode: k = B dt, v, g in
-    one launch) and the fused fusion mix against the "torch" reference block; forward always, backward where fla
-    may run it (not on Hopper with Triton < 3.7.1: docs/design.md §8)."""
+    one launch), the fused skip add and the fused fusion mix against the "torch" reference block; forward always,
+    backward where fla may run it (not on Hopper with Triton < 3.7.1: docs/design.md §8)."""
     from linmu_cli.ops import fla_backward_supported
 
     dev = torch.device("cuda")
@@ -119,12 +120,13 @@ def test_fla_block_matches_reference_forward_and_backward(shared):
     for block in (ref_block, fast_block):
         with torch.set_grad_enabled(backward):
             out = block(u, position_embeddings=rope, linmu_layout=layout)[0]
-        ran = last_ssd_backend(), last_scan_inputs_backend(), last_fusion_mix_backend()
+        ran = last_ssd_backend(), last_scan_inputs_backend(), last_skip_add_backend()
+        ran += (last_fusion_mix_backend(),)
         if backward:
             out.float().square().mean().backward()
             grads.append({n: p.grad for n, p in block.named_parameters()})
         outs.append(out)
-    assert ran == ("fla", "triton", "triton"), ran
+    assert ran == ("fla", "triton", "triton", "triton"), ran
     fwd_err = rel(outs[1], outs[0])
     print(f"\nfla block (shared={shared}): forward rel. error {fwd_err:.2e}", end="")
     assert fwd_err < 2e-2

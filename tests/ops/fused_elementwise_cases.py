@@ -1,10 +1,12 @@
-"""Inputs of tests/ops/test_fused_elementwise.py, and (run as a script) the driver that executes the scan-input and
-fusion-mix Triton kernels (`linmu_cli.ops.scan_inputs`, `linmu_cli.ops.fusion_mix`) forward and backward under
-Triton's CPU interpreter (a separate process: see decode_attention_cases.py).
+"""Inputs of tests/ops/test_fused_elementwise.py, and (run as a script) the driver that executes the scan-input,
+fusion-mix and skip-add Triton kernels (`linmu_cli.ops.scan_inputs`, `linmu_cli.ops.fusion_mix`,
+`linmu_cli.ops.skip_add`) forward and backward under Triton's CPU interpreter (a separate process: see
+decode_attention_cases.py).
 
     TRITON_INTERPRET=1 python tests/ops/fused_elementwise_cases.py OUT.pt
 
-writes {"scan": {id: (outputs, grads)}, "mix": {id: (outputs, grads)}} or {"unavailable": reason}.
+writes {"scan": {id: (outputs, grads)}, "mix": {id: (outputs, grads)}, "skip": {id: (outputs, grads)}} or
+{"unavailable": reason}.
 """
 
 from __future__ import annotations
@@ -29,6 +31,14 @@ GPU_SCAN_CASES = [
 ]
 GPU_MIX_CASES = [(2, 3001, 28, 128, "token", False), (1, 2051, 28, 128, "head", False),
                  (1, 4099, 28, 128, "token", True)]  # fmt: skip
+# (batch, length, kv heads, group, d, backward output: "keep" masked, "all" unmasked (keep None), "none")
+SKIP_CASES = [
+    (2, 37, 2, 3, 16, "keep"),  # length off the token tile
+    (1, 20, 1, 7, 24, "keep"),  # Qwen2-VL-7B's group of 7, d off the power of 2
+    (2, 19, 3, 1, 24, "none"),  # no backward scan (no vision): keep and back None; g = 1 (no GQA)
+    (1, 17, 2, 2, 16, "all"),  # a back with keep None: added everywhere
+]
+GPU_SKIP_CASES = [(2, 3001, 4, 7, 128, "keep"), (1, 4099, 4, 7, 128, "none")]
 
 
 def scan_id(case: tuple, dtype: str) -> str:
@@ -70,6 +80,28 @@ def mix_inputs_of(case: tuple, dtype: torch.dtype, device="cpu", seed=0):
     return flex, swin, logit, grads
 
 
+skip_id = scan_id
+
+
+def skip_inputs_of(case: tuple, dtype: torch.dtype, device="cpu", seed=0):
+    """y a transposed view (b, H, l, d -> b, l, H, d), back a head slice of a wider tensor, x a column slice of the
+    (b, l, (2 H_kv + H) d) conv output viewed (b, l, H_kv, d) (as `FlexMA.forward` splits it), keep a (b, l, 1, 1)
+    bool mask, D (H,) float32; and the output gradient."""
+    b, length, kv, group, d, mode = case
+    h = kv * group
+    gen = torch.Generator(device=device).manual_seed(seed)
+    y = torch.randn(b, h, length, d, generator=gen, device=device).to(dtype).transpose(1, 2)
+    back = None
+    if mode != "none":
+        back = torch.randn(b, length, h + 2, d, generator=gen, device=device).to(dtype)[:, :, 1 : h + 1]
+    keep = torch.rand(b, length, 1, 1, generator=gen, device=device) < 0.7 if mode == "keep" else None
+    xbc = torch.randn(b, length, (2 * kv + h) * d, generator=gen, device=device).to(dtype)
+    x = xbc[..., : kv * d].view(b, length, kv, d)
+    D = torch.randn(h, generator=gen, device=device)
+    grad = torch.randn(b, length, h, d, generator=gen, device=device).to(dtype)
+    return y, back, keep, x, D, grad
+
+
 def leaves(*tensors):
     """Detached copies that require grad (None stays None)."""
     return [t.detach().clone().requires_grad_(True) if t is not None else None for t in tensors]
@@ -99,6 +131,15 @@ def run_mix(fn, case: tuple, dtype: torch.dtype, device="cpu"):
     return [o.detach() for o in outs], [flex.grad, swin.grad, logit.grad]
 
 
+def run_skip(fn, case: tuple, dtype: torch.dtype, device="cpu"):
+    """([output], grads of y, back, x, D) of `fn`."""
+    y, back, keep, x, D, grad = skip_inputs_of(case, dtype, device)
+    y, back, x, D = leaves(y, back, x, D)
+    out = fn(y, back, keep, x, D)
+    (out.float() * grad.float()).sum().backward()
+    return [out.detach()], [None if t is None else t.grad for t in (y, back, x, D)]
+
+
 def main(out_path: str) -> None:
     from decode_attention_cases import _probe
 
@@ -108,16 +149,20 @@ def main(out_path: str) -> None:
         return
     from linmu_cli.ops.fusion_mix import triton as mix_tri
     from linmu_cli.ops.scan_inputs import triton as scan_tri
+    from linmu_cli.ops.skip_add import triton as skip_tri
 
     assert scan_tri.INTERPRET, "TRITON_INTERPRET=1 must be set before this script starts"
-    scan, mix = {}, {}
+    scan, mix, skip = {}, {}, {}
     for case in SCAN_CASES:
         for name, dtype in DTYPES.items():
             scan[scan_id(case, name)] = run_scan(scan_tri.scan_inputs_triton, case, dtype)
     for case in MIX_CASES:
         for name, dtype in DTYPES.items():
             mix[mix_id(case, name)] = run_mix(mix_tri.fusion_mix_triton, case, dtype)
-    torch.save({"scan": scan, "mix": mix}, out_path)
+    for case in SKIP_CASES:
+        for name, dtype in DTYPES.items():
+            skip[skip_id(case, name)] = run_skip(skip_tri.skip_add_triton, case, dtype)
+    torch.save({"scan": scan, "mix": mix, "skip": skip}, out_path)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The fused elementwise kernels of an M-MATE layer's prefill: the grouped scan's per-head inputs
-(`linmu_cli.ops.scan_inputs`: fla's k = B dt, v, g = dt A; mamba's x scale, B repeated) and the fusion mix
-(`linmu_cli.ops.fusion_mix`: both W_o inputs, or their sum). On CPU the Triton kernels run under Triton's
+(`linmu_cli.ops.scan_inputs`: fla's k = B dt, v, g = dt A; mamba's x scale, B repeated), Flex-MA's output adds
+(`linmu_cli.ops.skip_add`: y + keep back + D x) and the fusion mix (`linmu_cli.ops.fusion_mix`: both W_o inputs, or
+their sum). On CPU the Triton kernels run under Triton's
 interpreter (a subprocess: fused_elementwise_cases.py) and equal the naive references forward and backward in
 float32 and bf16; the public entries run the references on CPU and never touch Triton. The GPU comparison is
 `test_kernels_match_references_on_gpu` here and tests/layers/test_mate_gpu.py's block tests
@@ -18,18 +19,24 @@ from fused_elementwise_cases import (
     DTYPES,
     GPU_MIX_CASES,
     GPU_SCAN_CASES,
+    GPU_SKIP_CASES,
     MIX_CASES,
     SCAN_CASES,
+    SKIP_CASES,
     mix_id,
     mix_inputs_of,
     run_mix,
     run_scan,
+    run_skip,
     scan_id,
     scan_inputs_of,
+    skip_id,
+    skip_inputs_of,
 )
 
 from linmu_cli.ops.fusion_mix import fusion_mix, fusion_mix_naive, last_fusion_mix_backend
 from linmu_cli.ops.scan_inputs import last_scan_inputs_backend, scan_inputs, scan_inputs_naive
+from linmu_cli.ops.skip_add import last_skip_add_backend, skip_add, skip_add_naive
 from linmu_cli.ops.ssd.utils import expand_heads
 
 HERE = Path(__file__).resolve().parent
@@ -88,6 +95,31 @@ def test_fusion_mix_reference_is_design_formula(mode):
     torch.testing.assert_close(one, torch.lerp(swin, flex, a))
 
 
+@pytest.mark.parametrize("dtype", list(DTYPES), ids=list(DTYPES))
+@pytest.mark.parametrize("case", SKIP_CASES, ids=[skip_id(c, "") for c in SKIP_CASES])
+def test_skip_add_reference_is_the_two_addcmuls_it_replaces(case, dtype):
+    """FlexMA's reference adds: `addcmul(y, back, keep)` (the backward scan's masked output), then the D skip
+    `addcmul(y (b, l, H_kv, g, d), D (H_kv, g, 1), x (b, l, H_kv, 1, d))`; equal in float32, within one bf16
+    rounding of each add in bf16 (the reference rounds once, the two addcmuls twice). D in the activations'
+    dtype, as the block's parameters are (the addcmul casts D to y's dtype)."""
+    y, back, keep, x, D, _ = skip_inputs_of(case, DTYPES[dtype])
+    D = D.to(y.dtype)
+    b, length, kv, g, d, _ = case
+    mid = y
+    if back is not None:
+        mid = torch.addcmul(mid, back, keep.to(y.dtype)) if keep is not None else mid + back
+    ref = torch.addcmul(mid.reshape(b, length, kv, g, d), D.to(y.dtype).view(kv, g, 1), x.unsqueeze(3))
+    ref = ref.view(y.shape)
+    got = skip_add_naive(y, back, keep, x, D)
+    assert got.shape == y.shape and got.dtype == y.dtype
+    if dtype == "fp32":
+        torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-6)
+    else:  # the addcmuls also round y + keep back and D x: a bf16 rounding of each and of the output apart
+        dx = (D.float().view(kv, g, 1) * x.float().unsqueeze(3)).reshape(y.shape)
+        bound = 2**-8 * (mid.float().abs() + dx.abs() + ref.float().abs()) + 1e-6
+        assert ((got.float() - ref.float()).abs() <= bound).all()
+
+
 def test_public_entries_run_the_references_on_cpu():
     """CPU (and any `fast=False`) never reaches Triton."""
     x, B, dt, A, _ = scan_inputs_of(SCAN_CASES[0], torch.float32)
@@ -100,6 +132,10 @@ def test_public_entries_run_the_references_on_cpu():
     assert last_fusion_mix_backend() == "torch"
     for a, b in zip(got, fusion_mix_naive(flex, swin, logit), strict=True):
         assert torch.equal(a, b)
+    y, back, keep, x, D, _ = skip_inputs_of(SKIP_CASES[0], torch.float32)
+    got = skip_add(y, back, keep, x, D, fast=True)
+    assert last_skip_add_backend() == "torch"
+    assert torch.equal(got, skip_add_naive(y, back, keep, x, D))
 
 
 # ------------------------------------------------------------------------------ the kernels (interpreter)
@@ -122,6 +158,17 @@ def test_fusion_mix_kernel_matches_reference_forward_and_backward(interpreted, c
     for got, ref in zip(outs, ref_outs, strict=True):
         _close(got, ref, DTYPES[dtype], exact_forward=True)
     for got, ref in zip(grads, ref_grads, strict=True):  # flex, swin, logit
+        _close(got, ref, DTYPES[dtype])
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES), ids=list(DTYPES))
+@pytest.mark.parametrize("case", SKIP_CASES, ids=[skip_id(c, "") for c in SKIP_CASES])
+def test_skip_add_kernel_matches_reference_forward_and_backward(interpreted, case, dtype):
+    outs, grads = interpreted["skip"][skip_id(case, dtype)]
+    ref_outs, ref_grads = run_skip(skip_add_naive, case, DTYPES[dtype])
+    for got, ref in zip(outs, ref_outs, strict=True):
+        _close(got, ref, DTYPES[dtype], exact_forward=True)
+    for got, ref in zip(grads, ref_grads, strict=True):  # y, back, x, D
         _close(got, ref, DTYPES[dtype])
 
 
@@ -167,6 +214,21 @@ def test_kernels_compile_for_the_h200_without_a_gpu():
         names = ("GF", "GS", "F", "S", "LG", "DF", "DS")
         vals = mixed | {n: ("*bf16", 0) for n in names} | {"DL": ("*fp32", 0)}
         compile_for_sm90(mix._mix_bwd, vals, consts | {"ONE_OUTPUT": one}, 4, 1)
+    from linmu_cli.ops.skip_add import triton as skip
+
+    conv = 4608  # (2 * 4 + 28) * 128: x is the first 512 columns of the conv output
+    xs = dict(zip(("sxb", "sxl", "sxg", "sxd"), (("i32", length * conv), ("i32", conv), ("i32", 128), ("i32", 1)),
+                  strict=True))  # fmt: skip
+    ys = dict(zip(("syb", "syl", "syh", "syd", "sbb", "sbl", "sbh", "sbd"), heads + heads, strict=True))
+    keeps = {"skb": ("i32", length), "skl": ("i32", 1)}
+    sizes = {"rows": ("i32", length), "length": ("i32", length), "heads": ("i32", 28)}
+    consts = {"GROUP": 7, "DIM": 128, "BLOCK_D": 128, "BLOCK_T": skip.BLOCK_T}
+    ptrs = {n: ("*bf16", 0) for n in ("Y", "BK", "X", "OUT", "G", "DBK", "DX")}
+    ptrs |= {"KP": ("*u8", 0), "D": ("*bf16", 0), "DDP": ("*fp32", 0)}
+    for has_back, has_keep in ((True, True), (False, False)):
+        flags = consts | {"HAS_BACK": has_back, "HAS_KEEP": has_keep}
+        compile_for_sm90(skip._skip_add_fwd, ptrs | ys | keeps | xs | sizes, flags, 4, 1)
+        compile_for_sm90(skip._skip_add_bwd, ptrs | keeps | xs | sizes | {"groups": ("i32", 4)}, flags, 4, 1)
 
 
 # ------------------------------------------------------------------------------ the kernels (GPU)
@@ -174,9 +236,12 @@ def test_kernels_compile_for_the_h200_without_a_gpu():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the compiled Triton kernels)")
 @pytest.mark.parametrize(
     "kind, case",
-    [("scan", c) for c in GPU_SCAN_CASES] + [("mix", c) for c in GPU_MIX_CASES],
+    [("scan", c) for c in GPU_SCAN_CASES]
+    + [("mix", c) for c in GPU_MIX_CASES]
+    + [("skip", c) for c in GPU_SKIP_CASES],
     ids=[f"scan-{scan_id(c, 'bf16')}" for c in GPU_SCAN_CASES]
-    + [f"mix-{mix_id(c, 'bf16')}" for c in GPU_MIX_CASES],
+    + [f"mix-{mix_id(c, 'bf16')}" for c in GPU_MIX_CASES]
+    + [f"skip-{skip_id(c, 'bf16')}" for c in GPU_SKIP_CASES],
 )
 def test_kernels_match_references_on_gpu(kind, case):
     """Compiled for the GPU at Qwen2-VL-7B's head shapes in bf16: the Triton entries equal the references forward
@@ -190,6 +255,14 @@ def test_kernels_match_references_on_gpu(kind, case):
         x, B, dt, A, _ = scan_inputs_of(case, dtype, dev)
         scan_inputs(x, B, dt, A, x.shape[2] * case[3], case[8], case[6])
         assert last_scan_inputs_backend() == "triton"
+    elif kind == "skip":
+        from linmu_cli.ops.skip_add import triton as tri
+
+        got = run_skip(tri.skip_add_triton, case, dtype, dev)
+        ref = run_skip(skip_add_naive, case, dtype, dev)
+        y, back, keep, x, D, _ = skip_inputs_of(case, dtype, dev)
+        skip_add(y, back, keep, x, D)
+        assert last_skip_add_backend() == "triton"
     else:
         from linmu_cli.ops.fusion_mix import triton as tri
 

@@ -1,0 +1,200 @@
+"""Flex-MA's output adds in one Triton launch, forward and backward (`naive.py` is the definition).
+
+Why: at 65k tokens (Qwen2-VL-7B: 4 key/value heads, 28 heads of 128) y is 65k x 3584 bf16 = 470 MB. PyTorch added
+the backward scan's output with a masked `addcmul` (a broadcast of the per-token mask), then the D skip with a
+second, broadcasting (non-vectorized) `addcmul` over each group of heads: two passes over y, 1.5 ms of a 25 ms
+layer on an H200. Here one program reads a tile of tokens of one key/value head of x once (a strided slice of the
+conv output, read in place), and for each head of its group y, back (strided views read in place) and the mask,
+writing y + keep back + D x, float32 math rounded once.
+
+Backward: one launch reading the output gradient once: d back = keep g (back's dtype), dx = sum over the group of
+D[h] g (float32, rounded once), and each (token tile, head)'s partial sum_{t, d} g x (float32), which one tiny sum
+reduces to dD; y's gradient is g itself. Saves no new tensor. CUDA-graph capturable (no host sync). Runs under
+Triton's CPU interpreter (loads converted to float32 first).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+
+from linmu_cli.ops.decode_attention.triton import INTERPRET
+
+BLOCK_T = 16  # tokens per program: 16 x 128 elements per tile
+
+
+@triton.jit
+def _skip_add_fwd(
+    Y, BK, KP, X, D, OUT,
+    syb, syl, syh, syd, sbb, sbl, sbh, sbd, skb, skl, sxb, sxl, sxg, sxd,
+    rows, length, heads,
+    GROUP: tl.constexpr, DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
+    HAS_BACK: tl.constexpr, HAS_KEEP: tl.constexpr,
+):  # fmt: skip
+    """Program (token tile, key/value head j): x and the mask of the tile read once, heads j*GROUP .. written."""
+    t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    j = tl.program_id(1)
+    mt = t < rows
+    bi = t // length
+    li = t % length
+    od = tl.arange(0, BLOCK_D)
+    m = mt[:, None] & (od < DIM)[None, :]
+    x = tl.load(X + (bi * sxb + li * sxl + j * sxg)[:, None] + od[None, :] * sxd, mask=m, other=0.0)
+    xf = x.to(tl.float32)
+    if HAS_KEEP:
+        kp = tl.load(KP + bi * skb + li * skl, mask=mt, other=0).to(tl.float32)[:, None]
+    for r in tl.static_range(GROUP):
+        h = j * GROUP + r
+        y = tl.load(Y + (bi * syb + li * syl + h * syh)[:, None] + od[None, :] * syd, mask=m, other=0.0)
+        acc = y.to(tl.float32)
+        if HAS_BACK:
+            bk = tl.load(BK + (bi * sbb + li * sbl + h * sbh)[:, None] + od[None, :] * sbd, mask=m, other=0.0)
+            if HAS_KEEP:
+                acc += kp * bk.to(tl.float32)
+            else:
+                acc += bk.to(tl.float32)
+        acc += tl.load(D + h).to(tl.float32) * xf
+        tl.store(OUT + (t * heads + h)[:, None] * DIM + od[None, :], acc.to(OUT.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _skip_add_bwd(
+    G, KP, X, D, DBK, DX, DDP,
+    skb, skl, sxb, sxl, sxg, sxd,
+    rows, length, heads, groups,
+    GROUP: tl.constexpr, DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
+    HAS_BACK: tl.constexpr, HAS_KEEP: tl.constexpr,
+):  # fmt: skip
+    """Program (token tile, key/value head j): the group's output gradients read once; d back of each head, dx
+    (contiguous, key/value width) and each head's partial dD (float32, one row per token tile) written."""
+    tile = tl.program_id(0)
+    t = tile.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    j = tl.program_id(1)
+    mt = t < rows
+    bi = t // length
+    li = t % length
+    od = tl.arange(0, BLOCK_D)
+    m = mt[:, None] & (od < DIM)[None, :]
+    xf = tl.load(X + (bi * sxb + li * sxl + j * sxg)[:, None] + od[None, :] * sxd, mask=m, other=0.0)
+    xf = xf.to(tl.float32)
+    if HAS_KEEP:
+        kp = tl.load(KP + bi * skb + li * skl, mask=mt, other=0).to(tl.float32)[:, None]
+    dx = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+    for r in tl.static_range(GROUP):
+        h = j * GROUP + r
+        row = (t * heads + h)[:, None] * DIM + od[None, :]
+        g = tl.load(G + row, mask=m, other=0.0).to(tl.float32)
+        if HAS_BACK:
+            if HAS_KEEP:
+                tl.store(DBK + row, (kp * g).to(DBK.dtype.element_ty), mask=m)
+            else:
+                tl.store(DBK + row, g.to(DBK.dtype.element_ty), mask=m)
+        dx += tl.load(D + h).to(tl.float32) * g
+        tl.store(DDP + tile * heads + h, tl.sum(tl.sum(g * xf, axis=1), axis=0))
+    out = t * groups + j
+    tl.store(DX + out[:, None] * DIM + od[None, :], dx.to(DX.dtype.element_ty), mask=m)
+
+
+def _check(y: torch.Tensor, back: torch.Tensor | None, keep: torch.Tensor | None, x: torch.Tensor,
+           D: torch.Tensor) -> None:  # fmt: skip
+    if y.dim() != 4 or x.dim() != 4 or y.shape[:2] != x.shape[:2] or y.shape[3] != x.shape[3]:
+        raise ValueError(
+            f"y {tuple(y.shape)} and x {tuple(x.shape)} must be (b, l, H, d) and (b, l, H_kv, d)"
+        )
+    if y.shape[2] % x.shape[2]:
+        raise ValueError(f"{y.shape[2]} heads are not a multiple of {x.shape[2]} key/value heads")
+    if back is not None and back.shape != y.shape:
+        raise ValueError(f"back {tuple(back.shape)} must be y's shape {tuple(y.shape)}")
+    if keep is not None and (back is None or keep.numel() != y.shape[0] * y.shape[1]):
+        raise ValueError(f"keep {tuple(keep.shape)} must be one mask value per token, with a `back`")
+    if D.numel() != y.shape[2]:
+        raise ValueError(f"D {tuple(D.shape)} must hold one value per head ({y.shape[2]})")
+    if not (y.is_cuda or INTERPRET):
+        raise RuntimeError("the Triton skip-add kernel needs a CUDA tensor (or TRITON_INTERPRET=1 on CPU)")
+
+
+def _mask(keep: torch.Tensor | None, y: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+    """The per-token mask as (b, l) (a bool mask read as bytes, in place) and its strides; y and (0, 0) without."""
+    if keep is None:
+        return y, (0, 0)
+    k = keep.reshape(y.shape[0], y.shape[1])
+    if k.dtype == torch.bool:
+        k = k.view(torch.uint8)
+    return k, (k.stride(0), k.stride(1))
+
+
+def _meta(y: torch.Tensor, x: torch.Tensor, has_back: bool, has_keep: bool) -> dict:
+    d = y.shape[3]
+    return {"GROUP": y.shape[2] // x.shape[2], "DIM": d, "BLOCK_D": triton.next_power_of_2(d),
+            "BLOCK_T": BLOCK_T, "HAS_BACK": has_back, "HAS_KEEP": has_keep}  # fmt: skip
+
+
+def skip_add_kernel(
+    y: torch.Tensor, back: torch.Tensor | None, keep: torch.Tensor | None, x: torch.Tensor, D: torch.Tensor
+) -> torch.Tensor:
+    """The forward launch (no autograd: see `skip_add_triton`): a contiguous (b, l, H, d) output in y's dtype."""
+    _check(y, back, keep, x, D)
+    bsz, length, heads, _ = y.shape
+    rows = bsz * length
+    out = torch.empty(y.shape, dtype=y.dtype, device=y.device)
+    if rows == 0:
+        return out
+    kp, ks = _mask(keep, y)
+    bk = back if back is not None else y
+    _skip_add_fwd[(triton.cdiv(rows, BLOCK_T), x.shape[2])](
+        y, bk, kp, x, D, out, *y.stride(), *bk.stride(), *ks, *x.stride(), rows, length, heads,
+        **_meta(y, x, back is not None, keep is not None),
+    )  # fmt: skip
+    return out
+
+
+def skip_add_backward(
+    grad: torch.Tensor, back_dtype: torch.dtype | None, keep: torch.Tensor | None, x: torch.Tensor,
+    D: torch.Tensor,
+) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """The backward launch: (d back (contiguous, `back_dtype`; None without a back), dx (contiguous, x's shape and
+    dtype), dD (D's shape and dtype, reduced in float32))."""
+    bsz, length, heads, _ = grad.shape
+    groups = x.shape[2]
+    rows = bsz * length
+    tiles = triton.cdiv(rows, BLOCK_T)
+    g = grad.contiguous()
+    dbk = torch.empty(g.shape, dtype=back_dtype, device=g.device) if back_dtype is not None else None
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    ddp = torch.zeros(max(tiles, 1), heads, dtype=torch.float32, device=x.device)
+    if rows:
+        kp, ks = _mask(keep, g)
+        _skip_add_bwd[(tiles, groups)](
+            g, kp, x, D, dbk if dbk is not None else g, dx, ddp, *ks, *x.stride(), rows, length, heads, groups,
+            **_meta(g, x, dbk is not None, keep is not None),
+        )  # fmt: skip
+    return dbk, dx, ddp.sum(0).to(D.dtype).view(D.shape)
+
+
+class _SkipAdd(torch.autograd.Function):
+    """Saves keep, x and D (which autograd's `addcmul`s saved too); one launch each way."""
+
+    @staticmethod
+    def forward(ctx: Any, y, back, keep, x, D):  # noqa: ANN001 - autograd signature
+        ctx.save_for_backward(keep, x, D)
+        ctx.back_dtype = back.dtype if back is not None else None
+        return skip_add_kernel(y, back, keep, x, D)
+
+    @staticmethod
+    def backward(ctx: Any, grad):  # noqa: ANN001 - autograd signature
+        keep, x, D = ctx.saved_tensors
+        dbk, dx, dd = skip_add_backward(grad, ctx.back_dtype, keep, x, D)
+        return grad, dbk, None, dx, dd
+
+
+def skip_add_triton(
+    y: torch.Tensor, back: torch.Tensor | None, keep: torch.Tensor | None, x: torch.Tensor, D: torch.Tensor
+) -> torch.Tensor:
+    """`skip_add_kernel` with autograd through y, back, x and D (keep is a mask)."""
+    return _SkipAdd.apply(y, back, keep, x, D)
+
+
+__all__ = ["skip_add_backward", "skip_add_kernel", "skip_add_triton"]
