@@ -81,6 +81,15 @@ def _probe() -> str | None:
     return None
 
 
+def interpreter_unavailable(out_path: str) -> bool:
+    """In a case script: probe the interpreter; if it cannot run here, save why (`run_interpreted` then skips the
+    test with that reason) and return True."""
+    why = _probe()
+    if why is not None:
+        torch.save({"unavailable": why}, out_path)
+    return why is not None
+
+
 def run_interpreted(script: Path, out: Path, weights_only: bool = True) -> dict:
     """Run a cases `script` (this file, swin_kernel_cases.py, rms_norm_cases.py, flex_decode_cases.py) with
     TRITON_INTERPRET=1 in a fresh process and load what it saved; skips the calling test when triton is missing
@@ -105,9 +114,7 @@ def run_interpreted(script: Path, out: Path, weights_only: bool = True) -> dict:
 
 
 def main(out_path: str) -> None:
-    why = _probe()
-    if why is not None:
-        torch.save({"unavailable": why}, out_path)
+    if interpreter_unavailable(out_path):
         return
     from linmu_cli.ops.decode_attention import decode_attention
     from linmu_cli.ops.decode_attention import triton as tri

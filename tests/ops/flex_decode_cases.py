@@ -194,11 +194,9 @@ def model_steps(kernels: bool) -> list[torch.Tensor]:
 
 def main(out_path: str) -> None:
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
-    from decode_attention_cases import _probe
+    from decode_attention_cases import interpreter_unavailable
 
-    why = _probe()
-    if why is not None:
-        torch.save({"unavailable": why}, out_path)
+    if interpreter_unavailable(out_path):
         return
     from linmu_cli.ops.short_conv import conv_step, last_conv_backend
     from linmu_cli.ops.ssd import decode, flex_decode_step, last_ssd_step_backend

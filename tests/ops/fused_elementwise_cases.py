@@ -141,11 +141,9 @@ def run_skip(fn, case: tuple, dtype: torch.dtype, device="cpu"):
 
 
 def main(out_path: str) -> None:
-    from decode_attention_cases import _probe
+    from decode_attention_cases import interpreter_unavailable
 
-    why = _probe()
-    if why is not None:
-        torch.save({"unavailable": why}, out_path)
+    if interpreter_unavailable(out_path):
         return
     from linmu_cli.ops.fusion_mix import triton as mix_tri
     from linmu_cli.ops.scan_inputs import triton as scan_tri

@@ -89,11 +89,9 @@ def runner_steps() -> dict[str, list[torch.Tensor]]:
 
 
 def main(out_path: str) -> None:
-    from decode_attention_cases import _probe
+    from decode_attention_cases import interpreter_unavailable
 
-    why = _probe()
-    if why is not None:
-        torch.save({"unavailable": why}, out_path)
+    if interpreter_unavailable(out_path):
         return
     from linmu_cli.ops import rms_norm as ops
     from linmu_cli.ops.rms_norm import triton as tri

@@ -85,11 +85,9 @@ def ring_inputs(case: tuple, dtype: torch.dtype, device="cpu", seed=0):
 
 
 def main(out_path: str) -> None:
-    from decode_attention_cases import _probe
+    from decode_attention_cases import interpreter_unavailable
 
-    why = _probe()
-    if why is not None:
-        torch.save({"unavailable": why}, out_path)
+    if interpreter_unavailable(out_path):
         return
     from linmu_cli.ops.decode_attention import triton as attn
     from linmu_cli.ops.rotary import triton as rot
