@@ -962,6 +962,10 @@ def main(argv: list[str] | None = None) -> int:
         )
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        # cuDNN attention's bf16 backward on Hopper returns NaN for some masked shapes (pytorch issue 196678,
+        # torch 2.11); the empty-row fix removes the known trigger, and this takes the kernel out of training too.
+        torch.backends.cuda.enable_cudnn_sdp(False)
+        print("attention: cuDNN SDPA off for training (flash / memory-efficient kernels)", flush=True)
     if args.device_inputs == "on":  # the guard: if this transformers' processor differs, use the processor
         kinds = {synthetic.KIND[t]: t for t in tasks}
         try:
