@@ -95,8 +95,13 @@ def apply_end_to_end(model: nn.Module, layers: nn.ModuleList, policy: Policy) ->
     """Set an end-to-end (stage 3) student's checkpointing to `policy`, layer by layer.
 
     Whole layers use transformers' own mechanism (`GradientCheckpointingLayer`), with `checkpointed` as the
-    function; MLPs use `checkpoint_mlp`. The vision tower is frozen and gets no gradient, so it never
-    recomputes whatever its layers' flags say."""
+    function; MLPs use `checkpoint_mlp`.
+
+    Enabling it also makes transformers hook every sub-model's input embeddings to require grad
+    (`enable_input_require_grads`), the vision tower's patch embedding included: the frozen tower then sat in
+    the autograd graph and ran its whole backward every step (at 7B shape, 64 frames: ~0.5 s of a 2.8 s step).
+    Non-reentrant checkpointing does not need inputs that require grad, so the hooks are removed: the tower's
+    output is a constant again, and the trainable parameters' gradients are unchanged (tested)."""
     if policy == "none":
         return
     enable = getattr(
@@ -106,6 +111,7 @@ def apply_end_to_end(model: nn.Module, layers: nn.ModuleList, policy: Policy) ->
         enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.disable_input_require_grads()
     for i, layer in enumerate(layers):
         choice = layer_choice(policy, i)
         layer.gradient_checkpointing = choice == "layer"

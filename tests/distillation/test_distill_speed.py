@@ -64,11 +64,14 @@ def _stage3_grads(tiny, policy: str):
         [(f"mlp{i}", layer.mlp.down_proj) for i, layer in enumerate(layers)]
         + [(f"mate{i}", layer.self_attn) for i, layer in enumerate(layers)]
     )
+    vision_grad: list[bool] = []  # the frozen tower's output: does backward run through the tower?
+    student.model.visual.register_forward_hook(lambda m, a, o: vision_grad.append(o.pooler_output.requires_grad))
     tp = run_teacher(teacher, teacher.model.language_model.layers, batch, want_logits=True, keep_inputs=False)
     objective = EndToEndObjective(student, LossConfig(hidden=1.0, kl=1.0))
     torch.manual_seed(1)
     out = objective(batch, tp, student.token_layout(**batch))
     out["loss"].backward()
+    assert vision_grad == [False], f"{policy}: the frozen vision tower is in the autograd graph"
     return out["loss"].detach(), {n: p.grad.clone() for n, p in params}, calls
 
 
