@@ -18,8 +18,15 @@ _LAST_NORM_BACKEND: str | None = None
 
 
 def last_norm_backend() -> str | None:
-    """ "mamba", "fla" or "torch": which path the most recent :func:`gated_rmsnorm` took."""
+    """ "mamba", "fla" or "torch": which path the most recent :func:`gated_rmsnorm` took; "skip_add" when the
+    norm last ran fused with Flex-MA's adds (`linmu_cli.ops.skip_add.skip_gated_norm`)."""
     return _LAST_NORM_BACKEND
+
+
+def note_norm_backend(name: str) -> None:
+    """Record the path of a gated norm that ran outside :func:`gated_rmsnorm` (the fused skip add + norm)."""
+    global _LAST_NORM_BACKEND
+    _LAST_NORM_BACKEND = name
 
 
 @functools.cache

@@ -5,7 +5,7 @@ decode_attention_cases.py).
 
     TRITON_INTERPRET=1 python tests/ops/fused_elementwise_cases.py OUT.pt
 
-writes {"scan": {id: (outputs, grads)}, "mix": {id: (outputs, grads)}, "skip": {id: (outputs, grads)}} or
+writes {"scan": {id: (outputs, grads)}, "mix": {...}, "skip": {...}, "norm": {...}} (the skip add + gated norm) or
 {"unavailable": reason}.
 """
 
@@ -39,6 +39,9 @@ SKIP_CASES = [
     (1, 17, 2, 2, 16, "all"),  # a back with keep None: added everywhere
 ]
 GPU_SKIP_CASES = [(2, 3001, 4, 7, 128, "keep"), (1, 4099, 4, 7, 128, "none")]
+# the skip add + gated norm: a skip-add case and whether a gate is given
+NORM_CASES = [(*c, gated) for c in SKIP_CASES for gated in (True, False)]
+GPU_NORM_CASES = [(*GPU_SKIP_CASES[0], True), (*GPU_SKIP_CASES[1], True), (*GPU_SKIP_CASES[0], False)]
 
 
 def scan_id(case: tuple, dtype: str) -> str:
@@ -102,6 +105,26 @@ def skip_inputs_of(case: tuple, dtype: torch.dtype, device="cpu", seed=0):
     return y, back, keep, x, D, grad
 
 
+norm_id = scan_id
+
+
+def norm_inputs_of(case: tuple, dtype: torch.dtype, device="cpu", seed=0):
+    """The skip-add inputs, plus the gate (a column slice of a wider (b, l, H d + 5) tensor, as the block's one GEMM
+    gives it) or None, and the norm weight (H d,) float32 around 1."""
+    *skip, gated = case
+    y, back, keep, x, D, grad = skip_inputs_of(tuple(skip), dtype, device, seed)
+    b, length, kv, group, d, _ = skip
+    hd = kv * group * d
+    gen = torch.Generator(device=device).manual_seed(seed + 1)
+    gate = (
+        torch.randn(b, length, hd + 5, generator=gen, device=device).to(dtype)[..., 3 : 3 + hd]
+        if gated
+        else None
+    )
+    weight = torch.rand(hd, generator=gen, device=device) + 0.5
+    return y, back, keep, x, D, gate, weight, grad
+
+
 def leaves(*tensors):
     """Detached copies that require grad (None stays None)."""
     return [t.detach().clone().requires_grad_(True) if t is not None else None for t in tensors]
@@ -140,6 +163,15 @@ def run_skip(fn, case: tuple, dtype: torch.dtype, device="cpu"):
     return [out.detach()], [None if t is None else t.grad for t in (y, back, x, D)]
 
 
+def run_norm(fn, case: tuple, dtype: torch.dtype, device="cpu"):
+    """([output], grads of y, back, x, D, gate, weight) of `fn`."""
+    y, back, keep, x, D, gate, weight, grad = norm_inputs_of(case, dtype, device)
+    y, back, x, D, gate, weight = leaves(y, back, x, D, gate, weight)
+    out = fn(y, back, keep, x, D, gate, weight, 1e-5)
+    (out.float() * grad.float()).sum().backward()
+    return [out.detach()], [None if t is None else t.grad for t in (y, back, x, D, gate, weight)]
+
+
 def main(out_path: str) -> None:
     from decode_attention_cases import interpreter_unavailable
 
@@ -150,7 +182,7 @@ def main(out_path: str) -> None:
     from linmu_cli.ops.skip_add import triton as skip_tri
 
     assert scan_tri.INTERPRET, "TRITON_INTERPRET=1 must be set before this script starts"
-    scan, mix, skip = {}, {}, {}
+    scan, mix, skip, norm = {}, {}, {}, {}
     for case in SCAN_CASES:
         for name, dtype in DTYPES.items():
             scan[scan_id(case, name)] = run_scan(scan_tri.scan_inputs_triton, case, dtype)
@@ -160,7 +192,10 @@ def main(out_path: str) -> None:
     for case in SKIP_CASES:
         for name, dtype in DTYPES.items():
             skip[skip_id(case, name)] = run_skip(skip_tri.skip_add_triton, case, dtype)
-    torch.save({"scan": scan, "mix": mix, "skip": skip}, out_path)
+    for case in NORM_CASES:
+        for name, dtype in DTYPES.items():
+            norm[norm_id(case, name)] = run_norm(skip_tri.skip_gated_norm_triton, case, dtype)
+    torch.save({"scan": scan, "mix": mix, "skip": skip, "norm": norm}, out_path)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """The fused elementwise kernels of an M-MATE layer's prefill: the grouped scan's per-head inputs
 (`linmu_cli.ops.scan_inputs`: fla's k = B dt, v, g = dt A; mamba's x scale, B repeated), Flex-MA's output adds
-(`linmu_cli.ops.skip_add`: y + keep back + D x) and the fusion mix (`linmu_cli.ops.fusion_mix`: both W_o inputs, or
+(`linmu_cli.ops.skip_add`: y + keep back + D x, alone or followed by the gate and per-head RMSNorm) and the fusion mix (`linmu_cli.ops.fusion_mix`: both W_o inputs, or
 their sum). On CPU the Triton kernels run under Triton's
 interpreter (a subprocess: fused_elementwise_cases.py) and equal the naive references forward and backward in
 float32 and bf16; the public entries run the references on CPU and never touch Triton. The GPU comparison is
@@ -18,14 +18,19 @@ from decode_attention_cases import compile_for_sm90, run_interpreted
 from fused_elementwise_cases import (
     DTYPES,
     GPU_MIX_CASES,
+    GPU_NORM_CASES,
     GPU_SCAN_CASES,
     GPU_SKIP_CASES,
     MIX_CASES,
+    NORM_CASES,
     SCAN_CASES,
     SKIP_CASES,
     mix_id,
     mix_inputs_of,
+    norm_id,
+    norm_inputs_of,
     run_mix,
+    run_norm,
     run_scan,
     run_skip,
     scan_id,
@@ -35,8 +40,15 @@ from fused_elementwise_cases import (
 )
 
 from linmu_cli.ops.fusion_mix import fusion_mix, fusion_mix_naive, last_fusion_mix_backend
+from linmu_cli.ops.gated_norm import gated_rmsnorm_reference, last_norm_backend
 from linmu_cli.ops.scan_inputs import last_scan_inputs_backend, scan_inputs, scan_inputs_naive
-from linmu_cli.ops.skip_add import last_skip_add_backend, skip_add, skip_add_naive
+from linmu_cli.ops.skip_add import (
+    last_skip_add_backend,
+    skip_add,
+    skip_add_naive,
+    skip_gated_norm,
+    skip_gated_norm_naive,
+)
 from linmu_cli.ops.ssd.utils import expand_heads
 
 HERE = Path(__file__).resolve().parent
@@ -172,6 +184,50 @@ def test_skip_add_kernel_matches_reference_forward_and_backward(interpreted, cas
         _close(got, ref, DTYPES[dtype])
 
 
+@pytest.mark.parametrize("dtype", list(DTYPES), ids=list(DTYPES))
+@pytest.mark.parametrize("gated", [True, False], ids=["gate", "no-gate"])
+def test_skip_gated_norm_reference_is_the_skip_add_then_the_gated_norm(gated, dtype):
+    """The fused definition is the two it replaces, applied in turn: FlexMA's skip add, then the gated RMSNorm
+    reference. float32: equal to rounding; bf16: the reference gates in bf16, the definition in float32."""
+    y, back, keep, x, D, gate, weight, _ = norm_inputs_of((2, 23, 2, 3, 16, "keep", gated), DTYPES[dtype])
+    got = skip_gated_norm_naive(y, back, keep, x, D, gate, weight, 1e-5)
+    ref = gated_rmsnorm_reference(skip_add_naive(y, back, keep, x, D), gate, weight, 1e-5)
+    assert got.shape == ref.shape == y.shape and got.dtype == y.dtype
+    if dtype == "fp32":
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    else:
+        assert rel(got, ref) < 1e-2, rel(got, ref)
+
+
+def test_skip_gated_norm_on_cpu_is_the_reference():
+    y, back, keep, x, D, gate, weight, _ = norm_inputs_of(NORM_CASES[0], torch.float32)
+    got = skip_gated_norm(y, back, keep, x, D, gate, weight, 1e-5, fast=True)
+    assert last_skip_add_backend() == "torch" and last_norm_backend() == "torch"
+    assert torch.equal(got, skip_gated_norm_naive(y, back, keep, x, D, gate, weight, 1e-5))
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES), ids=list(DTYPES))
+@pytest.mark.parametrize("case", NORM_CASES, ids=[norm_id(c, "") for c in NORM_CASES])
+def test_skip_gated_norm_kernel_matches_reference_forward_and_backward(interpreted, case, dtype):
+    """float32: equal to rounding. bf16: the forward within 1e-2 (the sum is rounded to bf16 before the norm, and the
+    interpreter truncates where torch rounds: one ulp of the sum, which the norm and gate carry on); gradients
+    within bf16 tolerance, dD looser (3e-2): a signed sum over every token of d sum x, where the reference's bf16
+    gradients cancel (the kernel sums float32 and rounds once). On the GPU (rounding as torch) the forward is
+    within one bf16 rounding (`test_kernels_match_references_on_gpu`)."""
+    outs, grads = interpreted["norm"][norm_id(case, dtype)]
+    ref_outs, ref_grads = run_norm(skip_gated_norm_naive, case, DTYPES[dtype])
+    for got, ref in zip(outs, ref_outs, strict=True):
+        if dtype == "bf16":
+            assert got.dtype == ref.dtype and rel(got, ref) < 1e-2, rel(got, ref)
+        else:
+            _close(got, ref, DTYPES[dtype], exact_forward=True)
+    for i, (got, ref) in enumerate(zip(grads, ref_grads, strict=True)):  # y, back, x, D, gate, weight
+        if i == 3 and dtype == "bf16":
+            assert rel(got, ref) < 3e-2, rel(got, ref)
+        else:
+            _close(got, ref, DTYPES[dtype])
+
+
 def test_kernels_compile_for_the_h200_without_a_gpu():
     """Every kernel, forward and backward, compiled for sm_90 as the JIT specializes it in a 7B prefill at 65k
     tokens (x, B, C column slices of the (1, 65536, 5120) scan-order gather; bf16 activations), without a GPU."""
@@ -229,6 +285,24 @@ def test_kernels_compile_for_the_h200_without_a_gpu():
         flags = consts | {"HAS_BACK": has_back, "HAS_KEEP": has_keep}
         compile_for_sm90(skip._skip_add_fwd, ptrs | ys | keeps | xs | sizes, flags, 4, 1)
         compile_for_sm90(skip._skip_add_bwd, ptrs | keeps | xs | sizes | {"groups": ("i32", 4)}, flags, 4, 1)
+    gemm = 12864  # the gate: a 3,584-column slice of the block's one input GEMM output
+    gates = {"szb": ("i32", length * gemm), "szl": ("i32", gemm), "szd": ("i32", 1), "eps": ("fp32", 1e-6)}
+    nptrs = {n: ("*bf16", 0) for n in ("Y", "BK", "X", "Z", "OUT", "S", "G", "DY", "DBK", "DZ", "DX")}
+    nptrs |= {
+        "KP": ("*u8", 0),
+        "D": ("*fp32", 0),
+        "W": ("*bf16", 0),
+        "DDP": ("*fp32", 0),
+        "DWP": ("*fp32", 0),
+    }
+    for has_back, has_keep, gated in ((True, True, True), (False, False, True), (True, True, False)):
+        fwd_flags = consts | {"HAS_BACK": has_back, "HAS_KEEP": has_keep, "HAS_GATE": gated}
+        for store in (False, True):
+            compile_for_sm90(skip._skip_norm_fwd, nptrs | ys | keeps | xs | gates | sizes, fwd_flags | {"STORE_S": store},
+                             4, 1)  # fmt: skip
+        bwd_flags = consts | {"HAS_KEEP": has_keep, "SEPARATE_DBK": has_back and has_keep, "HAS_GATE": gated}
+        compile_for_sm90(skip._skip_norm_bwd, nptrs | keeps | xs | gates | sizes | {"groups": ("i32", 4)}, bwd_flags,
+                         4, 1)  # fmt: skip
 
 
 # ------------------------------------------------------------------------------ the kernels (GPU)
@@ -238,10 +312,12 @@ def test_kernels_compile_for_the_h200_without_a_gpu():
     "kind, case",
     [("scan", c) for c in GPU_SCAN_CASES]
     + [("mix", c) for c in GPU_MIX_CASES]
-    + [("skip", c) for c in GPU_SKIP_CASES],
+    + [("skip", c) for c in GPU_SKIP_CASES]
+    + [("norm", c) for c in GPU_NORM_CASES],
     ids=[f"scan-{scan_id(c, 'bf16')}" for c in GPU_SCAN_CASES]
     + [f"mix-{mix_id(c, 'bf16')}" for c in GPU_MIX_CASES]
-    + [f"skip-{skip_id(c, 'bf16')}" for c in GPU_SKIP_CASES],
+    + [f"skip-{skip_id(c, 'bf16')}" for c in GPU_SKIP_CASES]
+    + [f"norm-{norm_id(c, 'bf16')}" for c in GPU_NORM_CASES],
 )
 def test_kernels_match_references_on_gpu(kind, case):
     """Compiled for the GPU at Qwen2-VL-7B's head shapes in bf16: the Triton entries equal the references forward
@@ -263,6 +339,13 @@ def test_kernels_match_references_on_gpu(kind, case):
         y, back, keep, x, D, _ = skip_inputs_of(case, dtype, dev)
         skip_add(y, back, keep, x, D)
         assert last_skip_add_backend() == "triton"
+    elif kind == "norm":
+        from linmu_cli.ops.skip_add import triton as tri
+
+        got = run_norm(tri.skip_gated_norm_triton, case, dtype, dev)
+        ref = run_norm(skip_gated_norm_naive, case, dtype, dev)
+        skip_gated_norm(*norm_inputs_of(case, dtype, dev)[:7], 1e-5)
+        assert last_skip_add_backend() == "triton" and last_norm_backend() == "skip_add"
     else:
         from linmu_cli.ops.fusion_mix import triton as tri
 
@@ -275,5 +358,8 @@ def test_kernels_match_references_on_gpu(kind, case):
         _close(g, r, dtype, exact_forward=True)
     errs = [rel(g, r) for g, r in zip(got[1], ref[1], strict=True) if r is not None]
     print(f"\n{kind} {case}: worst grad rel. error {max(errs):.2e}")
-    for g, r in zip(got[1], ref[1], strict=True):
-        _close(g, r, dtype)
+    for i, (g, r) in enumerate(zip(got[1], ref[1], strict=True)):
+        if kind == "norm" and i == 3:  # dD: a signed sum over every token (see the interpreter test)
+            assert rel(g, r) < 3e-2, rel(g, r)
+        else:
+            _close(g, r, dtype)

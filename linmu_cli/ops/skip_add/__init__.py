@@ -1,12 +1,13 @@
-"""Flex-MA's output adds, the backward scan's masked output and the D skip (`naive.py`: the definition; `triton.py`:
-one launch, with a one-launch backward). `skip_add` chooses; CPU never touches Triton (the CPU and "torch" blocks
-keep their two `addcmul`s in `FlexMA`, and never call it)."""
+"""Flex-MA's output adds, the backward scan's masked output and the D skip, alone (`skip_add`) or followed by the
+gate and per-head RMSNorm (`skip_gated_norm`) (`naive.py`: the definitions; `triton.py`: one launch each, with a
+one-launch backward). The entries choose; CPU never touches Triton (the CPU and "torch" blocks keep their two
+`addcmul`s and the reference norm in `FlexMA`, and never call them)."""
 
 from __future__ import annotations
 
 import torch
 
-from linmu_cli.ops.skip_add.naive import skip_add_naive
+from linmu_cli.ops.skip_add.naive import skip_add_naive, skip_gated_norm_naive
 
 _LAST_BACKEND: str | None = None
 
@@ -34,4 +35,29 @@ def skip_add(
     return impl.skip_add_triton(y, back, keep, x, D)
 
 
-__all__ = ["last_skip_add_backend", "skip_add", "skip_add_naive"]
+def skip_gated_norm(
+    y: torch.Tensor,
+    back: torch.Tensor | None,
+    keep: torch.Tensor | None,
+    x: torch.Tensor,
+    D: torch.Tensor,
+    gate: torch.Tensor | None,
+    weight: torch.Tensor,
+    eps: float,
+    fast: bool = True,
+) -> torch.Tensor:
+    """As :func:`skip_gated_norm_naive`; the Triton kernel when `fast` on CUDA (a contiguous output). The norm
+    backend it reports (`linmu_cli.ops.gated_norm.last_norm_backend`) is "skip_add" on the kernel."""
+    global _LAST_BACKEND
+    from linmu_cli.ops import gated_norm
+
+    _LAST_BACKEND = "triton" if fast and y.is_cuda else "torch"
+    gated_norm.note_norm_backend("skip_add" if _LAST_BACKEND == "triton" else "torch")
+    if _LAST_BACKEND == "torch":
+        return skip_gated_norm_naive(y, back, keep, x, D, gate, weight, eps)
+    from linmu_cli.ops.skip_add import triton as impl
+
+    return impl.skip_gated_norm_triton(y, back, keep, x, D, gate, weight, eps)
+
+
+__all__ = ["last_skip_add_backend", "skip_add", "skip_add_naive", "skip_gated_norm", "skip_gated_norm_naive"]
