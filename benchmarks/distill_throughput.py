@@ -36,7 +36,8 @@ ahead in a thread), data (synthetic | none), share_embeds (1: stage 3's student 
 input embeddings, no second vision tower pass; needs teacher_keep=used), stages (e.g. stage1+stage2; default --stages),
 batch (samples per step, default --batch 1: N copies of the same-shaped sample stacked as one batch the way the
 Qwen2-VL processor batches N videos, so a step trains on N x tokens and the CPU's launch cost of every kernel is
-spread over N times the GPU work). Unset keys take the command-line flags.
+spread over N times the GPU work), ssd (the student's SSD backend: auto = mamba-ssm on Hopper | fla: fla's backward,
+its issue-#640 guard lifted at K = 128, see linmu_cli/ops/ssd/fla.py). Unset keys take the command-line flags.
 
 Every record carries `batch` and `tokens_per_step` (batch x tokens per sample; tokens/s count them all). The
 baseline is measured at every batch some variant uses, right before the first such variant, into
@@ -92,7 +93,7 @@ PHASES = (
     "other",
 )
 VARIANT_KEYS = (
-    "ckpt", "ckpt_e2e", "optimizer", "teacher_keep", "prefetch", "data", "share_embeds", "stages", "batch"
+    "ckpt", "ckpt_e2e", "optimizer", "teacher_keep", "prefetch", "data", "share_embeds", "stages", "batch", "ssd"
 )  # fmt: skip
 INT_KEYS = ("prefetch", "share_embeds", "batch")
 
@@ -329,7 +330,7 @@ def main() -> None:
                 "ckpt_e2e": args.checkpointing_e2e or args.checkpointing, "optimizer": args.optimizer,
                 "teacher_keep": args.teacher_keep, "prefetch": args.prefetch, "data": args.data,
                 "share_embeds": int(args.share_embeds),
-                "stages": args.stages, "batch": args.batch}  # fmt: skip
+                "stages": args.stages, "batch": args.batch, "ssd": "auto"}  # fmt: skip
     variants = [parse_variant(v, defaults) for v in args.variant] or [("default", defaults)]
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     cuda = torch.cuda.is_available()
@@ -447,7 +448,7 @@ def main() -> None:
                 continue
             e2e = defaults_["mode"] == "end_to_end"
             policy = policy_of(var["ckpt_e2e"] if e2e else var["ckpt"])
-            student = convert_model(teacher, MateConfig(), seed=0)
+            student = convert_model(teacher, MateConfig(ssd_backend=var["ssd"]), seed=0)
             loss = LossConfig(**defaults_.get("loss", {}))
             if name == "stage3":
                 inject_lora(student, LoraSettings(rank=args.lora_rank, alpha=2.0 * args.lora_rank,

@@ -8,22 +8,14 @@
 #       the baseline (teacher fwd+bwd) and the variants below, each with its per-phase breakdown
 #   curves.log, curves_*.json, curves.tar      2. recipes/tiny.yaml on the GPU (bf16): the default recipe twice
 #       (the GPU's run-to-run noise) and once with every new option, compared by benchmarks/compare_runs.py
-# Variants of part 1 (docs/benchmarks.md, "Distillation at 7B shape"):
-#   before           checkpointing all, torch's default AdamW (foreach), the teacher keeping every layer's input
-#                    and output and the full logits, the sample made in the step: the pre-issue-17 step + data
-#   trimmed          + fused AdamW, the teacher keeping only what the loss reads, the next sample prefetched
-#   trimmed_b2       trimmed at 2 samples per step (2 x 8,258 tokens, the same sample twice, stacked as the
-#                    processor batches videos): the step is CPU-bound at batch 1, so this spreads the kernel
-#                    launch cost over twice the GPU work; its over_baseline is against the teacher at batch 2
-#                    (baseline_by_batch["2"], measured right before it), over_baseline_batch1 against batch 1
-#   trimmed_b4       trimmed at 4 samples per step (4 x 8,258 tokens; stage 3 or the batch-4 baseline may run out of
-#                    memory: recorded as oom)
-#   e2e_every_other  trimmed, stage 3 checkpointing layers 0, 2, 4, ...
-#   e2e_mlp_only     trimmed, stage 3 checkpointing only the MLPs
-#   e2e_shared       trimmed, stage 3's student starting from the teacher's input embeddings (no 2nd vision pass)
-#   lw_every_other   trimmed, stages 1-2 checkpointing every other layer
-#   lw_mlp_only      trimmed, stages 1-2 checkpointing only the MLPs
-#   candidate        trimmed + every_other everywhere + shared embeddings: a guess at the new 7B recipe
+# Variants of part 1 (docs/benchmarks.md, "Distillation at 7B shape"; the ones measured on 2026-12-02 and no longer
+# run: before, trimmed_b2 / _b4, e2e_every_other, e2e_mlp_only; their numbers are in results/2026-12-02/session8/):
+#   trimmed          fused AdamW, the teacher keeping only what the loss reads, the next sample prefetched,
+#                    checkpointing all; stage 3 runs its own (frozen) vision tower, now outside autograd
+#   recipe           the 7B recipes' defaults: trimmed + stages 1-2 checkpointing every other layer + stage 3
+#                    starting from the teacher's input embeddings (no second vision pass)
+#   recipe_fla       recipe on fla's scans, forward and backward (fla's issue-#640 guard lifted at K = 128)
+#   candidate        recipe + stage 3 checkpointing every other layer (122 GiB without shared embeddings)
 #   e2e_none         trimmed, stage 3 without checkpointing (expected to run out of memory: recorded as oom)
 # Environment: BUDGET (s for part 1's measurements, default 330; later variants are recorded as skipped and
 #   the JSON is rewritten after every stage, so a timeout still leaves everything measured), STEPS (3),
@@ -49,16 +41,10 @@ T="ckpt=all,optimizer=fused,teacher_keep=used,prefetch=1"
 timeout -k 10 $((BUDGET + 90)) python3 benchmarks/distill_throughput.py --arch "${ARCH:-qwen2-vl-7b}" \
   --frames "${FRAMES:-64}" --resolution "${RES:-448}" --steps "${STEPS:-3}" --lora-rank 64 --lora-dropout 0.05 --time-budget "$BUDGET" \
   --out "$OUT" --label 7b \
-  --variant "before:ckpt=all,ckpt_e2e=all,optimizer=auto,teacher_keep=all,prefetch=0" \
   --variant "trimmed:$T,ckpt_e2e=all" \
-  --variant "trimmed_b2:$T,ckpt_e2e=all,batch=2" \
-  --variant "trimmed_b4:$T,ckpt_e2e=all,batch=4" \
-  --variant "e2e_every_other:$T,ckpt_e2e=every_other,stages=stage3" \
-  --variant "e2e_mlp_only:$T,ckpt_e2e=mlp_only,stages=stage3" \
-  --variant "e2e_shared:$T,ckpt_e2e=all,share_embeds=1,stages=stage3" \
-  --variant "lw_every_other:$T,ckpt=every_other,stages=stage1+stage2" \
-  --variant "lw_mlp_only:$T,ckpt=mlp_only,stages=stage1+stage2" \
-  --variant "candidate:optimizer=fused,teacher_keep=used,prefetch=1,ckpt=every_other,ckpt_e2e=every_other,share_embeds=1" \
+  --variant "recipe:$T,ckpt=every_other,ckpt_e2e=all,share_embeds=1" \
+  --variant "recipe_fla:$T,ckpt=every_other,ckpt_e2e=all,share_embeds=1,ssd=fla" \
+  --variant "candidate:$T,ckpt=every_other,ckpt_e2e=every_other,share_embeds=1,stages=stage3" \
   --variant "e2e_none:$T,ckpt_e2e=none,stages=stage3" \
   2>&1 | tee -a "$OUT/distill.log"
 echo "distill_throughput exit code ${PIPESTATUS[0]} ($((SECONDS - T0)) s so far)" | tee -a "$OUT/distill.log"

@@ -208,6 +208,14 @@ def main() -> None:
         )
     ms["mate_layer_fwd_bwd"] = timed(lambda: fwd_bwd(train_block), r)
     res["train_ssd_backend_ran"] = last_ssd_backend()
+    from linmu_cli.ops import fla_backward_supported
+
+    fla_ok, res["fla_backward"] = fla_backward_supported(dev, key_dim=128)
+    if (
+        fla_ok and mate.ssd_backend == "fla"
+    ):  # fla's own backward (its #640 guard lifted at K = 128 on Hopper)
+        ms["mate_layer_fwd_bwd_fla"] = timed(lambda: fwd_bwd(block), r)
+        block.zero_grad(set_to_none=True)
     ms["teacher_attention_fwd_bwd"] = timed(
         lambda: teacher(ub, attention_mask=None, position_embeddings=rope)[0].backward(grad_out), r
     )
@@ -276,6 +284,8 @@ def main() -> None:
                 lambda: block(u, position_embeddings=rope, linmu_layout=layout), 15
             )
     res["profile_fwd_bwd_top"] = kernel_table(lambda: fwd_bwd(train_block), 20)
+    if "mate_layer_fwd_bwd_fla" in ms:
+        res["profile_fwd_bwd_fla_top"] = kernel_table(lambda: fwd_bwd(block), 20)
     write_json(args.json, res)
 
 

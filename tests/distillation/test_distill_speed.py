@@ -65,7 +65,9 @@ def _stage3_grads(tiny, policy: str):
         + [(f"mate{i}", layer.self_attn) for i, layer in enumerate(layers)]
     )
     vision_grad: list[bool] = []  # the frozen tower's output: does backward run through the tower?
-    student.model.visual.register_forward_hook(lambda m, a, o: vision_grad.append(o.pooler_output.requires_grad))
+    student.model.visual.register_forward_hook(
+        lambda m, a, o: vision_grad.append(o.pooler_output.requires_grad)
+    )
     tp = run_teacher(teacher, teacher.model.language_model.layers, batch, want_logits=True, keep_inputs=False)
     objective = EndToEndObjective(student, LossConfig(hidden=1.0, kl=1.0))
     torch.manual_seed(1)

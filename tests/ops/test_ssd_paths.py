@@ -142,3 +142,36 @@ def test_grouped_entry_equals_the_naive_scan_of_repeated_heads():
     y_ref, s_ref = ssd_naive(expand_heads(xg, 4), dt, A, expand_heads(Bg, 4), C * 0.3, reset, init)
     torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(s, s_ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "hopper, triton_version, key_dim, ok, lifted",
+    [
+        (True, "3.6.0", 128, True, True),  # Qwen2-VL's heads: K tile 128, outside the miscompile
+        (True, "3.6.0", 16, True, True),  # the tiny models: K tile 16
+        (True, "3.6.0", 64, False, False),  # K tile 64: the miscompile of fla issue #640
+        (True, "3.6.0", 33, False, False),  # rounds up to a tile of 64
+        (True, "3.6.0", None, False, False),  # width unknown: fla's own check
+        (True, "3.7.1", 64, True, False),  # fixed in Triton 3.7.1: nothing to lift
+        (True, "3.3.1", 64, True, False),  # before the bug
+        (False, "3.6.0", 64, True, False),  # not Hopper
+    ],
+)
+def test_fla_backward_verdict_lifts_the_guard_only_outside_the_miscompile(hopper, triton_version, key_dim, ok,
+                                                                           lifted):  # fmt: skip
+    from linmu_cli.ops.ssd.fla import fla_backward_verdict, fla_dqkwg_block_k
+
+    got_ok, why, got_lifted = fla_backward_verdict(hopper, triton_version, key_dim)
+    assert (got_ok, got_lifted) == (ok, lifted), why
+    if not ok:
+        assert "#640" in why and "mamba" in why  # says what to do instead
+    assert [fla_dqkwg_block_k(k) for k in (8, 16, 32, 33, 64, 65, 128, 256)] == [
+        16,
+        16,
+        32,
+        64,
+        64,
+        128,
+        128,
+        128,
+    ]

@@ -115,7 +115,8 @@ def ssd_scan(
         y (b, l, h, p) in ``x.dtype``, or (y, final state (b, h, p, n) float32).
     """
     global _LAST_BACKEND
-    name = select_ssd_backend(x.device, backend, need_backward=_needs_backward(x, dt, A, B, C, initial_state))
+    need = _needs_backward(x, dt, A, B, C, initial_state)
+    name = select_ssd_backend(x.device, backend, need_backward=need, key_dim=C.shape[-1])
     fn = {"torch": ssd_chunked, "fla": ssd_fla, "mamba": ssd_mamba}[name]
     cs = chunk_size if chunk_size is not None else DEFAULT_CHUNK[name]
     _LAST_BACKEND = name
@@ -165,7 +166,8 @@ def ssd_scan_gqa(
     """
     global _LAST_BACKEND
     b, T, h, n = C.shape
-    name = select_ssd_backend(x.device, backend, need_backward=_needs_backward(x, dt, A, B, C, initial_state))
+    need = _needs_backward(x, dt, A, B, C, initial_state)
+    name = select_ssd_backend(x.device, backend, need_backward=need, key_dim=n)
     cs = chunk_size if chunk_size is not None else DEFAULT_CHUNK[name]
     _LAST_BACKEND = name
     reset = plan.reset if plan is not None else None

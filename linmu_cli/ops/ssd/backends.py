@@ -10,7 +10,7 @@ import functools
 
 import torch
 
-from linmu_cli.ops.ssd.fla import _import_fla, fla_backward_supported
+from linmu_cli.ops.ssd.fla import _import_fla, fla_backward_supported, lift_fla_guard
 from linmu_cli.ops.ssd.mamba import _import_mamba
 from linmu_cli.ops.ssd.utils import SSDBackendError
 
@@ -51,14 +51,19 @@ def available_ssd_backends() -> dict[str, str]:
 
 
 def select_ssd_backend(
-    device: torch.device | str, requested: str = "auto", need_backward: bool = False
+    device: torch.device | str,
+    requested: str = "auto",
+    need_backward: bool = False,
+    key_dim: int | None = None,
 ) -> str:
     """Pick "torch", "fla" or "mamba" for ``device``; raise :class:`SSDBackendError` if
     an explicitly requested backend cannot run (never silently substitutes another one).
 
     ``auto`` on CUDA: mamba_ssm if it imports (its Triton SSD runs forward and backward on
     Hopper with Triton 3.6), else fla if it imports and (no backward is needed or
-    :func:`fla_backward_supported`), else torch. On CPU always torch.
+    :func:`fla_backward_supported` for keys of width ``key_dim``), else torch. On CPU always torch.
+    fla with a backward on Hopper under Triton < 3.7.1 lifts fla's issue-#640 guard when the key width allows it
+    (:func:`linmu_cli.ops.ssd.fla.fla_backward_verdict`).
     """
     if requested not in ("auto", *SSD_BACKENDS):
         raise ValueError(f"unknown SSD backend {requested!r}; choose one of auto, {', '.join(SSD_BACKENDS)}")
@@ -77,17 +82,23 @@ def select_ssd_backend(
         if err is not None:
             pkg = "fla-core" if requested == "fla" else "mamba-ssm"
             raise SSDBackendError(f"SSD backend {requested!r} is not importable ({pkg}): {err}")
-        if requested == "fla" and need_backward:
-            ok, why = fla_backward_supported(device)
-            if not ok:
-                raise SSDBackendError(why)
+        if requested == "fla" and need_backward and not _fla_backward(device, key_dim):
+            raise SSDBackendError(fla_backward_supported(device, key_dim)[1])
         return requested
     # auto
     if _backend_import_error("mamba") is None:
         return "mamba"
-    if _backend_import_error("fla") is None and (not need_backward or fla_backward_supported(device)[0]):
+    if _backend_import_error("fla") is None and (not need_backward or _fla_backward(device, key_dim)):
         return "fla"
     return "torch"
+
+
+def _fla_backward(device: torch.device, key_dim: int | None) -> bool:
+    """fla's backward may run for this key width; lifts fla's own guard where it is broader than the bug."""
+    ok, why = fla_backward_supported(device, key_dim)
+    if ok and why != "ok":
+        lift_fla_guard()
+    return ok
 
 
 __all__ = ["SSD_BACKENDS", "available_ssd_backends", "select_ssd_backend"]

@@ -1,7 +1,8 @@
 """fla-core's ``chunk_simple_gla`` (Triton, CUDA only) as an SSD backend (docs/design.md §8).
 
 fla imports on CPU but its kernels run only on CUDA; this module imports fla lazily, only when a scan on a CUDA
-device asks for it. Its gated chunk backward is refused on Hopper with Triton < 3.7.1 (:func:`fla_backward_supported`).
+device asks for it. Its gated chunk backward is refused on Hopper with Triton < 3.7.1 except at key widths whose K
+tile is not 64 (:func:`fla_backward_verdict`).
 """
 
 from __future__ import annotations
@@ -29,12 +30,50 @@ def _parse_version(v: str) -> tuple[int, int, int]:
     return tuple(int(g or 0) for g in m.groups())  # type: ignore[return-value]
 
 
-def fla_backward_supported(device: torch.device | str) -> tuple[bool, str]:
-    """Whether fla's gated ``chunk_simple_gla`` backward may run on ``device``.
+def fla_dqkwg_block_k(key_dim: int, hopper: bool = True) -> int:
+    """The K tile (BK) of fla 0.6.0's ``chunk_bwd_dqkwg`` on Hopper: min(max(next_pow2(K), 16), 128)."""
+    tile = 16
+    while tile < key_dim:
+        tile *= 2
+    return min(tile, 128 if hopper else 64)
 
-    fla 0.6.0 raises in ``chunk_bwd_dqkwg`` (gated case) on Hopper GPUs with
-    3.4.0 <= Triton < 3.7.1, which miscompile it (fla issue #640). Mirrors that check.
-    """
+
+def fla_backward_verdict(hopper: bool, triton_version: str, key_dim: int | None) -> tuple[bool, str, bool]:
+    """(may run, why, needs fla's guard lifted) for fla's gated ``chunk_simple_gla`` backward.
+
+    fla 0.6.0 raises in ``chunk_bwd_dqkwg`` (gated case) on Hopper with 3.4.0 <= Triton < 3.7.1 (fla issue #640).
+    The miscompile behind it needs a K tile of 64: the issue's bisection on Hopper (sweeping fla's CONST_TILING)
+    failed at BK = 64 and passed at 32 and 128, and fla tiles K at BK = min(next_pow2(K), 128) there. So for a key
+    width whose tile is not 64 (K <= 32 or K > 64; Qwen2-VL's heads are 128) the guard is broader than the bug and
+    linmu lifts it (`lift_fla_guard`); for 32 < K <= 64 it stays refused. The GPU tests compare fla's backward with
+    the reference at K = 128 (tests/ops/test_ssd_gpu.py, tests/layers/test_mate_gpu.py)."""
+    tv = _parse_version(triton_version)
+    if not (hopper and (3, 4, 0) <= tv < (3, 7, 1)):
+        return True, "ok", False
+    if key_dim is not None and fla_dqkwg_block_k(key_dim) != 64:
+        return (
+            True,
+            (
+                f"ok: fla's issue-#640 guard lifted on Hopper with Triton {triton_version}: the miscompile needs a K "
+                f"tile of 64, and K = {key_dim} tiles at {fla_dqkwg_block_k(key_dim)}"
+            ),
+            True,
+        )
+    return (
+        False,
+        (
+            f"fla refuses the gated chunk backward on Hopper (sm_90) with Triton {triton_version} "
+            f"(3.4.0 <= Triton < 3.7.1 miscompiles it at a K tile of 64, fla issue #640"
+            + (f"; K = {key_dim} tiles at 64" if key_dim is not None else "")
+            + "); upgrade Triton to >= 3.7.1 or use backend 'mamba' or 'torch' for training"
+        ),
+        False,
+    )
+
+
+def fla_backward_supported(device: torch.device | str, key_dim: int | None = None) -> tuple[bool, str]:
+    """Whether fla's gated ``chunk_simple_gla`` backward may run on ``device`` for keys of width ``key_dim``
+    (None: any width, i.e. fla's own check), by :func:`fla_backward_verdict`."""
     device = torch.device(device)
     if device.type != "cuda":
         return False, "fla needs a CUDA device"
@@ -42,14 +81,25 @@ def fla_backward_supported(device: torch.device | str) -> tuple[bool, str]:
 
     major, _minor = torch.cuda.get_device_capability(device)
     hopper = major == 9 or "NVIDIA H" in torch.cuda.get_device_name(device)
-    tv = _parse_version(triton.__version__)
-    if hopper and (3, 4, 0) <= tv < (3, 7, 1):
-        return False, (
-            f"fla refuses the gated chunk backward on Hopper (sm_90) with Triton {triton.__version__} "
-            "(3.4.0 <= Triton < 3.7.1 miscompiles it, fla issue #640); upgrade Triton to >= 3.7.1 "
-            "or use backend 'mamba' or 'torch' for training"
-        )
-    return True, "ok"
+    ok, why, _ = fla_backward_verdict(hopper, triton.__version__, key_dim)
+    return ok, why
+
+
+@functools.cache
+def lift_fla_guard() -> str:
+    """Switch off fla's issue-#640 raise (process-wide: fla reads one module flag at call time), once, with a
+    warning. Only :func:`select_ssd_backend` calls it, after :func:`fla_backward_verdict` allowed the key width."""
+    import warnings
+
+    from fla.ops.common import chunk_o
+
+    chunk_o.TRITON_ABOVE_3_7_1 = True
+    msg = (
+        "linmu: lifted fla's issue-#640 guard (fla.ops.common.chunk_o) for a gated backward whose K tile is not "
+        "64; fla's own check stays off for the rest of this process"
+    )
+    warnings.warn(msg, stacklevel=2)
+    return msg
 
 
 def _fla_call(
