@@ -252,6 +252,32 @@ def main() -> None:
         ms["text_sliding_window_all_blocks"] = timed(
             lambda: sliding_window_attention(qt, kt, vt, layout.valid, mate.text_window, d**-0.5), r
         )
+        # Flex-MA's output: the skip add then the gated norm (the fast path) against the one fused kernel
+        from linmu_cli.ops.gated_norm import gated_rmsnorm
+        from linmu_cli.ops.skip_add import skip_add, skip_gated_norm
+
+        ys = torch.randn(2, 1, length, h, d, device=dev, dtype=dt).unbind(0)
+        keep = torch.rand(1, length, device=dev) < 0.9
+        gate = torch.randn(1, length, 12864, device=dev, dtype=dt)[..., 4608 : 4608 + h * d]
+        xs, dskip, w = (
+            xbc[..., :512].view(1, length, 4, d),
+            torch.randn(h, device=dev),
+            flex.norm_weight.to(dt),
+        )
+
+        def unfused() -> torch.Tensor:
+            return gated_rmsnorm(
+                skip_add(ys[0], ys[1], keep, xs, dskip).view(1, length, h, d), gate, w, flex.eps
+            )
+
+        def fused() -> torch.Tensor:
+            return skip_gated_norm(ys[0], ys[1], keep, xs, dskip, gate, w, flex.eps)
+
+        ms["skip_add_then_gated_norm"] = timed(unfused, r)
+        ms["skip_gated_norm"] = timed(fused, r)
+        res["skip_gated_norm_rel_err"] = (
+            (fused().float() - unfused().float()).norm() / unfused().float().norm()
+        ).item()
         # decode step of this layer on a LinMUCache's fixed buffers (what generate() and fast_decode step)
         for batch in () if args.no_decode else (1, 16, 256):
             cache = LinMUCache(block.layer_idx + 1, mate.text_window)

@@ -82,9 +82,7 @@ def test_fast_block_matches_reference_forward_and_backward(shared):
         (out.float() * valid[..., None].to(dev)).square().mean().backward()
         outs.append(out)
         grads.append({n: p.grad for n, p in block.named_parameters()})
-    assert ran[0] == fast and ran[1] == "fla" and ran[2] == "skip_add", (
-        ran
-    )  # the norm fused with the skip add
+    assert ran[0] == fast and ran[1] == "fla" and ran[2] in ("mamba", "fla"), ran
     assert fused == ("triton",) * 3, fused  # the fused scan inputs, skip add and fusion mix ran
     fwd_err = rel(outs[1][valid], outs[0][valid])
     grad_errs = {n: rel(grads[1][n], grads[0][n]) for n in grads[0]}
@@ -107,9 +105,8 @@ def test_fla_block_matches_reference_forward_and_backward(shared):
         select_ssd_backend(dev, "fla")
     except SSDBackendError as e:
         pytest.skip(f"fla does not run here: {e}")
-    backward = fla_backward_supported(dev, key_dim=128)[
-        0
-    ]  # Qwen2-VL's heads: a K tile of 128 (not #640's 64)
+    # Qwen2-VL's heads: a K tile of 128 (not issue #640's 64)
+    backward = fla_backward_supported(dev, key_dim=128)[0]
     length, seg = 1400, Segment(100, 4, 16, 16)
     ref_block = random_block(MateConfig(ssd_backend="torch", shared_projections=shared), dev)
     fast_block = copy.deepcopy(ref_block)

@@ -1,7 +1,9 @@
 """Flex-MA's output adds, the backward scan's masked output and the D skip, alone (`skip_add`) or followed by the
 gate and per-head RMSNorm (`skip_gated_norm`) (`naive.py`: the definitions; `triton.py`: one launch each, with a
 one-launch backward). The entries choose; CPU never touches Triton (the CPU and "torch" blocks keep their two
-`addcmul`s and the reference norm in `FlexMA`, and never call them)."""
+`addcmul`s and the reference norm in `FlexMA`, and never call them). `FlexMA`'s fast path calls `skip_add` then
+mamba-ssm's gated norm; `skip_gated_norm` replaces both once the GPU has compared it (docs/benchmarks.md, row 21
+of the optimization log)."""
 
 from __future__ import annotations
 
