@@ -279,30 +279,18 @@ def test_kernels_compile_for_the_h200_without_a_gpu():
     keeps = {"skb": ("i32", length), "skl": ("i32", 1)}
     sizes = {"rows": ("i32", length), "length": ("i32", length), "heads": ("i32", 28)}
     consts = {"GROUP": 7, "DIM": 128, "BLOCK_D": 128, "BLOCK_T": skip.BLOCK_T}
-    ptrs = {n: ("*bf16", 0) for n in ("Y", "BK", "X", "OUT", "G", "DBK", "DX")}
-    ptrs |= {"KP": ("*u8", 0), "D": ("*bf16", 0), "DDP": ("*fp32", 0)}
-    for has_back, has_keep in ((True, True), (False, False)):
-        flags = consts | {"HAS_BACK": has_back, "HAS_KEEP": has_keep}
-        compile_for_sm90(skip._skip_add_fwd, ptrs | ys | keeps | xs | sizes, flags, 4, 1)
-        compile_for_sm90(skip._skip_add_bwd, ptrs | keeps | xs | sizes | {"groups": ("i32", 4)}, flags, 4, 1)
     gemm = 12864  # the gate: a 3,584-column slice of the block's one input GEMM output
     gates = {"szb": ("i32", length * gemm), "szl": ("i32", gemm), "szd": ("i32", 1), "eps": ("fp32", 1e-6)}
-    nptrs = {n: ("*bf16", 0) for n in ("Y", "BK", "X", "Z", "OUT", "S", "G", "DY", "DBK", "DZ", "DX")}
-    nptrs |= {
-        "KP": ("*u8", 0),
-        "D": ("*fp32", 0),
-        "W": ("*bf16", 0),
-        "DDP": ("*fp32", 0),
-        "DWP": ("*fp32", 0),
-    }
-    for has_back, has_keep, gated in ((True, True, True), (False, False, True), (True, True, False)):
-        fwd_flags = consts | {"HAS_BACK": has_back, "HAS_KEEP": has_keep, "HAS_GATE": gated}
-        for store in (False, True):
-            compile_for_sm90(skip._skip_norm_fwd, nptrs | ys | keeps | xs | gates | sizes, fwd_flags | {"STORE_S": store},
-                             4, 1)  # fmt: skip
-        bwd_flags = consts | {"HAS_KEEP": has_keep, "SEPARATE_DBK": has_back and has_keep, "HAS_GATE": gated}
-        compile_for_sm90(skip._skip_norm_bwd, nptrs | keeps | xs | gates | sizes | {"groups": ("i32", 4)}, bwd_flags,
-                         4, 1)  # fmt: skip
+    ptrs = {n: ("*bf16", 0) for n in ("Y", "BK", "X", "Z", "OUT", "S", "G", "DY", "DBK", "DZ", "DX", "W")}
+    ptrs |= {"KP": ("*u8", 0), "D": ("*fp32", 0), "DDP": ("*fp32", 0), "DWP": ("*fp32", 0)}
+    # (back, keep, norm, gate): the skip add alone with and without the backward scan, and with the gated norm
+    for back, keep, norm, gate in ((1, 1, 0, 0), (0, 0, 0, 0), (1, 1, 1, 1), (0, 0, 1, 1), (1, 1, 1, 0)):
+        flags = consts | {"HAS_KEEP": bool(keep), "NORM": bool(norm), "HAS_GATE": bool(gate)}
+        for store in (False, True) if norm else (False,):
+            compile_for_sm90(skip._skip_fwd, ptrs | ys | keeps | xs | gates | sizes,
+                             flags | {"HAS_BACK": bool(back), "STORE_S": store}, 4, 1)  # fmt: skip
+        compile_for_sm90(skip._skip_bwd, ptrs | keeps | xs | gates | sizes | {"groups": ("i32", 4)},
+                         flags | {"STORE_DBK": bool(back)}, 4, 1)  # fmt: skip
 
 
 # ------------------------------------------------------------------------------ the kernels (GPU)

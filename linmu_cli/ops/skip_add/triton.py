@@ -13,10 +13,10 @@ reduces to dD; y's gradient is g itself. Saves no new tensor. CUDA-graph captura
 Triton's CPU interpreter (loads converted to float32 first).
 
 `skip_gated_norm_*`: the same adds followed by Flex-MA's gate and per-head RMSNorm in the same program
-(`_skip_norm_fwd`), so the sum never goes to memory outside autograd. The gated norm it replaces (mamba-ssm's, one
+(`_skip_fwd` with `NORM`), so the sum never goes to memory outside autograd. The gated norm it replaces (mamba-ssm's, one
 program per row and head: 1.8 M programs of 128 elements at 65k tokens) moved ~1.4 GB in 1.1 ms on an H200, 30% of
 the copy ceiling, after the adds had written and it had read the 470 MB sum. With a backward, the sum (rounded to
-y's dtype, as the unfused path stored it) is saved in place of the norm's input; the backward (`_skip_norm_bwd`)
+y's dtype, as the unfused path stored it) is saved in place of the norm's input; the backward (`_skip_bwd` with `NORM`)
 reads it, the gate and the output gradient once per head and writes d sum, d gate, dx, and per-tile partials of
 dD and d weight (float32, reduced by one sum each).
 """
@@ -35,87 +35,17 @@ BLOCK_T = 16  # tokens per program: 16 x 128 elements per tile
 
 
 @triton.jit
-def _skip_add_fwd(
-    Y, BK, KP, X, D, OUT,
-    syb, syl, syh, syd, sbb, sbl, sbh, sbd, skb, skl, sxb, sxl, sxg, sxd,
-    rows, length, heads,
-    GROUP: tl.constexpr, DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
-    HAS_BACK: tl.constexpr, HAS_KEEP: tl.constexpr,
-):  # fmt: skip
-    """Program (token tile, key/value head j): x and the mask of the tile read once, heads j*GROUP .. written."""
-    t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
-    j = tl.program_id(1)
-    mt = t < rows
-    bi = t // length
-    li = t % length
-    od = tl.arange(0, BLOCK_D)
-    m = mt[:, None] & (od < DIM)[None, :]
-    x = tl.load(X + (bi * sxb + li * sxl + j * sxg)[:, None] + od[None, :] * sxd, mask=m, other=0.0)
-    xf = x.to(tl.float32)
-    if HAS_KEEP:
-        kp = tl.load(KP + bi * skb + li * skl, mask=mt, other=0).to(tl.float32)[:, None]
-    for r in tl.static_range(GROUP):
-        h = j * GROUP + r
-        y = tl.load(Y + (bi * syb + li * syl + h * syh)[:, None] + od[None, :] * syd, mask=m, other=0.0)
-        acc = y.to(tl.float32)
-        if HAS_BACK:
-            bk = tl.load(BK + (bi * sbb + li * sbl + h * sbh)[:, None] + od[None, :] * sbd, mask=m, other=0.0)
-            if HAS_KEEP:
-                acc += kp * bk.to(tl.float32)
-            else:
-                acc += bk.to(tl.float32)
-        acc += tl.load(D + h).to(tl.float32) * xf
-        tl.store(OUT + (t * heads + h)[:, None] * DIM + od[None, :], acc.to(OUT.dtype.element_ty), mask=m)
-
-
-@triton.jit
-def _skip_add_bwd(
-    G, KP, X, D, DBK, DX, DDP,
-    skb, skl, sxb, sxl, sxg, sxd,
-    rows, length, heads, groups,
-    GROUP: tl.constexpr, DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
-    HAS_BACK: tl.constexpr, HAS_KEEP: tl.constexpr,
-):  # fmt: skip
-    """Program (token tile, key/value head j): the group's output gradients read once; d back of each head, dx
-    (contiguous, key/value width) and each head's partial dD (float32, one row per token tile) written."""
-    tile = tl.program_id(0)
-    t = tile.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
-    j = tl.program_id(1)
-    mt = t < rows
-    bi = t // length
-    li = t % length
-    od = tl.arange(0, BLOCK_D)
-    m = mt[:, None] & (od < DIM)[None, :]
-    xf = tl.load(X + (bi * sxb + li * sxl + j * sxg)[:, None] + od[None, :] * sxd, mask=m, other=0.0)
-    xf = xf.to(tl.float32)
-    if HAS_KEEP:
-        kp = tl.load(KP + bi * skb + li * skl, mask=mt, other=0).to(tl.float32)[:, None]
-    dx = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
-    for r in tl.static_range(GROUP):
-        h = j * GROUP + r
-        row = (t * heads + h)[:, None] * DIM + od[None, :]
-        g = tl.load(G + row, mask=m, other=0.0).to(tl.float32)
-        if HAS_BACK:
-            if HAS_KEEP:
-                tl.store(DBK + row, (kp * g).to(DBK.dtype.element_ty), mask=m)
-            else:
-                tl.store(DBK + row, g.to(DBK.dtype.element_ty), mask=m)
-        dx += tl.load(D + h).to(tl.float32) * g
-        tl.store(DDP + tile * heads + h, tl.sum(tl.sum(g * xf, axis=1), axis=0))
-    out = t * groups + j
-    tl.store(DX + out[:, None] * DIM + od[None, :], dx.to(DX.dtype.element_ty), mask=m)
-
-
-@triton.jit
-def _skip_norm_fwd(
+def _skip_fwd(
     Y, BK, KP, X, D, Z, W, OUT, S,
     syb, syl, syh, syd, sbb, sbl, sbh, sbd, skb, skl, sxb, sxl, sxg, sxd, szb, szl, szd,
     rows, length, heads, eps,
     GROUP: tl.constexpr, DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
-    HAS_BACK: tl.constexpr, HAS_KEEP: tl.constexpr, HAS_GATE: tl.constexpr, STORE_S: tl.constexpr,
+    HAS_BACK: tl.constexpr, HAS_KEEP: tl.constexpr, NORM: tl.constexpr, HAS_GATE: tl.constexpr,
+    STORE_S: tl.constexpr,
 ):  # fmt: skip
-    """Program (token tile, key/value head j): as `_skip_add_fwd`, then each head's gate and RMSNorm on the sum
-    (rounded to the output dtype first, as the unfused path stores it); the sum is written only for a backward."""
+    """Program (token tile, key/value head j): x and the mask of the tile read once; for each head of the group
+    the sum y + keep back + D x (float32, rounded to the output dtype), written as the output, or with `NORM`
+    gated (z silu(z)) and RMS-normalised per head (weight W) first, the sum itself written only when `STORE_S`."""
     t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     j = tl.program_id(1)
     mt = t < rows
@@ -141,29 +71,35 @@ def _skip_norm_fwd(
         acc += tl.load(D + h).to(tl.float32) * xf
         sr = acc.to(OUT.dtype.element_ty)
         row = (t * heads + h)[:, None] * DIM + od[None, :]
-        if STORE_S:
-            tl.store(S + row, sr, mask=m)
-        a = sr.to(tl.float32)
-        if HAS_GATE:
-            z = tl.load(Z + (bi * szb + li * szl)[:, None] + (h * DIM + od)[None, :] * szd, mask=m, other=0.0)
-            zf = z.to(tl.float32)
-            a = a * zf * tl.sigmoid(zf)
-        rstd = 1.0 / tl.sqrt(tl.sum(a * a, axis=1) / DIM + eps)
-        w = tl.load(W + h * DIM + od, mask=md, other=0.0).to(tl.float32)
-        tl.store(OUT + row, (a * rstd[:, None] * w[None, :]).to(OUT.dtype.element_ty), mask=m)
+        if NORM:
+            if STORE_S:
+                tl.store(S + row, sr, mask=m)
+            a = sr.to(tl.float32)
+            if HAS_GATE:
+                z = tl.load(
+                    Z + (bi * szb + li * szl)[:, None] + (h * DIM + od)[None, :] * szd, mask=m, other=0.0
+                )
+                zf = z.to(tl.float32)
+                a = a * zf * tl.sigmoid(zf)
+            rstd = 1.0 / tl.sqrt(tl.sum(a * a, axis=1) / DIM + eps)
+            w = tl.load(W + h * DIM + od, mask=md, other=0.0).to(tl.float32)
+            tl.store(OUT + row, (a * rstd[:, None] * w[None, :]).to(OUT.dtype.element_ty), mask=m)
+        else:
+            tl.store(OUT + row, sr, mask=m)
 
 
 @triton.jit
-def _skip_norm_bwd(
+def _skip_bwd(
     G, S, Z, W, KP, X, D, DY, DBK, DZ, DX, DDP, DWP,
     skb, skl, sxb, sxl, sxg, sxd, szb, szl, szd,
     rows, length, heads, groups, eps,
     GROUP: tl.constexpr, DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
-    HAS_KEEP: tl.constexpr, SEPARATE_DBK: tl.constexpr, HAS_GATE: tl.constexpr,
+    HAS_KEEP: tl.constexpr, STORE_DBK: tl.constexpr, NORM: tl.constexpr, HAS_GATE: tl.constexpr,
 ):  # fmt: skip
-    """Program (token tile, key/value head j): the group's output gradients and saved sums read once; per head the
-    norm's and the gate's backward, d sum (= dy; d back = keep d sum), d gate, the partial d weight (float32, one
-    row per token tile); over the group dx (float32, rounded once) and each head's partial dD."""
+    """Program (token tile, key/value head j): the group's output gradients read once. Per head the gradient of the
+    sum (the output gradient itself, or with `NORM` through the norm and the gate from the saved sum: then written
+    as dy, with d gate and the partial d weight, float32, one row per token tile); d back = keep d sum when
+    `STORE_DBK`; over the group dx (float32, rounded once) and each head's partial dD."""
     tile = tl.program_id(0)
     t = tile.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     j = tl.program_id(1)
@@ -181,30 +117,33 @@ def _skip_norm_bwd(
     for r in tl.static_range(GROUP):
         h = j * GROUP + r
         row = (t * heads + h)[:, None] * DIM + od[None, :]
-        g = tl.load(G + row, mask=m, other=0.0).to(tl.float32)
-        sf = tl.load(S + row, mask=m, other=0.0).to(tl.float32)
-        a = sf
-        if HAS_GATE:
-            zf = tl.load(
-                Z + (bi * szb + li * szl)[:, None] + (h * DIM + od)[None, :] * szd, mask=m, other=0.0
-            )
-            zf = zf.to(tl.float32)
-            sg = tl.sigmoid(zf)
-            a = sf * zf * sg
-        rstd = (1.0 / tl.sqrt(tl.sum(a * a, axis=1) / DIM + eps))[:, None]
-        n = a * rstd
-        w = tl.load(W + h * DIM + od, mask=md, other=0.0).to(tl.float32)
-        dn = g * w[None, :]
-        da = rstd * (dn - n * (tl.sum(dn * n, axis=1) / DIM)[:, None])
-        tl.store(DWP + tile * heads * DIM + h * DIM + od, tl.sum(g * n, axis=0), mask=md)
-        ds = da
-        if HAS_GATE:
-            ds = da * zf * sg
-            dz = da * sf * sg * (1.0 + zf * (1.0 - sg))
-            tl.store(DZ + row, dz.to(DZ.dtype.element_ty), mask=m)
-        tl.store(DY + row, ds.to(DY.dtype.element_ty), mask=m)
-        if SEPARATE_DBK:
-            tl.store(DBK + row, (kp * ds).to(DBK.dtype.element_ty), mask=m)
+        ds = tl.load(G + row, mask=m, other=0.0).to(tl.float32)
+        if NORM:
+            g = ds
+            sf = tl.load(S + row, mask=m, other=0.0).to(tl.float32)
+            a = sf
+            if HAS_GATE:
+                zf = tl.load(
+                    Z + (bi * szb + li * szl)[:, None] + (h * DIM + od)[None, :] * szd, mask=m, other=0.0
+                )
+                zf = zf.to(tl.float32)
+                sg = tl.sigmoid(zf)
+                a = sf * zf * sg
+            rstd = (1.0 / tl.sqrt(tl.sum(a * a, axis=1) / DIM + eps))[:, None]
+            n = a * rstd
+            w = tl.load(W + h * DIM + od, mask=md, other=0.0).to(tl.float32)
+            dn = g * w[None, :]
+            ds = rstd * (dn - n * (tl.sum(dn * n, axis=1) / DIM)[:, None])
+            tl.store(DWP + tile * heads * DIM + h * DIM + od, tl.sum(g * n, axis=0), mask=md)
+            if HAS_GATE:
+                tl.store(DZ + row, (ds * sf * sg * (1.0 + zf * (1.0 - sg))).to(DZ.dtype.element_ty), mask=m)
+                ds = ds * zf * sg
+            tl.store(DY + row, ds.to(DY.dtype.element_ty), mask=m)
+        if STORE_DBK:
+            if HAS_KEEP:
+                tl.store(DBK + row, (kp * ds).to(DBK.dtype.element_ty), mask=m)
+            else:
+                tl.store(DBK + row, ds.to(DBK.dtype.element_ty), mask=m)
         dx += tl.load(D + h).to(tl.float32) * ds
         tl.store(DDP + tile * heads + h, tl.sum(tl.sum(ds * xf, axis=1), axis=0))
     tl.store(DX + (t * groups + j)[:, None] * DIM + od[None, :], dx.to(DX.dtype.element_ty), mask=m)
@@ -256,9 +195,9 @@ def skip_add_kernel(
         return out
     kp, ks = _mask(keep, y)
     bk = back if back is not None else y
-    _skip_add_fwd[(triton.cdiv(rows, BLOCK_T), x.shape[2])](
-        y, bk, kp, x, D, out, *y.stride(), *bk.stride(), *ks, *x.stride(), rows, length, heads,
-        **_meta(y, x, back is not None, keep is not None),
+    _skip_fwd[(triton.cdiv(rows, BLOCK_T), x.shape[2])](
+        y, bk, kp, x, D, y, y, out, out, *y.stride(), *bk.stride(), *ks, *x.stride(), 0, 0, 0, rows, length, heads,
+        0.0, **_meta(y, x, back is not None, keep is not None), NORM=False, HAS_GATE=False, STORE_S=False,
     )  # fmt: skip
     return out
 
@@ -279,9 +218,11 @@ def skip_add_backward(
     ddp = torch.zeros(max(tiles, 1), heads, dtype=torch.float32, device=x.device)
     if rows:
         kp, ks = _mask(keep, g)
-        _skip_add_bwd[(tiles, groups)](
-            g, kp, x, D, dbk if dbk is not None else g, dx, ddp, *ks, *x.stride(), rows, length, heads, groups,
-            **_meta(g, x, dbk is not None, keep is not None),
+        meta = _meta(g, x, dbk is not None, keep is not None)
+        del meta["HAS_BACK"]
+        _skip_bwd[(tiles, groups)](
+            g, g, g, D, kp, x, D, g, dbk if dbk is not None else g, g, dx, ddp, ddp, *ks, *x.stride(), 0, 0, 0, rows,
+            length, heads, groups, 0.0, **meta, STORE_DBK=dbk is not None, NORM=False, HAS_GATE=False,
         )  # fmt: skip
     return dbk, dx, ddp.sum(0).to(D.dtype).view(D.shape)
 
@@ -338,10 +279,10 @@ def skip_gated_norm_kernel(
     kp, ks = _mask(keep, y)
     bk = back if back is not None else y
     z = gate if gate is not None else y
-    _skip_norm_fwd[(triton.cdiv(rows, BLOCK_T), x.shape[2])](
+    _skip_fwd[(triton.cdiv(rows, BLOCK_T), x.shape[2])](
         y, bk, kp, x, D, z, weight, out, summed if summed is not None else out, *y.stride(), *bk.stride(), *ks,
         *x.stride(), *_gate_strides(gate), rows, length, heads, eps,
-        **_meta(y, x, back is not None, keep is not None), HAS_GATE=gate is not None, STORE_S=store_sum,
+        **_meta(y, x, back is not None, keep is not None), NORM=True, HAS_GATE=gate is not None, STORE_S=store_sum,
     )  # fmt: skip
     return out, summed
 
@@ -368,10 +309,10 @@ def skip_gated_norm_backward(
         kp, ks = _mask(keep, g)
         meta = _meta(g, x, back_dtype is not None, keep is not None)
         del meta["HAS_BACK"]
-        _skip_norm_bwd[(tiles, groups)](
+        _skip_bwd[(tiles, groups)](
             g, summed, gate if gate is not None else g, weight, kp, x, D, dy, dbk if dbk is not None else dy,
             dz if dz is not None else dy, dx, ddp, dwp, *ks, *x.stride(), *_gate_strides(gate), rows, length, heads,
-            groups, eps, **meta, SEPARATE_DBK=separate, HAS_GATE=gate is not None,
+            groups, eps, **meta, STORE_DBK=separate, NORM=True, HAS_GATE=gate is not None,
         )  # fmt: skip
     if back_dtype is not None and dbk is None:
         dbk = dy if back_dtype == dy.dtype else dy.to(back_dtype)
