@@ -614,6 +614,17 @@ def reproduce_command(argv: list[str], steps: int, out_dir: str = "evals/teacher
     )
 
 
+REPLAN_STEPS = (
+    100  # steps of the full frame mix (after --frames-ramp) that the second time-budget plan measures
+)
+
+
+def planned_steps(step: int, per_step: float, left: float, max_steps: int) -> int:
+    """Total steps for a run at `step` with `left` seconds of budget at `per_step` s each (3% kept in hand), at
+    least one more and at most `max_steps`."""
+    return max(step + 1, min(max_steps, step + int(0.97 * left / per_step)))
+
+
 def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
     if step < warmup:
         return lr * (step + 1) / warmup
@@ -767,8 +778,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--time-budget",
         type=float,
         default=0.0,
-        help="seconds of training: after 50 steps, --steps becomes what fits (the report records it, "
-        "so `--steps N` without a budget repeats the run), and training stops at the budget; 0: none",
+        help="seconds of training: after 50 steps, --steps becomes what fits, planned again on the full frame "
+        "mix after --frames-ramp (the report records it, so `--steps N` without a budget repeats the run), and "
+        "training stops at the budget; 0: none",
     )
     p.add_argument("--image-batch", type=int, help="image samples per step (image tasks round-robin)")
     p.add_argument("--video-batch", type=int, help="video samples per step (video tasks round-robin)")
@@ -1021,7 +1033,13 @@ def main(argv: list[str] | None = None) -> int:
     keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters  # else: all logits
     samples = tokens = 0
     curve: list[dict] = []  # per-task numbers at every log line (teacher 2): the learning curves
-    t10 = stopped_at_budget = None
+    t10 = t_mix = stopped_at_budget = None
+    max_steps = args.steps
+    # With a frames ramp, steps 10-50 see short videos only and run faster than the mix that follows (teacher 2 of
+    # 2026-12-02: planned 1,935 steps at 0.194 s, stopped by the budget at 1,589 with the lr still at 15% of its
+    # peak, not annealed): the plan is made again on REPLAN_STEPS steps of the full mix, after the ramp.
+    mix_from = max(50, args.frames_ramp)  # after the first plan
+    replan_at = mix_from + REPLAN_STEPS if args.time_budget and args.frames_ramp else None
     pending = None  # (step, its loss terms and gradient norms on the device, frames): checked one step later
 
     def check_pending(item) -> str | None:
@@ -1036,10 +1054,19 @@ def main(argv: list[str] | None = None) -> int:
             t10 = time.time()
         if args.time_budget and step == 50:  # still in warm-up (lr does not depend on --steps yet)
             per_step = (time.time() - t10) / 40  # steps 10-50: past the first batches' start-up
-            left = args.time_budget - (time.time() - start)
-            args.steps = max(51, min(args.steps, 50 + int(0.97 * left / per_step)))
+            args.steps = planned_steps(50, per_step, args.time_budget - (time.time() - start), max_steps)
             print(
                 f"time budget {args.time_budget:.0f} s at {per_step:.3f} s/step: {args.steps} steps",
+                flush=True,
+            )
+        if step == mix_from:
+            t_mix = time.time()
+        if step == replan_at and step < args.steps:
+            per_step = (time.time() - t_mix) / REPLAN_STEPS
+            args.steps = planned_steps(step, per_step, args.time_budget - (time.time() - start), max_steps)
+            print(
+                f"time budget re-planned on steps {mix_from}-{step} (the full frame mix) at {per_step:.3f} s/step: "
+                f"{args.steps} steps",
                 flush=True,
             )
         if args.time_budget and time.time() - start > args.time_budget:

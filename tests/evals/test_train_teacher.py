@@ -282,3 +282,33 @@ def test_nonfinite_error_names_the_term_and_what_to_try():
     assert "every loss was finite" in line and "--amp off" in line and "\n" not in line
     line = train_teacher.nonfinite_error(0, {**finite, "time probe loss": float("inf")}, args, 8)
     assert "non-finite time probe loss at step 1" in line and "lower --lr (now 0.001" in line
+
+
+def test_time_budget_is_planned_again_on_the_full_frame_mix(tmp_path, monkeypatch, capsys):
+    """Steps after the frames ramp are slower than steps 10-50 (longer videos): the plan made at step 50 would run
+    past the budget (teacher 2 of 2026-12-02: 1,935 steps planned, stopped at 1,589 with the lr not annealed), so
+    it is made again on the full mix, and the run then ends at its planned step, not at the budget. A fake clock
+    (0.1 s per step up to step 50, 0.3 s after) makes the arithmetic exact."""
+    clock = [0.0]
+    monkeypatch.setattr(train_teacher, "time", type("Clock", (), {"time": staticmethod(lambda: clock[0])}))
+    monkeypatch.setattr(train_teacher, "REPLAN_STEPS", 10)
+    real, calls = train_teacher.train_step, []
+
+    def train_step(*args, **kwargs):
+        clock[0] += 0.1 if len(calls) < 50 else 0.3
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_teacher, "train_step", train_step)
+    out = tmp_path / "teacher2"
+    argv = ["--out", str(out), *SMALL_T2, "--frames-ramp", "1", "--steps", "1000", "--time-budget", "30",
+            "--log-every", "1000", "--eval-count", "1"]  # fmt: skip
+    assert train_teacher.main(argv) == 0
+    log = capsys.readouterr().out
+    # step 50: 40 steps of 0.1 s measured, 25 s left -> 50 + 0.97 * 25 / 0.1 = 292 steps (would need 77 s)
+    assert "time budget 30 s at 0.100 s/step: 292 steps" in log
+    # step 60: steps 50-60 at 0.3 s, 22 s left -> 60 + int(0.97 * 22 / 0.3) = 131 steps, done at 29.3 s
+    assert "time budget re-planned on steps 50-60 (the full frame mix) at 0.300 s/step: 131 steps" in log
+    report = json.loads((out / "train_teacher.json").read_text())
+    assert report["steps"] == 131 and not report["stopped_at_budget"] and len(calls) == 131
+    assert "time budget spent" not in log
