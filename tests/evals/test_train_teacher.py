@@ -147,6 +147,63 @@ def test_token_colors_and_glyph_targets_read_the_pixels():
     assert train_teacher.GridProbes._glyph_targets(colors, [("grid_count", "3")]) is None
 
 
+def test_lookup_targets_are_the_object_the_question_names():
+    """grid_color: the target tokens are those of the asked square (every one overlaps the asked cell, never
+    empty); other tasks: none."""
+    for i in range(12):
+        s = synthetic.generate("grid_color", i, seed=4)
+        colors = train_teacher.token_colors(torch.from_numpy(s.media)[None, None])
+        target = train_teacher.GridProbes.lookup_targets(colors, [("grid_color", s.answer)])[0].view(8, 8)
+        asked = max((p for p in synthetic.POSITIONS if f"at the {p}?" in s.question), key=len)
+        cell_row, cell_col = divmod(synthetic.POSITIONS.index(asked), 3)
+        edges = [224 * k / 3 for k in range(4)]
+        assert target.any(), (i, s.question)
+        for r, c in target.nonzero().tolist():  # the 28-px token overlaps the cell
+            assert 28 * r < edges[cell_row + 1] and 28 * (r + 1) > edges[cell_row], (i, asked, r)
+            assert 28 * c < edges[cell_col + 1] and 28 * (c + 1) > edges[cell_col], (i, asked, c)
+    order = synthetic.generate("grid_order", 0, seed=4, frames=16)
+    colors = train_teacher.token_colors(torch.from_numpy(order.media)[None])
+    assert not train_teacher.GridProbes.lookup_targets(colors, [("grid_order", order.answer)]).any()
+    none = train_teacher.GridProbes.lookup_targets(colors, [("grid_count", "3")])
+    assert not none.any()
+
+
+def test_lookup_loss_is_the_heads_own_attention_on_the_target():
+    """`lookup_loss` from the kept (rotated) queries and keys = -log of the weight that query head 0 of the layer
+    really gives the target tokens, among the media tokens (eager attention's own probabilities)."""
+    model, processor = build_tiny_teacher(
+        "qwen2_vl", seed=2, size="teacher2", num_hidden_layers=2, vision_config={"depth": 1}
+    )
+    train_teacher.use_text_attention(model, train_teacher.TEXT_ATTENTION)
+    examples = [train_teacher.example("grid_color", i, 0, 1, 1.0, 112) for i in range(3)]
+    rows = [("grid_color", ex.answer) for ex in examples]
+    host = host_batch(processor, examples)
+    labels = train_teacher.answer_labels(host, examples, processor.tokenizer)
+    inputs = device_batch(host, "cpu", processor, keep_frames=True)
+    frames = inputs.pop(train_teacher.FRAMES_KEY)
+    train_teacher.LOOKUP["layer"] = 1
+    try:
+        with torch.no_grad():
+            model(**inputs)
+        qk, train_teacher.LOOKUP["qk"] = train_teacher.LOOKUP["qk"], None
+    finally:
+        train_teacher.LOOKUP["layer"] = None
+    probes = train_teacher.GridProbes(model.config.text_config.hidden_size, 4, 4, 1)
+    loss = probes.lookup_loss(qk, inputs, labels, frames, rows)
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        attn = model(**inputs, output_attentions=True).attentions[1][:, 0]  # (B, query, key) of head 0
+    first = (labels != -100).int().argmax(dim=1) - 1
+    media = inputs["mm_token_type_ids"] > 0
+    target = train_teacher.GridProbes.lookup_targets(train_teacher.token_colors(frames), rows)
+    ref = []
+    for b in range(3):
+        weights = attn[b, first[b]][media[b]]
+        ref.append(-torch.log(weights[target[b]].sum() / weights.sum()))
+    assert all(target.any(dim=1)) and qk[0].shape[2] == labels.shape[1]
+    torch.testing.assert_close(loss, torch.stack(ref).mean(), atol=1e-4, rtol=1e-4)
+
+
 # --- issue 15's NaN run: a decoder query row with no key to attend to, and the trainer's stop on a NaN ------------
 
 
