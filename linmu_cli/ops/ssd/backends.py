@@ -10,7 +10,7 @@ import functools
 
 import torch
 
-from linmu_cli.ops.ssd.fla import _import_fla, fla_backward_supported, lift_fla_guard
+from linmu_cli.ops.ssd.fla import _import_fla, fla_backward_supported
 from linmu_cli.ops.ssd.mamba import _import_mamba
 from linmu_cli.ops.ssd.utils import SSDBackendError
 
@@ -82,23 +82,19 @@ def select_ssd_backend(
         if err is not None:
             pkg = "fla-core" if requested == "fla" else "mamba-ssm"
             raise SSDBackendError(f"SSD backend {requested!r} is not importable ({pkg}): {err}")
-        if requested == "fla" and need_backward and not _fla_backward(device, key_dim):
-            raise SSDBackendError(fla_backward_supported(device, key_dim)[1])
+        if requested == "fla" and need_backward:
+            ok, why = fla_backward_supported(device, key_dim, lift=True)
+            if not ok:
+                raise SSDBackendError(why)
         return requested
     # auto
     if _backend_import_error("mamba") is None:
         return "mamba"
-    if _backend_import_error("fla") is None and (not need_backward or _fla_backward(device, key_dim)):
+    if _backend_import_error("fla") is None and (
+        not need_backward or fla_backward_supported(device, key_dim, lift=True)[0]
+    ):
         return "fla"
     return "torch"
-
-
-def _fla_backward(device: torch.device, key_dim: int | None) -> bool:
-    """fla's backward may run for this key width; lifts fla's own guard where it is broader than the bug."""
-    ok, why = fla_backward_supported(device, key_dim)
-    if ok and why != "ok":
-        lift_fla_guard()
-    return ok
 
 
 __all__ = ["SSD_BACKENDS", "available_ssd_backends", "select_ssd_backend"]

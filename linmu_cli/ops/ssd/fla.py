@@ -71,9 +71,12 @@ def fla_backward_verdict(hopper: bool, triton_version: str, key_dim: int | None)
     )
 
 
-def fla_backward_supported(device: torch.device | str, key_dim: int | None = None) -> tuple[bool, str]:
+def fla_backward_supported(
+    device: torch.device | str, key_dim: int | None = None, lift: bool = False
+) -> tuple[bool, str]:
     """Whether fla's gated ``chunk_simple_gla`` backward may run on ``device`` for keys of width ``key_dim``
-    (None: any width, i.e. fla's own check), by :func:`fla_backward_verdict`."""
+    (None: any width, i.e. fla's own check), by :func:`fla_backward_verdict`; `lift`: also lift fla's guard
+    where the verdict says it is broader than the bug (:func:`lift_fla_guard`)."""
     device = torch.device(device)
     if device.type != "cuda":
         return False, "fla needs a CUDA device"
@@ -81,7 +84,9 @@ def fla_backward_supported(device: torch.device | str, key_dim: int | None = Non
 
     major, _minor = torch.cuda.get_device_capability(device)
     hopper = major == 9 or "NVIDIA H" in torch.cuda.get_device_name(device)
-    ok, why, _ = fla_backward_verdict(hopper, triton.__version__, key_dim)
+    ok, why, needs_lift = fla_backward_verdict(hopper, triton.__version__, key_dim)
+    if lift and needs_lift:
+        lift_fla_guard()
     return ok, why
 
 
