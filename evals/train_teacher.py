@@ -79,6 +79,7 @@ PRESETS: dict[str, dict] = {
         "intermediate": 0, "vision_dim": 128, "vision_depth": 4, "aux_weight": 0.5, "curriculum": (200, 2000),
         "eval_count": 100, "eval_every": 500, "workers": 0, "amp": "off", "device_inputs": "off",
         "save_dtype": "float32", "log_every": 25, "frames_ramp": 0, "lookup_weight": 0.0,
+        "task_weights": "",
     },
     "teacher2": {
         "tasks": ",".join(synthetic.GRID_TASKS), "size": synthetic.GRID_SIZE, "steps": 20000, "image_batch": 32,
@@ -88,6 +89,7 @@ PRESETS: dict[str, dict] = {
         "vision_depth": _T2["vision_config"]["depth"], "aux_weight": 0.5, "curriculum": (0, 0),
         "eval_count": 200, "eval_every": 0, "workers": 0, "amp": "auto", "device_inputs": "on",
         "save_dtype": "bfloat16", "log_every": 50, "frames_ramp": 400, "lookup_weight": 0.5,
+        "task_weights": "grid_motion=2,grid_count=5,grid_order=4,grid_glyph=4",
     },
 }  # fmt: skip
 DEFAULT_OUT = {"tiny": "evals/teacher", "teacher2": "evals/teacher2"}
@@ -188,11 +190,13 @@ def make_batches(step: int, args, processor, frame_counts: list[int], tasks: lis
     ):
         if not kind_tasks or size <= 0:
             continue
+        cycle = task_cycle(kind_tasks, args.task_weights)
         examples, rows = [], []
         for j in range(size):
             i = step * size + j
-            task = kind_tasks[i % len(kind_tasks)]
-            examples.append(example(task, i // len(kind_tasks), args.seed, frames, distractors, args.size))
+            task, index = cycle[i % len(cycle)]
+            examples.append(example(task, (i // len(cycle)) * cycle_share(cycle, task) + index, args.seed,
+                                    frames, distractors, args.size))  # fmt: skip
             rows.append((task, examples[-1].answer))
         if args.device_inputs == "on":
             inputs = host_batch(processor, examples)
@@ -201,6 +205,30 @@ def make_batches(step: int, args, processor, frame_counts: list[int], tasks: lis
         inputs["labels"] = answer_labels(inputs, examples, processor.tokenizer)
         batches.append((inputs, size, rows))
     return batches, frames
+
+
+def parse_task_weights(spec: str, tasks: list[str]) -> dict[str, int]:
+    """'grid_count=4,grid_motion=2' -> {task: weight}; a task left out weighs 1. Integer weights: a task of weight w
+    takes w of every sum-of-weights consecutive slots of its kind's batch."""
+    weights = dict.fromkeys(tasks, 1)
+    for item in filter(None, (spec or "").split(",")):
+        name, _, value = item.partition("=")
+        if name not in weights or not value.isdigit() or int(value) < 1:
+            raise SystemExit(
+                f"--task-weights {item!r}: need TASK=N with N a positive integer and TASK one of {', '.join(tasks)}"
+            )
+        weights[name] = int(value)
+    return weights
+
+
+def task_cycle(kind_tasks: list[str], weights: dict[str, int]) -> list[tuple[str, int]]:
+    """The repeating order of (task, its k-th slot in the cycle) for one batch kind: weight-1 tasks give plain
+    round-robin (the tiny teacher's stream, unchanged)."""
+    return [(t, k) for t in kind_tasks for k in range(weights.get(t, 1))]
+
+
+def cycle_share(cycle: list[tuple[str, int]], task: str) -> int:
+    return sum(t == task for t, _ in cycle)
 
 
 class TrainStream(torch.utils.data.Dataset):
@@ -880,6 +908,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="image_color distractor blocks fade in from step START (none) to END (all)",
     )
     p.add_argument("--tasks", help="comma-separated synthetic tasks to train on")
+    p.add_argument(
+        "--task-weights",
+        help="'TASK=N,...': a task's share of its kind's batch (image or video) relative to the others (default "
+        "1 each; teacher2 weights the tasks still rising at the budget: count, order, glyph)",
+    )
     p.add_argument("--eval-count", type=int, help="held-out samples per task and frame count")
     p.add_argument(
         "--eval-frames",
@@ -912,6 +945,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.curriculum = tuple(args.curriculum)
+    args.task_weights = parse_task_weights(args.task_weights, args.tasks.split(","))
     return args
 
 
@@ -1259,7 +1293,7 @@ def main(argv: list[str] | None = None) -> int:
         report.update({
             "tasks": tasks, "size": args.size, "amp": amp, "device_inputs": args.device_inputs,
             "save_dtype": args.save_dtype, "workers": args.workers, "time_budget": args.time_budget,
-            "lookup_weight": args.lookup_weight,
+            "lookup_weight": args.lookup_weight, "task_weights": args.task_weights,
             "stopped_at_budget": stopped_at_budget is not None, "eval_seconds": round(eval_s, 1),
             "samples_per_second": round(samples / train_s, 1),
             "tokens_per_second": round(tokens / train_s),
