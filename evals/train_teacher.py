@@ -223,8 +223,10 @@ def parse_task_weights(spec: str, tasks: list[str]) -> dict[str, int]:
 
 def task_cycle(kind_tasks: list[str], weights: dict[str, int]) -> list[tuple[str, int]]:
     """The repeating order of (task, its k-th slot in the cycle) for one batch kind: weight-1 tasks give plain
-    round-robin (the tiny teacher's stream, unchanged)."""
-    return [(t, k) for t in kind_tasks for k in range(weights.get(t, 1))]
+    round-robin (the tiny teacher's stream, unchanged); a task's slots are spread evenly over the cycle, so that a
+    small batch still sees every task within a few steps."""
+    slots = [(t, k) for t in kind_tasks for k in range(weights.get(t, 1))]
+    return sorted(slots, key=lambda s: (s[1] + 0.5) / weights.get(s[0], 1))  # stable: ties keep task order
 
 
 def cycle_share(cycle: list[tuple[str, int]], task: str) -> int:

@@ -60,10 +60,40 @@ def test_short_run_writes_a_loadable_documented_teacher(tmp_path):
 
 # --- teacher 2 (--preset teacher2): the grid tasks at 224x224, device-side pixels, answer-window loss ------------
 
-SMALL_T2 = ["--preset", "teacher2", "--size", "112", "--frames", "4,8", "--layers", "2", "--heads", "2",
-            "--vision-depth", "1", "--vision-dim", "64", "--intermediate", "256", "--image-batch", "2",
-            "--video-batch", "4", "--eval-count", "3", "--eval-frames", "8,16", "--log-every", "1",
-            "--threads", "1", "--device", "cpu"]  # fmt: skip
+SMALL_T2 = [
+    "--preset",
+    "teacher2",
+    "--size",
+    "112",
+    "--frames",
+    "4,8",
+    "--layers",
+    "2",
+    "--heads",
+    "2",
+    "--vision-depth",
+    "1",
+    "--vision-dim",
+    "64",
+    "--intermediate",
+    "256",
+    "--image-batch",
+    "2",
+    "--video-batch",
+    "4",
+    "--eval-count",
+    "3",
+    "--eval-frames",
+    "8,16",
+    "--log-every",
+    "1",
+    "--threads",
+    "1",
+    "--device",
+    "cpu",
+    "--task-weights",
+    "",
+]  # fmt: skip  (every task in each 1-step window)
 
 
 def test_teacher2_short_run_writes_report_curves_and_bf16_weights(tmp_path):
@@ -369,3 +399,26 @@ def test_time_budget_is_planned_again_on_the_full_frame_mix(tmp_path, monkeypatc
     report = json.loads((out / "train_teacher.json").read_text())
     assert report["steps"] == 131 and not report["stopped_at_budget"] and len(calls) == 131
     assert "time budget spent" not in log
+
+
+def test_task_weights_give_each_task_its_share_and_unique_samples():
+    """Weight-1 tasks keep plain round-robin; a weighted task takes its share of the batch, never repeating a
+    sample index; a bad spec is one SystemExit naming what to write."""
+    tasks = ["grid_motion", "grid_count", "grid_order"]
+    weights = train_teacher.parse_task_weights("grid_count=3", tasks)
+    assert weights == {"grid_motion": 1, "grid_count": 3, "grid_order": 1}
+    cycle = train_teacher.task_cycle(tasks, weights)
+    assert train_teacher.task_cycle(tasks, dict.fromkeys(tasks, 1)) == [(t, 0) for t in tasks]
+    seen: dict[str, list[int]] = {t: [] for t in tasks}
+    for i in range(500):
+        task, k = cycle[i % len(cycle)]
+        seen[task].append((i // len(cycle)) * train_teacher.cycle_share(cycle, task) + k)
+    assert len(seen["grid_count"]) == 300 and len(seen["grid_motion"]) == 100
+    assert all(sorted(v) == list(range(len(v))) for v in seen.values())  # 0..n-1, each once
+    for bad in ("grid_count=0", "grid_nope=2", "grid_count=x"):
+        try:
+            train_teacher.parse_task_weights(bad, tasks)
+        except SystemExit as exc:
+            assert "--task-weights" in str(exc) and "TASK=N" in str(exc)
+        else:
+            raise AssertionError(f"{bad!r} was accepted")
