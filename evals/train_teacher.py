@@ -190,13 +190,10 @@ def make_batches(step: int, args, processor, frame_counts: list[int], tasks: lis
     ):
         if not kind_tasks or size <= 0:
             continue
-        cycle = task_cycle(kind_tasks, args.task_weights)
         examples, rows = [], []
         for j in range(size):
-            i = step * size + j
-            task, index = cycle[i % len(cycle)]
-            examples.append(example(task, (i // len(cycle)) * cycle_share(cycle, task) + index, args.seed,
-                                    frames, distractors, args.size))  # fmt: skip
+            task, index = stream_slot(step * size + j, kind_tasks, args.task_weights)
+            examples.append(example(task, index, args.seed, frames, distractors, args.size))
             rows.append((task, examples[-1].answer))
         if args.device_inputs == "on":
             inputs = host_batch(processor, examples)
@@ -221,16 +218,14 @@ def parse_task_weights(spec: str, tasks: list[str]) -> dict[str, int]:
     return weights
 
 
-def task_cycle(kind_tasks: list[str], weights: dict[str, int]) -> list[tuple[str, int]]:
-    """The repeating order of (task, its k-th slot in the cycle) for one batch kind: weight-1 tasks give plain
-    round-robin (the tiny teacher's stream, unchanged); a task's slots are spread evenly over the cycle, so that a
-    small batch still sees every task within a few steps."""
+def stream_slot(i: int, kind_tasks: list[str], weights: dict[str, int]) -> tuple[str, int]:
+    """Slot i of one batch kind's stream -> (task, its sample index). The stream repeats a cycle in which a task of
+    weight w holds w slots spread evenly (all weights 1: plain round-robin, the tiny teacher's stream unchanged), so
+    a small batch still sees every task within a few steps; each task's sample indices run 0, 1, 2, ... once each."""
     slots = [(t, k) for t in kind_tasks for k in range(weights.get(t, 1))]
-    return sorted(slots, key=lambda s: (s[1] + 0.5) / weights.get(s[0], 1))  # stable: ties keep task order
-
-
-def cycle_share(cycle: list[tuple[str, int]], task: str) -> int:
-    return sum(t == task for t, _ in cycle)
+    cycle = sorted(slots, key=lambda s: (s[1] + 0.5) / weights.get(s[0], 1))  # stable: ties keep task order
+    task, k = cycle[i % len(cycle)]
+    return task, (i // len(cycle)) * weights.get(task, 1) + k
 
 
 class TrainStream(torch.utils.data.Dataset):

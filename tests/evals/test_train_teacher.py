@@ -6,6 +6,7 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -60,40 +61,11 @@ def test_short_run_writes_a_loadable_documented_teacher(tmp_path):
 
 # --- teacher 2 (--preset teacher2): the grid tasks at 224x224, device-side pixels, answer-window loss ------------
 
-SMALL_T2 = [
-    "--preset",
-    "teacher2",
-    "--size",
-    "112",
-    "--frames",
-    "4,8",
-    "--layers",
-    "2",
-    "--heads",
-    "2",
-    "--vision-depth",
-    "1",
-    "--vision-dim",
-    "64",
-    "--intermediate",
-    "256",
-    "--image-batch",
-    "2",
-    "--video-batch",
-    "4",
-    "--eval-count",
-    "3",
-    "--eval-frames",
-    "8,16",
-    "--log-every",
-    "1",
-    "--threads",
-    "1",
-    "--device",
-    "cpu",
-    "--task-weights",
-    "",
-]  # fmt: skip  (every task in each 1-step window)
+# --task-weights "": every task in each 1-step window (the preset's weights need several steps)
+SMALL_T2 = ["--preset", "teacher2", "--size", "112", "--frames", "4,8", "--layers", "2", "--heads", "2",
+            "--vision-depth", "1", "--vision-dim", "64", "--intermediate", "256", "--image-batch", "2",
+            "--video-batch", "4", "--eval-count", "3", "--eval-frames", "8,16", "--log-every", "1",
+            "--threads", "1", "--device", "cpu", "--task-weights", ""]  # fmt: skip
 
 
 def test_teacher2_short_run_writes_report_curves_and_bf16_weights(tmp_path):
@@ -402,23 +374,23 @@ def test_time_budget_is_planned_again_on_the_full_frame_mix(tmp_path, monkeypatc
 
 
 def test_task_weights_give_each_task_its_share_and_unique_samples():
-    """Weight-1 tasks keep plain round-robin; a weighted task takes its share of the batch, never repeating a
+    """Weight-1 tasks keep plain round-robin; a weighted task takes its share of the stream, never repeating a
     sample index; a bad spec is one SystemExit naming what to write."""
     tasks = ["grid_motion", "grid_count", "grid_order"]
     weights = train_teacher.parse_task_weights("grid_count=3", tasks)
     assert weights == {"grid_motion": 1, "grid_count": 3, "grid_order": 1}
-    cycle = train_teacher.task_cycle(tasks, weights)
-    assert train_teacher.task_cycle(tasks, dict.fromkeys(tasks, 1)) == [(t, 0) for t in tasks]
+    plain = [train_teacher.stream_slot(i, tasks, dict.fromkeys(tasks, 1)) for i in range(6)]
+    assert plain == [(tasks[i % 3], i // 3) for i in range(6)]
     seen: dict[str, list[int]] = {t: [] for t in tasks}
     for i in range(500):
-        task, k = cycle[i % len(cycle)]
-        seen[task].append((i // len(cycle)) * train_teacher.cycle_share(cycle, task) + k)
+        task, index = train_teacher.stream_slot(i, tasks, weights)
+        seen[task].append(index)
     assert len(seen["grid_count"]) == 300 and len(seen["grid_motion"]) == 100
     assert all(sorted(v) == list(range(len(v))) for v in seen.values())  # 0..n-1, each once
+    stream = [train_teacher.stream_slot(i, tasks, weights)[0] for i in range(10)]
+    # spread, not grouped: any 5 consecutive slots hold every task
+    assert all(set(stream[i : i + 5]) == set(tasks) for i in range(6))
+    assert stream[:5] == ["grid_count", "grid_motion", "grid_count", "grid_order", "grid_count"]
     for bad in ("grid_count=0", "grid_nope=2", "grid_count=x"):
-        try:
+        with pytest.raises(SystemExit, match="--task-weights .*TASK=N"):
             train_teacher.parse_task_weights(bad, tasks)
-        except SystemExit as exc:
-            assert "--task-weights" in str(exc) and "TASK=N" in str(exc)
-        else:
-            raise AssertionError(f"{bad!r} was accepted")
