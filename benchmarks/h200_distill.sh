@@ -16,11 +16,13 @@
 #                    starting from the teacher's input embeddings (no second vision pass)
 #   recipe_fla       recipe on fla's scans, forward and backward (fla's issue-#640 guard lifted at K = 128)
 #   candidate        recipe + stage 3 checkpointing every other layer (122 GiB without shared embeddings)
+#   candidate_fla    candidate on fla's scans
 #   e2e_none         trimmed, stage 3 without checkpointing (expected to run out of memory: recorded as oom)
 # Environment: BUDGET (s for part 1's measurements, default 330; later variants are recorded as skipped and
 #   the JSON is rewritten after every stage, so a timeout still leaves everything measured), STEPS (3),
-#   SKIP_CURVES=1 (part 2 starts only before 300 s and each of its runs only before 370 s, at most 90 s each:
-#   worst case ~480 s with the wheel install); for a CPU dry run of the whole script: NO_GPU_SETUP=1 ARCH=tiny-qwen2-vl FRAMES=8 RES=112
+#   ONLY="recipe candidate_fla" (run only the named variants), SKIP_THROUGHPUT=1 (no part 1), SKIP_CURVES=1
+#   (part 2 starts only before CURVES_START = 300 s and each of its runs only before CURVES_LAST = 370 s, the
+#   first at most FIRST_TIMEOUT = 150 s (it compiles the kernels), the others TINY_TIMEOUT = 90 s); for a CPU dry run of the whole script: NO_GPU_SETUP=1 ARCH=tiny-qwen2-vl FRAMES=8 RES=112
 #   DEVICE=cpu STEPS=1 (validated that way: all parts run, every JSON written, 78 s on an idle CPU).
 set -o pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
@@ -38,18 +40,25 @@ python3 -c "import linmu_cli; print('linmu_cli from', linmu_cli.__file__)" 2>&1 
 
 echo "== 1. distill_throughput.py --arch qwen2-vl-7b, per-phase breakdown   ($((SECONDS - T0)) s so far)" | tee -a "$OUT/distill.log"
 T="ckpt=all,optimizer=fused,teacher_keep=used,prefetch=1"
-timeout -k 10 $((BUDGET + 90)) python3 benchmarks/distill_throughput.py --arch "${ARCH:-qwen2-vl-7b}" \
-  --frames "${FRAMES:-64}" --resolution "${RES:-448}" --steps "${STEPS:-3}" --lora-rank 64 --lora-dropout 0.05 --time-budget "$BUDGET" \
-  --out "$OUT" --label 7b \
-  --variant "trimmed:$T,ckpt_e2e=all" \
-  --variant "recipe:$T,ckpt=every_other,ckpt_e2e=all,share_embeds=1" \
-  --variant "recipe_fla:$T,ckpt=every_other,ckpt_e2e=all,share_embeds=1,ssd=fla" \
-  --variant "candidate:$T,ckpt=every_other,ckpt_e2e=every_other,share_embeds=1,stages=stage3" \
-  --variant "e2e_none:$T,ckpt_e2e=none,stages=stage3" \
-  2>&1 | tee -a "$OUT/distill.log"
-echo "distill_throughput exit code ${PIPESTATUS[0]} ($((SECONDS - T0)) s so far)" | tee -a "$OUT/distill.log"
+ALL_VARIANTS=(
+  "trimmed:$T,ckpt_e2e=all"
+  "recipe:$T,ckpt=every_other,ckpt_e2e=all,share_embeds=1"
+  "recipe_fla:$T,ckpt=every_other,ckpt_e2e=all,share_embeds=1,ssd=fla"
+  "candidate:$T,ckpt=every_other,ckpt_e2e=every_other,share_embeds=1,stages=stage3"
+  "candidate_fla:$T,ckpt=every_other,ckpt_e2e=every_other,share_embeds=1,stages=stage3,ssd=fla"
+  "e2e_none:$T,ckpt_e2e=none,stages=stage3"
+)
+ARGS=(); for v in "${ALL_VARIANTS[@]}"; do
+  [ -z "${ONLY:-}" ] || [[ " $ONLY " == *" ${v%%:*} "* ]] && ARGS+=(--variant "$v")
+done
+if [ -z "${SKIP_THROUGHPUT:-}" ]; then
+  timeout -k 10 $((BUDGET + 90)) python3 benchmarks/distill_throughput.py --arch "${ARCH:-qwen2-vl-7b}" \
+    --frames "${FRAMES:-64}" --resolution "${RES:-448}" --steps "${STEPS:-3}" --lora-rank 64 --lora-dropout 0.05 --time-budget "$BUDGET" \
+    --out "$OUT" --label 7b "${ARGS[@]}" 2>&1 | tee -a "$OUT/distill.log"
+fi
+[ -n "${SKIP_THROUGHPUT:-}" ] || echo "distill_throughput exit code ${PIPESTATUS[0]} ($((SECONDS - T0)) s so far)" | tee -a "$OUT/distill.log"
 
-if [ -z "${SKIP_CURVES:-}" ] && [ $((SECONDS - T0)) -lt 300 ]; then
+if [ -z "${SKIP_CURVES:-}" ] && [ $((SECONDS - T0)) -lt "${CURVES_START:-300}" ]; then
   echo "== 2. loss curves on the GPU: recipes/tiny.yaml x3   ($((SECONDS - T0)) s so far)" | tee "$OUT/curves.log"
   R=/tmp/linmu_curves; rm -rf "$R"; mkdir -p "$R"
   NEW=""; for s in stage1 stage2 stage3; do
@@ -57,17 +66,19 @@ if [ -z "${SKIP_CURVES:-}" ] && [ $((SECONDS - T0)) -lt 300 ]; then
   done
   NEW="$NEW stages.stage3.share_teacher_embeddings=true"
   for run in default default_again new; do
-    [ $((SECONDS - T0)) -lt 370 ] || { echo "$run: skipped (time)" | tee -a "$OUT/curves.log"; continue; }
+    [ $((SECONDS - T0)) -lt "${CURVES_LAST:-370}" ] || { echo "$run: skipped (time)" | tee -a "$OUT/curves.log"; continue; }
     extra=""; [ "$run" = new ] && extra=$NEW
+    limit="${TINY_TIMEOUT:-90}"; [ "$run" = default ] && limit="${FIRST_TIMEOUT:-150}"  # the first compiles the kernels
     # shellcheck disable=SC2086  # the overrides are words
-    timeout -k 5 "${TINY_TIMEOUT:-90}" python3 -m linmu_cli distill recipes/tiny.yaml "device=${DEVICE:-cuda}" output=$R/$run $extra \
+    timeout -k 5 "$limit" python3 -m linmu_cli distill recipes/tiny.yaml "device=${DEVICE:-cuda}" output=$R/$run $extra \
       > "$R/$run.log" 2>&1
     echo "$run: exit $? ($((SECONDS - T0)) s so far)" | tee -a "$OUT/curves.log"
   done
   # the second default run is the GPU's own noise (atomics / split-K order): it sets the tolerance for "new"
   NOISE=(); [ -f "$R/default_again/metrics.jsonl" ] && NOISE=(--noise "$R/default_again")
+  [ -f "$R/default/metrics.jsonl" ] || echo "no reference curve: the first default run did not finish" | tee -a "$OUT/curves.log"
   for run in default_again new; do
-    [ -f "$R/$run/metrics.jsonl" ] && python3 benchmarks/compare_runs.py "$R/default" "$R/$run" "${NOISE[@]}" \
+    [ -f "$R/default/metrics.jsonl" ] && [ -f "$R/$run/metrics.jsonl" ] && python3 benchmarks/compare_runs.py "$R/default" "$R/$run" "${NOISE[@]}" \
       --json "$OUT/curves_$run.json" 2>&1 | tee -a "$OUT/curves.log"
   done
   (cd "$R" && tar cf "$OUT/curves.tar" ./*.log ./*/metrics.jsonl ./*/report.json 2>/dev/null)
