@@ -38,7 +38,6 @@ T0=$SECONDS
 } 2>&1 | tee "$OUT/distill.log"
 python3 -c "import linmu_cli; print('linmu_cli from', linmu_cli.__file__)" 2>&1 | tee -a "$OUT/distill.log"
 
-echo "== 1. distill_throughput.py --arch qwen2-vl-7b, per-phase breakdown   ($((SECONDS - T0)) s so far)" | tee -a "$OUT/distill.log"
 T="ckpt=all,optimizer=fused,teacher_keep=used,prefetch=1"
 ALL_VARIANTS=(
   "trimmed:$T,ckpt_e2e=all"
@@ -51,12 +50,17 @@ ALL_VARIANTS=(
 ARGS=(); for v in "${ALL_VARIANTS[@]}"; do
   [ -z "${ONLY:-}" ] || [[ " $ONLY " == *" ${v%%:*} "* ]] && ARGS+=(--variant "$v")
 done
+# shellcheck disable=SC2086  # ONLY is a list of names
+if [ -n "${ONLY:-}" ] && [ $((${#ARGS[@]} / 2)) -ne "$(echo $ONLY | wc -w)" ]; then
+  echo "ONLY=\"$ONLY\" names a variant this script does not have; its variants: ${ALL_VARIANTS[*]%%:*}" >&2; exit 2
+fi
 if [ -z "${SKIP_THROUGHPUT:-}" ]; then
+  echo "== 1. distill_throughput.py --arch qwen2-vl-7b, per-phase breakdown   ($((SECONDS - T0)) s so far)" | tee -a "$OUT/distill.log"
   timeout -k 10 $((BUDGET + 90)) python3 benchmarks/distill_throughput.py --arch "${ARCH:-qwen2-vl-7b}" \
     --frames "${FRAMES:-64}" --resolution "${RES:-448}" --steps "${STEPS:-3}" --lora-rank 64 --lora-dropout 0.05 --time-budget "$BUDGET" \
     --out "$OUT" --label 7b "${ARGS[@]}" 2>&1 | tee -a "$OUT/distill.log"
+  echo "distill_throughput exit code ${PIPESTATUS[0]} ($((SECONDS - T0)) s so far)" | tee -a "$OUT/distill.log"
 fi
-[ -n "${SKIP_THROUGHPUT:-}" ] || echo "distill_throughput exit code ${PIPESTATUS[0]} ($((SECONDS - T0)) s so far)" | tee -a "$OUT/distill.log"
 
 if [ -z "${SKIP_CURVES:-}" ] && [ $((SECONDS - T0)) -lt "${CURVES_START:-300}" ]; then
   echo "== 2. loss curves on the GPU: recipes/tiny.yaml x3   ($((SECONDS - T0)) s so far)" | tee "$OUT/curves.log"
