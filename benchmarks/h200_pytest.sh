@@ -4,7 +4,8 @@
 # Run from the repo root with .whl carried:
 #   TESTS="tests/ops/test_fused_elementwise.py::test_kernels_match_references_on_gpu tests/ops/test_ssd_gpu.py" \
 #     bash benchmarks/h200_pytest.sh
-# Environment: TESTS (pytest node ids, space-separated), EACH (seconds per target, default 150), OUT.
+# Environment: TESTS (pytest node ids, space-separated; ID@SECONDS gives that target its own limit), EACH
+# (seconds per target without one, default 150), OUT.
 # Writes $OUT/pytest.log (every target's output, -rA --tb=long, in order) and $OUT/pytest_summary.txt.
 set -o pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
@@ -14,9 +15,10 @@ OUT="${OUT:-/tmp/linmu_pytest}"; mkdir -p "$OUT"
 : > "$OUT/pytest_summary.txt"
 T0=$SECONDS
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee "$OUT/pytest.log"
-for target in ${TESTS:?set TESTS to the pytest node ids to run}; do
-  echo "== $target   ($((SECONDS - T0)) s so far)" | tee -a "$OUT/pytest.log"
-  timeout -k 5 "${EACH:-150}" python3 -m pytest -q -rA --tb=long -p no:cacheprovider "$target" >> "$OUT/pytest.log" 2>&1
+for spec in ${TESTS:?set TESTS to the pytest node ids to run}; do
+  target=${spec%@*}; limit=${EACH:-150}; [ "$spec" = "$target" ] || limit=${spec##*@}
+  echo "== $target (limit $limit s)   ($((SECONDS - T0)) s so far)" | tee -a "$OUT/pytest.log"
+  timeout -k 5 "$limit" python3 -m pytest -q -rA --tb=long -p no:cacheprovider "$target" >> "$OUT/pytest.log" 2>&1
   rc=$?
   echo "$target: exit $rc ($((SECONDS - T0)) s so far)" | tee -a "$OUT/pytest.log" "$OUT/pytest_summary.txt"
 done

@@ -79,7 +79,7 @@ PRESETS: dict[str, dict] = {
         "intermediate": 0, "vision_dim": 128, "vision_depth": 4, "aux_weight": 0.5, "curriculum": (200, 2000),
         "eval_count": 100, "eval_every": 500, "workers": 0, "amp": "off", "device_inputs": "off",
         "save_dtype": "float32", "log_every": 25, "frames_ramp": 0, "lookup_weight": 0.0,
-        "task_weights": "",
+        "lookup_tasks": "", "task_weights": "",
     },
     "teacher2": {
         "tasks": ",".join(synthetic.GRID_TASKS), "size": synthetic.GRID_SIZE, "steps": 20000, "image_batch": 32,
@@ -89,7 +89,7 @@ PRESETS: dict[str, dict] = {
         "vision_depth": _T2["vision_config"]["depth"], "aux_weight": 0.5, "curriculum": (0, 0),
         "eval_count": 200, "eval_every": 0, "workers": 0, "amp": "auto", "device_inputs": "on",
         "save_dtype": "bfloat16", "log_every": 50, "frames_ramp": 400, "lookup_weight": 0.5,
-        "task_weights": "grid_motion=2,grid_count=5,grid_order=4,grid_glyph=4",
+        "lookup_tasks": "grid_color", "task_weights": "grid_motion=2,grid_count=5,grid_order=4,grid_glyph=4",
     },
 }  # fmt: skip
 DEFAULT_OUT = {"tiny": "evals/teacher", "teacher2": "evals/teacher2"}
@@ -527,8 +527,11 @@ class GridProbes(torch.nn.Module):
     every video token (from a middle decoder layer). `LayoutProbes` for an 8x8 grid: the answers need where an
     object is, which one and when, and these dense labels teach that long before the answer loss alone would."""
 
-    def __init__(self, hidden: int, max_side: int, max_pairs: int, layer: int):
+    def __init__(
+        self, hidden: int, max_side: int, max_pairs: int, layer: int, lookup_tasks: tuple[str, ...] = ("grid_color",)
+    ):  # fmt: skip
         super().__init__()
+        self.lookup_tasks = lookup_tasks  # the tasks `lookup_loss` supervises (`LOOKUP_TASKS`)
         self.row = torch.nn.Linear(hidden, max_side)
         self.col = torch.nn.Linear(hidden, max_side)
         self.color = torch.nn.Linear(hidden, len(PALETTE) + 1)
@@ -600,33 +603,37 @@ class GridProbes(torch.nn.Module):
             losses.append(self._part("time", ce(self.time(video).float(), time_idx)))
         return sum(losses) / len(losses)
 
-    LOOKUP_TASKS = (
-        "grid_color",
-    )  # the question names the object by its cell (grid_order by two colours: untried)
+    # the tasks whose answer needs one object that `lookup_targets` can name: grid_color's square (named by its
+    # cell), grid_glyph's letter (the one white object of the video). grid_order's two colours: untried.
+    LOOKUP_TASKS = ("grid_color", "grid_glyph")
 
     @staticmethod
-    def lookup_targets(colors: torch.Tensor, rows: list[tuple[str, str]]) -> torch.Tensor:
-        """(rows, media tokens) bool: for `LOOKUP_TASKS` rows, the tokens of the asked square (its colour class in
-        `token_colors`: the answer, the only square of that colour); all False on other rows."""
+    def lookup_targets(
+        colors: torch.Tensor, rows: list[tuple[str, str]], tasks: tuple[str, ...] = ("grid_color",)
+    ) -> torch.Tensor:  # fmt: skip
+        """(rows, media tokens) bool: for rows of `tasks`, the tokens of the object the answer reads (their
+        `token_colors` class): grid_color's asked square (the answer's colour, the only square of it),
+        grid_glyph's letter (white, which no distractor is); all False on other rows."""
         names = list(synthetic.COLORS)
-        cls = torch.tensor(
-            [1 + names.index(a) if t in GridProbes.LOOKUP_TASKS else -1 for t, a in rows],
-            device=colors.device,
-        )
+        target = {
+            "grid_color": lambda a: 1 + names.index(a),
+            "grid_glyph": lambda a: 1 + names.index("white"),
+        }
+        cls = torch.tensor([target[t](a) if t in tasks else -1 for t, a in rows], device=colors.device)
         return colors.view(len(rows), -1) == cls[:, None]
 
     def lookup_loss(
         self, qk: tuple[torch.Tensor, torch.Tensor, float], inputs: dict, labels: torch.Tensor, frames: torch.Tensor,
         rows: list[tuple[str, str]],
     ) -> torch.Tensor | None:  # fmt: skip
-        """Attention supervision (`--lookup-weight`): query head 0 of decoder layer `LOOKUP["layer"]`, at the position
-        that predicts the first answer token, over the media tokens of its row, should put its weight on the
-        object the question asks about (`lookup_targets`): -log of that weight. The answer of `grid_color` needs
+        """Attention supervision (`--lookup-weight`, `--lookup-tasks`): query head 0 of decoder layer
+        `LOOKUP["layer"]`, at the position that predicts the first answer token, over the media tokens of its row,
+        should put its weight on the object the answer reads (`lookup_targets`): -log of that weight. The answer of `grid_color` needs
         exactly this look-up by the question's cell, which the answer loss alone did not find in 1,589 steps
         (teacher 2 of 2026-12-02: the same colour distribution whatever cell was asked, 0.345 held out). On a
         CPU model (112 px, image tasks only, 4 layers) it took grid_color from 0.50 to 0.93 teacher-forced
         accuracy at step 700 (without it: a plateau at 0.67 by step 1,000). None: no such row."""
-        target = self.lookup_targets(token_colors(frames), rows)
+        target = self.lookup_targets(token_colors(frames), rows, self.lookup_tasks)
         keep = target.any(dim=1)
         if not keep.any():
             return None
@@ -797,8 +804,10 @@ def readme_teacher2(report: dict) -> str:
     cfg, vision = report["model"], report["model"]["vision_config"]
     side = report["size"] // 28
     lookup = (
-        f", and attention supervision (weight {report['lookup_weight']}): on `grid_color`, one decoder head at the "
-        "answer looks at the square in the asked cell"
+        f", and attention supervision (weight {report['lookup_weight']}): on "
+        f"{', '.join(f'`{t}`' for t in report.get('lookup_tasks', ['grid_color']))}, one decoder head at the "
+        "answer looks at the object the answer reads (grid_color: the square in the asked cell; grid_glyph: the "
+        "letter)"
         if report.get("lookup_weight")
         else ""
     )
@@ -898,6 +907,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "head looks, from the answer, at the square in the asked cell); 0: off",
     )
     p.add_argument(
+        "--lookup-tasks",
+        help="teacher 2: comma-separated tasks the attention supervision covers, of "
+        f"{','.join(GridProbes.LOOKUP_TASKS)} (grid_glyph: the head looks at the letter; default grid_color)",
+    )
+    p.add_argument(
         "--curriculum",
         type=int,
         nargs=2,
@@ -943,6 +957,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             setattr(args, key, value)
     args.curriculum = tuple(args.curriculum)
     args.task_weights = parse_task_weights(args.task_weights, args.tasks.split(","))
+    args.lookup_tasks = tuple(t for t in args.lookup_tasks.split(",") if t)
+    unknown = [t for t in args.lookup_tasks if t not in GridProbes.LOOKUP_TASKS]
+    if unknown:
+        p.error(f"--lookup-tasks: {', '.join(unknown)} cannot be supervised; choose from "
+                f"{', '.join(GridProbes.LOOKUP_TASKS)}")  # fmt: skip
     return args
 
 
@@ -1115,7 +1134,11 @@ def main(argv: list[str] | None = None) -> int:
         probes = LayoutProbes(model.config.text_config.hidden_size, max(frame_counts) // 2, args.layers // 2)
     else:
         probes = GridProbes(
-            model.config.text_config.hidden_size, args.size // 28, max(frame_counts) // 2, args.layers // 2
+            model.config.text_config.hidden_size,
+            args.size // 28,
+            max(frame_counts) // 2,
+            args.layers // 2,
+            args.lookup_tasks,
         )
     probes.to(device).attach(model)
     params = [*model.named_parameters(), *(("probe." + n, p) for n, p in probes.named_parameters())]
@@ -1290,7 +1313,7 @@ def main(argv: list[str] | None = None) -> int:
         report.update({
             "tasks": tasks, "size": args.size, "amp": amp, "device_inputs": args.device_inputs,
             "save_dtype": args.save_dtype, "workers": args.workers, "time_budget": args.time_budget,
-            "lookup_weight": args.lookup_weight, "task_weights": args.task_weights,
+            "lookup_weight": args.lookup_weight, "lookup_tasks": list(args.lookup_tasks), "task_weights": args.task_weights,
             "stopped_at_budget": stopped_at_budget is not None, "eval_seconds": round(eval_s, 1),
             "samples_per_second": round(samples / train_s, 1),
             "tokens_per_second": round(tokens / train_s),

@@ -170,6 +170,36 @@ def test_lookup_targets_are_the_object_the_question_names():
     assert not none.any()
 
 
+def test_lookup_targets_of_grid_glyph_are_the_letter_when_asked_for():
+    """`--lookup-tasks grid_color,grid_glyph`: a glyph row's targets are the letter's tokens (those the glyph
+    probe labels), in its one frame pair; without grid_glyph in the tasks, none."""
+    both = train_teacher.GridProbes.LOOKUP_TASKS
+    assert set(both) == {"grid_color", "grid_glyph"}
+    for i in range(4):
+        g = synthetic.generate("grid_glyph", i, seed=1, frames=16)
+        colors = train_teacher.token_colors(torch.from_numpy(g.media)[None])
+        target = train_teacher.GridProbes.lookup_targets(colors, [("grid_glyph", g.answer)], both)[0]
+        letter = train_teacher.GridProbes._glyph_targets(colors, [("grid_glyph", g.answer)]) >= 0
+        assert target.any() and torch.equal(target, letter), i
+        assert len(target.view(8, 64).any(dim=1).nonzero()) == 1  # one frame pair (8 pairs of 8x8 tokens)
+        assert not train_teacher.GridProbes.lookup_targets(colors, [("grid_glyph", g.answer)]).any()
+
+
+def test_unknown_lookup_task_is_refused_naming_the_choices(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train_teacher.parse_args(
+            ["--preset", "teacher2", "--out", "x", "--lookup-tasks", "grid_color,grid_count"]
+        )
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--lookup-tasks: grid_count cannot be supervised" in err and "grid_glyph" in err
+    args = train_teacher.parse_args(
+        ["--preset", "teacher2", "--out", "x", "--lookup-tasks", "grid_glyph,grid_color"]
+    )
+    assert args.lookup_tasks == ("grid_glyph", "grid_color")
+    assert train_teacher.parse_args(["--preset", "teacher2", "--out", "x"]).lookup_tasks == ("grid_color",)
+
+
 def test_lookup_loss_is_the_heads_own_attention_on_the_target():
     """`lookup_loss` from the kept (rotated) queries and keys = -log of the weight that query head 0 of the layer
     really gives the target tokens, among the media tokens (eager attention's own probabilities)."""

@@ -125,6 +125,17 @@ def norm_inputs_of(case: tuple, dtype: torch.dtype, device="cpu", seed=0):
     return y, back, keep, x, D, gate, weight, grad
 
 
+def in_float32(fn):
+    """`fn` on float32 copies of its floating-point tensor arguments: float32 math with no rounding between the
+    ops, the exact reference that a bf16 kernel and its bf16 reference are both measured against (autograd
+    carries the gradients back to the bf16 leaves, rounding each once)."""
+
+    def run(*args):
+        return fn(*(a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args))
+
+    return run
+
+
 def leaves(*tensors):
     """Detached copies that require grad (None stays None)."""
     return [t.detach().clone().requires_grad_(True) if t is not None else None for t in tensors]

@@ -25,6 +25,7 @@ from fused_elementwise_cases import (
     NORM_CASES,
     SCAN_CASES,
     SKIP_CASES,
+    in_float32,
     mix_id,
     mix_inputs_of,
     norm_id,
@@ -212,8 +213,8 @@ def test_skip_gated_norm_kernel_matches_reference_forward_and_backward(interpret
     """float32: equal to rounding. bf16: the forward within 1e-2 (the sum is rounded to bf16 before the norm, and the
     interpreter truncates where torch rounds: one ulp of the sum, which the norm and gate carry on); gradients
     within bf16 tolerance, dD looser (3e-2): a signed sum over every token of d sum x, where the reference's bf16
-    gradients cancel (the kernel sums float32 and rounds once). On the GPU (rounding as torch) the forward is
-    within one bf16 rounding (`test_kernels_match_references_on_gpu`)."""
+    gradients cancel (the kernel sums float32 and rounds once). On the GPU both are measured against float32 math
+    instead (`test_kernels_match_references_on_gpu`, `_no_worse_than_the_reference`)."""
     outs, grads = interpreted["norm"][norm_id(case, dtype)]
     ref_outs, ref_grads = run_norm(skip_gated_norm_naive, case, DTYPES[dtype])
     for got, ref in zip(outs, ref_outs, strict=True):
@@ -334,6 +335,9 @@ def test_kernels_match_references_on_gpu(kind, case):
         ref = run_norm(skip_gated_norm_naive, case, dtype, dev)
         skip_gated_norm(*norm_inputs_of(case, dtype, dev)[:7], 1e-5)
         assert last_skip_add_backend() == "triton" and last_norm_backend() == "skip_add"
+        exact = run_norm(in_float32(skip_gated_norm_naive), case, dtype, dev)
+        _no_worse_than_the_reference(got, ref, exact, ("dy", "dback", "dx", "dD", "dgate", "dweight"))
+        return
     else:
         from linmu_cli.ops.fusion_mix import triton as tri
 
@@ -346,8 +350,29 @@ def test_kernels_match_references_on_gpu(kind, case):
         _close(g, r, dtype, exact_forward=True)
     errs = [rel(g, r) for g, r in zip(got[1], ref[1], strict=True) if r is not None]
     print(f"\n{kind} {case}: worst grad rel. error {max(errs):.2e}")
-    for i, (g, r) in enumerate(zip(got[1], ref[1], strict=True)):
-        if kind == "norm" and i == 3:  # dD: a signed sum over every token (see the interpreter test)
-            assert rel(g, r) < 3e-2, rel(g, r)
-        else:
-            _close(g, r, dtype)
+    for g, r in zip(got[1], ref[1], strict=True):
+        _close(g, r, dtype)
+
+
+def _no_worse_than_the_reference(got, ref, exact, grad_names: tuple[str, ...]) -> None:
+    """The skip add + gated norm in bf16: the kernel and the reference (`skip_gated_norm_naive`) each round the
+    sum to bf16 before the norm, in float32 sums of different order, so one bf16 ulp of a sum apart is one ulp of
+    the output apart, which the norm and the gate carry: they differ from each other by up to two roundings
+    (session 10: 1.1-1.4% in 10-29 of ~20M elements). The right question is whether the kernel is further from
+    float32 math (`exact`) than the reference is: overall (relative norm) and, for the output, in its worst
+    element; each gradient overall, with a floor of one bf16 rounding's norm (~1e-3). Every number is printed
+    before the first assert, so a failure reports them all."""
+    rows = [("out", got[0][0], ref[0][0], exact[0][0])]
+    rows += [
+        (n, g, r, e) for n, g, r, e in zip(grad_names, got[1], ref[1], exact[1], strict=True) if e is not None
+    ]
+    measured = []
+    for name, g, r, e in rows:
+        worst = [(t.float() - e.float()).abs().max().item() for t in (g, r)]
+        measured.append((name, rel(g, e), rel(r, e), *worst))
+        print(f"\n{name}: rel. error kernel {measured[-1][1]:.2e} reference {measured[-1][2]:.2e}, worst element "
+              f"kernel {worst[0]:.2e} reference {worst[1]:.2e}")  # fmt: skip
+    for name, kernel, reference, worst_kernel, worst_reference in measured:
+        assert kernel <= 1.25 * reference + 1e-3, (name, kernel, reference)
+        if name == "out":
+            assert worst_kernel <= 1.5 * worst_reference + 1e-6, (worst_kernel, worst_reference)
