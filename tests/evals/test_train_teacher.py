@@ -6,6 +6,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -183,6 +184,41 @@ def test_lookup_targets_of_grid_glyph_are_the_letter_when_asked_for():
         assert target.any() and torch.equal(target, letter), i
         assert len(target.view(8, 64).any(dim=1).nonzero()) == 1  # one frame pair (8 pairs of 8x8 tokens)
         assert not train_teacher.GridProbes.lookup_targets(colors, [("grid_glyph", g.answer)]).any()
+
+
+def test_running_count_targets_end_at_the_answer_and_only_on_count_rows():
+    """`--count-probe on`: on a grid_count row, every token of frame pair p holds the red squares of pairs 0..p:
+    non-decreasing, one value per pair, the answer at the last pair; -100 on the other rows of the batch."""
+    for i in range(6):
+        count = synthetic.generate("grid_count", i, seed=3, frames=16)
+        other = synthetic.generate("grid_motion", i, seed=3, frames=16)
+        frames = torch.from_numpy(np.stack([count.media, other.media]))
+        rows = [("grid_count", count.answer), ("grid_motion", other.answer)]
+        target = train_teacher.GridProbes.running_count_targets(train_teacher.token_colors(frames), rows, 8)
+        target = target.view(2, 8, 64)
+        assert (target[0] == target[0, :, :1]).all()  # one value per frame pair
+        per_pair = target[0, :, 0]
+        assert (per_pair.diff() >= 0).all() and (per_pair.diff() <= 1).all(), per_pair
+        assert per_pair[-1].item() == int(count.answer), (i, per_pair, count.answer)
+        assert (target[1] == -100).all()
+    assert train_teacher.GridProbes.running_count_targets(torch.zeros(2 * 8 * 64), rows[1:] * 2, 8) is None
+
+
+def test_count_probe_adds_a_finite_loss_on_a_count_batch():
+    """The probe's loss runs on a real video batch of the teacher-2 model (middle layer's hidden states)."""
+    model, processor = build_tiny_teacher(
+        "qwen2_vl", seed=2, size="teacher2", num_hidden_layers=2, vision_config={"depth": 1}
+    )
+    examples = [train_teacher.example("grid_count", i, 0, 8, 1.0, 112) for i in range(2)]
+    inputs = device_batch(host_batch(processor, examples), "cpu", processor, keep_frames=True)
+    frames = inputs.pop(train_teacher.FRAMES_KEY)
+    hidden = model.config.text_config.hidden_size
+    probes = train_teacher.GridProbes(hidden, 4, 4, 1, count_probe=True)
+    probes.attach(model)
+    out = model(**inputs, output_hidden_states=True)
+    loss = probes.loss(inputs, out.hidden_states, frames, [("grid_count", ex.answer) for ex in examples])
+    assert torch.isfinite(loss) and "count" in probes.parts
+    assert torch.isfinite(probes.parts["count"][0]) and probes.parts["count"][0] > 0
 
 
 def test_unknown_lookup_task_is_refused_naming_the_choices(capsys):
