@@ -14,7 +14,9 @@ relative difference <= the stage's tolerance) or "different". The tolerance is r
 stage: NOISE_RUN is REF's recipe run again with only floating-point rounding changed (another CPU thread count,
 or simply a second run on a GPU), so the tolerance is the measured noise of the run, not a guess. Over a run's
 steps a rounding difference grows (each step's update feeds the next); a change of the loss (e.g. another
-loss.hidden_layers) moves the tiny recipe's losses by 1e-2 and more from the first affected step.
+loss.hidden_layers) moves the tiny recipe's losses by 1e-2 and more from the first affected step. Also reported
+per stage (not part of the verdict): the first step whose loss differs, and the relative difference of the last
+third's mean loss, where a bias shows and a step-to-step wobble averages out.
 """
 
 from __future__ import annotations
@@ -67,10 +69,19 @@ def compare(ref: Path, run: Path, rtol: float = 1e-3, noise: dict[str, float] | 
         diffs = [abs(a[stage][s]["loss"] - b[stage][s]["loss"]) for s in steps]
         rels = [d / max(abs(a[stage][s]["loss"]), 1e-12) for d, s in zip(diffs, steps, strict=True)]
         tol = max(rtol, 2 * (noise or {}).get(stage, 0.0))
+        first = next((s for s in steps if a[stage][s]["loss"] != b[stage][s]["loss"]), None)
+        tail = steps[
+            -max(1, len(steps) // 3) :
+        ]  # where the curves settle: a bias shows here, a wobble averages out
+        tail_ref = statistics.fmean(a[stage][s]["loss"] for s in tail)
+        tail_rel = (statistics.fmean(b[stage][s]["loss"] for s in tail) - tail_ref) / max(
+            abs(tail_ref), 1e-12
+        )
         rate_a = statistics.median(a[stage][s]["tokens_per_s"] for s in steps[1:] or steps)
         rate_b = statistics.median(b[stage][s]["tokens_per_s"] for s in steps[1:] or steps)
         stages[stage] = {"common_steps": len(steps), "max_abs_loss_diff": max(diffs), "max_rel_loss_diff": max(rels),
-                         "mean_rel_loss_diff": sum(rels) / len(rels),
+                         "mean_rel_loss_diff": sum(rels) / len(rels), "first_differing_step": first,
+                         "last_third_mean_rel_diff": tail_rel,
                          "tolerance": tol, "verdict": verdict(max(rels), max(diffs), tol),
                          "ref_losses": [a[stage][s]["loss"] for s in steps],
                          "losses": [b[stage][s]["loss"] for s in steps],
@@ -111,7 +122,9 @@ def main() -> None:
             if s["common_steps"]:
                 print(f"  {stage}: {s['common_steps']} steps, max |dloss| {s['max_abs_loss_diff']:.3g} "
                       f"(rel max {s['max_rel_loss_diff']:.3g}, mean {s['mean_rel_loss_diff']:.3g}): "
-                      f"{s['verdict']} (tol {s['tolerance']:.3g}); {s['tokens_per_s']:,.0f} tok/s = {s['speedup']:.2f}x ref")  # fmt: skip
+                      f"{s['verdict']} (tol {s['tolerance']:.3g}); first differing step {s['first_differing_step']}, "
+                      f"last third's mean loss {s['last_third_mean_rel_diff']:+.2%}; "
+                      f"{s['tokens_per_s']:,.0f} tok/s = {s['speedup']:.2f}x ref")  # fmt: skip
         print(f"  verdict (rtol {r['rtol']:g}): {r['verdict']}")
         print(f"  checkpoints {r['checkpoints']}, temporary {r['temporary']}, outputs {r['stage_outputs']}")
     if args.json:
