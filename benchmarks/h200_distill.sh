@@ -22,7 +22,7 @@
 #   the JSON is rewritten after every stage, so a timeout still leaves everything measured), STEPS (3),
 #   ONLY="recipe candidate_fla" (run only the named variants), SKIP_THROUGHPUT=1 (no part 1), SKIP_CURVES=1
 #   (part 2 starts only before CURVES_START = 300 s and each of its runs only before CURVES_LAST = 370 s, the
-#   first at most FIRST_TIMEOUT = 150 s (it compiles the kernels), the others TINY_TIMEOUT = 90 s); for a CPU dry run of the whole script: NO_GPU_SETUP=1 ARCH=tiny-qwen2-vl FRAMES=8 RES=112
+#   first at most FIRST_TIMEOUT = 240 s (it compiles the kernels: 145 s in session 11), the others TINY_TIMEOUT = 150 s); for a CPU dry run of the whole script: NO_GPU_SETUP=1 ARCH=tiny-qwen2-vl FRAMES=8 RES=112
 #   DEVICE=cpu STEPS=1 (validated that way: all parts run, every JSON written, 78 s on an idle CPU).
 set -o pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
@@ -72,7 +72,7 @@ if [ -z "${SKIP_CURVES:-}" ] && [ $((SECONDS - T0)) -lt "${CURVES_START:-300}" ]
   for run in default default_again new; do
     [ $((SECONDS - T0)) -lt "${CURVES_LAST:-370}" ] || { echo "$run: skipped (time)" | tee -a "$OUT/curves.log"; continue; }
     extra=""; [ "$run" = new ] && extra=$NEW
-    limit="${TINY_TIMEOUT:-90}"; [ "$run" = default ] && limit="${FIRST_TIMEOUT:-150}"  # the first compiles the kernels
+    limit="${TINY_TIMEOUT:-150}"; [ "$run" = default ] && limit="${FIRST_TIMEOUT:-240}"  # the first compiles the kernels
     # shellcheck disable=SC2086  # the overrides are words
     timeout -k 5 "$limit" python3 -m linmu_cli distill recipes/tiny.yaml "device=${DEVICE:-cuda}" output=$R/$run $extra \
       > "$R/$run.log" 2>&1
