@@ -89,7 +89,7 @@ PRESETS: dict[str, dict] = {
         "vision_depth": _T2["vision_config"]["depth"], "aux_weight": 0.5, "curriculum": (0, 0),
         "eval_count": 200, "eval_every": 0, "workers": 0, "amp": "auto", "device_inputs": "on",
         "save_dtype": "bfloat16", "log_every": 50, "frames_ramp": 400, "lookup_weight": 0.5,
-        "lookup_tasks": "grid_color", "count_probe": "off", "task_weights": "grid_motion=2,grid_count=5,grid_order=4,grid_glyph=4",
+        "lookup_tasks": "grid_color,grid_glyph", "count_probe": "on", "task_weights": "grid_motion=2,grid_count=5,grid_order=4,grid_glyph=4",
     },
 }  # fmt: skip
 DEFAULT_OUT = {"tiny": "evals/teacher", "teacher2": "evals/teacher2"}
@@ -943,13 +943,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--lookup-tasks",
         help="teacher 2: comma-separated tasks the attention supervision covers, of "
-        f"{','.join(GridProbes.LOOKUP_TASKS)} (grid_glyph: the head looks at the letter; default grid_color)",
+        f"{','.join(GridProbes.LOOKUP_TASKS)} (grid_glyph: the head looks at the letter; teacher2's default: both, session 11)",
     )
     p.add_argument(
         "--count-probe",
         choices=("on", "off"),
         help="teacher 2: a probe on the middle decoder layer's video tokens of grid_count samples, trained to give "
-        "the running count of red squares (GridProbes.running_count_targets); default off",
+        "the running count of red squares (GridProbes.running_count_targets); teacher2's default: on (session 11)",
     )
     p.add_argument(
         "--curriculum",

@@ -233,7 +233,10 @@ def test_unknown_lookup_task_is_refused_naming_the_choices(capsys):
         ["--preset", "teacher2", "--out", "x", "--lookup-tasks", "grid_glyph,grid_color"]
     )
     assert args.lookup_tasks == ("grid_glyph", "grid_color")
-    assert train_teacher.parse_args(["--preset", "teacher2", "--out", "x"]).lookup_tasks == ("grid_color",)
+    assert train_teacher.parse_args(["--preset", "teacher2", "--out", "x"]).lookup_tasks == (
+        "grid_color",
+        "grid_glyph",
+    )
 
 
 def test_lookup_loss_is_the_heads_own_attention_on_the_target():
