@@ -16,7 +16,8 @@
 #                           processor, the two files above) as a tar split into 15 MiB parts, because one file
 #                           coming back must be < 16 MiB:  cat teacher2.tar.* | tar -x -C evals/
 # Environment: BUDGET (seconds of training, default 480: the most a 600 s call fits; 46 s of session 11's call
-#   were not training), WORKERS (data processes, default 8), EXTRA (more train_teacher.py flags, appended), OUT. CPU dry run of the whole script (validated that way, ~1 min):
+#   were not training), WORKERS (data processes, default 8), EXTRA (more train_teacher.py flags, appended), OUT.
+#   CPU dry run of the whole script (validated that way, ~1 min):
 #   NO_GPU_SETUP=1 BUDGET=20 WORKERS=0 EXTRA="--device cpu --size 112 --frames 4,8 --layers 2 --heads 2
 #   --vision-depth 1 --vision-dim 64 --intermediate 256 --image-batch 4 --video-batch 4 --eval-count 4" bash ...
 #
