@@ -309,7 +309,9 @@ def test_compare_runs_reports_loss_agreement_and_files(full_run, tmp_path):
     assert same["checkpoints"] and all(c.startswith("checkpoints/stage") for c in same["checkpoints"])
     assert changed["stages"]["stage2"]["max_abs_loss_diff"] == pytest.approx(0.5)
     assert changed["stages"]["stage1"]["max_abs_loss_diff"] == 0
-    assert changed["stages"]["stage2"]["first_differing_step"] == 3  # of 4 common steps: the last third is step 4
+    assert (
+        changed["stages"]["stage2"]["first_differing_step"] == 3
+    )  # of 4 common steps: the last third is step 4
     assert changed["stages"]["stage1"]["first_differing_step"] is None
     assert all(v["last_third_mean_rel_diff"] == 0 for v in same["stages"].values())
     assert all(v["speedup"] == pytest.approx(2) for v in changed["stages"].values())
