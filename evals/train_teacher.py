@@ -657,8 +657,8 @@ class GridProbes(torch.nn.Module):
     ) -> torch.Tensor | None:  # fmt: skip
         """Attention supervision (`--lookup-weight`, `--lookup-tasks`): query head 0 of decoder layer
         `LOOKUP["layer"]`, at the position that predicts the first answer token, over the media tokens of its row,
-        should put its weight on the object the answer reads (`lookup_targets`): -log of that weight. The answer of `grid_color` needs
-        exactly this look-up by the question's cell, which the answer loss alone did not find in 1,589 steps
+        should put its weight on the object the answer reads (`lookup_targets`): -log of that weight. The answer
+        of `grid_color` needs exactly this look-up by the question's cell, which the answer loss alone did not find in 1,589 steps
         (teacher 2 of 2026-12-02: the same colour distribution whatever cell was asked, 0.345 held out). On a
         CPU model (112 px, image tasks only, 4 layers) it took grid_color from 0.50 to 0.93 teacher-forced
         accuracy at step 700 (without it: a plateau at 0.67 by step 1,000). None: no such row."""
@@ -937,8 +937,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--lookup-weight",
         type=float,
-        help="teacher 2: weight of the attention supervision of grid_color (GridProbes.lookup_loss: one decoder "
-        "head looks, from the answer, at the square in the asked cell); 0: off",
+        help="teacher 2: weight of the attention supervision of --lookup-tasks (GridProbes.lookup_loss: one "
+        "decoder head looks, from the answer, at the object the answer reads); 0: off",
     )
     p.add_argument(
         "--lookup-tasks",
