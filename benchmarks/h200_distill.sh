@@ -20,7 +20,9 @@
 #   e2e_none         trimmed, stage 3 without checkpointing (expected to run out of memory: recorded as oom)
 # Environment: BUDGET (s for part 1's measurements, default 330; later variants are recorded as skipped and
 #   the JSON is rewritten after every stage, so a timeout still leaves everything measured), STEPS (3),
-#   ONLY="recipe candidate_fla" (run only the named variants), SKIP_THROUGHPUT=1 (no part 1), SKIP_CURVES=1
+#   ONLY="recipe candidate_fla" (run only the named variants), SKIP_THROUGHPUT=1 (no part 1), SKIP_CURVES=1,
+#   CURVE_RUNS (part 2's runs, default "default default_again new"; also fused, every_other, prefetch, shared:
+#   one option of "new" each, ~50 s per run on the GPU)
 #   (part 2 starts only before CURVES_START = 300 s and each of its runs only before CURVES_LAST = 370 s, the
 #   first at most FIRST_TIMEOUT = 240 s (it compiles the kernels: 145 s in session 11), the others TINY_TIMEOUT = 150 s); for a CPU dry run of the whole script: NO_GPU_SETUP=1 ARCH=tiny-qwen2-vl FRAMES=8 RES=112
 #   DEVICE=cpu STEPS=1 (validated that way: all parts run, every JSON written, 78 s on an idle CPU).
@@ -54,6 +56,10 @@ done
 if [ -n "${ONLY:-}" ] && [ $((${#ARGS[@]} / 2)) -ne "$(echo $ONLY | wc -w)" ]; then
   echo "ONLY=\"$ONLY\" names a variant this script does not have; its variants: ${ALL_VARIANTS[*]%%:*}" >&2; exit 2
 fi
+CURVE_NAMES=" default default_again new fused every_other prefetch shared "
+for run in ${CURVE_RUNS:-}; do  # checked before anything runs, not when the loop reaches it
+  [[ "$CURVE_NAMES" == *" $run "* ]] || { echo "CURVE_RUNS names $run; its runs:$CURVE_NAMES" >&2; exit 2; }
+done
 if [ -z "${SKIP_THROUGHPUT:-}" ]; then
   echo "== 1. distill_throughput.py --arch qwen2-vl-7b, per-phase breakdown   ($((SECONDS - T0)) s so far)" | tee -a "$OUT/distill.log"
   timeout -k 10 $((BUDGET + 90)) python3 benchmarks/distill_throughput.py --arch "${ARCH:-qwen2-vl-7b}" \
@@ -65,13 +71,16 @@ fi
 if [ -z "${SKIP_CURVES:-}" ] && [ $((SECONDS - T0)) -lt "${CURVES_START:-300}" ]; then
   echo "== 2. loss curves on the GPU: recipes/tiny.yaml x3   ($((SECONDS - T0)) s so far)" | tee "$OUT/curves.log"
   R=/tmp/linmu_curves; rm -rf "$R"; mkdir -p "$R"
-  NEW=""; for s in stage1 stage2 stage3; do
-    NEW="$NEW stages.$s.optimizer=fused stages.$s.gradient_checkpointing=every_other stages.$s.prefetch=2"
-  done
-  NEW="$NEW stages.stage3.share_teacher_embeddings=true"
-  for run in default default_again new; do
+  each_stage() { for s in stage1 stage2 stage3; do printf ' stages.%s.%s' "$s" "$1"; done; }
+  FUSED=$(each_stage optimizer=fused); EVERY=$(each_stage gradient_checkpointing=every_other)
+  PREFETCH=$(each_stage prefetch=2); SHARED=" stages.stage3.share_teacher_embeddings=true"
+  for run in ${CURVE_RUNS:-default default_again new}; do
     [ $((SECONDS - T0)) -lt "${CURVES_LAST:-370}" ] || { echo "$run: skipped (time)" | tee -a "$OUT/curves.log"; continue; }
-    extra=""; [ "$run" = new ] && extra=$NEW
+    case $run in  # the options of "new", together or one at a time
+      default|default_again) extra="" ;;
+      new) extra="$FUSED$EVERY$PREFETCH$SHARED" ;;
+      fused) extra=$FUSED ;; every_other) extra=$EVERY ;; prefetch) extra=$PREFETCH ;; shared) extra=$SHARED ;;
+    esac
     limit="${TINY_TIMEOUT:-150}"; [ "$run" = default ] && limit="${FIRST_TIMEOUT:-240}"  # the first compiles the kernels
     # shellcheck disable=SC2086  # the overrides are words
     timeout -k 5 "$limit" python3 -m linmu_cli distill recipes/tiny.yaml "device=${DEVICE:-cuda}" output=$R/$run $extra \
@@ -81,7 +90,8 @@ if [ -z "${SKIP_CURVES:-}" ] && [ $((SECONDS - T0)) -lt "${CURVES_START:-300}" ]
   # the second default run is the GPU's own noise (atomics / split-K order): it sets the tolerance for "new"
   NOISE=(); [ -f "$R/default_again/metrics.jsonl" ] && NOISE=(--noise "$R/default_again")
   [ -f "$R/default/metrics.jsonl" ] || echo "no reference curve: the first default run did not finish" | tee -a "$OUT/curves.log"
-  for run in default_again new; do
+  for run in ${CURVE_RUNS:-default default_again new}; do
+    [ "$run" = default ] && continue
     [ -f "$R/default/metrics.jsonl" ] && [ -f "$R/$run/metrics.jsonl" ] && python3 benchmarks/compare_runs.py "$R/default" "$R/$run" "${NOISE[@]}" \
       --json "$OUT/curves_$run.json" 2>&1 | tee -a "$OUT/curves.log"
   done
