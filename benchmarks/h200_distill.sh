@@ -69,7 +69,7 @@ if [ -z "${SKIP_THROUGHPUT:-}" ]; then
 fi
 
 if [ -z "${SKIP_CURVES:-}" ] && [ $((SECONDS - T0)) -lt "${CURVES_START:-300}" ]; then
-  echo "== 2. loss curves on the GPU: recipes/tiny.yaml x3   ($((SECONDS - T0)) s so far)" | tee "$OUT/curves.log"
+  echo "== 2. loss curves on the GPU: recipes/tiny.yaml, runs: ${CURVE_RUNS:-default default_again new}   ($((SECONDS - T0)) s so far)" | tee "$OUT/curves.log"
   R=/tmp/linmu_curves; rm -rf "$R"; mkdir -p "$R"
   each_stage() { for s in stage1 stage2 stage3; do printf ' stages.%s.%s' "$s" "$1"; done; }
   FUSED=$(each_stage optimizer=fused); EVERY=$(each_stage gradient_checkpointing=every_other)
