@@ -79,7 +79,7 @@ PRESETS: dict[str, dict] = {
         "intermediate": 0, "vision_dim": 128, "vision_depth": 4, "aux_weight": 0.5, "curriculum": (200, 2000),
         "eval_count": 100, "eval_every": 500, "workers": 0, "amp": "off", "device_inputs": "off",
         "save_dtype": "float32", "log_every": 25, "frames_ramp": 0, "lookup_weight": 0.0,
-        "lookup_tasks": "", "count_probe": "off", "task_weights": "",
+        "lookup_tasks": "", "lookup_spread": "off", "count_probe": "off", "task_weights": "",
     },
     "teacher2": {
         "tasks": ",".join(synthetic.GRID_TASKS), "size": synthetic.GRID_SIZE, "steps": 20000, "image_batch": 32,
@@ -89,7 +89,7 @@ PRESETS: dict[str, dict] = {
         "vision_depth": _T2["vision_config"]["depth"], "aux_weight": 0.5, "curriculum": (0, 0),
         "eval_count": 200, "eval_every": 0, "workers": 0, "amp": "auto", "device_inputs": "on",
         "save_dtype": "bfloat16", "log_every": 50, "frames_ramp": 400, "lookup_weight": 0.5,
-        "lookup_tasks": "grid_color,grid_glyph", "count_probe": "on", "task_weights": "grid_motion=2,grid_count=5,grid_order=4,grid_glyph=4",
+        "lookup_tasks": "grid_color,grid_glyph", "lookup_spread": "off", "count_probe": "on", "task_weights": "grid_motion=2,grid_count=5,grid_order=4,grid_glyph=4",
     },
 }  # fmt: skip
 DEFAULT_OUT = {"tiny": "evals/teacher", "teacher2": "evals/teacher2"}
@@ -529,10 +529,13 @@ class GridProbes(torch.nn.Module):
 
     def __init__(
         self, hidden: int, max_side: int, max_pairs: int, layer: int, lookup_tasks: tuple[str, ...] = ("grid_color",),
-        count_probe: bool = False,
+        count_probe: bool = False, lookup_spread: bool = False,
     ):  # fmt: skip
         super().__init__()
         self.lookup_tasks = lookup_tasks  # the tasks `lookup_loss` supervises (`LOOKUP_TASKS`)
+        self.lookup_spread = (
+            lookup_spread  # `lookup_loss`: weight on every target token, not only on their sum
+        )
         # `--count-probe on`: the running count of red squares at every video token of a grid_count sample
         self.count = torch.nn.Linear(hidden, 10) if count_probe else None
         self.row = torch.nn.Linear(hidden, max_side)
@@ -661,7 +664,10 @@ class GridProbes(torch.nn.Module):
         of `grid_color` needs exactly this look-up by the question's cell, which the answer loss alone did not find in 1,589 steps
         (teacher 2 of 2026-12-02: the same colour distribution whatever cell was asked, 0.345 held out). On a
         CPU model (112 px, image tasks only, 4 layers) it took grid_color from 0.50 to 0.93 teacher-forced
-        accuracy at step 700 (without it: a plateau at 0.67 by step 1,000). None: no such row."""
+        accuracy at step 700 (without it: a plateau at 0.67 by step 1,000). With `lookup_spread`, -mean log weight
+        of each target token instead (cross-entropy toward equal weight on all of the object): teacher 2's glyph
+        errors are letters that share a top or bottom row (T/F, L/Z, O/J: evals/confusion.py), as if the answer
+        read one token of a letter that spans 2-3. None: no such row."""
         target = self.lookup_targets(token_colors(frames), rows, self.lookup_tasks)
         keep = target.any(dim=1)
         if not keep.any():
@@ -674,8 +680,12 @@ class GridProbes(torch.nn.Module):
             len(rows), -1, key.shape[-1]
         )  # (B, media tokens, head_dim), kv head of head 0
         logits = torch.einsum("bd,bnd->bn", q.float(), k.float()) * scale
-        picked = torch.logsumexp(logits.masked_fill(~target, -math.inf), dim=1)
-        loss = (torch.logsumexp(logits, dim=1) - picked)[keep].mean()
+        log_weights = logits - torch.logsumexp(logits, dim=1, keepdim=True)  # over the row's media tokens
+        if self.lookup_spread:  # -mean log weight per target token: cross-entropy toward looking at all of it
+            per_row = -(log_weights * target).sum(1) / target.sum(1).clamp(min=1)
+        else:  # -log of the target's total weight: any part of it will do
+            per_row = -torch.logsumexp(log_weights.masked_fill(~target, -math.inf), dim=1)
+        loss = per_row[keep].mean()
         return self._part("lookup", loss)
 
     def _part(self, name: str, loss: torch.Tensor) -> torch.Tensor:
@@ -946,6 +956,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         f"{','.join(GridProbes.LOOKUP_TASKS)} (grid_glyph: the head looks at the letter; teacher2's default: both, session 11)",
     )
     p.add_argument(
+        "--lookup-spread",
+        choices=("on", "off"),
+        help="teacher 2: on: the look-up loss asks for weight on every token of the object (-mean log weight), "
+        "off: only on all of them together (-log of their sum; default)",
+    )
+    p.add_argument(
         "--count-probe",
         choices=("on", "off"),
         help="teacher 2: a probe on the middle decoder layer's video tokens of grid_count samples, trained to give "
@@ -1180,6 +1196,7 @@ def main(argv: list[str] | None = None) -> int:
             args.layers // 2,
             args.lookup_tasks,
             args.count_probe == "on",
+            args.lookup_spread == "on",
         )
     probes.to(device).attach(model)
     params = [*model.named_parameters(), *(("probe." + n, p) for n, p in probes.named_parameters())]
@@ -1355,7 +1372,7 @@ def main(argv: list[str] | None = None) -> int:
             "tasks": tasks, "size": args.size, "amp": amp, "device_inputs": args.device_inputs,
             "save_dtype": args.save_dtype, "workers": args.workers, "time_budget": args.time_budget,
             "lookup_weight": args.lookup_weight, "lookup_tasks": list(args.lookup_tasks),
-            "count_probe": args.count_probe == "on", "task_weights": args.task_weights,
+            "count_probe": args.count_probe == "on", "lookup_spread": args.lookup_spread == "on", "task_weights": args.task_weights,
             "stopped_at_budget": stopped_at_budget is not None, "eval_seconds": round(eval_s, 1),
             "samples_per_second": round(samples / train_s, 1),
             "tokens_per_second": round(tokens / train_s),

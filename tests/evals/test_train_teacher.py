@@ -241,7 +241,8 @@ def test_unknown_lookup_task_is_refused_naming_the_choices(capsys):
 
 def test_lookup_loss_is_the_heads_own_attention_on_the_target():
     """`lookup_loss` from the kept (rotated) queries and keys = -log of the weight that query head 0 of the layer
-    really gives the target tokens, among the media tokens (eager attention's own probabilities)."""
+    really gives the target tokens, among the media tokens (eager attention's own probabilities); with
+    `lookup_spread`, -mean log weight of each target token."""
     model, processor = build_tiny_teacher(
         "qwen2_vl", seed=2, size="teacher2", num_hidden_layers=2, vision_config={"depth": 1}
     )
@@ -267,12 +268,19 @@ def test_lookup_loss_is_the_heads_own_attention_on_the_target():
     first = (labels != -100).int().argmax(dim=1) - 1
     media = inputs["mm_token_type_ids"] > 0
     target = train_teacher.GridProbes.lookup_targets(train_teacher.token_colors(frames), rows)
-    ref = []
+    ref, ref_spread = [], []
     for b in range(3):
         weights = attn[b, first[b]][media[b]]
-        ref.append(-torch.log(weights[target[b]].sum() / weights.sum()))
+        weights = weights / weights.sum()  # among the media tokens
+        ref.append(-torch.log(weights[target[b]].sum()))
+        ref_spread.append(-torch.log(weights[target[b]]).mean())
     assert all(target.any(dim=1)) and qk[0].shape[2] == labels.shape[1]
     torch.testing.assert_close(loss, torch.stack(ref).mean(), atol=1e-4, rtol=1e-4)
+    # --lookup-spread on: -mean log weight of each target token (never below the sum's -log, equal for one token)
+    spread = train_teacher.GridProbes(model.config.text_config.hidden_size, 4, 4, 1, lookup_spread=True)
+    loss_spread = spread.lookup_loss(qk, inputs, labels, frames, rows)
+    torch.testing.assert_close(loss_spread, torch.stack(ref_spread).mean(), atol=1e-4, rtol=1e-4)
+    assert loss_spread >= loss
 
 
 # --- issue 15's NaN run: a decoder query row with no key to attend to, and the trainer's stop on a NaN ------------
