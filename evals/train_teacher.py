@@ -89,7 +89,8 @@ PRESETS: dict[str, dict] = {
         "vision_depth": _T2["vision_config"]["depth"], "aux_weight": 0.5, "curriculum": (0, 0),
         "eval_count": 200, "eval_every": 0, "workers": 0, "amp": "auto", "device_inputs": "on",
         "save_dtype": "bfloat16", "log_every": 50, "frames_ramp": 400, "lookup_weight": 0.5,
-        "lookup_tasks": "grid_color,grid_glyph", "lookup_spread": "off", "count_probe": "on", "task_weights": "grid_motion=2,grid_count=5,grid_order=4,grid_glyph=4",
+        "lookup_tasks": "grid_color,grid_glyph", "lookup_spread": "off", "count_probe": "on",
+        "task_weights": "grid_motion=2,grid_count=5,grid_order=4,grid_glyph=4",
     },
 }  # fmt: skip
 DEFAULT_OUT = {"tiny": "evals/teacher", "teacher2": "evals/teacher2"}
@@ -661,13 +662,13 @@ class GridProbes(torch.nn.Module):
         """Attention supervision (`--lookup-weight`, `--lookup-tasks`): query head 0 of decoder layer
         `LOOKUP["layer"]`, at the position that predicts the first answer token, over the media tokens of its row,
         should put its weight on the object the answer reads (`lookup_targets`): -log of that weight. The answer
-        of `grid_color` needs exactly this look-up by the question's cell, which the answer loss alone did not find in 1,589 steps
-        (teacher 2 of 2026-12-02: the same colour distribution whatever cell was asked, 0.345 held out). On a
-        CPU model (112 px, image tasks only, 4 layers) it took grid_color from 0.50 to 0.93 teacher-forced
-        accuracy at step 700 (without it: a plateau at 0.67 by step 1,000). With `lookup_spread`, -mean log weight
-        of each target token instead (cross-entropy toward equal weight on all of the object): teacher 2's glyph
-        errors are letters that share a top or bottom row (T/F, L/Z, O/J: evals/confusion.py), as if the answer
-        read one token of a letter that spans 2-3. None: no such row."""
+        of `grid_color` needs exactly this look-up by the question's cell, which the answer loss alone did not find
+        in 1,589 steps (teacher 2 of 2026-12-02: the same colour distribution whatever cell was asked, 0.345 held
+        out). On a CPU model (112 px, image tasks only, 4 layers) it took grid_color from 0.50 to 0.93 teacher-
+        forced accuracy at step 700 (without it: a plateau at 0.67 by step 1,000). With `lookup_spread`, -mean log
+        weight of each target token instead (cross-entropy toward equal weight on all of the object): teacher 2's
+        glyph errors are letters that share a top or bottom row (T/F, L/Z, O/J: evals/confusion.py), as if the
+        answer read one token of a letter that spans 2-3. None: no such row."""
         target = self.lookup_targets(token_colors(frames), rows, self.lookup_tasks)
         keep = target.any(dim=1)
         if not keep.any():
@@ -850,6 +851,8 @@ def readme_teacher2(report: dict) -> str:
         if report.get("lookup_weight")
         else ""
     )
+    if report.get("lookup_weight") and report.get("lookup_spread"):
+        lookup += " (weight on every token of it: `--lookup-spread on`)"
     if report.get("count_probe"):
         lookup += (
             "; a running-count probe on the middle decoder layer's video tokens of `grid_count` samples (the red "
@@ -953,7 +956,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--lookup-tasks",
         help="teacher 2: comma-separated tasks the attention supervision covers, of "
-        f"{','.join(GridProbes.LOOKUP_TASKS)} (grid_glyph: the head looks at the letter; teacher2's default: both, session 11)",
+        f"{','.join(GridProbes.LOOKUP_TASKS)} (grid_glyph: the head looks at the letter; teacher2's default: "
+        "both, session 11)",
     )
     p.add_argument(
         "--lookup-spread",
@@ -1194,9 +1198,9 @@ def main(argv: list[str] | None = None) -> int:
             args.size // 28,
             max(frame_counts) // 2,
             args.layers // 2,
-            args.lookup_tasks,
-            args.count_probe == "on",
-            args.lookup_spread == "on",
+            lookup_tasks=args.lookup_tasks,
+            count_probe=args.count_probe == "on",
+            lookup_spread=args.lookup_spread == "on",
         )
     probes.to(device).attach(model)
     params = [*model.named_parameters(), *(("probe." + n, p) for n, p in probes.named_parameters())]
@@ -1372,7 +1376,8 @@ def main(argv: list[str] | None = None) -> int:
             "tasks": tasks, "size": args.size, "amp": amp, "device_inputs": args.device_inputs,
             "save_dtype": args.save_dtype, "workers": args.workers, "time_budget": args.time_budget,
             "lookup_weight": args.lookup_weight, "lookup_tasks": list(args.lookup_tasks),
-            "count_probe": args.count_probe == "on", "lookup_spread": args.lookup_spread == "on", "task_weights": args.task_weights,
+            "lookup_spread": args.lookup_spread == "on", "count_probe": args.count_probe == "on",
+            "task_weights": args.task_weights,
             "stopped_at_budget": stopped_at_budget is not None, "eval_seconds": round(eval_s, 1),
             "samples_per_second": round(samples / train_s, 1),
             "tokens_per_second": round(tokens / train_s),
