@@ -22,7 +22,7 @@ from linmu_cli.ops.fused_linear import fused_linear, group_part
 from linmu_cli.ops.gated_norm import gated_rmsnorm
 from linmu_cli.ops.gather import permute_rows
 from linmu_cli.ops.short_conv import conv_step, conv_tail, short_conv
-from linmu_cli.ops.skip_add import skip_add
+from linmu_cli.ops.skip_add import skip_add, skip_gated_norm
 from linmu_cli.ops.ssd import expand_heads, flex_decode_step, ssd_step
 from linmu_cli.ops.ssd import ssd_scan_gqa as ssd_scan  # grouped entry (the bench floor patches this name)
 
@@ -185,6 +185,8 @@ class FlexMA(nn.Module):
 
         # y + D * x with x at key/value width, broadcast over each group (no repeated copy of x)
         g = h // hk
+        if fast and self.mate.output_norm:  # one kernel: y + keep * back + D x, gate, per-head norm
+            return skip_gated_norm(y, back, keep, x, self.D, inputs.gate, self.norm_weight, self.eps)
         if fast:  # one kernel: y + keep * back + D x (the backward scan's output not added by `_scan`)
             y = skip_add(y, back, keep, x, self.D, fast=True)
         else:
