@@ -89,7 +89,7 @@ PRESETS: dict[str, dict] = {
         "vision_depth": _T2["vision_config"]["depth"], "aux_weight": 0.5, "curriculum": (0, 0),
         "eval_count": 200, "eval_every": 0, "workers": 0, "amp": "auto", "device_inputs": "on",
         "save_dtype": "bfloat16", "log_every": 50, "frames_ramp": 400, "lookup_weight": 0.5,
-        "lookup_tasks": "grid_color,grid_glyph", "lookup_spread": "off", "count_probe": "on",
+        "lookup_tasks": "grid_color,grid_glyph", "lookup_spread": "on", "count_probe": "on",
         "task_weights": "grid_motion=2,grid_count=5,grid_order=4,grid_glyph=4",
     },
 }  # fmt: skip

@@ -26,7 +26,7 @@ The object asked about in these three is always the red square (as in `video_cou
 when, not which colour word names which colour; `grid_order` and `grid_color` tie colour words to the picture.
 - `grid_order` (video): "Which appears first, the red square or the blue square?" -> a colour word.
 - `grid_glyph` (video): "Which letter is shown in the video?" -> a letter of `GLYPHS` (a 3x5 pixel font drawn
-  at 8 px per font pixel: 24x40 px, a font pixel larger than half a 14-px patch) in one frame pair; the OCR stand-in.
+  at 7 px per font pixel, 21x35 px, on the half-patch lattice) in one frame pair; the OCR stand-in.
 """
 
 from __future__ import annotations
@@ -153,7 +153,12 @@ GLYPHS: dict[str, str] = {
     "X": "101101010101101",
     "Z": "111001010100111",
 }
-_OBJECT, _TOKEN_OBJECT, _GLYPH_SCALE = 28, 24, 8  # pixels at GRID_SIZE (one merged token is 28x28)
+_OBJECT, _TOKEN_OBJECT = 28, 24  # pixels at GRID_SIZE (one merged token is 28x28)
+# One font pixel of grid_glyph's letters at GRID_SIZE: half a 14-pixel patch, and the letter is placed on that
+# lattice, so every patch sees a 2x2 window of font pixels (one of 16 stroke patterns). Placed freely at 8 px,
+# the letter cut patches at any offset and teacher 2's tower took ~900 of 1,900 steps to leave chance on it
+# (docs/quality.md, "Teacher 2: the letter on the patch lattice").
+_GLYPH_SCALE = 7
 TARGET = "red"  # the object asked about in grid_position / grid_motion / grid_count
 
 
@@ -200,14 +205,14 @@ def _draw_glyph(frames: np.ndarray, top: int, left: int, letter: str, scale: int
 
 def _free_spot(
     rng: np.random.Generator, size: int, h: int, w: int, taken: list[tuple[int, int, int, int]],
-    area: tuple[int, int, int, int] | None = None, gap: int = 4,
+    area: tuple[int, int, int, int] | None = None, gap: int = 4, lattice: int = 1,
 ) -> tuple[int, int]:  # fmt: skip
     """Top-left corner of an h x w box inside `area` (top, left, bottom, right; default the frame) that keeps
-    `gap` pixels from every box in `taken` (appended to it)."""
+    `gap` pixels from every box in `taken` (appended to it); both coordinates multiples of `lattice`."""
     t0, l0, b0, r0 = area or (0, 0, size, size)
     for _ in range(1000):
-        top = int(rng.integers(t0, b0 - h + 1))
-        left = int(rng.integers(l0, r0 - w + 1))
+        top = lattice * int(rng.integers(-(-t0 // lattice), (b0 - h) // lattice + 1))
+        left = lattice * int(rng.integers(-(-l0 // lattice), (r0 - w) // lattice + 1))
         if all(top + h + gap <= t or t + th + gap <= top or left + w + gap <= x or x + tw + gap <= left
                for t, x, th, tw in taken):  # fmt: skip
             taken.append((top, left, h, w))
@@ -364,7 +369,7 @@ def grid_glyph(rng: np.random.Generator, frames: int = 16, size: int = GRID_SIZE
     letter = str(rng.choice(list(GLYPHS)))
     pair = int(rng.integers(pairs))
     taken: list[tuple[int, int, int, int]] = []
-    top, left = _free_spot(rng, size, 5 * scale, 3 * scale, taken)
+    top, left = _free_spot(rng, size, 5 * scale, 3 * scale, taken, lattice=scale)
     _draw_glyph(_pair(video, pair), top, left, letter, scale, _jittered(rng, "white"))
     colored = [c for c in COLORS if c not in ("white", "yellow")]  # no distractor looks like the letter
     _scatter(rng, video, side, [(p, str(rng.choice(colored))) for p in range(pairs) if p != pair

@@ -188,3 +188,15 @@ def test_every_answer_tokenizes_as_in_the_chat(processor, task: str):
             tok.convert_tokens_to_ids("<|im_end|>")
         ]
         assert tok.decode(ids[:-1]) == choice and len(ids) <= 8  # greedy_answers decodes 8 new tokens
+
+
+def test_glyph_sits_on_the_half_patch_lattice():
+    """At 224 px a font pixel is half a 14-px patch and the letter starts on that lattice: every patch sees a
+    whole 2x2 window of font pixels, whatever the sample."""
+    for i in range(20):
+        s = synthetic.generate("grid_glyph", i, seed=3, frames=8)
+        pair = next(p for p in range(0, 8, 2) if color_masks(s.media[p])["white"].any())
+        ys, xs = np.nonzero(color_masks(s.media[pair])["white"])
+        assert (np.ptp(ys) + 1, np.ptp(xs) + 1) == (35, 21)  # every letter of the font spans 3x5 font pixels
+        assert ys.min() % 7 == 0 and xs.min() % 7 == 0
+        assert solve(s) == s.answer
