@@ -79,7 +79,8 @@ PRESETS: dict[str, dict] = {
         "intermediate": 0, "vision_dim": 128, "vision_depth": 4, "aux_weight": 0.5, "curriculum": (200, 2000),
         "eval_count": 100, "eval_every": 500, "workers": 0, "amp": "off", "device_inputs": "off",
         "save_dtype": "float32", "log_every": 25, "frames_ramp": 0, "lookup_weight": 0.0,
-        "lookup_tasks": "", "lookup_spread": "off", "count_probe": "off", "task_weights": "",
+        "lookup_tasks": "", "lookup_spread": "off", "lookup_heads": "shared", "count_probe": "off",
+        "task_weights": "",
     },
     "teacher2": {
         "tasks": ",".join(synthetic.GRID_TASKS), "size": synthetic.GRID_SIZE, "steps": 20000, "image_batch": 32,
@@ -89,7 +90,8 @@ PRESETS: dict[str, dict] = {
         "vision_depth": _T2["vision_config"]["depth"], "aux_weight": 0.5, "curriculum": (0, 0),
         "eval_count": 200, "eval_every": 0, "workers": 0, "amp": "auto", "device_inputs": "on",
         "save_dtype": "bfloat16", "log_every": 50, "frames_ramp": 400, "lookup_weight": 0.5,
-        "lookup_tasks": "grid_color,grid_glyph", "lookup_spread": "on", "count_probe": "on",
+        "lookup_tasks": "grid_color,grid_glyph,grid_order", "lookup_spread": "on", "lookup_heads": "per_task",
+        "count_probe": "on",
         "task_weights": "grid_motion=2,grid_count=5,grid_order=4,grid_glyph=4",
     },
 }  # fmt: skip
@@ -530,10 +532,12 @@ class GridProbes(torch.nn.Module):
 
     def __init__(
         self, hidden: int, max_side: int, max_pairs: int, layer: int, lookup_tasks: tuple[str, ...] = ("grid_color",),
-        count_probe: bool = False, lookup_spread: bool = False,
+        count_probe: bool = False, lookup_spread: bool = False, lookup_heads: str = "shared",
     ):  # fmt: skip
         super().__init__()
         self.lookup_tasks = lookup_tasks  # the tasks `lookup_loss` supervises (`LOOKUP_TASKS`)
+        # "shared": query head 0 does every task's look-up; "per_task": head i does LOOKUP_TASKS[i]'s
+        self.lookup_heads = lookup_heads
         self.lookup_spread = (
             lookup_spread  # `lookup_loss`: weight on every target token, not only on their sum
         )
@@ -637,8 +641,9 @@ class GridProbes(torch.nn.Module):
         return sum(losses) / len(losses)
 
     # the tasks whose answer needs one object that `lookup_targets` can name: grid_color's square (named by its
-    # cell), grid_glyph's letter (the one white object of the video). grid_order's two colours: untried.
-    LOOKUP_TASKS = ("grid_color", "grid_glyph")
+    # cell), grid_glyph's letter (the one white object of the video), grid_order's first square (the answer's
+    # colour: each of the two named squares is drawn in one frame pair only)
+    LOOKUP_TASKS = ("grid_color", "grid_glyph", "grid_order")
 
     @staticmethod
     def lookup_targets(
@@ -646,11 +651,13 @@ class GridProbes(torch.nn.Module):
     ) -> torch.Tensor:  # fmt: skip
         """(rows, media tokens) bool: for rows of `tasks`, the tokens of the object the answer reads (their
         `token_colors` class): grid_color's asked square (the answer's colour, the only square of it),
-        grid_glyph's letter (white, which no distractor is); all False on other rows."""
+        grid_glyph's letter (white, which no distractor is), grid_order's square that appears first (the answer's
+        colour, which no distractor has); all False on other rows."""
         names = list(synthetic.COLORS)
         target = {
             "grid_color": lambda a: 1 + names.index(a),
             "grid_glyph": lambda a: 1 + names.index("white"),
+            "grid_order": lambda a: 1 + names.index(a),
         }
         cls = torch.tensor([target[t](a) if t in tasks else -1 for t, a in rows], device=colors.device)
         return colors.view(len(rows), -1) == cls[:, None]
@@ -659,7 +666,8 @@ class GridProbes(torch.nn.Module):
         self, qk: tuple[torch.Tensor, torch.Tensor, float], inputs: dict, labels: torch.Tensor, frames: torch.Tensor,
         rows: list[tuple[str, str]],
     ) -> torch.Tensor | None:  # fmt: skip
-        """Attention supervision (`--lookup-weight`, `--lookup-tasks`): query head 0 of decoder layer
+        """Attention supervision (`--lookup-weight`, `--lookup-tasks`): query head 0 (`--lookup-heads per_task`:
+        head `LOOKUP_TASKS.index(task)`, so that the look-ups do not share one query) of decoder layer
         `LOOKUP["layer"]`, at the position that predicts the first answer token, over the media tokens of its row,
         should put its weight on the object the answer reads (`lookup_targets`): -log of that weight. The answer
         of `grid_color` needs exactly this look-up by the question's cell, which the answer loss alone did not find
@@ -675,11 +683,19 @@ class GridProbes(torch.nn.Module):
             return None
         query, key, scale = qk
         first = (labels != -100).int().argmax(dim=1) - 1  # left padding: the position before the answer
-        q = query[torch.arange(len(rows), device=query.device), 0, first]  # (B, head_dim)
+        per_task = self.lookup_heads == "per_task"
+        heads = (
+            torch.tensor(
+                [self.LOOKUP_TASKS.index(t) if per_task and t in self.LOOKUP_TASKS else 0 for t, _ in rows],
+                device=query.device,
+            )
+            % query.shape[1]
+        )  # a model with fewer heads than tasks (CPU runs) wraps around
+        row = torch.arange(len(rows), device=query.device)
+        q = query[row, heads, first]  # (B, head_dim)
         media = inputs["mm_token_type_ids"] > 0
-        k = key[:, 0][media].view(
-            len(rows), -1, key.shape[-1]
-        )  # (B, media tokens, head_dim), kv head of head 0
+        kv_heads = heads // (query.shape[1] // key.shape[1])  # grouped-query attention: the head's kv head
+        k = key[row, kv_heads][media].view(len(rows), -1, key.shape[-1])  # (B, media tokens, head_dim)
         logits = torch.einsum("bd,bnd->bn", q.float(), k.float()) * scale
         log_weights = logits - torch.logsumexp(logits, dim=1, keepdim=True)  # over the row's media tokens
         if self.lookup_spread:  # -mean log weight per target token: cross-entropy toward looking at all of it
@@ -847,12 +863,14 @@ def readme_teacher2(report: dict) -> str:
         f", and attention supervision (weight {report['lookup_weight']}): on "
         f"{', '.join(f'`{t}`' for t in report.get('lookup_tasks', ['grid_color']))}, one decoder head at the "
         "answer looks at the object the answer reads (grid_color: the square in the asked cell; grid_glyph: the "
-        "letter)"
+        "letter; grid_order: the square that appears first)"
         if report.get("lookup_weight")
         else ""
     )
     if report.get("lookup_weight") and report.get("lookup_spread"):
         lookup += " (weight on every token of it: `--lookup-spread on`)"
+    if report.get("lookup_weight") and report.get("lookup_heads") == "per_task":
+        lookup += " (one query head per task: `--lookup-heads per_task`)"
     if report.get("count_probe"):
         lookup += (
             "; a running-count probe on the middle decoder layer's video tokens of `grid_count` samples (the red "
@@ -956,14 +974,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--lookup-tasks",
         help="teacher 2: comma-separated tasks the attention supervision covers, of "
-        f"{','.join(GridProbes.LOOKUP_TASKS)} (grid_glyph: the head looks at the letter; teacher2's default: "
-        "both, session 11)",
+        f"{','.join(GridProbes.LOOKUP_TASKS)} (grid_glyph: the head looks at the letter, grid_order: at the square that appears first; "
+        "teacher2's default: all three)",
     )
     p.add_argument(
         "--lookup-spread",
         choices=("on", "off"),
         help="teacher 2: on: the look-up loss asks for weight on every token of the object (-mean log weight), "
-        "off: only on all of them together (-log of their sum; default)",
+        "off: only on all of them together (-log of their sum; the tiny preset's; teacher2: on)",
+    )
+    p.add_argument(
+        "--lookup-heads",
+        choices=("shared", "per_task"),
+        help="teacher 2: shared: query head 0 does every task's look-up; per_task: head i does the i-th of "
+        f"{','.join(GridProbes.LOOKUP_TASKS)} (teacher2's default: session 13's colour fell to 0.87 with "
+        "colour and glyph on one head)",
     )
     p.add_argument(
         "--count-probe",
@@ -1201,6 +1226,7 @@ def main(argv: list[str] | None = None) -> int:
             lookup_tasks=args.lookup_tasks,
             count_probe=args.count_probe == "on",
             lookup_spread=args.lookup_spread == "on",
+            lookup_heads=args.lookup_heads,
         )
     probes.to(device).attach(model)
     params = [*model.named_parameters(), *(("probe." + n, p) for n, p in probes.named_parameters())]
@@ -1376,7 +1402,8 @@ def main(argv: list[str] | None = None) -> int:
             "tasks": tasks, "size": args.size, "amp": amp, "device_inputs": args.device_inputs,
             "save_dtype": args.save_dtype, "workers": args.workers, "time_budget": args.time_budget,
             "lookup_weight": args.lookup_weight, "lookup_tasks": list(args.lookup_tasks),
-            "lookup_spread": args.lookup_spread == "on", "count_probe": args.count_probe == "on",
+            "lookup_spread": args.lookup_spread == "on", "lookup_heads": args.lookup_heads,
+            "count_probe": args.count_probe == "on",
             "task_weights": args.task_weights,
             "stopped_at_budget": stopped_at_budget is not None, "eval_seconds": round(eval_s, 1),
             "samples_per_second": round(samples / train_s, 1),

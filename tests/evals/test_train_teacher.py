@@ -174,8 +174,8 @@ def test_lookup_targets_are_the_object_the_question_names():
 def test_lookup_targets_of_grid_glyph_are_the_letter_when_asked_for():
     """`--lookup-tasks grid_color,grid_glyph`: a glyph row's targets are the letter's tokens (those the glyph
     probe labels), in its one frame pair; without grid_glyph in the tasks, none."""
-    both = train_teacher.GridProbes.LOOKUP_TASKS
-    assert set(both) == {"grid_color", "grid_glyph"}
+    both = ("grid_color", "grid_glyph")
+    assert set(both) < set(train_teacher.GridProbes.LOOKUP_TASKS)
     for i in range(4):
         g = synthetic.generate("grid_glyph", i, seed=1, frames=16)
         colors = train_teacher.token_colors(torch.from_numpy(g.media)[None])
@@ -184,6 +184,22 @@ def test_lookup_targets_of_grid_glyph_are_the_letter_when_asked_for():
         assert target.any() and torch.equal(target, letter), i
         assert len(target.view(8, 64).any(dim=1).nonzero()) == 1  # one frame pair (8 pairs of 8x8 tokens)
         assert not train_teacher.GridProbes.lookup_targets(colors, [("grid_glyph", g.answer)]).any()
+
+
+def test_lookup_targets_of_grid_order_are_the_first_square_in_its_one_pair():
+    """grid_order's targets are the tokens of the answer's square (the one that appears first): all in one frame
+    pair, earlier than any token of the other named square."""
+    for i in range(6):
+        s = synthetic.generate("grid_order", i, seed=4, frames=16)
+        colors = train_teacher.token_colors(torch.from_numpy(s.media)[None])
+        row = [("grid_order", s.answer)]
+        target = train_teacher.GridProbes.lookup_targets(colors, row, ("grid_order",))[0].view(8, 64)
+        (other,) = [c for c in s.choices if c != s.answer]
+        later = train_teacher.GridProbes.lookup_targets(colors, [("grid_order", other)], ("grid_order",))[0]
+        pairs = target.any(dim=1).nonzero().flatten()
+        assert len(pairs) == 1, i
+        assert pairs[0] < later.view(8, 64).any(dim=1).nonzero().min(), i
+        assert not train_teacher.GridProbes.lookup_targets(colors, row).any()  # grid_color only: none
 
 
 def test_running_count_targets_end_at_the_answer_and_only_on_count_rows():
@@ -236,6 +252,7 @@ def test_unknown_lookup_task_is_refused_naming_the_choices(capsys):
     assert train_teacher.parse_args(["--preset", "teacher2", "--out", "x"]).lookup_tasks == (
         "grid_color",
         "grid_glyph",
+        "grid_order",
     )
 
 
@@ -471,3 +488,47 @@ def test_task_weights_give_each_task_its_share_and_unique_samples():
     for bad in ("grid_count=0", "grid_nope=2", "grid_count=x"):
         with pytest.raises(SystemExit, match="--task-weights .*TASK=N"):
             train_teacher.parse_task_weights(bad, tasks)
+
+
+def test_per_task_lookup_heads_read_each_rows_own_head():
+    """`--lookup-heads per_task`: a grid_glyph row's look-up is query head 1's attention on its letter, a
+    grid_order row's is head 2's on the square that appears first (eager attention's own probabilities; 6 query
+    heads share 2 kv heads)."""
+    model, processor = build_tiny_teacher(
+        "qwen2_vl", seed=2, size="teacher2", num_hidden_layers=2, vision_config={"depth": 1}
+    )
+    train_teacher.use_text_attention(model, train_teacher.TEXT_ATTENTION)
+    tasks = ["grid_glyph", "grid_order", "grid_order"]
+    examples = [train_teacher.example(t, i, 0, 4, 1.0, 112) for i, t in enumerate(tasks)]
+    rows = [(t, ex.answer) for t, ex in zip(tasks, examples, strict=True)]
+    host = host_batch(processor, examples)
+    labels = train_teacher.answer_labels(host, examples, processor.tokenizer)
+    inputs = device_batch(host, "cpu", processor, keep_frames=True)
+    frames = inputs.pop(train_teacher.FRAMES_KEY)
+    train_teacher.LOOKUP["layer"] = 1
+    try:
+        with torch.no_grad():
+            model(**inputs)
+        qk, train_teacher.LOOKUP["qk"] = train_teacher.LOOKUP["qk"], None
+    finally:
+        train_teacher.LOOKUP["layer"] = None
+    assert qk[0].shape[1] == 6 and qk[1].shape[1] == 2
+    lookup = train_teacher.GridProbes.LOOKUP_TASKS
+    probes = train_teacher.GridProbes(model.config.text_config.hidden_size, 4, 4, 1, lookup_tasks=lookup,
+                                      lookup_heads="per_task")  # fmt: skip
+    loss = probes.lookup_loss(qk, inputs, labels, frames, rows)
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        attn = model(**inputs, output_attentions=True).attentions[1]  # (B, heads, query, key)
+    first = (labels != -100).int().argmax(dim=1) - 1
+    media = inputs["mm_token_type_ids"] > 0
+    target = train_teacher.GridProbes.lookup_targets(train_teacher.token_colors(frames), rows, lookup)
+    ref = []
+    for b, task in enumerate(tasks):
+        weights = attn[b, lookup.index(task), first[b]][media[b]]
+        weights = weights / weights.sum()
+        ref.append(-torch.log(weights[target[b]].sum()))
+    assert all(target.any(dim=1))
+    torch.testing.assert_close(loss, torch.stack(ref).mean(), atol=1e-4, rtol=1e-4)
+    shared = train_teacher.GridProbes(model.config.text_config.hidden_size, 4, 4, 1, lookup_tasks=lookup)
+    assert not torch.allclose(shared.lookup_loss(qk, inputs, labels, frames, rows), loss)
