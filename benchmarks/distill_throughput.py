@@ -45,6 +45,12 @@ baseline is measured at every batch some variant uses, right before the first su
 variant's `over_baseline` compares it with the baseline at its own batch (like with like); at batch > 1,
 `over_baseline_batch1` compares it with the one-sample teacher instead.
 
+`--fast-vision eager|compiled` switches the teacher's vision tower to `linmu_cli.vision.use_fast_vision` (one
+SDPA call per run of equal-length frames; compiled: its rotary / activation fused by torch.compile) right after
+the teacher is built, so the baseline's teacher forward+backward runs the same tower as the stages (an honest
+baseline); every student's own tower (stage 3 without share_embeds) is switched too, as `linmu distill
+fast_vision=true` does. Recorded as `fast_vision` and `fast_vision_info` (default off: transformers' tower).
+
 Under torchrun each process trains on a sample of the same shape (the same random values on every rank: the
 speed does not depend on them), data parallel through `linmu_cli.distillation.parallel` (DDP, or FSDP2 of the
 trainable modules) as `linmu distill` does; tokens/s counts all processes' tokens from the slowest process's step
@@ -55,6 +61,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import time
@@ -273,6 +280,22 @@ def make_step(teacher, layers, data: Data, objective, opt, params, layout, mode:
     return step
 
 
+def fast_vision(model: nn.Module, mode: str) -> Any:
+    """`--fast-vision`: off (transformers' tower, returns None), eager or compiled (`use_fast_vision`'s info)."""
+    if mode == "off":
+        return None
+    from linmu_cli.vision import use_fast_vision
+
+    return use_fast_vision(model, compile=mode == "compiled")
+
+
+def vision_record(info: Any) -> dict[str, Any] | None:
+    """`fast_vision_info` for the JSON: FastVisionInfo's fields and its description (None: transformers')."""
+    if info is None:
+        return None
+    return {**dataclasses.asdict(info), "describe": info.describe()}
+
+
 def parse_variant(text: str, defaults: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     name, _, rest = text.partition(":")
     cfg = dict(defaults)
@@ -311,6 +334,9 @@ def main() -> None:
         "--share-embeds", action="store_true", help="stage 3 starts from the teacher's embeddings"
     )
     ap.add_argument("--variant", action="append", default=[], help="NAME:key=value,... (repeatable)")
+    ap.add_argument("--fast-vision", default="off", choices=["off", "eager", "compiled"],
+                    help="vision towers through linmu_cli.vision (compiled: torch.compile of its rotary / "
+                         "activation); off: transformers' tower")  # fmt: skip
     ap.add_argument("--lora-rank", type=int, default=16, help="stage 3 (recipes/qwen2-vl-7b.yaml: 64)")
     ap.add_argument(
         "--lora-dropout", type=float, default=0.0, help="stage 3 (recipes/qwen2-vl-7b.yaml: 0.05)"
@@ -342,6 +368,8 @@ def main() -> None:
     torch.manual_seed(0)
     teacher = build_random_model(args.arch, torch.bfloat16 if dev.type == "cuda" else torch.float32, dev)
     teacher.requires_grad_(False)
+    # before the baseline: the teacher's forward+backward there runs the tower the stages' teacher pass runs
+    fast_info = fast_vision(teacher, args.fast_vision)
     host_batches = {1: video_batch(teacher.config, args.frames, args.resolution, 64, "cpu")}
 
     def host_batch_of(n: int) -> dict:
@@ -358,10 +386,13 @@ def main() -> None:
         "processes": world, "strategy": args.strategy if world > 1 else "single", "steps": args.steps,
         "checkpointing": args.checkpointing != "none", "lora_rank": args.lora_rank,
         "lora_dropout": args.lora_dropout, "torch": torch.__version__, "phases": list(PHASES),
+        "fast_vision": args.fast_vision, "fast_vision_info": vision_record(fast_info),
         "variants": {}, "stages": {},
     }  # fmt: skip
     say = print if rank == 0 else (lambda *a, **k: None)
     say(f"{args.arch}: {tokens} tokens per sample x {world} process(es)", flush=True)
+    say(f"vision tower (--fast-vision {args.fast_vision}): {fast_info.describe() if fast_info else 'transformers'}",
+        flush=True)  # fmt: skip
     results["baseline_by_batch"] = {}
     target = (
         Path(args.out) / f"distill_throughput{'-' + args.label if args.label else ''}.json"
@@ -449,6 +480,8 @@ def main() -> None:
             e2e = defaults_["mode"] == "end_to_end"
             policy = policy_of(var["ckpt_e2e"] if e2e else var["ckpt"])
             student = convert_model(teacher, MateConfig(ssd_backend=var["ssd"]), seed=0)
+            # the student's tower is a module of its own (holding the teacher's tensors): switched as distill does
+            fast_vision(student, args.fast_vision)
             loss = LossConfig(**defaults_.get("loss", {}))
             if name == "stage3":
                 inject_lora(student, LoraSettings(rank=args.lora_rank, alpha=2.0 * args.lora_rank,
@@ -531,6 +564,7 @@ def main() -> None:
     results["stages"] = results["variants"][variants[0][0]]["stages"]  # the first variant, as before
     if "stage3_over_baseline" in results["variants"][variants[0][0]]:
         results["stage3_over_baseline"] = results["variants"][variants[0][0]]["stage3_over_baseline"]
+    results["fast_vision_info"] = vision_record(fast_info)  # with the plans used and any compile failure
     results["wall_s"] = time.perf_counter() - t_start
     write()
     if world > 1:

@@ -21,8 +21,12 @@
 # Environment: BUDGET (s for part 1's measurements, default 330; later variants are recorded as skipped and
 #   the JSON is rewritten after every stage, so a timeout still leaves everything measured), STEPS (3),
 #   ONLY="recipe candidate_fla" (run only the named variants), SKIP_THROUGHPUT=1 (no part 1), SKIP_CURVES=1,
+#   FAST_VISION (part 1's --fast-vision: off (default, transformers' tower) | eager | compiled: the teacher's and
+#   the students' vision towers through linmu_cli.vision, the baseline's teacher included),
 #   CURVE_RUNS (part 2's runs, default "default default_again new"; also fused, every_other, prefetch, shared:
-#   one option of "new" each, ~50 s per run on the GPU)
+#   one option of "new" each; vision: fast_vision=true (the teacher's tower through linmu_cli.vision, compile
+#   auto); fla: model.ssd_backend=fla (fla's scans in every stage); recipe7b: the new 7B defaults together
+#   (new + vision + fla); ~50 s per run on the GPU. fla and recipe7b are GPU-only: fla does not run on the CPU)
 #   (part 2 starts only before CURVES_START = 300 s and each of its runs only before CURVES_LAST = 370 s, the
 #   first at most FIRST_TIMEOUT = 240 s (it compiles the kernels: 145 s in session 11), the others TINY_TIMEOUT = 150 s); for a CPU dry run of the whole script: NO_GPU_SETUP=1 ARCH=tiny-qwen2-vl FRAMES=8 RES=112
 #   DEVICE=cpu STEPS=1 (validated that way: all parts run, every JSON written, 78 s on an idle CPU).
@@ -56,7 +60,9 @@ done
 if [ -n "${ONLY:-}" ] && [ $((${#ARGS[@]} / 2)) -ne "$(echo $ONLY | wc -w)" ]; then
   echo "ONLY=\"$ONLY\" names a variant this script does not have; its variants: ${ALL_VARIANTS[*]%%:*}" >&2; exit 2
 fi
-CURVE_NAMES=" default default_again new fused every_other prefetch shared "
+CURVE_NAMES=" default default_again new fused every_other prefetch shared vision fla recipe7b "
+FAST_VISION="${FAST_VISION:-off}"
+case $FAST_VISION in off|eager|compiled) ;; *) echo "FAST_VISION=$FAST_VISION: choose off, eager or compiled" >&2; exit 2 ;; esac
 for run in ${CURVE_RUNS:-}; do  # checked before anything runs, not when the loop reaches it
   [[ "$CURVE_NAMES" == *" $run "* ]] || { echo "CURVE_RUNS names $run; its runs:$CURVE_NAMES" >&2; exit 2; }
 done
@@ -64,7 +70,7 @@ if [ -z "${SKIP_THROUGHPUT:-}" ]; then
   echo "== 1. distill_throughput.py --arch qwen2-vl-7b, per-phase breakdown   ($((SECONDS - T0)) s so far)" | tee -a "$OUT/distill.log"
   timeout -k 10 $((BUDGET + 90)) python3 benchmarks/distill_throughput.py --arch "${ARCH:-qwen2-vl-7b}" \
     --frames "${FRAMES:-64}" --resolution "${RES:-448}" --steps "${STEPS:-3}" --lora-rank 64 --lora-dropout 0.05 --time-budget "$BUDGET" \
-    --out "$OUT" --label 7b "${ARGS[@]}" 2>&1 | tee -a "$OUT/distill.log"
+    --fast-vision "$FAST_VISION" --out "$OUT" --label 7b "${ARGS[@]}" 2>&1 | tee -a "$OUT/distill.log"
   echo "distill_throughput exit code ${PIPESTATUS[0]} ($((SECONDS - T0)) s so far)" | tee -a "$OUT/distill.log"
 fi
 
@@ -74,12 +80,15 @@ if [ -z "${SKIP_CURVES:-}" ] && [ $((SECONDS - T0)) -lt "${CURVES_START:-300}" ]
   each_stage() { for s in stage1 stage2 stage3; do printf ' stages.%s.%s' "$s" "$1"; done; }
   FUSED=$(each_stage optimizer=fused); EVERY=$(each_stage gradient_checkpointing=every_other)
   PREFETCH=$(each_stage prefetch=2); SHARED=" stages.stage3.share_teacher_embeddings=true"
+  VISION=" fast_vision=true"; FLA=" model.ssd_backend=fla"  # top-level / model keys: every stage at once
   for run in ${CURVE_RUNS:-default default_again new}; do
     [ $((SECONDS - T0)) -lt "${CURVES_LAST:-370}" ] || { echo "$run: skipped (time)" | tee -a "$OUT/curves.log"; continue; }
     case $run in  # the options of "new", together or one at a time
       default|default_again) extra="" ;;
       new) extra="$FUSED$EVERY$PREFETCH$SHARED" ;;
       fused) extra=$FUSED ;; every_other) extra=$EVERY ;; prefetch) extra=$PREFETCH ;; shared) extra=$SHARED ;;
+      vision) extra=$VISION ;; fla) extra=$FLA ;;
+      recipe7b) extra="$FUSED$EVERY$PREFETCH$SHARED$VISION$FLA" ;;  # the 7B recipes' new defaults together
     esac
     limit="${TINY_TIMEOUT:-150}"; [ "$run" = default ] && limit="${FIRST_TIMEOUT:-240}"  # the first compiles the kernels
     # shellcheck disable=SC2086  # the overrides are words

@@ -118,7 +118,7 @@ def distill(
     checked before OUTPUT is written; then OUTPUT is locked, the plan re-checked under the lock and executed,
     and training writes. A failure that left no checkpoint removes what it wrote."""
     from linmu_cli.distillation import outputs
-    from linmu_cli.distillation.trainer import Run, train_stage, write_final
+    from linmu_cli.distillation.trainer import Run, train_stage, use_recipe_vision, vision_tower, write_final
     from linmu_cli.io import check_writable, exclusive_lock
     from linmu_cli.loading import load_model
 
@@ -142,6 +142,8 @@ def distill(
     _check_inputs(recipe, plan, teacher.processor)
     model_dtype = next(teacher.model.parameters()).dtype
     run = Run(recipe, out, teacher, device, model_dtype, rank, world, console, progress)
+    use_recipe_vision(recipe, teacher.model)  # on its device: vision_compile auto means compiled on CUDA
+    run.print(f"teacher vision tower: {vision_tower(teacher.model)}", markup=False, highlight=False)
     created = not out.exists()
     with contextlib.ExitStack() as stack:
 

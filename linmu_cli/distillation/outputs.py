@@ -28,6 +28,8 @@ from linmu_cli.io import remove_stale_temporaries
 
 LOCK = ".linmu.lock"
 GLOBAL_KEYS = ("teacher", "seed", "dtype", "data", "model")  # fixed for every stage of one OUTPUT
+# The other top-level keys (output, device, distributed, fast_vision, vision_compile) say where and how fast a
+# run computes, not what it learns: they are never compared, so a resume or a later stage may change them.
 RESUMABLE = (
     "lr",
     "weight_decay",

@@ -170,6 +170,16 @@ def _device(device: str, path: str) -> None:
         raise _fail(path, f"={device!r}: choose auto, cpu or cuda")
 
 
+VISION_COMPILE = ("auto", "on", "off")
+
+
+def _vision_compile(value: Any, path: str) -> str:
+    """auto / on / off; YAML 1.1 reads a bare `on` / `off` as true / false, so those mean on / off too."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return _choice(*VISION_COMPILE)(value, path)
+
+
 def _mate(value: Any, path: str) -> MateConfig:
     """The model section, checked by MateConfig itself (types, then values) and worded like the other keys."""
     if isinstance(value, MateConfig):
@@ -453,6 +463,14 @@ class Recipe(_Section):
     device: str = _key(_then(_str, _device), "auto")
     # "auto": bfloat16 on cuda, float32 on cpu
     dtype: str = _key(_choice("auto", "float32", "bfloat16", "float16"), "auto")
+    # the frozen vision tower (the teacher's, and the student's in its reports and in stage 3 without shared
+    # embeddings) through linmu_cli.vision: one SDPA call per run of equal-length frames, not one per frame;
+    # the same weights and, with vision_compile off, the same numbers as transformers' tower. Speed only: a
+    # resume may change it (like `device`, it is not part of what a stage's result depends on)
+    fast_vision: bool = _key(_bool, False)
+    # fast_vision's rotary / MLP activation fused with torch.compile: "auto" (on CUDA only), "on", "off";
+    # compiled, bf16 rounds differently in the last bits
+    vision_compile: str = _key(_vision_compile, "auto")
     data: DataConfig = _key(_section(DataConfig), factory=lambda: DataConfig())
     model: MateConfig = _key(_mate, factory=MateConfig)  # M-MATE fields (see `linmu convert --help`)
     # every stage, its STAGE_DEFAULTS under what the recipe gives

@@ -111,6 +111,36 @@ class NonFiniteLoss(LinmuError):
     pass
 
 
+# --------------------------------------------------------------------------- vision tower
+
+_COMPILE = {"auto": "auto", "on": True, "off": False}  # recipe.vision_compile -> use_fast_vision(compile=)
+
+
+def use_recipe_vision(recipe: Recipe, model: nn.Module) -> None:
+    """`recipe.fast_vision`: `model`'s vision tower through linmu_cli.vision (after the model is on its device:
+    compile "auto" looks at it). Idempotent per tower; a LinMU student's tower is a module of its own holding
+    the teacher's frozen tensors (`convert_model`), so it is switched on its own, each time a student is built."""
+    if recipe.fast_vision:
+        from linmu_cli.vision import use_fast_vision
+
+        use_fast_vision(model, compile=_COMPILE[recipe.vision_compile])
+
+
+def vision_tower(model: nn.Module) -> str:
+    """Which vision tower `model` runs, in a few words (the log line; stage.json's `vision_tower`)."""
+    from linmu_cli.vision import fast_vision_info
+
+    info = fast_vision_info(model)
+    if info is None:
+        return "transformers"
+    how = f"compiled {'+'.join(info.compiled)}" if info.compiled else "eager"
+    if info.compile_error:
+        how += f"; compile failed, eager: {info.compile_error}"
+    if info.mlp_padded:
+        how += f"; MLP width padded {info.mlp_padded[0]} -> {info.mlp_padded[1]}"
+    return f"linmu fast ({how})"
+
+
 # --------------------------------------------------------------------------- students
 
 
@@ -390,6 +420,10 @@ class StageRun:
         if self.cfg.lora is not None:
             inject_lora(student, self.cfg.lora)
         student.to(self.run.device)
+        # the teacher's tower is switched where it is loaded (distill); again here (idempotent) for a Run built
+        # by hand. The student runs its own tower in its reports, and in stage 3 without shared embeddings
+        use_recipe_vision(self.run.recipe, self.run.teacher.model)
+        use_recipe_vision(self.run.recipe, student)
         return student, started_from
 
     def setup(self) -> None:
@@ -611,7 +645,9 @@ class StageRun:
             merge_lora(student)
         result = {"stage": name, "started_from": self.started_from, "steps": self.step,
                   "skipped_samples": dict(self.data.skipped), "before": self.before, "after": after,
-                  "resume_changes": self.history, "cpu_threads": torch.get_num_threads()}  # fmt: skip
+                  "resume_changes": self.history, "cpu_threads": torch.get_num_threads(),
+                  "vision_tower": {"teacher": vision_tower(run.teacher.model),
+                                   "student": vision_tower(student)}}  # fmt: skip
         if run.is_main:
             run.print(report_table(name, self.before, after))
             if self.data.skipped:

@@ -63,6 +63,8 @@ def test_a_model_config_object_is_accepted():
         ("data=3", "recipe.data: expected a mapping, got 3"),
         ("dtype=int8", "recipe.dtype='int8': choose 'auto', 'float32', 'bfloat16' or 'float16'"),
         ("device=tpu", "recipe.device='tpu': choose auto, cpu or cuda"),
+        ("vision_compile=maybe", "recipe.vision_compile='maybe': choose 'auto', 'on' or 'off'"),
+        ("fast_vision=3", "recipe.fast_vision: expected bool, got 3"),
         ("seed=-1", "recipe.seed=-1: must be >= 0"),
         ("seed=1.5", "recipe.seed: expected int, got 1.5"),
         ("teacher=5", "recipe.teacher: expected str, got 5"),
