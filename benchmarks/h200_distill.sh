@@ -18,6 +18,9 @@
 #   candidate        recipe + stage 3 checkpointing every other layer (122 GiB without shared embeddings)
 #   candidate_fla    candidate on fla's scans
 #   e2e_none         trimmed, stage 3 without checkpointing (expected to run out of memory: recorded as oom)
+#   defaults_s1      stage 1 as recipes/qwen2-vl-7b.yaml now runs it (= recipe's stage 1)
+#   defaults_s2      stage 2 as the 7B recipe now runs it: every other layer recomputed, fla's scans
+#                    (with candidate_fla for stage 3: ONLY="defaults_s1 defaults_s2 candidate_fla")
 # Environment: BUDGET (s for part 1's measurements, default 330; later variants are recorded as skipped and
 #   the JSON is rewritten after every stage, so a timeout still leaves everything measured), STEPS (3),
 #   ONLY="recipe candidate_fla" (run only the named variants), SKIP_THROUGHPUT=1 (no part 1), SKIP_CURVES=1,
@@ -52,6 +55,8 @@ ALL_VARIANTS=(
   "candidate:$T,ckpt=every_other,ckpt_e2e=every_other,share_embeds=1,stages=stage3"
   "candidate_fla:$T,ckpt=every_other,ckpt_e2e=every_other,share_embeds=1,stages=stage3,ssd=fla"
   "e2e_none:$T,ckpt_e2e=none,stages=stage3"
+  "defaults_s1:$T,ckpt=every_other,stages=stage1"
+  "defaults_s2:$T,ckpt=every_other,stages=stage2,ssd=fla"
 )
 ARGS=(); for v in "${ALL_VARIANTS[@]}"; do
   [ -z "${ONLY:-}" ] || [[ " $ONLY " == *" ${v%%:*} "* ]] && ARGS+=(--variant "$v")
