@@ -23,7 +23,7 @@
 #                    (with candidate_fla for stage 3: ONLY="defaults_s1 defaults_s2 candidate_fla")
 # Environment: BUDGET (s for part 1's measurements, default 330; later variants are recorded as skipped and
 #   the JSON is rewritten after every stage, so a timeout still leaves everything measured), STEPS (3),
-#   ONLY="recipe candidate_fla" (run only the named variants), SKIP_THROUGHPUT=1 (no part 1), SKIP_CURVES=1,
+#   ONLY="recipe candidate_fla" (run only the named variants, in that order), SKIP_THROUGHPUT=1 (no part 1), SKIP_CURVES=1,
 #   FAST_VISION (part 1's --fast-vision: off (default, transformers' tower) | eager | compiled: the teacher's and
 #   the students' vision towers through linmu_cli.vision, the baseline's teacher included),
 #   CURVE_RUNS (part 2's runs, default "default default_again new"; also fused, every_other, prefetch, shared:
@@ -58,9 +58,14 @@ ALL_VARIANTS=(
   "defaults_s1:$T,ckpt=every_other,stages=stage1"
   "defaults_s2:$T,ckpt=every_other,stages=stage2,ssd=fla"
 )
-ARGS=(); for v in "${ALL_VARIANTS[@]}"; do
-  [ -z "${ONLY:-}" ] || [[ " $ONLY " == *" ${v%%:*} "* ]] && ARGS+=(--variant "$v")
-done
+ARGS=()
+if [ -z "${ONLY:-}" ]; then
+  for v in "${ALL_VARIANTS[@]}"; do ARGS+=(--variant "$v"); done
+else  # in ONLY's order: what the budget cuts is the end of the list as the user wrote it
+  for name in $ONLY; do
+    for v in "${ALL_VARIANTS[@]}"; do [ "${v%%:*}" = "$name" ] && ARGS+=(--variant "$v"); done
+  done
+fi
 # shellcheck disable=SC2086  # ONLY is a list of names
 if [ -n "${ONLY:-}" ] && [ $((${#ARGS[@]} / 2)) -ne "$(echo $ONLY | wc -w)" ]; then
   echo "ONLY=\"$ONLY\" names a variant this script does not have; its variants: ${ALL_VARIANTS[*]%%:*}" >&2; exit 2
