@@ -43,6 +43,7 @@ RESUMABLE = (
     "grad_accum",
     "optimizer",
     "prefetch",
+    "ssd_backend",
 )  # fmt: skip  (a resume applies these to a running stage; grad_accum keeps the global batch on another world)
 
 

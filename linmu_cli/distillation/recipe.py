@@ -390,6 +390,9 @@ class StageConfig(_Section):
     # end to end: the student starts from the teacher's input embeddings (vision features in place) instead of
     # running the frozen, shared vision tower again; equal in float32, bf16 autocast rounding apart on GPU
     share_teacher_embeddings: bool = _key(_bool, False)
+    # this stage's Flex-MA scan kernel (auto | torch | fla | mamba), over model.ssd_backend: a runtime choice,
+    # not saved with the stage (the 7B recipe: mamba-ssm's in stage 1, fla's in stages 2-3, the faster per stage)
+    ssd_backend: str | None = _key(_optional(_choice("auto", "torch", "fla", "mamba")), None)
     init_from: str | None = _key(
         _optional(_str), None
     )  # start from this checkpoint, not the previous stage's

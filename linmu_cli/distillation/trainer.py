@@ -147,10 +147,13 @@ def vision_tower(model: nn.Module) -> str:
 def build_student(run: Run, name: str) -> tuple[nn.Module, str]:
     """The student a stage starts from, and a sentence saying where it came from."""
     cfg, idx = run.recipe.stages[name], STAGES.index(name)
+    backend = cfg.ssd_backend or run.recipe.mate.ssd_backend  # the kernel: this stage's, else the model's
     if cfg.init_from:
         src = Path(cfg.init_from)
     elif idx == 0:
-        student = convert_model(run.teacher.model, run.recipe.mate, seed=run.recipe.seed)
+        student = convert_model(
+            run.teacher.model, run.recipe.mate.replace(ssd_backend=backend), seed=run.recipe.seed
+        )
         return student, f"conversion of {run.recipe.teacher}"
     else:
         src = run.out / STAGES[idx - 1]
@@ -164,7 +167,7 @@ def build_student(run: Run, name: str) -> tuple[nn.Module, str]:
     except (OSError, KeyError, TypeError, json.JSONDecodeError):
         raise LinmuError(f"{src} is not a LinMU checkpoint (no config.json with a 'mate' section)") from None
     # the kernel is a runtime setting, not saved with the stage: this run's recipe chooses it
-    mate = saved.replace(ssd_backend=run.recipe.mate.ssd_backend)
+    mate = saved.replace(ssd_backend=backend)
     student = convert_model(run.teacher.model, mate, seed=run.recipe.seed)
     load_linmu_tensors(student, src)
     return student, str(src)
@@ -647,7 +650,8 @@ class StageRun:
                   "skipped_samples": dict(self.data.skipped), "before": self.before, "after": after,
                   "resume_changes": self.history, "cpu_threads": torch.get_num_threads(),
                   "vision_tower": {"teacher": vision_tower(run.teacher.model),
-                                   "student": vision_tower(student)}}  # fmt: skip
+                                   "student": vision_tower(student)},
+                  "ssd_backend": self.cfg.ssd_backend or run.recipe.mate.ssd_backend}  # fmt: skip
         if run.is_main:
             run.print(report_table(name, self.before, after))
             if self.data.skipped:

@@ -120,7 +120,9 @@ def test_vision_keys_are_typed(tmp_path):
     # YAML 1.1 reads a bare on / off as true / false: they mean on / off here
     assert load_recipe(RECIPE, ["vision_compile=on"]).vision_compile == "on"
     assert load_recipe(RECIPE, ["vision_compile=off"]).vision_compile == "off"
-    assert load_recipe(ROOT / "recipes" / "qwen2-vl-7b.yaml").fast_vision is True
+    seven_b = load_recipe(ROOT / "recipes" / "qwen2-vl-7b.yaml")
+    assert seven_b.fast_vision is False  # until a stage measures faster with it (docs/benchmarks.md)
+    assert [seven_b.stages[s].ssd_backend for s in ("stage1", "stage2", "stage3")] == [None, "fla", "fla"]
     # (bad values: tests/distillation/test_recipe.py's one-line errors; here a typo and the CLI)
     with pytest.raises(
         LinmuError, match=re.escape("unknown key recipe.fast_vison; did you mean 'fast_vision'?")
@@ -152,3 +154,30 @@ def test_distill_throughput_records_the_fast_vision(tmp_path):
     # warm-up + 1 step of the baseline and of stage 1, 2 attention modules each (stage 1's student runs no tower)
     assert info["paths"] == {"runs": 8} and info["describe"].startswith("linmu fast vision")
     assert "tokens_per_s" in data["baseline_teacher_fwd_bwd"] and "tokens_per_s" in data["stages"]["stage1"]
+
+
+def test_stage_ssd_backend_overrides_the_models(tmp_path, monkeypatch):
+    """`stages.<stage>.ssd_backend` runs that stage's M-MATE blocks on its kernel, over model.ssd_backend (a
+    runtime choice: recorded in stage.json, changeable on resume, checked like the model's)."""
+    from linmu_cli.distillation import trainer
+    from linmu_cli.layers.mate import MateAttention
+
+    seen = []
+    real = trainer.convert_model
+
+    def convert(teacher, mate, **kwargs):
+        student = real(teacher, mate, **kwargs)
+        seen.append({m.mate.ssd_backend for m in student.modules() if isinstance(m, MateAttention)})
+        return student
+
+    monkeypatch.setattr(trainer, "convert_model", convert)
+    result, _ = _stage1(
+        tmp_path / "run", monkeypatch, "model.ssd_backend=auto", "stages.stage1.ssd_backend=torch"
+    )
+    assert seen and all(s == {"torch"} for s in seen)
+    assert result["ssd_backend"] == "torch"
+    assert json.loads((tmp_path / "run" / "stage1" / "stage.json").read_text())["ssd_backend"] == "torch"
+    recipe = load_recipe(RECIPE, ["stages.stage2.ssd_backend=fla"])
+    assert recipe.stages["stage2"].ssd_backend == "fla" and recipe.stages["stage1"].ssd_backend is None
+    with pytest.raises(LinmuError, match=r"stages\.stage2\.ssd_backend"):
+        load_recipe(RECIPE, ["stages.stage2.ssd_backend=triton"])
