@@ -256,20 +256,19 @@ def test_unknown_lookup_task_is_refused_naming_the_choices(capsys):
     )
 
 
-def test_lookup_loss_is_the_heads_own_attention_on_the_target():
-    """`lookup_loss` from the kept (rotated) queries and keys = -log of the weight that query head 0 of the layer
-    really gives the target tokens, among the media tokens (eager attention's own probabilities); with
-    `lookup_spread`, -mean log weight of each target token."""
+def _lookup_pass(tasks: list[str], frames: int):
+    """A 2-layer teacher-2 model's forward on samples of `tasks` (112 px), keeping layer 1's rotated queries and
+    keys as training does: (model, rows, inputs, labels, frames, qk)."""
     model, processor = build_tiny_teacher(
         "qwen2_vl", seed=2, size="teacher2", num_hidden_layers=2, vision_config={"depth": 1}
     )
     train_teacher.use_text_attention(model, train_teacher.TEXT_ATTENTION)
-    examples = [train_teacher.example("grid_color", i, 0, 1, 1.0, 112) for i in range(3)]
-    rows = [("grid_color", ex.answer) for ex in examples]
+    examples = [train_teacher.example(t, i, 0, frames, 1.0, 112) for i, t in enumerate(tasks)]
+    rows = [(t, ex.answer) for t, ex in zip(tasks, examples, strict=True)]
     host = host_batch(processor, examples)
     labels = train_teacher.answer_labels(host, examples, processor.tokenizer)
     inputs = device_batch(host, "cpu", processor, keep_frames=True)
-    frames = inputs.pop(train_teacher.FRAMES_KEY)
+    pixels = inputs.pop(train_teacher.FRAMES_KEY)
     train_teacher.LOOKUP["layer"] = 1
     try:
         with torch.no_grad():
@@ -277,6 +276,14 @@ def test_lookup_loss_is_the_heads_own_attention_on_the_target():
         qk, train_teacher.LOOKUP["qk"] = train_teacher.LOOKUP["qk"], None
     finally:
         train_teacher.LOOKUP["layer"] = None
+    return model, rows, inputs, labels, pixels, qk
+
+
+def test_lookup_loss_is_the_heads_own_attention_on_the_target():
+    """`lookup_loss` from the kept (rotated) queries and keys = -log of the weight that query head 0 of the layer
+    really gives the target tokens, among the media tokens (eager attention's own probabilities); with
+    `lookup_spread`, -mean log weight of each target token."""
+    model, rows, inputs, labels, frames, qk = _lookup_pass(["grid_color"] * 3, frames=1)
     probes = train_teacher.GridProbes(model.config.text_config.hidden_size, 4, 4, 1)
     loss = probes.lookup_loss(qk, inputs, labels, frames, rows)
     model.set_attn_implementation("eager")
@@ -494,24 +501,8 @@ def test_per_task_lookup_heads_read_each_rows_own_head():
     """`--lookup-heads per_task`: a grid_glyph row's look-up is query head 1's attention on its letter, a
     grid_order row's is head 2's on the square that appears first (eager attention's own probabilities; 6 query
     heads share 2 kv heads)."""
-    model, processor = build_tiny_teacher(
-        "qwen2_vl", seed=2, size="teacher2", num_hidden_layers=2, vision_config={"depth": 1}
-    )
-    train_teacher.use_text_attention(model, train_teacher.TEXT_ATTENTION)
     tasks = ["grid_glyph", "grid_order", "grid_order"]
-    examples = [train_teacher.example(t, i, 0, 4, 1.0, 112) for i, t in enumerate(tasks)]
-    rows = [(t, ex.answer) for t, ex in zip(tasks, examples, strict=True)]
-    host = host_batch(processor, examples)
-    labels = train_teacher.answer_labels(host, examples, processor.tokenizer)
-    inputs = device_batch(host, "cpu", processor, keep_frames=True)
-    frames = inputs.pop(train_teacher.FRAMES_KEY)
-    train_teacher.LOOKUP["layer"] = 1
-    try:
-        with torch.no_grad():
-            model(**inputs)
-        qk, train_teacher.LOOKUP["qk"] = train_teacher.LOOKUP["qk"], None
-    finally:
-        train_teacher.LOOKUP["layer"] = None
+    model, rows, inputs, labels, frames, qk = _lookup_pass(tasks, frames=4)
     assert qk[0].shape[1] == 6 and qk[1].shape[1] == 2
     lookup = train_teacher.GridProbes.LOOKUP_TASKS
     probes = train_teacher.GridProbes(model.config.text_config.hidden_size, 4, 4, 1, lookup_tasks=lookup,
