@@ -202,13 +202,15 @@ def phases_of(spans: dict[str, float], step_s: float) -> dict[str, float]:
 
 def measure(step: Callable[[], None], timer: PhaseTimer, steps: int, dev: torch.device) -> dict[str, Any]:
     """Warm-up (compile / autotune, first allocations), then `steps` timed steps: mean step time, mean
-    phases, peak memory."""
+    phases, peak memory, and the caching allocator's retries and device mallocs during the timed steps (near the
+    memory limit a retry frees the cache and synchronises: time that lands in whichever phase allocates)."""
     cuda = dev.type == "cuda"
     step()
     timer.totals()
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+    before = allocator_counts(cuda)
     wall, acc = 0.0, {k: 0.0 for k in PHASES}
     for _ in range(steps):
         if cuda:
@@ -223,8 +225,18 @@ def measure(step: Callable[[], None], timer: PhaseTimer, steps: int, dev: torch.
             acc[k] += v
     sec = wall / steps
     phases = {k: v / steps for k, v in acc.items()}
+    after = allocator_counts(cuda)
     return {"s_per_step": sec, "phases_s": phases, "phases_sum_s": sum(phases.values()),
-            "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0}  # fmt: skip
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,
+            "allocator": {k: after[k] - before[k] for k in after}}  # fmt: skip
+
+
+def allocator_counts(cuda: bool) -> dict[str, int]:
+    """The CUDA caching allocator's cumulative retries (cache flushed to satisfy a request) and device mallocs;
+    zeros on CPU."""
+    stats = torch.cuda.memory_stats() if cuda else {}
+    return {"alloc_retries": int(stats.get("num_alloc_retries", 0)),
+            "device_mallocs": int(stats.get("num_device_alloc", 0))}  # fmt: skip
 
 
 class Data:

@@ -286,6 +286,7 @@ def test_distill_throughput_breakdown_adds_up(tmp_path):
         assert rec["phases_s"]["other"] <= 0.25 * rec["s_per_step"]  # the spans cover the step
         assert rec["phases_s"]["data"] > 0 and rec["phases_s"]["teacher_forward"] > 0
         assert rec["phases_s"]["backward"] > 0 and rec["tokens_per_s"] > 0
+        assert rec["allocator"] == {"alloc_retries": 0, "device_mallocs": 0}  # CPU: no CUDA allocator
     before, after = data["variants"]["before"]["stages"], data["variants"]["after"]["stages"]
     assert all(s["phases_s"]["recompute"] > 0 and s["phases_s"]["optimizer"] > 0 for s in before.values())
     assert after["stage1"]["phases_s"]["recompute"] == 0 and after["stage3"]["phases_s"]["recompute"] > 0
