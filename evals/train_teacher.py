@@ -987,8 +987,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--lookup-heads",
         choices=("shared", "per_task"),
         help="teacher 2: shared: query head 0 does every task's look-up; per_task: head i does the i-th of "
-        f"{','.join(GridProbes.LOOKUP_TASKS)} (teacher2's default: session 13's colour fell to 0.87 with "
-        "colour and glyph on one head)",
+        f"{','.join(GridProbes.LOOKUP_TASKS)} (teacher2's default: with grid_order's look-up, the highest "
+        "lowest task of session 13, 0.90 against 0.87; docs/quality.md)",
     )
     p.add_argument(
         "--count-probe",
