@@ -91,6 +91,20 @@ if [ -z "${SKIP_CURVES:-}" ] && [ $((SECONDS - T0)) -lt "${CURVES_START:-300}" ]
   FUSED=$(each_stage optimizer=fused); EVERY=$(each_stage gradient_checkpointing=every_other)
   PREFETCH=$(each_stage prefetch=2); SHARED=" stages.stage3.share_teacher_embeddings=true"
   VISION=" fast_vision=true"; FLA=" model.ssd_backend=fla"  # top-level / model keys: every stage at once
+  # compare every finished run with the first default one and tar them all, after each run: a call's time limit
+  # that cuts a later run leaves everything measured before it (session 14 lost two finished runs that way)
+  report_curves() {
+    local noise=() other
+    [ -f "$R/default_again/metrics.jsonl" ] && noise=(--noise "$R/default_again")
+    [ -f "$R/default/metrics.jsonl" ] || { echo "no reference curve: the first default run did not finish" | tee -a "$OUT/curves.log"; return; }
+    for other in "$R"/*/metrics.jsonl; do
+      other=$(basename "$(dirname "$other")"); [ "$other" = default ] && continue
+      python3 benchmarks/compare_runs.py "$R/default" "$R/$other" "${noise[@]}" --json "$OUT/curves_$other.json" \
+        > "$R/compare_$other.txt" 2>&1
+    done
+    (cd "$R" && tar cf "$OUT/curves.tar" ./*.log ./*.txt ./*/metrics.jsonl ./*/report.json 2>/dev/null)
+  }
+  FLA_COMPILED=""
   for run in ${CURVE_RUNS:-default default_again new}; do
     [ $((SECONDS - T0)) -lt "${CURVES_LAST:-370}" ] || { echo "$run: skipped (time)" | tee -a "$OUT/curves.log"; continue; }
     case $run in  # the options of "new", together or one at a time
@@ -100,20 +114,15 @@ if [ -z "${SKIP_CURVES:-}" ] && [ $((SECONDS - T0)) -lt "${CURVES_START:-300}" ]
       vision) extra=$VISION ;; fla) extra=$FLA ;;
       recipe7b) extra="$FUSED$EVERY$PREFETCH$SHARED$VISION$FLA" ;;  # the 7B recipes' new defaults together
     esac
-    limit="${TINY_TIMEOUT:-150}"; [ "$run" = default ] && limit="${FIRST_TIMEOUT:-240}"  # the first compiles the kernels
+    # the first run compiles the kernels, and so does the first on fla's scans (more than 150 s in session 14)
+    limit="${TINY_TIMEOUT:-150}"; [ "$run" = default ] && limit="${FIRST_TIMEOUT:-240}"
+    if [[ "$extra" == *"$FLA"* ]] && [ -z "$FLA_COMPILED" ]; then limit="${FLA_TIMEOUT:-300}"; FLA_COMPILED=1; fi
     # shellcheck disable=SC2086  # the overrides are words
     timeout -k 5 "$limit" python3 -m linmu_cli distill recipes/tiny.yaml "device=${DEVICE:-cuda}" output=$R/$run $extra \
       > "$R/$run.log" 2>&1
     echo "$run: exit $? ($((SECONDS - T0)) s so far)" | tee -a "$OUT/curves.log"
+    report_curves
   done
-  # the second default run is the GPU's own noise (atomics / split-K order): it sets the tolerance for "new"
-  NOISE=(); [ -f "$R/default_again/metrics.jsonl" ] && NOISE=(--noise "$R/default_again")
-  [ -f "$R/default/metrics.jsonl" ] || echo "no reference curve: the first default run did not finish" | tee -a "$OUT/curves.log"
-  for run in ${CURVE_RUNS:-default default_again new}; do
-    [ "$run" = default ] && continue
-    [ -f "$R/default/metrics.jsonl" ] && [ -f "$R/$run/metrics.jsonl" ] && python3 benchmarks/compare_runs.py "$R/default" "$R/$run" "${NOISE[@]}" \
-      --json "$OUT/curves_$run.json" 2>&1 | tee -a "$OUT/curves.log"
-  done
-  (cd "$R" && tar cf "$OUT/curves.tar" ./*.log ./*/metrics.jsonl ./*/report.json 2>/dev/null)
+  cat "$R"/compare_*.txt 2>/dev/null | tee -a "$OUT/curves.log"
 fi
 echo "done in $((SECONDS - T0)) s" | tee -a "$OUT/distill.log"

@@ -80,7 +80,8 @@ PRESETS: dict[str, dict] = {
         "eval_count": 100, "eval_every": 500, "workers": 0, "amp": "off", "device_inputs": "off",
         "save_dtype": "float32", "log_every": 25, "frames_ramp": 0, "lookup_weight": 0.0,
         "lookup_tasks": "", "lookup_spread": "off", "lookup_heads": "shared", "count_probe": "off",
-        "task_weights": "",
+        "cell_probe": "off",
+        "task_weights": "", "rope_theta": 0.0, "mrope_section": "", "color_mirror": 0.0,
     },
     "teacher2": {
         "tasks": ",".join(synthetic.GRID_TASKS), "size": synthetic.GRID_SIZE, "steps": 20000, "image_batch": 32,
@@ -91,11 +92,27 @@ PRESETS: dict[str, dict] = {
         "eval_count": 200, "eval_every": 0, "workers": 0, "amp": "auto", "device_inputs": "on",
         "save_dtype": "bfloat16", "log_every": 50, "frames_ramp": 400, "lookup_weight": 0.5,
         "lookup_tasks": "grid_color,grid_glyph,grid_order", "lookup_spread": "on", "lookup_heads": "per_task",
-        "count_probe": "on",
-        "task_weights": "grid_motion=2,grid_count=5,grid_order=4,grid_glyph=4",
+        "count_probe": "on", "cell_probe": "off",
+        "task_weights": "grid_color=2,grid_motion=2,grid_count=5,grid_order=4,grid_glyph=4", "rope_theta": 0.0,
+        "mrope_section": "", "color_mirror": 0.5,
     },
 }  # fmt: skip
 DEFAULT_OUT = {"tiny": "evals/teacher", "teacher2": "evals/teacher2"}
+
+
+def parse_mrope_section(p: argparse.ArgumentParser, text: str, head_dim: int) -> tuple[int, ...]:
+    """--mrope-section 'T,H,W' -> (T, H, W), which must add up to head_dim / 2; '' -> () (the 2:3:3 default)."""
+    if not text:
+        return ()
+    try:
+        section = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        p.error(f"--mrope-section: expected three integers 'T,H,W', got {text!r}")
+    if len(section) != 3 or min(section) < 1 or sum(section) != head_dim // 2:
+        p.error(
+            f"--mrope-section: {text!r} must be three positive integers adding up to head_dim / 2 = {head_dim // 2}"
+        )
+    return section
 
 
 def model_config(args) -> dict:
@@ -108,13 +125,13 @@ def model_config(args) -> dict:
         "num_attention_heads": args.heads,
         "num_key_value_heads": args.kv_heads,
     }
-    if args.rope_theta:
+    if args.rope_theta or args.mrope_section:
         half = head_dim // 2
-        section = [half - 2 * (3 * half // 8), 3 * half // 8, 3 * half // 8]  # Qwen2-VL's 2:3:3
+        section = args.mrope_section or [half - 2 * (3 * half // 8), 3 * half // 8, 3 * half // 8]  # 2:3:3
         text["rope_parameters"] = {
             "rope_type": "default",
-            "rope_theta": args.rope_theta,
-            "mrope_section": section,
+            "rope_theta": args.rope_theta or 1_000_000.0,
+            "mrope_section": list(section),
         }
     vision = {
         "embed_dim": args.vision_dim,
@@ -138,11 +155,23 @@ def parse_frames(spec: str) -> list[int]:
 
 
 def example(
-    task: str, index: int, seed: int, frames: int, distractors: float = 1.0, size: int | None = None
-) -> Example:
+    task: str, index: int, seed: int, frames: int, distractors: float = 1.0, size: int | None = None,
+    color_mirror: float = 0.0,
+) -> Example:  # fmt: skip
     """Sample `index` of `task`; for `image_color`, each block that is not asked about is kept with
-    probability `distractors` (else painted over with fresh background): the early-training curriculum."""
-    s = synthetic.generate(task, index, seed=seed, frames=frames, size=size)
+    probability `distractors` (else painted over with fresh background): the early-training curriculum. For
+    `grid_color`, with probability `color_mirror` a distractor takes the asked cell's mirror image (hard negatives:
+    `synthetic.grid_color(mirror=True)`); held-out samples never do."""
+    if (
+        task == "grid_color"
+        and color_mirror > 0
+        and np.random.default_rng([seed, index, 2]).random() < color_mirror
+    ):
+        s = synthetic.grid_color(
+            synthetic.task_seed(seed, task, index), size=size or synthetic.GRID_SIZE, mirror=True
+        )
+    else:
+        s = synthetic.generate(task, index, seed=seed, frames=frames, size=size)
     media = s.media
     if task == "image_color" and distractors < 1.0:
         rng = np.random.default_rng([seed, index, 1])
@@ -196,7 +225,9 @@ def make_batches(step: int, args, processor, frame_counts: list[int], tasks: lis
         examples, rows = [], []
         for j in range(size):
             task, index = stream_slot(step * size + j, kind_tasks, args.task_weights)
-            examples.append(example(task, index, args.seed, frames, distractors, args.size))
+            examples.append(
+                example(task, index, args.seed, frames, distractors, args.size, args.color_mirror)
+            )
             rows.append((task, examples[-1].answer))
         if args.device_inputs == "on":
             inputs = host_batch(processor, examples)
@@ -532,9 +563,11 @@ class GridProbes(torch.nn.Module):
 
     def __init__(
         self, hidden: int, max_side: int, max_pairs: int, layer: int, lookup_tasks: tuple[str, ...] = ("grid_color",),
-        count_probe: bool = False, lookup_spread: bool = False, lookup_heads: str = "shared",
+        count_probe: bool = False, lookup_spread: bool = False, lookup_heads: str = "shared", cell_probe: bool = False,
     ):  # fmt: skip
         super().__init__()
+        # `--cell-probe on`: the asked cell of a grid_color question, from the look-up layer's input at the answer
+        self.cell = torch.nn.Linear(hidden, 9) if cell_probe else None
         self.lookup_tasks = lookup_tasks  # the tasks `lookup_loss` supervises (`LOOKUP_TASKS`)
         # "shared": query head 0 does every task's look-up; "per_task": head i does LOOKUP_TASKS[i]'s
         self.lookup_heads = lookup_heads
@@ -662,9 +695,22 @@ class GridProbes(torch.nn.Module):
         cls = torch.tensor([target[t](a) if t in tasks else -1 for t, a in rows], device=colors.device)
         return colors.view(len(rows), -1) == cls[:, None]
 
+    @staticmethod
+    def asked_cells(target: torch.Tensor, grid: torch.Tensor, merge: int = 2) -> torch.Tensor:
+        """(rows,) the 3x3 cell (row-major, `synthetic.POSITIONS`' order) that each image row's look-up target lies
+        in, from the mean centre of its tokens (`grid`: each row's (1, H, W) patch grid); -100: no target."""
+        h, w = (grid[:, 1] // merge).float(), (grid[:, 2] // merge).float()
+        index = torch.arange(target.shape[1], device=target.device).float()
+        row = torch.div(index[None], w[:, None], rounding_mode="floor") + 0.5
+        col = torch.remainder(index[None], w[:, None]) + 0.5
+        n = target.sum(1).clamp(min=1)
+        mean_row, mean_col = (row * target).sum(1) / n, (col * target).sum(1) / n
+        cell = (mean_row * 3 / h).floor().clamp(0, 2) * 3 + (mean_col * 3 / w).floor().clamp(0, 2)
+        return torch.where(target.any(1), cell.long(), -100)
+
     def lookup_loss(
         self, qk: tuple[torch.Tensor, torch.Tensor, float], inputs: dict, labels: torch.Tensor, frames: torch.Tensor,
-        rows: list[tuple[str, str]],
+        rows: list[tuple[str, str]], hidden: torch.Tensor | None = None,
     ) -> torch.Tensor | None:  # fmt: skip
         """Attention supervision (`--lookup-weight`, `--lookup-tasks`): query head 0 (`--lookup-heads per_task`:
         head `LOOKUP_TASKS.index(task)`, so that the look-ups do not share one query) of decoder layer
@@ -676,7 +722,10 @@ class GridProbes(torch.nn.Module):
         forced accuracy at step 700 (without it: a plateau at 0.67 by step 1,000). With `lookup_spread`, -mean log
         weight of each target token instead (cross-entropy toward equal weight on all of the object): teacher 2's
         glyph errors are letters that share a top or bottom row (T/F, L/Z, O/J: evals/confusion.py), as if the
-        answer read one token of a letter that spans 2-3. None: no such row."""
+        answer read one token of a letter that spans 2-3. With `cell_probe` and `hidden` (the layer's input hidden
+        states), plus the cross-entropy of a linear probe that reads the asked cell of each grid_color row from the
+        answer position: session 14's teacher read "left" and "right" alike there (a linear probe on the head's
+        query told them apart at chance while its keys told the columns apart at 0.99). None: no such row."""
         target = self.lookup_targets(token_colors(frames), rows, self.lookup_tasks)
         keep = target.any(dim=1)
         if not keep.any():
@@ -702,8 +751,15 @@ class GridProbes(torch.nn.Module):
             per_row = -(log_weights * target).sum(1) / target.sum(1).clamp(min=1)
         else:  # -log of the target's total weight: any part of it will do
             per_row = -torch.logsumexp(log_weights.masked_fill(~target, -math.inf), dim=1)
-        loss = per_row[keep].mean()
-        return self._part("lookup", loss)
+        loss = self._part("lookup", per_row[keep].mean())
+        if self.cell is not None and hidden is not None and inputs.get("image_grid_thw") is not None:
+            is_color = keep & torch.tensor([t == "grid_color" for t, _ in rows], device=keep.device)
+            if is_color.any():
+                cells = self.asked_cells(target, inputs["image_grid_thw"].to(target.device))
+                logits = self.cell(hidden[row, first]).float()
+                ce = torch.nn.functional.cross_entropy(logits[is_color], cells[is_color])
+                loss = loss + self._part("cell", ce)
+        return loss
 
     def _part(self, name: str, loss: torch.Tensor) -> torch.Tensor:
         self.parts[name].append(loss.detach())
@@ -961,7 +1017,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--kv-heads", type=int, help="key/value heads (GQA)")
     p.add_argument("--head-dim", type=int)
     p.add_argument("--intermediate", type=int, help="MLP width (0: 3 x hidden)")
-    p.add_argument("--rope-theta", type=float, default=0.0, help="M-RoPE base (default: tiny_config's 1e6)")
+    p.add_argument("--rope-theta", type=float, help="M-RoPE base (0: tiny_config's 1e6)")
+    p.add_argument(
+        "--mrope-section",
+        help="'T,H,W': rotary frequencies (of head_dim / 2, highest first) for time, height and width; empty: "
+        "Qwen2-VL's 2:3:3 split ([8,12,12] at head_dim 64), which leaves width only the lowest frequencies",
+    )
     p.add_argument("--vision-dim", type=int, help="vision width (heads of 64)")
     p.add_argument("--vision-depth", type=int)
     p.add_argument("--aux-weight", type=float, help="weight of the layout probes' loss (0: answer loss only)")
@@ -997,11 +1058,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "the running count of red squares (GridProbes.running_count_targets); teacher2's default: on (session 11)",
     )
     p.add_argument(
+        "--cell-probe",
+        choices=("on", "off"),
+        help="teacher 2, with --lookup-weight: a probe on the look-up layer's input at the answer position of "
+        "grid_color rows, trained to give the asked cell (GridProbes.asked_cells), so that the look-up's query "
+        "knows left from right (session 14's teacher did not: docs/quality.md); default off (not yet run on the GPU)",
+    )
+    p.add_argument(
         "--curriculum",
         type=int,
         nargs=2,
         metavar=("START", "END"),
         help="image_color distractor blocks fade in from step START (none) to END (all)",
+    )
+    p.add_argument(
+        "--color-mirror",
+        type=float,
+        help="teacher 2: the share of training grid_color samples with a distractor in the asked cell's mirror "
+        "image (left <-> right), the confusion session 13's teacher made on every error; held-out samples are "
+        "never changed (teacher2: 0.5)",
     )
     p.add_argument("--tasks", help="comma-separated synthetic tasks to train on")
     p.add_argument(
@@ -1041,6 +1116,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.curriculum = tuple(args.curriculum)
+    args.mrope_section = parse_mrope_section(p, args.mrope_section, args.head_dim)
     args.task_weights = parse_task_weights(args.task_weights, args.tasks.split(","))
     args.lookup_tasks = tuple(t for t in args.lookup_tasks.split(",") if t)
     unknown = [t for t in args.lookup_tasks if t not in GridProbes.LOOKUP_TASKS]
@@ -1077,7 +1153,8 @@ def train_step(model, probes, batches, args, device, amp: bool, stats, frames: i
                 LOOKUP["layer"] = None
             loss, row_loss, right = answer_loss(out.logits, labels)
             if qk is not None:
-                look = probes.lookup_loss(qk, inputs, labels, pixels, rows)
+                hidden = out.hidden_states[args.layers // 2] if out.hidden_states is not None else None
+                look = probes.lookup_loss(qk, inputs, labels, pixels, rows, hidden=hidden)
                 if look is not None:
                     loss_plus = args.lookup_weight * look
                     terms[f"lookup probe loss ({kind} batch)"] = look.detach().float()
@@ -1227,6 +1304,7 @@ def main(argv: list[str] | None = None) -> int:
             count_probe=args.count_probe == "on",
             lookup_spread=args.lookup_spread == "on",
             lookup_heads=args.lookup_heads,
+            cell_probe=args.cell_probe == "on",
         )
     probes.to(device).attach(model)
     params = [*model.named_parameters(), *(("probe." + n, p) for n, p in probes.named_parameters())]
@@ -1403,7 +1481,9 @@ def main(argv: list[str] | None = None) -> int:
             "save_dtype": args.save_dtype, "workers": args.workers, "time_budget": args.time_budget,
             "lookup_weight": args.lookup_weight, "lookup_tasks": list(args.lookup_tasks),
             "lookup_spread": args.lookup_spread == "on", "lookup_heads": args.lookup_heads,
-            "count_probe": args.count_probe == "on",
+            "count_probe": args.count_probe == "on", "color_mirror": args.color_mirror,
+            "cell_probe": args.cell_probe == "on",
+            "rope_parameters": (getattr(model.config.text_config, "rope_parameters", None) or {}),
             "task_weights": args.task_weights,
             "stopped_at_budget": stopped_at_budget is not None, "eval_seconds": round(eval_s, 1),
             "samples_per_second": round(samples / train_s, 1),

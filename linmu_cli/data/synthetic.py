@@ -227,11 +227,17 @@ def _cell_area(cell: int, size: int, margin: int = 2) -> tuple[int, int, int, in
     return edges[row] + margin, edges[col] + margin, edges[row + 1] - margin, edges[col + 1] - margin
 
 
-def _cell_squares(rng: np.random.Generator, size: int, colors: list[str]) -> tuple[np.ndarray, list[int]]:
-    """An image with one square of each colour, each in its own random cell of the 3x3 grid; the cells."""
+def _cell_squares(
+    rng: np.random.Generator, size: int, colors: list[str], mirror: bool = False
+) -> tuple[np.ndarray, list[int]]:
+    """An image with one square of each colour, each in its own random cell of the 3x3 grid; the cells. `mirror`:
+    when the first square is in a side column, the second takes the mirrored cell of its row (left <-> right)."""
     side = round(_OBJECT * _grid_scale(size))
     img = _smooth_background(rng, size)
     cells = [int(c) for c in rng.choice(9, size=len(colors), replace=False)]
+    mirrored = cells[0] + 2 - 2 * (cells[0] % 3)
+    if mirror and cells[0] % 3 != 1 and mirrored not in cells:
+        cells[1] = mirrored
     for cell, color in zip(cells, colors, strict=True):
         top, left = _free_spot(rng, size, side, side, [], area=_cell_area(cell, size))
         _draw(img, top, left, side, _jittered(rng, color))
@@ -246,9 +252,11 @@ def grid_position(rng: np.random.Generator, size: int = GRID_SIZE, **_: Any) -> 
                   POSITIONS[cells[0]], list(POSITIONS))  # fmt: skip
 
 
-def grid_color(rng: np.random.Generator, size: int = GRID_SIZE, **_: Any) -> Sample:
+def grid_color(rng: np.random.Generator, size: int = GRID_SIZE, mirror: bool = False, **_: Any) -> Sample:
+    """`mirror` (training only, evals/train_teacher.py --color-mirror): a distractor in the asked cell's mirror
+    image, the one confusion a teacher made (it read "left" and "right" alike: docs/quality.md)."""
     colors = [str(c) for c in rng.choice(list(COLORS), size=int(rng.integers(3, 5)), replace=False)]
-    img, cells = _cell_squares(rng, size, colors)
+    img, cells = _cell_squares(rng, size, colors, mirror=mirror)
     return Sample("grid_color", "image", img,
                   f"What color is the square at the {POSITIONS[cells[0]]}? Answer with one word.", colors[0],
                   list(COLORS))  # fmt: skip

@@ -200,3 +200,24 @@ def test_glyph_sits_on_the_half_patch_lattice():
         assert (np.ptp(ys) + 1, np.ptp(xs) + 1) == (35, 21)  # every letter of the font spans 3x5 font pixels
         assert ys.min() % 7 == 0 and xs.min() % 7 == 0
         assert solve(s) == s.answer
+
+
+def test_grid_color_mirror_puts_a_distractor_in_the_asked_cells_mirror_image():
+    """`mirror=True` (teacher 2's hard negatives): when the asked cell is in a side column, a square of another
+    colour fills the same row's other side cell; the answer is still the asked square's, read from the pixels."""
+    side = 0
+    for i in range(40):
+        sample = synthetic.grid_color(synthetic.task_seed(0, "grid_color", i), mirror=True)
+        assert solve(sample) == sample.answer, (i, sample.question)
+        cell = synthetic.POSITIONS.index(max(named(sample.question, synthetic.POSITIONS), key=len))
+        if cell % 3 == 1:
+            continue
+        side += 1
+        mirrored = cell + 2 - 2 * (cell % 3)
+        cells = {c: cell_of(sample.media, m) for c, m in color_masks(sample.media).items() if m.any()}
+        assert mirrored in cells.values(), (i, sample.question, cells)
+    assert side >= 15
+    plain = synthetic.grid_color(synthetic.task_seed(0, "grid_color", 3))
+    assert np.array_equal(
+        plain.media, synthetic.generate("grid_color", 3, seed=0).media
+    )  # the default is unchanged

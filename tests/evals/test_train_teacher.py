@@ -523,3 +523,78 @@ def test_per_task_lookup_heads_read_each_rows_own_head():
     torch.testing.assert_close(loss, torch.stack(ref).mean(), atol=1e-4, rtol=1e-4)
     shared = train_teacher.GridProbes(model.config.text_config.hidden_size, 4, 4, 1, lookup_tasks=lookup)
     assert not torch.allclose(shared.lookup_loss(qk, inputs, labels, frames, rows), loss)
+
+
+def test_color_mirror_changes_training_samples_only_and_only_some():
+    """`--color-mirror P`: about P of the training grid_color samples use the mirrored layout; 0 leaves every sample
+    as `synthetic.generate` makes it (the held-out report's samples), and other tasks never change."""
+    changed = 0
+    for i in range(40):
+        plain = train_teacher.example("grid_color", i, 0, 1, size=224)
+        assert np.array_equal(np.asarray(plain.media), synthetic.generate("grid_color", i, seed=0).media)
+        mixed = train_teacher.example("grid_color", i, 0, 1, size=224, color_mirror=0.5)
+        changed += not np.array_equal(np.asarray(mixed.media), np.asarray(plain.media))
+    assert 5 <= changed <= 30  # half are mirrored; a mirrored one whose layout was already so stays equal
+    other = train_teacher.example("grid_position", 1, 0, 1, size=224, color_mirror=1.0)
+    assert np.array_equal(np.asarray(other.media), synthetic.generate("grid_position", 1, seed=0).media)
+
+
+def test_asked_cells_are_the_cell_the_question_names():
+    """`GridProbes.asked_cells` (the cell probe's target) from the look-up targets' tokens = the question's cell,
+    at teacher 2's 224 px (8x8 tokens) and the CPU runs' 112 px (4x4)."""
+    for size in (224, 112):
+        for i in range(60):
+            s = synthetic.generate("grid_color", i, seed=5, size=size)
+            colors = train_teacher.token_colors(torch.from_numpy(s.media)[None, None])
+            target = train_teacher.GridProbes.lookup_targets(colors, [("grid_color", s.answer)])
+            grid = torch.tensor([[1, size // 14, size // 14]])
+            asked = max((p for p in synthetic.POSITIONS if f"at the {p}?" in s.question), key=len)
+            assert train_teacher.GridProbes.asked_cells(target, grid).tolist() == [
+                synthetic.POSITIONS.index(asked)
+            ], (size, i, s.question)
+    none = torch.zeros(1, 16, dtype=torch.bool)
+    assert train_teacher.GridProbes.asked_cells(none, torch.tensor([[1, 8, 8]])).tolist() == [-100]
+
+
+def test_cell_probe_adds_its_loss_to_the_lookup_on_colour_rows_only():
+    """`--cell-probe on`: the look-up loss gains the probe's cross-entropy (the asked cell, read at the answer
+    position of the layer's input); off, or without hidden states, the loss is the look-up alone."""
+    model, rows, inputs, labels, frames, qk = _lookup_pass(
+        ["grid_color", "grid_position", "grid_color"], frames=1
+    )
+    hidden_size = model.config.text_config.hidden_size
+    with torch.no_grad():
+        hidden = model(**inputs, output_hidden_states=True).hidden_states[1]
+    plain = train_teacher.GridProbes(hidden_size, 4, 4, 1).lookup_loss(
+        qk, inputs, labels, frames, rows, hidden=hidden
+    )
+    probes = train_teacher.GridProbes(hidden_size, 4, 4, 1, cell_probe=True)
+    loss = probes.lookup_loss(qk, inputs, labels, frames, rows, hidden=hidden)
+    cell = probes.parts["cell"][0]
+    assert torch.isfinite(cell) and cell > 0
+    torch.testing.assert_close(loss, plain + cell)
+    first = (labels != -100).int().argmax(dim=1) - 1
+    target = train_teacher.GridProbes.lookup_targets(train_teacher.token_colors(frames), rows)
+    cells = train_teacher.GridProbes.asked_cells(target, inputs["image_grid_thw"])
+    logits = probes.cell(hidden[[0, 2], first[[0, 2]]])
+    torch.testing.assert_close(
+        cell, torch.nn.functional.cross_entropy(logits, cells[[0, 2]]), atol=1e-5, rtol=1e-5
+    )
+    assert cells[1] == -100  # grid_position has no look-up target
+    torch.testing.assert_close(probes.lookup_loss(qk, inputs, labels, frames, rows), plain)
+
+
+def test_mrope_section_is_checked_and_reaches_the_config(capsys):
+    """`--mrope-section T,H,W` must add up to head_dim / 2 (one red line, exit 2, otherwise); a good one and
+    `--rope-theta` reach the text config's rope parameters."""
+    with pytest.raises(SystemExit) as exit_info:
+        train_teacher.parse_args(["--preset", "teacher2", "--out", "x", "--mrope-section", "12,4,8"])
+    assert exit_info.value.code == 2
+    assert "adding up to head_dim / 2 = 32" in capsys.readouterr().err
+    args = train_teacher.parse_args(
+        ["--preset", "teacher2", "--out", "x", "--mrope-section", "12,4,16", "--rope-theta", "1000"]
+    )
+    rope = train_teacher.model_config(args)["rope_parameters"]
+    assert rope == {"rope_type": "default", "rope_theta": 1000.0, "mrope_section": [12, 4, 16]}
+    default = train_teacher.parse_args(["--preset", "teacher2", "--out", "x"])
+    assert "rope_parameters" not in train_teacher.model_config(default)  # tiny_config's 1e6 and 2:3:3
