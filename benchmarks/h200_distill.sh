@@ -21,6 +21,8 @@
 #   defaults_s1      stage 1 as recipes/qwen2-vl-7b.yaml now runs it (= recipe's stage 1)
 #   defaults_s2      stage 2 as the 7B recipe now runs it: every other layer recomputed, fla's scans
 #                    (with candidate_fla for stage 3: ONLY="defaults_s1 defaults_s2 candidate_fla")
+#   warm_first       defaults_s2 under another name, to measure first and ignore: with the compiled tower the first
+#                    variant after the baseline had a slower student forward (sessions 13-14, docs/benchmarks.md)
 # Environment: BUDGET (s for part 1's measurements, default 330; later variants are recorded as skipped and
 #   the JSON is rewritten after every stage, so a timeout still leaves everything measured), STEPS (3),
 #   ONLY="recipe candidate_fla" (run only the named variants, in that order), SKIP_THROUGHPUT=1 (no part 1), SKIP_CURVES=1,
@@ -57,6 +59,7 @@ ALL_VARIANTS=(
   "e2e_none:$T,ckpt_e2e=none,stages=stage3"
   "defaults_s1:$T,ckpt=every_other,stages=stage1"
   "defaults_s2:$T,ckpt=every_other,stages=stage2,ssd=fla"
+  "warm_first:$T,ckpt=every_other,stages=stage2,ssd=fla"
 )
 ARGS=()
 if [ -z "${ONLY:-}" ]; then
