@@ -16,6 +16,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,6 +28,22 @@ from linmu_cli.evaluation.greedy import greedy_answers  # noqa: E402
 from linmu_cli.loading import load_model  # noqa: E402
 
 EVAL_SEED = 12345  # evals/train_teacher.py's --eval-seed default: the samples of its held-out report
+PALETTE = np.array(list(synthetic.COLORS.values()), dtype=np.float64)
+
+
+def palette_masks(frame: np.ndarray) -> dict[str, np.ndarray]:
+    """{colour: its pixels} of a grid frame (H, W, 3): bright pixels (the background is dark) nearest to it."""
+    bright = frame.max(axis=-1) > 140
+    nearest = np.linalg.norm(frame[..., None, :].astype(np.float64) - PALETTE, axis=-1).argmin(axis=-1)
+    return {name: bright & (nearest == i) for i, name in enumerate(synthetic.COLORS)}
+
+
+def early_distractor(sample: synthetic.Sample) -> bool:
+    """grid_order: does a square of neither named colour appear before the first named square? (Session 14's
+    teacher answered most of those with the distractor's colour.)"""
+    present = [{c for c, m in palette_masks(pair).items() if m.sum() > 50} for pair in sample.media[::2]]
+    first = min(k for k, colors in enumerate(present) if set(sample.choices) & colors)
+    return any(colors - set(sample.choices) for colors in present[:first])
 
 
 def confusion(
@@ -43,8 +60,18 @@ def confusion(
         if reply != answer:
             errors.append((i, answer, reply))
     right = sum(table[a][a] for a in table)
-    return {"task": task, "frames": frames, "count": count, "seed": seed, "accuracy": right / count,
-            "table": {a: dict(c.most_common()) for a, c in sorted(table.items())}, "errors": errors}  # fmt: skip
+    res = {"task": task, "frames": frames, "count": count, "seed": seed, "accuracy": right / count,
+           "table": {a: dict(c.most_common()) for a, c in sorted(table.items())}, "errors": errors}  # fmt: skip
+    if task == "grid_order":  # accuracy with and without a distractor before the first named square
+        early = [early_distractor(s) for s in samples]
+        wrong = {i for i, _, _ in errors}
+        for name, keep in (("early_distractor", True), ("no_early_distractor", False)):
+            rows = [i for i in range(count) if early[i] == keep]
+            res[name] = {
+                "samples": len(rows),
+                "accuracy": 1 - len(wrong.intersection(rows)) / max(1, len(rows)),
+            }
+    return res
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,6 +94,11 @@ def main(argv: list[str] | None = None) -> int:
         total = sum(replies.values())
         wrong = ", ".join(f"{r!r} x{n}" for r, n in replies.items() if r != answer) or "-"
         print(f"  {answer!r:>6}: {replies.get(answer, 0)}/{total} right; wrong replies: {wrong}")
+    for name in ("early_distractor", "no_early_distractor"):
+        if name in res:
+            print(
+                f"  {name.replace('_', ' ')}: {res[name]['samples']} samples, accuracy {res[name]['accuracy']:.3f}"
+            )
     if args.json:
         args.json.write_text(json.dumps(res, indent=2) + "\n")
     return 0

@@ -4,7 +4,9 @@
   pixels: session 14's teacher put every error in the same row, the other side column ("left" read as "right");
 - how well a linear probe tells, from the look-up head's query at the answer position, which side column was asked
   (left / right) and which side row (top / bottom); and, from its keys on the image tokens, which side of the image
-  a token lies on. Probes are logistic regressions on 70% of the samples, scored on the other 30%.
+  a token lies on; and the same two questions from the answer position's hidden state at every layer (where the
+  question's cell is gathered, or is not). Probes are logistic regressions on 70% of the samples, scored on the
+  other 30%.
 
     python evals/lookup_probe.py CHECKPOINT [--count 300] [--layer L] [--head H] [--json out.json]
 
@@ -34,17 +36,16 @@ from linmu_cli.evaluation.answers import normalize_answer  # noqa: E402
 from linmu_cli.evaluation.greedy import greedy_answers  # noqa: E402
 from linmu_cli.loading import load_model  # noqa: E402
 
-PALETTE = np.array(list(synthetic.COLORS.values()), dtype=np.float64)
+sys.path.insert(0, str(ROOT / "evals"))
+from confusion import palette_masks  # noqa: E402
 
 
 def square_cells(image: np.ndarray) -> dict[str, int]:
-    """{colour: 3x3 cell of its square} read from the pixels (bright pixels nearest to each palette colour)."""
-    bright = image.max(axis=-1) > 140
-    nearest = np.linalg.norm(image[..., None, :].astype(np.float64) - PALETTE, axis=-1).argmin(axis=-1)
+    """{colour: 3x3 cell of its square} read from the pixels (`confusion.palette_masks`)."""
     edges = [image.shape[0] * i / 3 for i in (1, 2)]
     cells = {}
-    for i, name in enumerate(synthetic.COLORS):
-        ys, xs = np.nonzero(bright & (nearest == i))
+    for name, mask in palette_masks(image).items():
+        ys, xs = np.nonzero(mask)
         if len(ys):
             cells[name] = 3 * int(np.searchsorted(edges, ys.mean())) + int(np.searchsorted(edges, xs.mean()))
     return cells
@@ -92,14 +93,15 @@ def lookup_probe(model, processor, count: int, layer: int, head: int, seed: int 
              attn.k_proj.register_forward_hook(lambda m, i, o: kept.__setitem__("k", o))]  # fmt: skip
     samples = [synthetic.generate("grid_color", i, seed=seed) for i in range(count)]
     replies = [normalize_answer(r) for r in greedy_answers(model, processor, samples, batch_size=20)]
-    queries, asked, keys, key_cols, key_rows = [], [], [], [], []
+    queries, asked, keys, key_cols, key_rows, answers = [], [], [], [], [], []
     errors: collections.Counter = collections.Counter()
     wrong = 0
     try:
         for sample, reply in zip(samples, replies, strict=True):
             prompt = chat_prompt(processor, question_content("image", sample.question))
             inputs = processor(text=[prompt], images=[Image.fromarray(sample.media)], return_tensors="pt")
-            model(**inputs.to(model.device))
+            hidden = model(**inputs.to(model.device), output_hidden_states=True).hidden_states
+            answers.append(torch.stack([h[0, -1] for h in hidden]).float().cpu())  # (layers + 1, hidden)
             media = inputs["mm_token_type_ids"][0] > 0
             queries.append(kept["q"][0, -1, head * head_dim : (head + 1) * head_dim].cpu())
             asked.append(asked_cell(sample.question))
@@ -126,6 +128,8 @@ def lookup_probe(model, processor, count: int, layer: int, head: int, seed: int 
     lo, hi = side // 3, side - 1 - side // 3  # tokens of the outer thirds
     col_side, row_side = cell % 3 != 1, cell // 3 != 1
     key_col_side, key_row_side = (cols < lo) | (cols > hi), (rows < lo) | (rows > hi)
+    residual = torch.stack(answers)  # (samples, layers + 1, hidden): the answer position's residual stream
+    by_layer = range(residual.shape[1])
     return {
         "count": count, "seed": seed, "layer": layer, "head": head,
         "accuracy": 1 - wrong / count,
@@ -134,6 +138,9 @@ def lookup_probe(model, processor, count: int, layer: int, head: int, seed: int 
         "query_bottom_vs_top": probe_accuracy(q[row_side], cell[row_side] // 3 == 2),
         "keys_right_vs_left": probe_accuracy(k[key_col_side], cols[key_col_side] > hi),
         "keys_bottom_vs_top": probe_accuracy(k[key_row_side], rows[key_row_side] > hi),
+        # the same two questions from the answer position's hidden state before layer 0, 1, ..., after the last
+        "answer_right_vs_left_by_layer": [probe_accuracy(residual[col_side, i], cell[col_side] % 3 == 2) for i in by_layer],
+        "answer_bottom_vs_top_by_layer": [probe_accuracy(residual[row_side, i], cell[row_side] // 3 == 2) for i in by_layer],
     }  # fmt: skip
 
 

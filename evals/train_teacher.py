@@ -82,6 +82,7 @@ PRESETS: dict[str, dict] = {
         "lookup_tasks": "", "lookup_spread": "off", "lookup_heads": "shared", "count_probe": "off",
         "cell_probe": "off",
         "task_weights": "", "rope_theta": 0.0, "mrope_section": "", "color_mirror": 0.0,
+        "order_early": 0.0,
     },
     "teacher2": {
         "tasks": ",".join(synthetic.GRID_TASKS), "size": synthetic.GRID_SIZE, "steps": 20000, "image_batch": 32,
@@ -94,7 +95,7 @@ PRESETS: dict[str, dict] = {
         "lookup_tasks": "grid_color,grid_glyph,grid_order", "lookup_spread": "on", "lookup_heads": "per_task",
         "count_probe": "on", "cell_probe": "off",
         "task_weights": "grid_color=2,grid_motion=2,grid_count=5,grid_order=4,grid_glyph=4", "rope_theta": 0.0,
-        "mrope_section": "", "color_mirror": 0.5,
+        "mrope_section": "", "color_mirror": 0.5, "order_early": 0.0,
     },
 }  # fmt: skip
 DEFAULT_OUT = {"tiny": "evals/teacher", "teacher2": "evals/teacher2"}
@@ -156,20 +157,17 @@ def parse_frames(spec: str) -> list[int]:
 
 def example(
     task: str, index: int, seed: int, frames: int, distractors: float = 1.0, size: int | None = None,
-    color_mirror: float = 0.0,
+    color_mirror: float = 0.0, order_early: float = 0.0,
 ) -> Example:  # fmt: skip
     """Sample `index` of `task`; for `image_color`, each block that is not asked about is kept with
     probability `distractors` (else painted over with fresh background): the early-training curriculum. For
     `grid_color`, with probability `color_mirror` a distractor takes the asked cell's mirror image (hard negatives:
-    `synthetic.grid_color(mirror=True)`); held-out samples never do."""
-    if (
-        task == "grid_color"
-        and color_mirror > 0
-        and np.random.default_rng([seed, index, 2]).random() < color_mirror
-    ):
-        s = synthetic.grid_color(
-            synthetic.task_seed(seed, task, index), size=size or synthetic.GRID_SIZE, mirror=True
-        )
+    `synthetic.grid_color(mirror=True)`), and for `grid_order` with probability `order_early` a distractor appears
+    before the first named square (`synthetic.grid_order(early=True)`); held-out samples never do."""
+    hard = {"grid_color": ("mirror", color_mirror), "grid_order": ("early", order_early)}.get(task, ("", 0.0))
+    if hard[1] > 0 and np.random.default_rng([seed, index, 2]).random() < hard[1]:
+        rng, side = synthetic.task_seed(seed, task, index), size or synthetic.GRID_SIZE
+        s = synthetic.TASKS[task](rng, frames=frames, size=side, **{hard[0]: True})
     else:
         s = synthetic.generate(task, index, seed=seed, frames=frames, size=size)
     media = s.media
@@ -226,7 +224,16 @@ def make_batches(step: int, args, processor, frame_counts: list[int], tasks: lis
         for j in range(size):
             task, index = stream_slot(step * size + j, kind_tasks, args.task_weights)
             examples.append(
-                example(task, index, args.seed, frames, distractors, args.size, args.color_mirror)
+                example(
+                    task,
+                    index,
+                    args.seed,
+                    frames,
+                    distractors,
+                    args.size,
+                    args.color_mirror,
+                    args.order_early,
+                )
             )
             rows.append((task, examples[-1].answer))
         if args.device_inputs == "on":
@@ -1078,6 +1085,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "image (left <-> right), the confusion session 13's teacher made on every error; held-out samples are "
         "never changed (teacher2: 0.5)",
     )
+    p.add_argument(
+        "--order-early",
+        type=float,
+        help="teacher 2: the share of training grid_order samples in which a distractor appears before the first "
+        "named square (when that square is not in the first frame pair): session 14's teacher answered those with "
+        "the distractor's colour (0.79 against 0.99 elsewhere); held-out samples never change (default 0: not yet "
+        "run on the GPU)",
+    )
     p.add_argument("--tasks", help="comma-separated synthetic tasks to train on")
     p.add_argument(
         "--task-weights",
@@ -1482,6 +1497,7 @@ def main(argv: list[str] | None = None) -> int:
             "lookup_weight": args.lookup_weight, "lookup_tasks": list(args.lookup_tasks),
             "lookup_spread": args.lookup_spread == "on", "lookup_heads": args.lookup_heads,
             "count_probe": args.count_probe == "on", "color_mirror": args.color_mirror,
+            "order_early": args.order_early,
             "cell_probe": args.cell_probe == "on",
             "rope_parameters": (getattr(model.config.text_config, "rope_parameters", None) or {}),
             "task_weights": args.task_weights,

@@ -354,7 +354,12 @@ def grid_count(rng: np.random.Generator, frames: int = 16, size: int = GRID_SIZE
                   [str(i) for i in range(10)])  # fmt: skip
 
 
-def grid_order(rng: np.random.Generator, frames: int = 16, size: int = GRID_SIZE, **_: Any) -> Sample:
+def grid_order(
+    rng: np.random.Generator, frames: int = 16, size: int = GRID_SIZE, early: bool = False, **_: Any
+) -> Sample:
+    """`early` (training only, evals/train_teacher.py --order-early): when the first named square is not in the
+    first frame pair, a distractor appears before it, the case a teacher answered with the distractor's colour
+    (docs/quality.md)."""
     side, pairs = round(_OBJECT * _grid_scale(size)), frames // 2
     video = _video(rng, frames, size)
     a, b, *others = (str(c) for c in rng.permutation(list(COLORS)))
@@ -364,6 +369,8 @@ def grid_order(rng: np.random.Generator, frames: int = 16, size: int = GRID_SIZE
     items = [(int(p1), first), (int(p2), second)]
     rest = [p for p in range(pairs) if p not in (p1, p2)]
     items += [(int(p), str(rng.choice(others))) for p in rng.permutation(rest)[: int(rng.integers(0, 3))]]
+    if early and p1 > 0 and all(p >= p1 for p, _ in items):
+        items.append((int(rng.integers(0, p1)), str(rng.choice(others))))
     _scatter(rng, video, side, items)
     return Sample("grid_order", "video", video,
                   f"Which appears first, the {a} square or the {b} square? Answer with one word.", first,

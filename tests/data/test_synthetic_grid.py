@@ -221,3 +221,19 @@ def test_grid_color_mirror_puts_a_distractor_in_the_asked_cells_mirror_image():
     assert np.array_equal(
         plain.media, synthetic.generate("grid_color", 3, seed=0).media
     )  # the default is unchanged
+
+
+def test_grid_order_early_puts_a_distractor_before_the_first_named_square():
+    """`early=True` (teacher 2's hard negatives): unless the first named square is in the first frame pair, a
+    square of neither named colour appears before it; the answer still follows from the pixels."""
+    checked = 0
+    for i in range(30):
+        sample = synthetic.grid_order(synthetic.task_seed(0, "grid_order", i), frames=16, early=True)
+        assert solve(sample) == sample.answer, (i, sample.question)
+        present = [{c for c, m in color_masks(pair).items() if m.any()} for pair in sample.media[::2]]
+        first = min(k for k, colors in enumerate(present) if set(sample.choices) & colors)
+        if first == 0:
+            continue
+        checked += 1
+        assert any(colors - set(sample.choices) for colors in present[:first]), (i, present)
+    assert checked >= 15

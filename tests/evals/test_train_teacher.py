@@ -525,9 +525,10 @@ def test_per_task_lookup_heads_read_each_rows_own_head():
     assert not torch.allclose(shared.lookup_loss(qk, inputs, labels, frames, rows), loss)
 
 
-def test_color_mirror_changes_training_samples_only_and_only_some():
-    """`--color-mirror P`: about P of the training grid_color samples use the mirrored layout; 0 leaves every sample
-    as `synthetic.generate` makes it (the held-out report's samples), and other tasks never change."""
+def test_hard_negatives_change_training_samples_only_and_only_some():
+    """`--color-mirror P` / `--order-early P`: about P of the training grid_color / grid_order samples use the
+    hard layout; 0 leaves every sample as `synthetic.generate` makes it (the held-out report's samples), and other
+    tasks never change."""
     changed = 0
     for i in range(40):
         plain = train_teacher.example("grid_color", i, 0, 1, size=224)
@@ -535,8 +536,17 @@ def test_color_mirror_changes_training_samples_only_and_only_some():
         mixed = train_teacher.example("grid_color", i, 0, 1, size=224, color_mirror=0.5)
         changed += not np.array_equal(np.asarray(mixed.media), np.asarray(plain.media))
     assert 5 <= changed <= 30  # half are mirrored; a mirrored one whose layout was already so stays equal
-    other = train_teacher.example("grid_position", 1, 0, 1, size=224, color_mirror=1.0)
+    other = train_teacher.example("grid_position", 1, 0, 1, size=224, color_mirror=1.0, order_early=1.0)
     assert np.array_equal(np.asarray(other.media), synthetic.generate("grid_position", 1, seed=0).media)
+    # --order-early: the same for grid_order's early distractor
+    early = sum(
+        not np.array_equal(
+            train_teacher.example("grid_order", i, 0, 16, size=224, order_early=0.5).media,
+            synthetic.generate("grid_order", i, seed=0, frames=16).media,
+        )
+        for i in range(20)
+    )
+    assert 2 <= early <= 15
 
 
 def test_asked_cells_are_the_cell_the_question_names():
