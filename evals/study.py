@@ -229,14 +229,24 @@ def main() -> None:
         "--reuse", action="store_true", help="with --length-only: score OUT/NAME/final if it exists"
     )
     ap.add_argument(
-        "--from-json", default=None, help="only rewrite --markdown from a (possibly partial) --json"
+        "--ablations-only",
+        action="store_true",
+        help="score the teacher, then run only the --only ablations (no conversion, full run or length rows): "
+        "a study split over several device calls, merged by --from-json",
+    )
+    ap.add_argument(
+        "--from-json",
+        nargs="+",
+        default=None,
+        help="only rewrite --markdown from one or more (possibly partial) --json files, merged (rows and length "
+        "from the first that has them, ablations from all)",
     )
     args = ap.parse_args()
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     if args.from_json:
-        res = json.loads(Path(args.from_json).read_text())
+        res = merge_results([json.loads(Path(f).read_text()) for f in args.from_json])
         write_markdown(Path(args.markdown), res, res.get("command", "python evals/study.py"))
         return
     out = Path(args.out)
@@ -283,13 +293,32 @@ def main() -> None:
             Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
 
     teacher, processor = load(Path(args.teacher))
+    lengths = (1,) if args.ablations_only else (1, 2, 4)  # the length rows are the pipeline's
     ref = {
-        f: answers(teacher, processor, tasks, args.n, f, size)
-        for f in (args.frames, 2 * args.frames, 4 * args.frames)
+        m * args.frames: answers(teacher, processor, tasks, args.n, m * args.frames, size) for m in lengths
     }
     results["rows"]["teacher"] = score(ref[args.frames])
     print(f"teacher: {results['rows']['teacher']}", flush=True)
     dump()
+    if not args.ablations_only:
+        pipeline(args, results, teacher, processor, recipe, tasks, size, ref, out, base, dump)
+    chosen = ABLATIONS if args.only is None else [a for a in ABLATIONS if a.name in args.only]
+    for ab in chosen:
+        path = run_distill(out / ab.name, ab.overrides, ab.skip, base)
+        model, _ = load(path)
+        results["ablations"][ab.name] = {"what": ab.what, "overrides": ab.overrides, "skip": ab.skip,
+                                         **score(answers(model, processor, tasks, args.n, args.frames, size), ref[args.frames])}  # fmt: skip
+        print(f"{ab.name}: {results['ablations'][ab.name]}", flush=True)
+        dump()
+    results["seconds"] = time.time() - t0
+    results["complete"] = not args.ablations_only
+    dump()
+    if args.markdown:
+        write_markdown(Path(args.markdown), results, cmd_base.strip())
+
+
+def pipeline(args, results, teacher, processor, recipe, tasks, size, ref, out, base, dump) -> None:
+    """The study's first part: the undistilled conversion, the full run after each stage, its length rows."""
     converted = convert_model(teacher, recipe.mate, seed=recipe.seed).eval()
     results["rows"]["converted (no distillation)"] = score(
         answers(converted, processor, tasks, args.n, args.frames, size), ref[args.frames]
@@ -314,19 +343,25 @@ def main() -> None:
     print(f"length: {results['length']}", flush=True)
     dump()
 
-    chosen = ABLATIONS if args.only is None else [a for a in ABLATIONS if a.name in args.only]
-    for ab in chosen:
-        path = run_distill(out / ab.name, ab.overrides, ab.skip, base)
-        model, _ = load(path)
-        results["ablations"][ab.name] = {"what": ab.what, "overrides": ab.overrides, "skip": ab.skip,
-                                         **score(answers(model, processor, tasks, args.n, args.frames, size), ref[args.frames])}  # fmt: skip
-        print(f"{ab.name}: {results['ablations'][ab.name]}", flush=True)
-        dump()
-    results["seconds"] = time.time() - t0
-    results["complete"] = True
-    dump()
-    if args.markdown:
-        write_markdown(Path(args.markdown), results, cmd_base.strip())
+
+def merge_results(parts: list[dict]) -> dict:
+    """One study from several partial --json files of the same study (the same tasks, frames and n): the
+    pipeline and length rows of the first part that has them, the ablations of every part (a later one wins)."""
+    keys = {(tuple(p["tasks"]), p["frames"], p["n"]) for p in parts}
+    if len(keys) > 1:
+        raise SystemExit(
+            f"--from-json: the files are of different studies (tasks, frames, n): {sorted(keys)}"
+        )
+    merged = {**parts[0], "rows": {}, "length": {}, "ablations": {}}
+    for part in parts:
+        for key in ("rows", "length"):
+            if len(part[key]) > len(merged[key]):
+                merged[key] = part[key]
+        merged["ablations"].update(part["ablations"])
+    merged["seconds"] = sum(p.get("seconds", 0.0) for p in parts)
+    names = {a.name for a in ABLATIONS}
+    merged["complete"] = "after stage3" in merged["rows"] and names <= set(merged["ablations"])
+    return merged
 
 
 def write_markdown(path: Path, res: dict, cmd: str) -> None:
