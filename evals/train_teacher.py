@@ -93,12 +93,30 @@ PRESETS: dict[str, dict] = {
         "eval_count": 200, "eval_every": 0, "workers": 0, "amp": "auto", "device_inputs": "on",
         "save_dtype": "bfloat16", "log_every": 50, "frames_ramp": 400, "lookup_weight": 0.5,
         "lookup_tasks": "grid_color,grid_glyph,grid_order", "lookup_spread": "on", "lookup_heads": "per_task",
-        "count_probe": "on", "cell_probe": "off",
+        "count_probe": "on", "cell_probe": "on",
         "task_weights": "grid_color=2,grid_motion=2,grid_count=5,grid_order=4,grid_glyph=4", "rope_theta": 0.0,
         "mrope_section": "", "color_mirror": 0.5, "order_early": 0.0,
     },
 }  # fmt: skip
 DEFAULT_OUT = {"tiny": "evals/teacher", "teacher2": "evals/teacher2"}
+
+
+def load_weights(model: torch.nn.Module, checkpoint: Path) -> None:
+    """--init-from: a saved teacher's weights (its model.safetensors through transformers' loader, never a pickle)
+    into the freshly built model, which must have the same shapes (the same architecture flags); one line and
+    exit 2 otherwise."""
+    if not (Path(checkpoint) / "model.safetensors").is_file():
+        raise SystemExit(f"--init-from {checkpoint}: no model.safetensors there; pass a teacher directory")
+    saved = type(model).from_pretrained(checkpoint, dtype=torch.float32, use_safetensors=True)
+    try:
+        model.load_state_dict(saved.state_dict(), strict=True)
+    except RuntimeError as err:
+        lines = str(err).splitlines()
+        first = (lines[1] if len(lines) > 1 else lines[0]).strip()[:300]
+        raise SystemExit(
+            f"--init-from {checkpoint}: its weights do not fit the model these flags build ({first}); "
+            "pass the flags it was trained with (its train_teacher.json has them)"
+        ) from None
 
 
 def parse_mrope_section(p: argparse.ArgumentParser, text: str, head_dim: int) -> tuple[int, ...]:
@@ -1069,7 +1087,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         choices=("on", "off"),
         help="teacher 2, with --lookup-weight: a probe on the look-up layer's input at the answer position of "
         "grid_color rows, trained to give the asked cell (GridProbes.asked_cells), so that the look-up's query "
-        "knows left from right (session 14's teacher did not: docs/quality.md); default off (not yet run on the GPU)",
+        "knows left from right (session 14's teacher did not; fine-tuned 150 steps with it, colour 0.93 -> 0.99, "
+        "without it 0.92: docs/quality.md); teacher2's default: on",
     )
     p.add_argument(
         "--curriculum",
@@ -1092,6 +1111,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "named square (when that square is not in the first frame pair): session 14's teacher answered those with "
         "the distractor's colour (0.79 against 0.99 elsewhere); held-out samples never change (default 0: not yet "
         "run on the GPU)",
+    )
+    p.add_argument(
+        "--init-from",
+        type=Path,
+        help="start from a saved teacher's weights (DIR/model.safetensors) instead of a random initialization: "
+        "for diagnostic fine-tunes (docs/quality.md, session 14); the probes start fresh",
     )
     p.add_argument("--tasks", help="comma-separated synthetic tasks to train on")
     p.add_argument(
@@ -1267,6 +1292,8 @@ def main(argv: list[str] | None = None) -> int:
     model_cfg = model_config(args)
     teacher_size = "tiny" if args.preset == "tiny" else "teacher2"
     model, processor = build_tiny_teacher("qwen2_vl", seed=args.seed, size=teacher_size, **model_cfg)
+    if args.init_from:
+        load_weights(model, args.init_from)
     if args.size**2 > SIZES[teacher_size][1]:
         raise SystemExit(f"--size {args.size}: above the {teacher_size} processor's pixel cap")
     device = torch.device(

@@ -608,3 +608,25 @@ def test_mrope_section_is_checked_and_reaches_the_config(capsys):
     assert rope == {"rope_type": "default", "rope_theta": 1000.0, "mrope_section": [12, 4, 16]}
     default = train_teacher.parse_args(["--preset", "teacher2", "--out", "x"])
     assert "rope_parameters" not in train_teacher.model_config(default)  # tiny_config's 1e6 and 2:3:3
+
+
+def test_init_from_loads_a_saved_teacher_and_refuses_other_shapes(tmp_path):
+    """`--init-from DIR`: the saved weights (safetensors) replace the random ones; a model of other shapes is one
+    clear line, not a traceback."""
+    saved, _ = build_tiny_teacher(
+        "qwen2_vl", seed=1, size="teacher2", num_hidden_layers=2, vision_config={"depth": 1}
+    )
+    saved.save_pretrained(tmp_path / "t")
+    fresh, _ = build_tiny_teacher(
+        "qwen2_vl", seed=2, size="teacher2", num_hidden_layers=2, vision_config={"depth": 1}
+    )
+    train_teacher.load_weights(fresh, tmp_path / "t")
+    for (name, a), b in zip(saved.state_dict().items(), fresh.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, msg=name)
+    other, _ = build_tiny_teacher(
+        "qwen2_vl", seed=2, size="teacher2", num_hidden_layers=3, vision_config={"depth": 1}
+    )
+    with pytest.raises(SystemExit, match="do not fit the model these flags build"):
+        train_teacher.load_weights(other, tmp_path / "t")
+    with pytest.raises(SystemExit, match="no model.safetensors"):
+        train_teacher.load_weights(other, tmp_path)
