@@ -182,10 +182,14 @@ def example(
     `grid_color`, with probability `color_mirror` a distractor takes the asked cell's mirror image (hard negatives:
     `synthetic.grid_color(mirror=True)`), and for `grid_order` with probability `order_early` a distractor appears
     before the first named square (`synthetic.grid_order(early=True)`); held-out samples never do."""
-    hard = {"grid_color": ("mirror", color_mirror), "grid_order": ("early", order_early)}.get(task, ("", 0.0))
-    if hard[1] > 0 and np.random.default_rng([seed, index, 2]).random() < hard[1]:
+    option, share = {"grid_color": ("mirror", color_mirror), "grid_order": ("early", order_early)}.get(
+        task, ("", 0)
+    )
+    if (
+        share > 0 and np.random.default_rng([seed, index, 2]).random() < share
+    ):  # the hard layout of this sample
         rng, side = synthetic.task_seed(seed, task, index), size or synthetic.GRID_SIZE
-        s = synthetic.TASKS[task](rng, frames=frames, size=side, **{hard[0]: True})
+        s = synthetic.TASKS[task](rng, frames=frames, size=side, **{option: True})
     else:
         s = synthetic.generate(task, index, seed=seed, frames=frames, size=size)
     media = s.media
