@@ -485,6 +485,10 @@ class Recipe(_Section):
         """The model section (kept under this name for the trainer and evals/study.py)."""
         return self.model
 
+    def ssd_backend_of(self, stage: str) -> str:
+        """The Flex-MA scan kernel `stage` trains with: its own `ssd_backend`, else the model's."""
+        return self.stages[stage].ssd_backend or self.model.ssd_backend
+
 
 def _deep_merge(base: dict, extra: dict) -> dict:
     out = dict(base)

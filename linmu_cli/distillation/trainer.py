@@ -147,7 +147,7 @@ def vision_tower(model: nn.Module) -> str:
 def build_student(run: Run, name: str) -> tuple[nn.Module, str]:
     """The student a stage starts from, and a sentence saying where it came from."""
     cfg, idx = run.recipe.stages[name], STAGES.index(name)
-    backend = cfg.ssd_backend or run.recipe.mate.ssd_backend  # the kernel: this stage's, else the model's
+    backend = run.recipe.ssd_backend_of(name)
     if cfg.init_from:
         src = Path(cfg.init_from)
     elif idx == 0:
@@ -651,7 +651,7 @@ class StageRun:
                   "resume_changes": self.history, "cpu_threads": torch.get_num_threads(),
                   "vision_tower": {"teacher": vision_tower(run.teacher.model),
                                    "student": vision_tower(student)},
-                  "ssd_backend": self.cfg.ssd_backend or run.recipe.mate.ssd_backend}  # fmt: skip
+                  "ssd_backend": run.recipe.ssd_backend_of(name)}  # fmt: skip
         if run.is_main:
             run.print(report_table(name, self.before, after))
             if self.data.skipped:
