@@ -9,7 +9,9 @@ logged tokens/s and its ratio to REF, and the step checkpoints and stage outputs
 rank 0, with no temporary directories left behind).
 
 Verdict per stage: "identical" (every common step's loss equal to the last bit), "same within noise" (largest
-relative difference <= the stage's tolerance) or "different". The tolerance is rtol (default 1e-3), or, with
+relative difference <= the stage's tolerance) or "different". A run that stopped early (killed by a time limit)
+is "incomplete" overall unless a common step already differs: agreement on its first steps says nothing of the
+rest (session 15's `vision` curve: 3 of 130 steps). The tolerance is rtol (default 1e-3), or, with
 `--noise NOISE_RUN`, the larger of rtol and 2x the largest relative difference between REF and NOISE_RUN in that
 stage: NOISE_RUN is REF's recipe run again with only floating-point rounding changed (another CPU thread count,
 or simply a second run on a GPU), so the tolerance is the measured noise of the run, not a guess. Over a run's
@@ -64,7 +66,7 @@ def compare(ref: Path, run: Path, rtol: float = 1e-3, noise: dict[str, float] | 
     for stage in a:
         steps = sorted(set(a[stage]) & set(b.get(stage, {})))
         if not steps:
-            stages[stage] = {"common_steps": 0}
+            stages[stage] = {"common_steps": 0, "ref_steps": len(a[stage])}
             continue
         diffs = [abs(a[stage][s]["loss"] - b[stage][s]["loss"]) for s in steps]
         rels = [d / max(abs(a[stage][s]["loss"]), 1e-12) for d, s in zip(diffs, steps, strict=True)]
@@ -79,7 +81,7 @@ def compare(ref: Path, run: Path, rtol: float = 1e-3, noise: dict[str, float] | 
         )
         rate_a = statistics.median(a[stage][s]["tokens_per_s"] for s in steps[1:] or steps)
         rate_b = statistics.median(b[stage][s]["tokens_per_s"] for s in steps[1:] or steps)
-        stages[stage] = {"common_steps": len(steps), "max_abs_loss_diff": max(diffs), "max_rel_loss_diff": max(rels),
+        stages[stage] = {"common_steps": len(steps), "ref_steps": len(a[stage]), "max_abs_loss_diff": max(diffs), "max_rel_loss_diff": max(rels),
                          "mean_rel_loss_diff": sum(rels) / len(rels), "first_differing_step": first,
                          "last_third_mean_rel_diff": tail_rel,
                          "tolerance": tol, "verdict": verdict(max(rels), max(diffs), tol),
@@ -87,7 +89,9 @@ def compare(ref: Path, run: Path, rtol: float = 1e-3, noise: dict[str, float] | 
                          "losses": [b[stage][s]["loss"] for s in steps],
                          "tokens_per_s": rate_b, "tokens_per_s_ref": rate_a, "speedup": rate_b / rate_a}  # fmt: skip
     verdicts = [s["verdict"] for s in stages.values() if s["common_steps"]]
+    compared, expected = (sum(s[k] for s in stages.values()) for k in ("common_steps", "ref_steps"))
     overall = ("different" if "different" in verdicts or not verdicts
+               else f"incomplete: {compared} of {expected} steps compared" if compared < expected
                else "identical" if all(v == "identical" for v in verdicts) else "same within noise")  # fmt: skip
     return {"run": str(run), "rtol": rtol, "verdict": overall, "stages": stages, **files(run)}
 

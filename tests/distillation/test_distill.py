@@ -294,11 +294,17 @@ def test_compare_runs_reports_loss_agreement_and_files(full_run, tmp_path):
             r["loss"] += 0.5
     (other / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     (other / "checkpoints" / "stage1" / ".tmp-step-0000002-1").mkdir(parents=True)  # a leftover temp dir
+    cut = tmp_path / "cut"  # killed by a time limit after its first 3 steps, all equal to REF's
+    cut.mkdir()
+    (cut / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in json.loads(
+        "[" + ",".join((out / "metrics.jsonl").read_text().splitlines()[:3]) + "]")))  # fmt: skip
     report = tmp_path / "compare.json"
     res = subprocess.run([sys.executable, str(BENCHMARKS / "compare_runs.py"), str(out), str(out), str(other),
-                          "--json", str(report)], capture_output=True, text=True, timeout=120)  # fmt: skip
+                          str(cut), "--json", str(report)], capture_output=True, text=True, timeout=120)  # fmt: skip
     assert res.returncode == 0, res.stderr
-    same, changed = json.loads(report.read_text())["runs"]
+    same, changed, truncated = json.loads(report.read_text())["runs"]
+    assert same["verdict"] == "identical" and changed["verdict"] == "different"
+    assert truncated["verdict"] == "incomplete: 3 of 14 steps compared"
     assert {s: v["common_steps"] for s, v in same["stages"].items()} == {
         "stage1": 6,
         "stage2": 4,
