@@ -37,7 +37,9 @@ input embeddings, no second vision tower pass; needs teacher_keep=used), stages 
 batch (samples per step, default --batch 1: N copies of the same-shaped sample stacked as one batch the way the
 Qwen2-VL processor batches N videos, so a step trains on N x tokens and the CPU's launch cost of every kernel is
 spread over N times the GPU work), ssd (the student's SSD backend: auto = mamba-ssm on Hopper | fla: fla's backward,
-its issue-#640 guard lifted at K = 128, see linmu_cli/ops/ssd/fla.py). Unset keys take the command-line flags.
+its issue-#640 guard lifted at K = 128, see linmu_cli/ops/ssd/fla.py), kl (stage 3's logit-KL kernel, recipe key
+loss.kl_backend: auto = the fused Triton kernel on CUDA | torch | triton; recorded as kl_backend). Unset keys take
+the command-line flags.
 
 Every record carries `batch` and `tokens_per_step` (batch x tokens per sample; tokens/s count them all). The
 baseline is measured at every batch some variant uses, right before the first such variant, into
@@ -88,6 +90,7 @@ from linmu_cli.distillation.recipe import STAGE_DEFAULTS, DataConfig, LoraSettin
 from linmu_cli.distillation.trainer import inject_lora, optimizer_flags, set_trainable
 from linmu_cli.models import convert_model
 from linmu_cli.ops import last_ssd_backend
+from linmu_cli.ops.logit_kl import last_backend as last_kl_backend
 
 PHASES = (
     "data",
@@ -100,7 +103,8 @@ PHASES = (
     "other",
 )
 VARIANT_KEYS = (
-    "ckpt", "ckpt_e2e", "optimizer", "teacher_keep", "prefetch", "data", "share_embeds", "stages", "batch", "ssd"
+    "ckpt", "ckpt_e2e", "optimizer", "teacher_keep", "prefetch", "data", "share_embeds", "stages", "batch", "ssd",
+    "kl",
 )  # fmt: skip
 INT_KEYS = ("prefetch", "share_embeds", "batch")
 
@@ -368,7 +372,7 @@ def main() -> None:
                 "ckpt_e2e": args.checkpointing_e2e or args.checkpointing, "optimizer": args.optimizer,
                 "teacher_keep": args.teacher_keep, "prefetch": args.prefetch, "data": args.data,
                 "share_embeds": int(args.share_embeds),
-                "stages": args.stages, "batch": args.batch, "ssd": "auto"}  # fmt: skip
+                "stages": args.stages, "batch": args.batch, "ssd": "auto", "kl": "auto"}  # fmt: skip
     variants = [parse_variant(v, defaults) for v in args.variant] or [("default", defaults)]
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     cuda = torch.cuda.is_available()
@@ -494,7 +498,7 @@ def main() -> None:
             student = convert_model(teacher, MateConfig(ssd_backend=var["ssd"]), seed=0)
             # the student's tower is a module of its own (holding the teacher's tensors): switched as distill does
             fast_vision(student, args.fast_vision)
-            loss = LossConfig(**defaults_.get("loss", {}))
+            loss = LossConfig(**{**defaults_.get("loss", {}), "kl_backend": var["kl"]})
             if name == "stage3":
                 inject_lora(student, LoraSettings(rank=args.lora_rank, alpha=2.0 * args.lora_rank,
                                                   dropout=args.lora_dropout))  # fmt: skip
@@ -526,7 +530,12 @@ def main() -> None:
             try:
                 with timed_losses(timer):
                     rec = rate(measure(step, timer, args.steps, dev), n)
-                rec.update(ssd_backend=last_ssd_backend(), trainable_params=trainable, checkpointing=policy)
+                rec.update(
+                    ssd_backend=last_ssd_backend(),
+                    kl_backend=last_kl_backend() if loss.kl else None,
+                    trainable_params=trainable,
+                    checkpointing=policy,
+                )
             except torch.OutOfMemoryError:
                 rec = {"oom": True, "checkpointing": policy, "batch": n}
                 timer.spans = []

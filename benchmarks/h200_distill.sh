@@ -17,6 +17,8 @@
 #   recipe_fla       recipe on fla's scans, forward and backward (fla's issue-#640 guard lifted at K = 128)
 #   candidate        recipe + stage 3 checkpointing every other layer (122 GiB without shared embeddings)
 #   candidate_fla    candidate on fla's scans
+#   candidate_fla_kltorch  candidate_fla with stage 3's logit KL on the torch formula (candidate_fla runs the fused
+#                    Triton kernel, the default on CUDA: linmu_cli.ops.logit_kl)
 #   e2e_none         trimmed, stage 3 without checkpointing (expected to run out of memory: recorded as oom)
 #   defaults_s1      stage 1 as recipes/qwen2-vl-7b.yaml now runs it (= recipe's stage 1)
 #   defaults_s2      stage 2 as the 7B recipe now runs it: every other layer recomputed, fla's scans
@@ -30,10 +32,12 @@
 #   the students' vision towers through linmu_cli.vision, the baseline's teacher included),
 #   CURVE_RUNS (part 2's runs, default "default default_again new"; also fused, every_other, prefetch, shared:
 #   one option of "new" each; vision: fast_vision=true (the teacher's tower through linmu_cli.vision, compile
-#   auto); fla: model.ssd_backend=fla (fla's scans in every stage); recipe7b: the new 7B defaults together
+#   auto; vision_eager: the same with vision_compile=off); fla: model.ssd_backend=fla (fla's scans in every stage);
+#   kl_torch / kl_triton: stage 3's logit KL on the torch formula / the Triton kernel (linmu_cli.ops.logit_kl); recipe7b: the new 7B defaults together
 #   (new + vision + fla); ~50 s per run on the GPU. fla and recipe7b are GPU-only: fla does not run on the CPU)
+#   CURVES_REF=path/curves.tar (the reference and noise runs, default / default_again, from an earlier call's tar),
 #   (part 2 starts only before CURVES_START = 300 s and each of its runs only before CURVES_LAST = 370 s, the
-#   first at most FIRST_TIMEOUT = 240 s (it compiles the kernels: 145 s in session 11), the others TINY_TIMEOUT = 150 s); for a CPU dry run of the whole script: NO_GPU_SETUP=1 ARCH=tiny-qwen2-vl FRAMES=8 RES=112
+#   the call's first run at most FIRST_TIMEOUT = 240 s (it compiles the kernels: 145 s in session 11), the others TINY_TIMEOUT = 150 s); for a CPU dry run of the whole script: NO_GPU_SETUP=1 ARCH=tiny-qwen2-vl FRAMES=8 RES=112
 #   DEVICE=cpu STEPS=1 (validated that way: all parts run, every JSON written, 78 s on an idle CPU).
 set -o pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
@@ -56,6 +60,7 @@ ALL_VARIANTS=(
   "recipe_fla:$T,ckpt=every_other,ckpt_e2e=all,share_embeds=1,ssd=fla"
   "candidate:$T,ckpt=every_other,ckpt_e2e=every_other,share_embeds=1,stages=stage3"
   "candidate_fla:$T,ckpt=every_other,ckpt_e2e=every_other,share_embeds=1,stages=stage3,ssd=fla"
+  "candidate_fla_kltorch:$T,ckpt=every_other,ckpt_e2e=every_other,share_embeds=1,stages=stage3,ssd=fla,kl=torch"
   "e2e_none:$T,ckpt_e2e=none,stages=stage3"
   "defaults_s1:$T,ckpt=every_other,stages=stage1"
   "defaults_s2:$T,ckpt=every_other,stages=stage2,ssd=fla"
@@ -73,7 +78,7 @@ fi
 if [ -n "${ONLY:-}" ] && [ $((${#ARGS[@]} / 2)) -ne "$(echo $ONLY | wc -w)" ]; then
   echo "ONLY=\"$ONLY\" names a variant this script does not have; its variants: ${ALL_VARIANTS[*]%%:*}" >&2; exit 2
 fi
-CURVE_NAMES=" default default_again new fused every_other prefetch shared vision fla recipe7b "
+CURVE_NAMES=" default default_again new fused every_other prefetch shared vision vision_eager fla kl_torch kl_triton recipe7b "
 FAST_VISION="${FAST_VISION:-off}"
 case $FAST_VISION in off|eager|compiled) ;; *) echo "FAST_VISION=$FAST_VISION: choose off, eager or compiled" >&2; exit 2 ;; esac
 for run in ${CURVE_RUNS:-}; do  # checked before anything runs, not when the loop reaches it
@@ -96,13 +101,20 @@ if [ -z "${SKIP_CURVES:-}" ] && [ $((SECONDS - T0)) -lt "${CURVES_START:-300}" ]
   VISION=" fast_vision=true"; FLA=" model.ssd_backend=fla"  # top-level / model keys: every stage at once
   # compare every finished run with the first default one and tar them all, after each run: a call's time limit
   # that cuts a later run leaves everything measured before it (session 14 lost two finished runs that way)
+  # CURVES_REF=a curves.tar of an earlier call (its default and default_again runs): the reference and the noise
+  # run come from there, so a call can spend its time on the runs that changed (the first run still compiles)
+  REF_DIR=$R
+  if [ -n "${CURVES_REF:-}" ]; then
+    REF_DIR=/tmp/linmu_curves_ref; rm -rf "$REF_DIR"; mkdir -p "$REF_DIR"
+    tar xf "$CURVES_REF" -C "$REF_DIR" ./default ./default_again || { echo "CURVES_REF=$CURVES_REF: no default runs in it" >&2; exit 2; }
+  fi
   report_curves() {
     local noise=() other
-    [ -f "$R/default_again/metrics.jsonl" ] && noise=(--noise "$R/default_again")
-    [ -f "$R/default/metrics.jsonl" ] || { echo "no reference curve: the first default run did not finish" | tee -a "$OUT/curves.log"; return; }
+    [ -f "$REF_DIR/default_again/metrics.jsonl" ] && noise=(--noise "$REF_DIR/default_again")
+    [ -f "$REF_DIR/default/metrics.jsonl" ] || { echo "no reference curve: the first default run did not finish" | tee -a "$OUT/curves.log"; return; }
     for other in "$R"/*/metrics.jsonl; do
-      other=$(basename "$(dirname "$other")"); [ "$other" = default ] && continue
-      python3 benchmarks/compare_runs.py "$R/default" "$R/$other" "${noise[@]}" --json "$OUT/curves_$other.json" \
+      other=$(basename "$(dirname "$other")"); [ "$other" = default ] && [ -z "${CURVES_REF:-}" ] && continue
+      python3 benchmarks/compare_runs.py "$REF_DIR/default" "$R/$other" "${noise[@]}" --json "$OUT/curves_$other.json" \
         > "$R/compare_$other.txt" 2>&1
     done
     (cd "$R" && tar cf "$OUT/curves.tar" ./*.log ./*.txt ./*/metrics.jsonl ./*/report.json 2>/dev/null)
@@ -114,13 +126,16 @@ if [ -z "${SKIP_CURVES:-}" ] && [ $((SECONDS - T0)) -lt "${CURVES_START:-300}" ]
       default|default_again) extra="" ;;
       new) extra="$FUSED$EVERY$PREFETCH$SHARED" ;;
       fused) extra=$FUSED ;; every_other) extra=$EVERY ;; prefetch) extra=$PREFETCH ;; shared) extra=$SHARED ;;
-      vision) extra=$VISION ;; fla) extra=$FLA ;;
+      vision) extra=$VISION ;; fla) extra=$FLA ;; vision_eager) extra="$VISION vision_compile=off" ;;
+      kl_torch) extra=" stages.stage3.loss.kl_backend=torch" ;; kl_triton) extra=" stages.stage3.loss.kl_backend=triton" ;;
       recipe7b) extra="$FUSED$EVERY$PREFETCH$SHARED$VISION$FLA" ;;  # the 7B recipes' new defaults together
     esac
     # the first run compiles the kernels, and so does the first on fla's scans (more than 150 s in session 14)
-    limit="${TINY_TIMEOUT:-150}"; [ "$run" = default ] && limit="${FIRST_TIMEOUT:-240}"
+    limit="${TINY_TIMEOUT:-150}"; [ -z "${FIRST_DONE:-}" ] && limit="${FIRST_TIMEOUT:-240}"; FIRST_DONE=1
     if [[ "$extra" == *"$FLA"* ]] && [ -z "$FLA_COMPILED" ]; then limit="${FLA_TIMEOUT:-300}"; FLA_COMPILED=1; fi
     # shellcheck disable=SC2086  # the overrides are words
+    # the compiled tower's recompilations are logged (session 15: 3 steps in 150 s on the tiny recipe's shapes)
+    [ "$run" = vision ] && export TORCH_LOGS=recompiles || unset TORCH_LOGS
     timeout -k 5 "$limit" python3 -m linmu_cli distill recipes/tiny.yaml "device=${DEVICE:-cuda}" output=$R/$run $extra \
       > "$R/$run.log" 2>&1
     echo "$run: exit $? ($((SECONDS - T0)) s so far)" | tee -a "$OUT/curves.log"

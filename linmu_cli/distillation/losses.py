@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from linmu_cli.ops.logit_kl import logit_kl as ops_logit_kl
+
 
 def token_weights(valid: torch.Tensor, is_vision: torch.Tensor, vision_weight: float) -> torch.Tensor:
     """(B, L) float: 0 on padding, `vision_weight` on vision tokens, 1 on text."""
@@ -24,13 +26,15 @@ def relative_mse(student: torch.Tensor, teacher: torch.Tensor, weights: torch.Te
 
 
 def logit_kl(
-    student: torch.Tensor, teacher: torch.Tensor, weights: torch.Tensor, temperature: float = 1.0
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    weights: torch.Tensor,
+    temperature: float = 1.0,
+    backend: str = "auto",
 ) -> torch.Tensor:
-    """Weighted mean over tokens of KL(teacher || student) at `temperature`, times T^2 (Hinton)."""
-    t = F.log_softmax(teacher.float() / temperature, dim=-1)
-    s = F.log_softmax(student.float() / temperature, dim=-1)
-    kl = (t.exp() * (t - s)).sum(-1)
-    return (kl * weights).sum() / weights.sum().clamp_min(1e-12) * temperature**2
+    """Weighted mean over tokens of KL(teacher || student) at `temperature`, times T^2 (Hinton); `backend`
+    (auto / torch / triton) as `loss.kl_backend` (linmu_cli.ops.logit_kl)."""
+    return ops_logit_kl(student, teacher, weights, temperature, backend)
 
 
 def next_token_ce(logits: torch.Tensor, input_ids: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:

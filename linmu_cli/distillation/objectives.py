@@ -198,7 +198,7 @@ class EndToEndObjective(nn.Module):
             terms["hidden"] = torch.stack(per_layer).mean()
             total = total + cfg.hidden * terms["hidden"]
         if cfg.kl:
-            terms["kl"] = logit_kl(out.logits, teacher.logits, weights, cfg.temperature)
+            terms["kl"] = logit_kl(out.logits, teacher.logits, weights, cfg.temperature, cfg.kl_backend)
             total = total + cfg.kl * terms["kl"]
         if cfg.ce:
             text = layout.valid & ~layout.is_vision()

@@ -44,6 +44,7 @@ RESUMABLE = (
     "optimizer",
     "prefetch",
     "ssd_backend",
+    "loss.kl_backend",
 )  # fmt: skip  (a resume applies these to a running stage; grad_accum keeps the global batch on another world)
 
 

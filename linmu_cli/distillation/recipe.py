@@ -171,6 +171,11 @@ def _device(device: str, path: str) -> None:
 
 
 VISION_COMPILE = ("auto", "on", "off")
+KL_BACKENDS = (
+    "auto",
+    "torch",
+    "triton",
+)  # linmu_cli.ops.logit_kl.BACKENDS (imported lazily: triton is optional)
 
 
 def _vision_compile(value: Any, path: str) -> str:
@@ -340,6 +345,9 @@ class LossConfig(_Section):
     # end to end only: the decoder layers whose hidden states are regressed (None: every layer). A subset is
     # a different loss (not the default); the teacher then keeps only those layers' outputs.
     hidden_layers: list[int] | None = _key(_optional(_list(_int(0))), None)
+    # the kl term's kernel (speed only, same loss): "auto" (the fused Triton kernel on CUDA, the torch formula
+    # elsewhere), "torch", "triton" (linmu_cli.ops.logit_kl)
+    kl_backend: str = _key(_choice(*KL_BACKENDS), "auto")
 
     def _coherent(self, path: str) -> None:
         if not (self.hidden or self.kl or self.ce):
