@@ -21,6 +21,7 @@
 #                    Triton kernel, the default on CUDA: linmu_cli.ops.logit_kl)
 #   e2e_none         trimmed, stage 3 without checkpointing (expected to run out of memory: recorded as oom)
 #   defaults_s1      stage 1 as recipes/qwen2-vl-7b.yaml now runs it (= recipe's stage 1)
+#   defaults_s1_fla  defaults_s1 on fla's scans (stage 1's A/B of the scan kernel)
 #   defaults_s2      stage 2 as the 7B recipe now runs it: every other layer recomputed, fla's scans
 #                    (with candidate_fla for stage 3: ONLY="defaults_s1 defaults_s2 candidate_fla")
 #   warm_first       defaults_s2 under another name, to measure first and ignore: with the compiled tower the first
@@ -63,6 +64,7 @@ ALL_VARIANTS=(
   "candidate_fla_kltorch:$T,ckpt=every_other,ckpt_e2e=every_other,share_embeds=1,stages=stage3,ssd=fla,kl=torch"
   "e2e_none:$T,ckpt_e2e=none,stages=stage3"
   "defaults_s1:$T,ckpt=every_other,stages=stage1"
+  "defaults_s1_fla:$T,ckpt=every_other,stages=stage1,ssd=fla"
   "defaults_s2:$T,ckpt=every_other,stages=stage2,ssd=fla"
   "warm_first:$T,ckpt=every_other,stages=stage2,ssd=fla"
 )
