@@ -15,7 +15,8 @@ module's scale) but:
 - the sequence plan is computed once per `cu_seqlens` tensor and reused by all 32 blocks (one host sync
   per distinct tensor, not per block);
 - on CUDA, the rotary embedding and the MLP activation run as one fused kernel each (`torch.compile` of those
-  elementwise functions, `dynamic=True`; pass `compile=False` to keep them eager).
+  elementwise functions, `dynamic=True`; pass `compile=False` to keep them eager), with Triton's own cache
+  directory kept for every other Triton kernel of the process (`_keep_triton_cache_dir`).
 
 `use_fast_vision(model)` patches the vision attention modules (and, when compiling, the MLP activations) of
 any model linmu loads that has a Qwen2-VL / Qwen2.5-VL tower; `fast_vision_info(model)` says what runs.
@@ -25,6 +26,7 @@ frames per batch); tests/bench/test_bench_gpu.py checks it in bf16 on a GPU.
 
 from __future__ import annotations
 
+import os
 import types
 import weakref
 from dataclasses import dataclass, field
@@ -132,6 +134,21 @@ class FastVisionInfo:
                 f"({self.attention_modules} attention modules), float32 rotary, {comp}")  # fmt: skip
 
 
+def _keep_triton_cache_dir() -> None:
+    """Pin TRITON_CACHE_DIR, when unset, to Triton's own cache (~/.triton/cache) before inductor compiles.
+
+    Inductor's first CUDA kernel sets the variable, process-wide, to its own directory
+    (/tmp/torchinductor_$USER/triton/N; `CachingAutotuner.__init__`); every Triton kernel compiled after that (the
+    student's, mamba_ssm's, fla's) misses the warm cache and compiles cold. Session 15 on the H200: the tiny
+    recipe's step 1 took 79 s (the first, cold run's 79 s; 14 s warm) and the run missed its 150 s limit."""
+    if os.environ.get("TRITON_CACHE_DIR") is None:
+        try:
+            from triton import knobs
+        except ImportError:  # no Triton (CPU-only torch) or one before knobs (3.3): nothing to keep
+            return
+        os.environ["TRITON_CACHE_DIR"] = knobs.cache.dir
+
+
 class _Compiled:
     """torch.compile of one elementwise function, compiled on first use; a failure is recorded, then eager."""
 
@@ -139,6 +156,7 @@ class _Compiled:
         self.name, self.fn, self.info = name, fn, info
         self.compiled = torch.compile(fn, dynamic=True) if enabled else None
         if enabled:
+            _keep_triton_cache_dir()
             info.compiled.append(name)
 
     def __call__(self, *args):

@@ -5,6 +5,8 @@ Both families (Qwen2-VL: per-frame attention; Qwen2.5-VL: window attention on mo
 equal-length-run path and the padded path run; the GPU bf16 check is in tests/bench/test_bench_gpu.py."""
 
 import copy
+import os
+import shutil
 
 import pytest
 import torch
@@ -142,3 +144,52 @@ def test_compiled_parts_split_inputs_beyond_32_bit_indexing(monkeypatch):
     monkeypatch.setattr(vision, "_INDEX_LIMIT", 8)  # 2 rows of 3 elements per chunk
     torch.testing.assert_close(part(x), vision._quick_gelu(x))
     assert calls == [2, 2, 2, 2, 2]
+
+
+def test_compiling_keeps_tritons_cache_dir(monkeypatch):
+    """Inductor's first CUDA kernel points TRITON_CACHE_DIR at its own directory when it is unset, which sent the
+    student's Triton kernels to a cold cache (session 15: 79 s for step 1 of the tiny recipe instead of 14 s); with
+    compile on, use_fast_vision pins it to Triton's own cache first, so inductor's choice is that one."""
+    knobs = pytest.importorskip("triton.knobs", reason="triton is not installed (or has no knobs)")
+    from torch._inductor.runtime.runtime_utils import triton_cache_dir
+
+    monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
+    tritons_own = knobs.cache.dir
+    assert triton_cache_dir(0) != tritons_own  # inductor's directory: what it would set
+    monkeypatch.setattr(torch, "compile", lambda fn, dynamic=True: fn)
+    use_fast_vision(tower("qwen2_vl"), compile=False)
+    assert "TRITON_CACHE_DIR" not in os.environ  # eager: untouched
+    use_fast_vision(tower("qwen2_vl"), compile=True)
+    assert triton_cache_dir(0) == tritons_own == knobs.cache.dir
+    monkeypatch.setenv("TRITON_CACHE_DIR", "/elsewhere")  # a directory the user chose is kept
+    use_fast_vision(tower("qwen2_vl"), compile=True)
+    assert os.environ["TRITON_CACHE_DIR"] == "/elsewhere"
+
+
+@pytest.mark.skipif(
+    not (shutil.which("g++") or shutil.which("clang++")), reason="inductor on CPU needs a C++ compiler"
+)
+def test_compiled_parts_compile_a_bounded_number_of_times_on_the_tiny_datas_shapes(monkeypatch):
+    """The real torch.compile (inductor, CPU): the tiny recipe's shapes (an image of 1x4x4 patches, 16-frame videos
+    of 8x4x4, one or two per batch), under no_grad (the teacher) and with grad (stage 3's tower), repeated, compile
+    at most 3 graphs per function (first shape; dynamic after duck sizing; the grad mode) and equal the eager tower.
+    ~20 s cold on 2 cores."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)  # restored afterwards (compile=True sets it)
+    torch._dynamo.reset()
+    counters.clear()
+    ref_tower = tower("qwen2_vl")
+    fast_tower = copy.deepcopy(ref_tower)
+    info = use_fast_vision(fast_tower, compile=True)
+    for grad in (False, True):
+        for _ in range(2):
+            for grid in ([[1, 4, 4]], [[8, 4, 4]], [[8, 4, 4], [8, 4, 4]]):
+                x, thw = pixels(grid)
+                with torch.set_grad_enabled(grad):
+                    fast, ref = (t(x, grid_thw=thw).pooler_output for t in (fast_tower, ref_tower))
+                torch.testing.assert_close(fast, ref, atol=2e-5, rtol=1e-5)
+    assert info.compiled == ["rotary", "quick_gelu"] and info.compile_error is None
+    assert counters["stats"]["unique_graphs"] <= 6, dict(counters["stats"])
+    torch._dynamo.reset()
