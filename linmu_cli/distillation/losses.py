@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from linmu_cli.ops.logit_kl import logit_kl as ops_logit_kl
+from linmu_cli.ops.logit_kl import logit_kl  # noqa: F401  (the logit KL: one op with its kernel, loss.kl_backend)
 
 
 def token_weights(valid: torch.Tensor, is_vision: torch.Tensor, vision_weight: float) -> torch.Tensor:
@@ -23,18 +23,6 @@ def relative_mse(student: torch.Tensor, teacher: torch.Tensor, weights: torch.Te
     err = (student.float() - teacher.float()).pow(2).sum(-1)
     ref = teacher.float().pow(2).sum(-1)
     return (err * weights).sum() / (ref * weights).sum().clamp_min(1e-12)
-
-
-def logit_kl(
-    student: torch.Tensor,
-    teacher: torch.Tensor,
-    weights: torch.Tensor,
-    temperature: float = 1.0,
-    backend: str = "auto",
-) -> torch.Tensor:
-    """Weighted mean over tokens of KL(teacher || student) at `temperature`, times T^2 (Hinton); `backend`
-    (auto / torch / triton) as `loss.kl_backend` (linmu_cli.ops.logit_kl)."""
-    return ops_logit_kl(student, teacher, weights, temperature, backend)
 
 
 def next_token_ce(logits: torch.Tensor, input_ids: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:

@@ -121,7 +121,7 @@ def test_vision_keys_are_typed(tmp_path):
     assert load_recipe(RECIPE, ["vision_compile=on"]).vision_compile == "on"
     assert load_recipe(RECIPE, ["vision_compile=off"]).vision_compile == "off"
     seven_b = load_recipe(ROOT / "recipes" / "qwen2-vl-7b.yaml")
-    assert seven_b.fast_vision is False  # compiled, its stage-1 GPU loss curve left the noise band (benchmarks.md)
+    assert seven_b.fast_vision is False  # compiled: stage 1's GPU loss curve left the noise band
     assert [seven_b.stages[s].ssd_backend for s in ("stage1", "stage2", "stage3")] == ["fla", "fla", "fla"]
     assert seven_b.stages["stage3"].loss.kl_backend == "auto"  # the fused kernel on CUDA
     # (bad values: tests/distillation/test_recipe.py's one-line errors; here a typo and the CLI)
