@@ -305,7 +305,8 @@ def test_the_model_is_stateful_and_refuses_assisted_decoding(tiny):
     student = convert_model(teacher, MateConfig(text_window=8))
     assert type(student)._is_stateful is True
     ids = torch.randint(0, 900, (1, 9))
-    with torch.no_grad(), pytest.raises(ValueError, match="stateful"):
+    # transformers < 5.2x refuses a stateful model up front; later 5.x after prefill, as its cache cannot crop
+    with torch.no_grad(), pytest.raises(ValueError, match="stateful|cache that can be cropped"):
         student.generate(input_ids=ids, prompt_lookup_num_tokens=2, max_new_tokens=3)
 
 

@@ -14,6 +14,8 @@ tests (tests/ops/logit_kl_cases.py).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import triton
 import triton.language as tl
@@ -101,7 +103,9 @@ class LogitKL(torch.autograd.Function):
     """The loss with its gradient computed in the forward (the logits are not kept for the backward)."""
 
     @staticmethod
-    def forward(ctx, student, teacher, weights, temperature):  # noqa: ANN001, ANN205 (autograd's signature)
+    def forward(
+        ctx: Any, student: torch.Tensor, teacher: torch.Tensor, weights: torch.Tensor, temperature: float
+    ) -> torch.Tensor:
         kl, grad = kl_rows(student, teacher, weights, temperature, with_grad=True)
         w = weights.reshape(-1).to(torch.float32)
         ctx.save_for_backward(grad)
@@ -109,7 +113,7 @@ class LogitKL(torch.autograd.Function):
         return (kl * w).sum() / w.sum().clamp_min(1e-12) * temperature**2
 
     @staticmethod
-    def backward(ctx, grad_out):  # noqa: ANN001, ANN205
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
         if ctx.used:  # the saved gradient is scaled in place: a second backward would scale it twice
             raise RuntimeError(
                 "logit_kl's Triton backward runs once per forward (retain_graph is not supported)"
