@@ -171,11 +171,8 @@ def _device(device: str, path: str) -> None:
 
 
 VISION_COMPILE = ("auto", "on", "off")
-KL_BACKENDS = (
-    "auto",
-    "torch",
-    "triton",
-)  # linmu_cli.ops.logit_kl.BACKENDS (imported lazily: triton is optional)
+# linmu_cli.ops.logit_kl.BACKENDS, not imported here: the recipe loads without the ops (a test keeps them equal)
+KL_BACKENDS = ("auto", "torch", "triton")
 
 
 def _vision_compile(value: Any, path: str) -> str:

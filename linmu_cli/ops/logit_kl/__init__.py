@@ -34,7 +34,7 @@ def use_backend(backend: str) -> Iterator[None]:
 
 
 def last_backend() -> str | None:
-    """ "triton" or "torch": the path the last `logit_kl` call took (None before any)."""
+    """The path the last `logit_kl` call took: "triton" or "torch" (None before any)."""
     return _LAST[-1] if _LAST else None
 
 
