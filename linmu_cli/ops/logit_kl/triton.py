@@ -77,26 +77,28 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def kl_rows(
+def kl_loss(
     student: torch.Tensor, teacher: torch.Tensor, weights: torch.Tensor, temperature: float, with_grad: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per-row kl_r (float32, 0 where the weight is 0) and, `with_grad`, the loss's gradient w.r.t. `student`
-    (student's shape and dtype) for an incoming gradient of 1."""
+    """The loss (float32 scalar) and, `with_grad`, its gradient w.r.t. `student` (student's shape and dtype) for
+    an incoming gradient of 1."""
     s, t = _rows(student), _rows(teacher)
     w = weights.reshape(-1).to(torch.float32).contiguous()
     if not (s.shape == t.shape and w.numel() == s.shape[0]):
         raise ValueError(f"logit_kl: student {tuple(student.shape)}, teacher {tuple(teacher.shape)} and weights "
                          f"{tuple(weights.shape)} do not line up (..., V) / (..., V) / (...)")  # fmt: skip
     rows, n_cols = s.shape
-    kl = torch.empty(rows, device=s.device, dtype=torch.float32)
+    w_sum = w.sum()
+    kl = torch.empty(rows, device=s.device, dtype=torch.float32)  # per row, 0 where the weight is 0
     grad = torch.empty((rows, n_cols), device=s.device, dtype=student.dtype) if with_grad else kl
     if rows:
         _logit_kl_kernel[(rows,)](
-            s, t, w, w.sum(), kl, grad,
+            s, t, w, w_sum, kl, grad,
             s.stride(0), t.stride(0), grad.stride(0) if with_grad else 0, n_cols, 1.0 / temperature, temperature,
             HAS_GRAD=with_grad, BLOCK=BLOCK, num_warps=8,
         )  # fmt: skip
-    return kl, grad.view(student.shape) if with_grad else None
+    loss = (kl * w).sum() / w_sum.clamp_min(1e-12) * temperature**2
+    return loss, grad.view(student.shape) if with_grad else None
 
 
 class LogitKL(torch.autograd.Function):
@@ -106,11 +108,10 @@ class LogitKL(torch.autograd.Function):
     def forward(
         ctx: Any, student: torch.Tensor, teacher: torch.Tensor, weights: torch.Tensor, temperature: float
     ) -> torch.Tensor:
-        kl, grad = kl_rows(student, teacher, weights, temperature, with_grad=True)
-        w = weights.reshape(-1).to(torch.float32)
+        loss, grad = kl_loss(student, teacher, weights, temperature, with_grad=True)
         ctx.save_for_backward(grad)
         ctx.used = False
-        return (kl * w).sum() / w.sum().clamp_min(1e-12) * temperature**2
+        return loss
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
@@ -129,6 +130,4 @@ def logit_kl(
     """`naive.logit_kl_naive` through the kernel; the gradient is computed only when autograd will want it."""
     if torch.is_grad_enabled() and student.requires_grad:
         return LogitKL.apply(student, teacher, weights, temperature)
-    kl, _ = kl_rows(student, teacher, weights, temperature, with_grad=False)
-    w = weights.reshape(-1).to(torch.float32)
-    return (kl * w).sum() / w.sum().clamp_min(1e-12) * temperature**2
+    return kl_loss(student, teacher, weights, temperature, with_grad=False)[0]
