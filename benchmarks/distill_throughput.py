@@ -29,7 +29,8 @@ between spans):
 - optimizer: gradient clipping, AdamW step, zero_grad.
 
 Variants (`--variant NAME:key=value,...`, repeatable; default one variant named after the flags) share one
-teacher: keys ckpt (layer-wise stages' checkpointing policy: all | every_other | mlp_only | none),
+teacher: keys ckpt (layer-wise stages' checkpointing policy: all | every_other | mlp_only | none | per_layer:
+each layer's backward right after its forward, timed as backward, one process only),
 ckpt_e2e (stage 3's), optimizer (auto | foreach | fused | for_loop), teacher_keep (all: every layer's input
 and output and full logits, as before issue 17 | used: what the stage's loss reads), prefetch (batches made
 ahead in a thread), data (synthetic | none), share_embeds (1: stage 3's student starts from the teacher's
@@ -168,18 +169,23 @@ class PhaseTimer:
 @contextlib.contextmanager
 def timed_losses(timer: PhaseTimer) -> Iterator[None]:
     """The objectives' loss functions inside a `losses` span (patched in `objectives`, restored after)."""
-    names = ("relative_mse", "logit_kl", "next_token_ce")
-    saved = {n: getattr(objectives, n) for n in names}
+    spans = {
+        "relative_mse": "losses",
+        "logit_kl": "losses",
+        "next_token_ce": "losses",
+        "layer_backward": "layer_backward",
+    }  # fmt: skip  (per_layer's backward, inside the objective)
+    saved = {n: getattr(objectives, n) for n in spans}
 
-    def wrap(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-        def run(*args: Any, **kwargs: Any) -> torch.Tensor:
-            with timer.span("losses"):
+    def wrap(fn: Callable[..., Any], span: str) -> Callable[..., Any]:
+        def run(*args: Any, **kwargs: Any) -> Any:
+            with timer.span(span):
                 return fn(*args, **kwargs)
 
         return run
 
     for n, fn in saved.items():
-        setattr(objectives, n, wrap(fn))
+        setattr(objectives, n, wrap(fn, spans[n]))
     recompute.set_recompute_timer(lambda: timer.span("recompute"))
     try:
         yield
@@ -190,15 +196,16 @@ def timed_losses(timer: PhaseTimer) -> Iterator[None]:
 
 
 def phases_of(spans: dict[str, float], step_s: float) -> dict[str, float]:
-    """The step's phases from the raw spans: nested spans (losses in objective, recompute in backward_all)
-    are taken out of their parents, `other` is what no span covers."""
+    """The step's phases from the raw spans: nested spans (losses and per_layer's layer_backward in objective,
+    recompute in backward_all) are taken out of their parents, `other` is what no span covers."""
     p = {k: 0.0 for k in PHASES}
     p["data"] = spans.get("data", 0.0)
     p["teacher_forward"] = spans.get("teacher_forward", 0.0)
     p["losses"] = spans.get("losses", 0.0)
-    p["student_forward"] = max(0.0, spans.get("objective", 0.0) - p["losses"])
+    inner = spans.get("layer_backward", 0.0)
+    p["student_forward"] = max(0.0, spans.get("objective", 0.0) - p["losses"] - inner)
     p["recompute"] = spans.get("recompute", 0.0)
-    p["backward"] = max(0.0, spans.get("backward_all", 0.0) - p["recompute"])
+    p["backward"] = max(0.0, spans.get("backward_all", 0.0) + inner - p["recompute"])
     p["optimizer"] = spans.get("optimizer", 0.0)
     p["other"] = max(0.0, step_s - sum(p.values()))
     return p
@@ -286,8 +293,11 @@ def make_step(teacher, layers, data: Data, objective, opt, params, layout, mode:
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
             with timer.span("objective"):
                 out = objective(tp, layout) if mode == "layerwise" else objective(batch, tp, layout)
-            with recompute.backward_phase(), timer.span("backward_all"):
-                out["loss"].backward()
+            if not getattr(
+                objective, "runs_backward", False
+            ):  # per_layer: the objective ran it, layer by layer
+                with recompute.backward_phase(), timer.span("backward_all"):
+                    out["loss"].backward()
         with timer.span("optimizer"):
             nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
@@ -322,6 +332,8 @@ def parse_variant(text: str, defaults: dict[str, Any]) -> tuple[str, dict[str, A
         cfg[key] = int(value) if key in INT_KEYS else value.replace("+", ",") if key == "stages" else value
     for key in ("ckpt", "ckpt_e2e"):
         policy_of(cfg[key])  # refuse a misspelt policy before the model is built
+    if cfg["ckpt_e2e"] == "per_layer":
+        raise SystemExit(f"--variant {text}: per_layer is for the layer-wise stages (ckpt), not ckpt_e2e")
     if cfg["batch"] < 1:
         raise SystemExit(f"--variant {text}: batch must be >= 1")
     return name or "default", cfg

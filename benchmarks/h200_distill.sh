@@ -24,6 +24,10 @@
 #   defaults_s1_fla  defaults_s1 on fla's scans (stage 1's A/B of the scan kernel)
 #   defaults_s2      stage 2 as the 7B recipe now runs it: every other layer recomputed, fla's scans
 #                    (with candidate_fla for stage 3: ONLY="defaults_s1 defaults_s2 candidate_fla")
+#   s1_per_layer     defaults_s1_fla with each layer's backward right after its forward (gradient_checkpointing:
+#                    per_layer: nothing recomputed, one layer's activations held; the same gradients bit for bit)
+#   s2_per_layer     defaults_s2 the same way
+#   s3_none_fla      candidate_fla without checkpointing (121 GiB expected now that the KL holds no temporaries)
 #   warm_first       defaults_s2 under another name, to measure first and ignore: with the compiled tower the first
 #                    variant after the baseline had a slower student forward (sessions 13-14, docs/benchmarks.md)
 # Environment: BUDGET (s for part 1's measurements, default 330; later variants are recorded as skipped and
@@ -34,7 +38,8 @@
 #   CURVE_RUNS (part 2's runs, default "default default_again new"; also fused, every_other, prefetch, shared:
 #   one option of "new" each; vision: fast_vision=true (the teacher's tower through linmu_cli.vision, compile
 #   auto; vision_eager: the same with vision_compile=off); fla: model.ssd_backend=fla (fla's scans in every stage);
-#   kl_torch / kl_triton: stage 3's logit KL on the torch formula / the Triton kernel (linmu_cli.ops.logit_kl); recipe7b: the new 7B defaults together
+#   kl_torch / kl_triton: stage 3's logit KL on the torch formula / the Triton kernel (linmu_cli.ops.logit_kl);
+#   per_layer: stages 1-2 gradient_checkpointing=per_layer; e2e_none: stage 3 without checkpointing; recipe7b: the new 7B defaults together
 #   (new + vision + fla); ~50 s per run on the GPU. fla and recipe7b are GPU-only: fla does not run on the CPU)
 #   CURVES_REF=path/curves.tar (the reference and noise runs, default / default_again, from an earlier call's tar),
 #   (part 2 starts only before CURVES_START = 300 s and each of its runs only before CURVES_LAST = 370 s, the
@@ -67,6 +72,9 @@ ALL_VARIANTS=(
   "defaults_s1_fla:$T,ckpt=every_other,stages=stage1,ssd=fla"
   "defaults_s2:$T,ckpt=every_other,stages=stage2,ssd=fla"
   "warm_first:$T,ckpt=every_other,stages=stage2,ssd=fla"
+  "s1_per_layer:$T,ckpt=per_layer,stages=stage1,ssd=fla"
+  "s2_per_layer:$T,ckpt=per_layer,stages=stage2,ssd=fla"
+  "s3_none_fla:$T,ckpt_e2e=none,share_embeds=1,stages=stage3,ssd=fla"
 )
 ARGS=()
 if [ -z "${ONLY:-}" ]; then
@@ -80,7 +88,7 @@ fi
 if [ -n "${ONLY:-}" ] && [ $((${#ARGS[@]} / 2)) -ne "$(echo $ONLY | wc -w)" ]; then
   echo "ONLY=\"$ONLY\" names a variant this script does not have; its variants: ${ALL_VARIANTS[*]%%:*}" >&2; exit 2
 fi
-CURVE_NAMES=" default default_again new fused every_other prefetch shared vision vision_eager fla kl_torch kl_triton recipe7b "
+CURVE_NAMES=" default default_again new fused every_other prefetch shared vision vision_eager fla kl_torch kl_triton per_layer e2e_none recipe7b "
 FAST_VISION="${FAST_VISION:-off}"
 case $FAST_VISION in off|eager|compiled) ;; *) echo "FAST_VISION=$FAST_VISION: choose off, eager or compiled" >&2; exit 2 ;; esac
 for run in ${CURVE_RUNS:-}; do  # checked before anything runs, not when the loop reaches it
@@ -130,6 +138,8 @@ if [ -z "${SKIP_CURVES:-}" ] && [ $((SECONDS - T0)) -lt "${CURVES_START:-300}" ]
       fused) extra=$FUSED ;; every_other) extra=$EVERY ;; prefetch) extra=$PREFETCH ;; shared) extra=$SHARED ;;
       vision) extra=$VISION ;; fla) extra=$FLA ;; vision_eager) extra="$VISION vision_compile=off" ;;
       kl_torch) extra=" stages.stage3.loss.kl_backend=torch" ;; kl_triton) extra=" stages.stage3.loss.kl_backend=triton" ;;
+      per_layer) extra=" stages.stage1.gradient_checkpointing=per_layer stages.stage2.gradient_checkpointing=per_layer" ;;
+      e2e_none) extra=" stages.stage3.gradient_checkpointing=none" ;;
       recipe7b) extra="$FUSED$EVERY$PREFETCH$SHARED$VISION$FLA" ;;  # the 7B recipes' new defaults together
     esac
     # the first run compiles the kernels, and so does the first on fla's scans (more than 150 s in session 14)

@@ -15,8 +15,9 @@ module's scale) but:
 - the sequence plan is computed once per `cu_seqlens` tensor and reused by all 32 blocks (one host sync
   per distinct tensor, not per block);
 - on CUDA, the rotary embedding and the MLP activation run as one fused kernel each (`torch.compile` of those
-  elementwise functions, `dynamic=True`; pass `compile=False` to keep them eager), with Triton's own cache
-  directory kept for every other Triton kernel of the process (`_keep_triton_cache_dir`).
+  elementwise functions, `dynamic=True`, rounding every intermediate as eager does: `EAGER_ROUNDING`; pass
+  `compile=False` to keep them eager), with Triton's own cache directory kept for every other Triton kernel of
+  the process (`_keep_triton_cache_dir`).
 
 `use_fast_vision(model)` patches the vision attention modules (and, when compiling, the MLP activations) of
 any model linmu loads that has a Qwen2-VL / Qwen2.5-VL tower; `fast_vision_info(model)` says what runs.
@@ -41,6 +42,11 @@ from linmu_cli.errors import LinmuError
 _ATTENTION_CLASSES = ("VisionAttention", "Qwen2_5_VLVisionAttention")
 _INDEX_LIMIT = 2**31 - 1  # elements one compiled elementwise call may see
 _PAD_ABOVE_RUNS = 8  # more equal-length runs than this: one padded, masked batch instead of one call per run
+# Inductor keeps a fused kernel's intermediates in float32, where eager rounds every bf16 op's result: QuickGELU's
+# 1.702 x and sigmoid, rounded once instead of three times, moved the 7B tower's output by 1.6e-2 relative and
+# stage 1's loss curve past its noise (docs/benchmarks.md, 2026-12-04). Emulating eager's casts gives the eager
+# tower's numbers (bit for bit on the CPU, tests/test_vision.py) in the same one kernel.
+EAGER_ROUNDING = {"emulate_precision_casts": True}
 
 
 # ------------------------------------------------------------------------------------------- elementwise parts
@@ -154,7 +160,7 @@ class _Compiled:
 
     def __init__(self, name: str, fn, info: FastVisionInfo, enabled: bool):
         self.name, self.fn, self.info = name, fn, info
-        self.compiled = torch.compile(fn, dynamic=True) if enabled else None
+        self.compiled = torch.compile(fn, dynamic=True, options=EAGER_ROUNDING) if enabled else None
         if enabled:
             _keep_triton_cache_dir()
             info.compiled.append(name)

@@ -65,6 +65,19 @@ def check_launcher() -> None:
     )
 
 
+def _check_per_layer(recipe: Recipe, stages: list[str], world: int) -> None:
+    """`gradient_checkpointing: per_layer` runs backward once per layer inside the objective's forward; DDP and
+    FSDP synchronise gradients in one backward pass, so it trains on one process only."""
+    if world == 1:
+        return
+    for name in stages:
+        if recipe.stages[name].gradient_checkpointing == "per_layer":
+            raise LinmuError(
+                f"stages.{name}.gradient_checkpointing=per_layer trains on one process only, and this run has "
+                f"{world}: set stages.{name}.gradient_checkpointing=every_other (or all) for a multi-process run"
+            )
+
+
 def _on_main(rank: int, world: int, fn) -> Any:
     """Run `fn` on rank 0 and give every rank its LinmuError (so all ranks stop, none waits at a barrier)."""
     result, error = None, None
@@ -130,6 +143,7 @@ def distill(
     plan = outputs.make_plan(out, recipe, stage, resume, force)
     check_writable(out / outputs.LOCK)  # a read-only place fails now, not after the teacher loaded
     rank, world, device = _init_distributed(recipe)
+    _check_per_layer(recipe, plan.train, world)
     dtype = torch.bfloat16 if recipe.dtype == "auto" and device.type == "cuda" else None
     dtype_name = (
         {None: "float32", torch.bfloat16: "bfloat16"}[dtype] if recipe.dtype == "auto" else recipe.dtype

@@ -120,14 +120,33 @@ def run_student(
     return out, captured
 
 
-class LayerwiseObjective(nn.Module):
-    """Stages 1-2. `checkpointing` is a policy (recompute.py; a bool is `all` / `none`)."""
+def layer_backward(loss: torch.Tensor, grad: torch.Tensor) -> None:
+    """One layer's backward inside `LayerwiseObjective.forward` (`per_layer`); a function of its own so the
+    benchmark can time it."""
+    loss.backward(grad)
 
-    def __init__(self, student: nn.Module, loss: LossConfig, checkpointing: bool | Policy = False):
+
+class LayerwiseObjective(nn.Module):
+    """Stages 1-2. `checkpointing` is a policy (recompute.py; a bool is `all` / `none`).
+
+    `per_layer`: the layers are independent (each starts from the teacher's detached input), so each one's
+    backward runs right after its forward, with the gradient the trainer's `(loss / grad_accum).backward()` would
+    give it: the same gradients bit for bit, nothing recomputed, one layer's activations held at a time. The returned loss is then
+    detached (`runs_backward`): the caller must not call backward on it."""
+
+    def __init__(
+        self,
+        student: nn.Module,
+        loss: LossConfig,
+        checkpointing: bool | Policy = False,
+        grad_accum: int = 1,
+    ):
         super().__init__()
         self.student, self.loss_cfg = student, loss
         self.policy = policy_of(checkpointing)
-        self.checkpointing = self.policy != "none"
+        self.checkpointing = self.policy not in ("none", "per_layer")
+        self.runs_backward = self.policy == "per_layer"
+        self.grad_accum = grad_accum
         layers = self.student.family.decoder_layers(self.student)
         self.choices = [layer_choice(self.policy, i) for i in range(len(layers))]
         for layer, choice in zip(layers, self.choices, strict=True):
@@ -137,6 +156,12 @@ class LayerwiseObjective(nn.Module):
     def forward(self, teacher: TeacherPass, layout: TokenLayout) -> dict[str, torch.Tensor]:
         weights = token_weights(layout.valid, layout.is_vision(), self.loss_cfg.vision_weight)
         layers = self.student.family.decoder_layers(self.student)
+        # per_layer: d(loss / grad_accum) / d(layer k's term), in the order autograd computes it (the trainer's
+        # division, the loss weight, the mean over layers), so that the gradients are the same bits
+        grad = None
+        if self.runs_backward and torch.is_grad_enabled():
+            one = torch.ones((), dtype=torch.float32, device=weights.device)
+            grad = one / self.grad_accum * self.loss_cfg.hidden / len(layers)
         per_layer = []
         for layer, choice, h_in, h_out in zip(
             layers, self.choices, teacher.layer_inputs, teacher.layer_outputs, strict=True
@@ -146,7 +171,11 @@ class LayerwiseObjective(nn.Module):
             )
             out = checkpointed(call, h_in) if choice == "layer" else call(h_in)
             out = out[0] if isinstance(out, tuple) else out
-            per_layer.append(relative_mse(out, h_out, weights))
+            term = relative_mse(out, h_out, weights)
+            if grad is not None and term.requires_grad:
+                layer_backward(term, grad)
+                term = term.detach()
+            per_layer.append(term)
         hidden = torch.stack(per_layer).mean()
         return {"loss": self.loss_cfg.hidden * hidden, "hidden": hidden.detach()}
 

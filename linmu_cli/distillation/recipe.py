@@ -204,7 +204,7 @@ def _mate(value: Any, path: str) -> MateConfig:
 
 
 # true / false or a policy name (linmu_cli.distillation.recompute says what each one recomputes)
-CHECKPOINT_POLICIES = ("all", "every_other", "mlp_only", "none")
+CHECKPOINT_POLICIES = ("all", "every_other", "mlp_only", "none", "per_layer")
 
 
 def policy_of(setting: bool | str) -> str:
@@ -385,7 +385,9 @@ class StageConfig(_Section):
     save_every: int = _key(_int(1), 50)  # step checkpoints (atomic) every N optimizer steps
     log_every: int = _key(_int(1), 1)
     # recompute activations in backward: true = "all" layers, false = "none", or "every_other" (layers 0, 2,
-    # ...) / "mlp_only" (each layer's MLP); the loss does not depend on it, memory and time do (recompute.py)
+    # ...) / "mlp_only" (each layer's MLP); layer-wise only, "per_layer": each layer's backward right after its
+    # forward (nothing recomputed, one layer's activations held; one process). The loss does not depend on it,
+    # memory and time do (recompute.py)
     gradient_checkpointing: bool | str = _key(_checkpointing, False)
     # AdamW implementation: "auto" (torch's default: foreach on CUDA, a per-tensor loop on CPU), "foreach",
     # "fused" (one kernel; rounds differently in the last bits), "for_loop"
@@ -421,6 +423,12 @@ class StageConfig(_Section):
         if self.mode == "layerwise" and self.share_teacher_embeddings:
             raise _fail(
                 path, ".share_teacher_embeddings: layerwise stages always start from the teacher's states"
+            )
+        if self.mode == "end_to_end" and self.gradient_checkpointing == "per_layer":
+            raise _fail(
+                path,
+                ".gradient_checkpointing: per_layer needs layer-wise training (each layer's backward on its own); "
+                "end_to_end stages take all, every_other, mlp_only or none",
             )
         if self.mode == "layerwise" and self.loss.hidden_layers is not None:
             raise _fail(

@@ -7,6 +7,9 @@
 - `mlp_only`: only each layer's MLP (gate / up / down, with its LoRA adapters in stage 3) is recomputed; the
   M-MATE block keeps its activations, so its forward (scans, window attention) is never run twice.
 - `none`: nothing is recomputed.
+- `per_layer` (layer-wise stages only): nothing is recomputed and each layer's backward runs right after its
+  forward (`objectives.LayerwiseObjective`), so one layer's activations are held at a time: `none`'s speed at
+  less memory than `all`. One process only (DDP / FSDP synchronise gradients in one backward pass).
 
 Recomputation repeats the same operations on the same inputs (and the same RNG state, for dropout), so the
 loss and the gradients do not depend on the policy; only memory and time do. Every checkpointed call goes
@@ -26,7 +29,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 # the names of recipe.CHECKPOINT_POLICIES; recipe.policy_of turns a recipe value (a bool too) into one
-Policy = Literal["all", "every_other", "mlp_only", "none"]
+Policy = Literal["all", "every_other", "mlp_only", "none", "per_layer"]
 
 # benchmark hook: a callable returning a context manager that times one recomputation (None: no timing)
 _timer: Callable[[], AbstractContextManager[Any]] | None = None
@@ -102,6 +105,8 @@ def apply_end_to_end(model: nn.Module, layers: nn.ModuleList, policy: Policy) ->
     the autograd graph and ran its whole backward every step (at 7B shape, 64 frames: ~0.5 s of a 2.8 s step).
     Non-reentrant checkpointing does not need inputs that require grad, so the hooks are removed: the tower's
     output is a constant again, and the trainable parameters' gradients are unchanged (tested)."""
+    if policy == "per_layer":
+        raise ValueError("gradient_checkpointing per_layer is for layer-wise stages only")
     if policy == "none":
         return
     enable = getattr(

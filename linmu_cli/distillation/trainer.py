@@ -456,11 +456,12 @@ class StageRun:
         self.par = parallel.strategy(recipe.distributed.strategy, run.world)
         self.par.prepare(self.student)  # FSDP: shards the trainable modules (parameters become DTensors)
         objective: nn.Module = (
-            LayerwiseObjective(self.student, cfg.loss, cfg.gradient_checkpointing)
+            LayerwiseObjective(self.student, cfg.loss, cfg.gradient_checkpointing, cfg.grad_accum)
             if cfg.mode == "layerwise"
             else EndToEndObjective(self.student, cfg.loss, cfg.share_teacher_embeddings)
         )
         self.wrapped = self.par.wrap(objective)
+        self.backward_in_forward = getattr(objective, "runs_backward", False)  # per_layer: one per layer
         self.params = [p for p in self.student.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
             self.params, lr=cfg.lr, weight_decay=cfg.weight_decay, **optimizer_flags(cfg.optimizer)
@@ -543,7 +544,8 @@ class StageRun:
                 terms = (
                     self.wrapped(tp, layout) if cfg.mode == "layerwise" else self.wrapped(batch, tp, layout)
                 )
-                (terms["loss"] / cfg.grad_accum).backward()
+                if not self.backward_in_forward:
+                    (terms["loss"] / cfg.grad_accum).backward()
             for k, v in terms.items():
                 totals[k] = totals.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
             tokens += int(layout.valid.sum())

@@ -95,20 +95,44 @@ def test_checkpointing_policies_give_the_same_loss_and_gradients(tiny):
 
 
 def test_layerwise_policies_give_the_same_gradients(tiny):
+    """Every layer-wise policy gives the same loss and the same gradient bits, `per_layer` included (its backward
+    runs inside the objective, one layer at a time, as the trainer calls it: 3 micro-batches accumulated, a loss
+    weight whose product with 1/3 rounds)."""
     teacher, _, _, batch = tiny
     tp = run_teacher(teacher, teacher.model.language_model.layers, batch, want_logits=False)
     assert tp.logits is None and len(tp.layer_inputs) == len(tp.layer_outputs) == 2
     results = {}
-    for policy in ("none", "all", "every_other", "mlp_only"):
+    for policy in ("none", "all", "every_other", "mlp_only", "per_layer"):
         student = convert_model(teacher, MateConfig(vision_window=[2, 2, 2], text_window=64), seed=0)
         params = set_trainable(student, ["flex", "swin", "fusion"])
         student.train()
-        out = LayerwiseObjective(student, LossConfig(), policy)(tp, student.token_layout(**batch))
-        out["loss"].backward()
-        results[policy] = (out["loss"].detach(), [p.grad.clone() for _, p in params])
+        objective = LayerwiseObjective(student, LossConfig(hidden=0.3), policy, grad_accum=3)
+        losses = []
+        for _ in range(3):  # the trainer's micro-batches
+            out = objective(tp, student.token_layout(**batch))
+            assert out["loss"].requires_grad != objective.runs_backward, policy
+            if not objective.runs_backward:
+                (out["loss"] / 3).backward()
+            losses.append(out["loss"].detach())
+        results[policy] = (torch.stack(losses), [p.grad.clone() for _, p in params])
     ref_loss, ref_grads = results["none"]
+    assert all(g.abs().sum() > 0 for g in ref_grads)
     for policy, (loss, grads) in results.items():
         assert torch.equal(loss, ref_loss) and all(map(torch.equal, grads, ref_grads)), policy
+
+
+def test_per_layer_is_refused_end_to_end_and_on_several_processes():
+    with pytest.raises(LinmuError, match="stage3.gradient_checkpointing: per_layer needs layer-wise"):
+        load_recipe(RECIPE, ["stages.stage3.gradient_checkpointing=per_layer"])
+    from linmu_cli.distillation import _check_per_layer
+
+    recipe = load_recipe(RECIPE, ["stages.stage1.gradient_checkpointing=per_layer"])
+    _check_per_layer(recipe, ["stage1", "stage2"], world=1)
+    _check_per_layer(recipe, ["stage2", "stage3"], world=2)  # stage 1 does not run
+    with pytest.raises(
+        LinmuError, match="stage1.gradient_checkpointing=per_layer trains on one process only"
+    ):
+        _check_per_layer(recipe, ["stage1"], world=2)
 
 
 def test_teacher_pass_keeps_only_what_the_loss_uses(tiny):
@@ -245,11 +269,12 @@ def test_prefetcher_raises_bad_samples_at_their_batch(tiny, tmp_path):
 
 def test_distill_throughput_breakdown_adds_up(tmp_path):
     """benchmarks/distill_throughput.py --tiny: every phase of every stage present, the phases cover the step,
-    recomputation only with checkpointing, the trimmed configuration's fields recorded."""
+    recomputation only with checkpointing, per_layer's in-objective backward counted as backward, the trimmed
+    configuration's fields recorded."""
     cmd = [sys.executable, str(ROOT / "benchmarks" / "distill_throughput.py"), "--tiny", "--steps", "1",
            "--variant", "before:ckpt=all,ckpt_e2e=all",
            "--variant", "after:ckpt=none,ckpt_e2e=mlp_only,optimizer=fused,teacher_keep=used,prefetch=1,stages=stage1+stage3",
-           "--variant", "b2:ckpt=none,teacher_keep=used,prefetch=1,stages=stage1,batch=2",
+           "--variant", "b2:ckpt=per_layer,teacher_keep=used,prefetch=1,stages=stage1,batch=2",
            "--out", str(tmp_path), "--label", "t"]  # fmt: skip
     res = subprocess.run(
         cmd,
@@ -292,6 +317,7 @@ def test_distill_throughput_breakdown_adds_up(tmp_path):
     assert after["stage1"]["phases_s"]["recompute"] == 0 and after["stage3"]["phases_s"]["recompute"] > 0
     assert before["stage3"]["phases_s"]["losses"] > 0 and after["stage3"]["checkpointing"] == "mlp_only"
     assert data["variants"]["after"]["config"]["optimizer"] == "fused"
+    assert b2["checkpointing"] == "per_layer" and b2["phases_s"]["recompute"] == 0
     assert data["stage3_over_baseline"] == before["stage3"]["over_baseline"] > 0
 
 
