@@ -99,6 +99,11 @@ class MateConfig:
     # The per-head RMSNorm on Flex-MA's output; false keeps the output's magnitude (gate and per-channel scale
     # only): the length-generalization study's switch (docs/quality.md).
     output_norm: bool = True
+    # How many of Flex-MA's heads get that norm: the first N query heads (index 0..N-1, the order of q_proj's
+    # outputs; a kv group's heads are contiguous, so a multiple of heads / kv_heads norms whole groups). The
+    # others keep magnitude exactly as `output_norm: false` does (gate and per-channel scale only). None: every
+    # head. Needs `output_norm: true`; 0 <= N <= heads (the head count is checked where the block is built).
+    output_norm_heads: int | None = None
     # Local-Swin (docs/design.md §4).
     vision_window: list[int] = field(default_factory=lambda: [2, 8, 8])  # (wt, wh, ww) in merged tokens
     shift_windows: bool = True  # shift by half a window on odd layers
@@ -146,9 +151,32 @@ class MateConfig:
             bad("fusion_init", "the initial Flex-MA weight must lie strictly between 0 and 1")
         if not isinstance(self.shared_projections, bool):
             bad("shared_projections", "must be true or false")
+        if self.output_norm_heads is not None:
+            if self.output_norm_heads < 0:
+                bad(
+                    "output_norm_heads",
+                    "must be 0 or more (the first N heads get the norm), or null for every head",
+                )
+            if not self.output_norm:
+                bad("output_norm_heads", "needs output_norm: true (output_norm: false already keeps every head's "
+                    "magnitude; for no normed head at all, leave output_norm_heads null)")  # fmt: skip
         if self.ssd_backend not in SSD_BACKENDS:
             bad("ssd_backend", f"choose one of {', '.join(SSD_BACKENDS)}")
         return self
+
+    def normed_heads(self, heads: int) -> int:
+        """How many of a block's `heads` Flex-MA heads get the per-head RMSNorm (the first ones): `heads` when
+        `output_norm_heads` is None, 0 with `output_norm: false`. LinmuError when it exceeds `heads`."""
+        if not self.output_norm:
+            return 0
+        if self.output_norm_heads is None:
+            return heads
+        if self.output_norm_heads > heads:
+            raise LinmuError(
+                f"invalid M-MATE field output_norm_heads={self.output_norm_heads}: the model has {heads} attention "
+                f"heads, so at most {heads} can get the norm"
+            )
+        return self.output_norm_heads
 
     def to_dict(self) -> dict[str, Any]:
         """The fields a checkpoint saves: every M-MATE size, not the runtime kernel choice (RUNTIME_FIELDS)."""

@@ -74,6 +74,7 @@ class FlexMA(nn.Module):
             self.A_log_bwd = nn.Parameter(torch.zeros(heads))
         if mate.output_gate:
             self.gate_proj = nn.Linear(hidden, heads * head_dim, bias=False)
+        mate.normed_heads(heads)  # output_norm_heads <= heads, or a LinmuError before any weight moves
         self.norm_weight = nn.Parameter(torch.ones(heads * head_dim))
 
     @torch.no_grad()
@@ -94,6 +95,12 @@ class FlexMA(nn.Module):
         if m.output_gate:
             self.gate_proj.weight.normal_(0.0, init_std)
         self.norm_weight.fill_(1.0)
+
+    @property
+    def normed_heads(self) -> int:
+        """How many heads (the first ones) the per-head RMSNorm covers (`MateConfig.normed_heads`): H by default, 0
+        with `output_norm: false`; the others keep magnitude (gate and per-channel scale only)."""
+        return self.mate.normed_heads(self.heads)
 
     def fast_path(self, u: torch.Tensor) -> bool:
         """Whether this branch runs its CUDA kernels on `u` (see `fast_kernels`)."""
@@ -185,7 +192,8 @@ class FlexMA(nn.Module):
 
         # y + D * x with x at key/value width, broadcast over each group (no repeated copy of x)
         g = h // hk
-        if fast and self.mate.output_norm:  # one kernel: y + keep * back + D x, gate, per-head norm
+        normed = self.normed_heads
+        if fast and normed == h:  # one kernel: y + keep * back + D x, gate, per-head norm of every head
             return skip_gated_norm(y, back, keep, x, self.D, inputs.gate, self.norm_weight, self.eps)
         if fast:  # one kernel: y + keep * back + D x (the backward scan's output not added by `_scan`)
             y = skip_add(y, back, keep, x, self.D, fast=True)
@@ -193,12 +201,14 @@ class FlexMA(nn.Module):
             y = torch.addcmul(
                 y.reshape(bsz, length, hk, g, d), self.D.to(y.dtype).view(hk, g, 1), x.unsqueeze(3)
             )
-        if not self.mate.output_norm:  # magnitude kept: gate and per-channel scale, no RMS
+        if normed == 0:  # magnitude kept: gate and per-channel scale, no RMS
             y = y.view(bsz, length, h, d)
             if inputs.gate is not None:
                 y = y * F.silu(inputs.gate).view(*y.shape)
             return y * self.norm_weight.to(y.dtype).view(h, d)
-        return gated_rmsnorm(y.view(bsz, length, h, d), inputs.gate, self.norm_weight, self.eps, fast=fast)
+        # some heads normed (output_norm_heads < H): gated_rmsnorm runs its reference, which norms the first ones
+        return gated_rmsnorm(y.view(bsz, length, h, d), inputs.gate, self.norm_weight, self.eps, fast=fast,
+                             norm_heads=normed)  # fmt: skip
 
     def decode(
         self,
@@ -227,8 +237,8 @@ class FlexMA(nn.Module):
         gate = inputs.gate[:, 0] if inputs.gate is not None else None
         out = flex_decode_step(
             xbc, inputs.dt_raw[:, 0], gate, ssm, valid, self.dt_bias, self.A_log, self.D, self.norm_weight,
-            kv_heads=self.kv_heads, eps=self.eps, norm=self.mate.output_norm, mask_input=self.mate.d_conv == 0,
-            logit=logit, swin=swin, one_output=one_output,
+            kv_heads=self.kv_heads, eps=self.eps, norm=self.normed_heads > 0, norm_heads=self.normed_heads,
+            mask_input=self.mate.d_conv == 0, logit=logit, swin=swin, one_output=one_output,
         )  # fmt: skip
         state.update_flex(conv, ssm)  # the one write: both buffers already hold the new state
         return out

@@ -46,26 +46,42 @@ def _norm_kernel() -> tuple[str, object] | None:
 
 
 def gated_rmsnorm_reference(
-    y: torch.Tensor, gate: torch.Tensor | None, weight: torch.Tensor, eps: float
+    y: torch.Tensor,
+    gate: torch.Tensor | None,
+    weight: torch.Tensor,
+    eps: float,
+    norm_heads: int | None = None,
 ) -> torch.Tensor:
-    """y (B, L, H, d); gate (B, L, H*d) or None; weight (H*d,) -> (B, L, H, d) in y's dtype."""
+    """y (B, L, H, d); gate (B, L, H*d) or None; weight (H*d,) -> (B, L, H, d) in y's dtype.
+
+    `norm_heads` (MateConfig.output_norm_heads): only the first that many heads are normalised, the others keep
+    their magnitude (gate and scale only); None: every head."""
     h, d = y.shape[-2:]
     if gate is not None:
         y = y * F.silu(gate).view(*y.shape)
     yf = y.float()
-    yf = yf * torch.rsqrt(yf.pow(2).mean(-1, keepdim=True) + eps)
+    n = h if norm_heads is None else norm_heads
+    normed = yf[..., :n, :] * torch.rsqrt(yf[..., :n, :].pow(2).mean(-1, keepdim=True) + eps)
+    yf = normed if n == h else torch.cat([normed, yf[..., n:, :]], dim=-2)
     return (yf * weight.float().view(h, d)).to(y.dtype)
 
 
 def gated_rmsnorm(
-    y: torch.Tensor, gate: torch.Tensor | None, weight: torch.Tensor, eps: float, fast: bool = True
+    y: torch.Tensor,
+    gate: torch.Tensor | None,
+    weight: torch.Tensor,
+    eps: float,
+    fast: bool = True,
+    norm_heads: int | None = None,
 ) -> torch.Tensor:
-    """The fused kernel when `fast` on CUDA and one imports; else the reference (`last_norm_backend()`)."""
+    """The fused kernel when `fast` on CUDA and one imports; else the reference (`last_norm_backend()`). Some heads
+    left un-normalised (`norm_heads` < H) always run the reference: the fused kernels norm every group."""
     global _LAST_NORM_BACKEND
-    kernel = _norm_kernel() if fast and y.is_cuda else None
+    mixed = norm_heads is not None and norm_heads != y.shape[-2]
+    kernel = _norm_kernel() if fast and y.is_cuda and not mixed else None
     if kernel is None:
         _LAST_NORM_BACKEND = "torch"
-        return gated_rmsnorm_reference(y, gate, weight, eps)
+        return gated_rmsnorm_reference(y, gate, weight, eps, norm_heads=norm_heads)
     name, fn = kernel
     _LAST_NORM_BACKEND = name
     shape = y.shape

@@ -143,6 +143,33 @@ def test_mate_config_checks_its_own_types():
     assert MateConfig.from_dict({"vision_window": (1, 2, 2), "dt_max": 1}).vision_window == (1, 2, 2)
 
 
+def test_output_norm_heads_is_checked_and_read_by_the_blocks(tmp_path):
+    """`output_norm_heads`: the first N heads get the per-head norm; N >= 0, only with `output_norm: true`, at most the
+    model's head count (checked where the blocks are built, before anything is written)."""
+    assert MateConfig().normed_heads(4) == 4 and MateConfig(output_norm=False).normed_heads(4) == 0
+    assert MateConfig.from_dict({"output_norm_heads": 2}).normed_heads(4) == 2
+    assert MateConfig.from_dict({"output_norm_heads": 0}).normed_heads(4) == 0
+    assert load_recipe(RECIPE, ["model.output_norm_heads=2"]).model.output_norm_heads == 2
+    with pytest.raises(
+        MateTypeError, match="output_norm_heads takes an integer or null, e.g. output_norm_heads=null"
+    ):
+        MateConfig.from_dict({"output_norm_heads": 1.5})
+    with pytest.raises(LinmuError, match="invalid M-MATE field output_norm_heads=-1: must be 0 or more"):
+        MateConfig.from_dict({"output_norm_heads": -1})
+    for heads in (0, 2):
+        with pytest.raises(LinmuError, match=f"output_norm_heads={heads}: needs output_norm: true"):
+            MateConfig.from_dict({"output_norm": False, "output_norm_heads": heads})
+    with pytest.raises(
+        LinmuError, match="recipe.model: invalid M-MATE field output_norm_heads=2: needs output_norm"
+    ):
+        load_recipe(RECIPE, ["model.output_norm=false", "model.output_norm_heads=2"])
+    with pytest.raises(
+        LinmuError, match="output_norm_heads=99: the model has 4 attention heads, so at most 4"
+    ):
+        linmu_cli.convert("tiny-qwen2-vl", tmp_path / "out", mate={"output_norm_heads": 99})
+    assert not (tmp_path / "out").exists()
+
+
 def test_recipes_load_without_pydantic():
     """The GPU machine's image has no pydantic (2026-12-02): the schema needs only the standard library and PyYAML,
     so `linmu distill` and its benchmark import there. A subprocess with pydantic made unimportable loads a recipe

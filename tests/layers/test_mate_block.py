@@ -82,14 +82,19 @@ def naive_flex(flex, u, layout, layer_idx):
                 )
     y = y + flex.D[:, None] * x
     y = y * F.silu(flex.gate_proj(u)[0]).view(-1, h, d)
-    if m.output_norm:
-        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + flex.eps)
+    normed = (h if m.output_norm_heads is None else m.output_norm_heads) if m.output_norm else 0
+    for head in range(normed):  # the first heads: per-head RMSNorm; the others keep their magnitude
+        y[:, head] = y[:, head] * torch.rsqrt(y[:, head].pow(2).mean(-1, keepdim=True) + flex.eps)
     return y * flex.norm_weight.view(h, d)
 
 
-@pytest.mark.parametrize("layer_idx,output_norm", [(0, True), (1, True), (2, True), (1, False)])
-def test_flex_ma_matches_the_formulas(layer_idx, output_norm):
-    block = make_block(layer_idx, use_swin=False, d_conv=0, output_norm=output_norm)
+@pytest.mark.parametrize(
+    "layer_idx,norm",
+    [(0, {}), (1, {}), (2, {}), (1, {"output_norm": False}), (0, {"output_norm_heads": 2}),
+     (1, {"output_norm_heads": 1}), (2, {"output_norm_heads": 3}), (1, {"output_norm_heads": 0})],
+)  # fmt: skip
+def test_flex_ma_matches_the_formulas(layer_idx, norm):
+    block = make_block(layer_idx, use_swin=False, d_conv=0, **norm)
     segs = [Segment(3, 2, 2, 3), Segment(17, 3, 1, 2)]
     layout = layout_of([segs], 27)
     u = torch.randn(1, 27, HIDDEN)
@@ -97,6 +102,33 @@ def test_flex_ma_matches_the_formulas(layer_idx, output_norm):
         got = block.flex(u, layout, layer_idx, None)[0]
         want = naive_flex(block.flex, u, layout, layer_idx)
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("normed", [0, 1, 2, 3, 4])
+def test_the_first_heads_are_the_normed_blocks_and_the_others_the_norm_free_blocks(normed):
+    """`output_norm_heads: N` = heads 0..N-1 of the all-normed Flex-MA and heads N.. of the `output_norm: false`
+    one, with the same weights (conv, backward scan and gate on)."""
+    blocks = {k: make_block(1, use_swin=False, **f)
+              for k, f in (("all", {}), ("none", {"output_norm": False}), ("mixed", {"output_norm_heads": normed}))}  # fmt: skip
+    layout = layout_of([[Segment(3, 2, 2, 3)]], 19)
+    u = torch.randn(1, 19, HIDDEN)
+    with torch.no_grad():
+        out = {k: b.flex(u, layout, 1, None) for k, b in blocks.items()}
+    assert blocks["mixed"].flex.normed_heads == normed
+    torch.testing.assert_close(out["mixed"][:, :, :normed], out["all"][:, :, :normed], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(out["mixed"][:, :, normed:], out["none"][:, :, normed:], atol=1e-6, rtol=1e-5)
+    if 0 < normed < HEADS:
+        assert not torch.allclose(out["all"][:, :, normed:], out["none"][:, :, normed:], atol=1e-3)
+
+
+def test_output_norm_heads_beyond_the_heads_is_refused_where_the_block_is_built():
+    from linmu_cli.errors import LinmuError
+
+    assert MateConfig(output_norm_heads=HEADS).validate().normed_heads(HEADS) == HEADS
+    with pytest.raises(
+        LinmuError, match=f"output_norm_heads=5: the model has {HEADS} attention heads, so at most"
+    ):
+        MateAttention(text_config(), MateConfig(output_norm_heads=5).validate(), 0)
 
 
 def test_fusion_interpolates_the_two_branches():
@@ -162,13 +194,16 @@ def test_windows_are_local_and_shifted_on_odd_layers():
         assert {i for i in range(16) if diff[i] > 0} == affected
 
 
+@pytest.mark.parametrize("norm", [{}, {"output_norm": False}, {"output_norm_heads": 1}, {"output_norm_heads": 2}],
+                         ids=["norm", "no-norm", "norm-1-head", "norm-2-heads"])  # fmt: skip
 @pytest.mark.parametrize("steps", [1, 3])
-def test_decode_continues_a_trained_conv_from_its_cached_tail(steps):
+def test_decode_continues_a_trained_conv_from_its_cached_tail(steps, norm):
     """Prefill + decode steps equal the full forward with a conv that is not the identity (a trained one): the
-    decode step reads the cached conv tail before it overwrites it in place."""
+    decode step reads the cached conv tail before it overwrites it in place. Also with the per-head norm off, or
+    on the first heads only (the decode step's output section is its own code)."""
     from linmu_cli.layers.cache import LinMUCache
 
-    block = make_block(1, text_window=6)
+    block = make_block(1, text_window=6, **norm)
     with torch.no_grad():
         block.flex.conv.weight.normal_(0, 0.5)
     n, seg = 21, Segment(3, 2, 2, 3)

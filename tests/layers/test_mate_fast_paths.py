@@ -39,7 +39,8 @@ def layout2():
 @pytest.mark.parametrize(
     "fields",
     [{}, {"fusion": "head"}, {"shared_projections": True}, {"bidirectional": False}, {"use_swin": False},
-     {"use_flex": False}, {"output_gate": False}, {"shared_projections": True, "fusion": "head"}],
+     {"use_flex": False}, {"output_gate": False}, {"shared_projections": True, "fusion": "head"},
+     {"output_norm": False}, {"output_norm_heads": 2}],
 )  # fmt: skip
 def test_fused_block_equals_reference_forward_and_backward(monkeypatch, layer_idx, fields):
     ref = make_block(layer_idx, **fields).train()
@@ -52,11 +53,17 @@ def test_fused_block_equals_reference_forward_and_backward(monkeypatch, layer_id
     force_fast(monkeypatch)
     out = fast(u, position_embeddings=pe, linmu_layout=layout)[0]
     out[layout.valid].square().sum().backward()
-    assert last_conv_backend() == "torch" and last_norm_backend() == "torch"  # CPU: the references ran
+    assert last_conv_backend() == "torch"  # CPU: the references ran
+    if fields.get("output_norm", True):  # (no norm at all: none ran)
+        assert last_norm_backend() == "torch"
     torch.testing.assert_close(out[layout.valid], out_ref[layout.valid], atol=2e-5, rtol=1e-4)
     grads = {n: p.grad for n, p in ref.named_parameters()}
+    all_normed = ref.mate.output_norm and ref.mate.output_norm_heads is None
     for n, p in fast.named_parameters():
-        torch.testing.assert_close(p.grad, grads[n], atol=5e-5, rtol=1e-3, msg=n)
+        # heads without the norm keep the random weights' magnitude: gradients up to ~2e4 here, float32 rounding
+        # ~1e-7 of that (checked against each tensor's largest gradient)
+        scale = 1.0 if all_normed else max(1.0, grads[n].abs().max().item() / 100)
+        torch.testing.assert_close(p.grad, grads[n], atol=5e-5 * scale, rtol=1e-3, msg=n)
 
 
 def old_flex(flex, u, layout, layer_idx):
@@ -165,7 +172,9 @@ def test_shared_projections_convert_save_and_train_as_flex():
     assert copied.swin.q_proj is copied.flex.q_proj  # deepcopy keeps the sharing inside the copy
 
 
-@pytest.mark.parametrize("fields", [{}, {"shared_projections": True}])
+@pytest.mark.parametrize(
+    "fields", [{}, {"shared_projections": True}, {"output_norm": False}, {"output_norm_heads": 2}]
+)
 def test_fused_prefill_then_decode_equals_the_full_recompute(monkeypatch, fields):
     """A prefill on the fused path leaves the cache (conv tail, SSM state, ring) that decoding continues from."""
     from linmu_cli.layers.cache import LinMUCache

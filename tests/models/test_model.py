@@ -115,13 +115,23 @@ def test_cache_size_does_not_grow_with_the_prompt(tiny):
     assert sizes[0] == sizes[1] > 0
 
 
-def test_save_and_load_round_trip_is_bit_exact(tiny, tmp_path):
+@pytest.mark.parametrize("norm", [{}, {"output_norm_heads": 1}], ids=["every-head-normed", "one-head-normed"])
+def test_save_and_load_round_trip_is_bit_exact(tiny, tmp_path, norm):
+    import json
+
     _, teacher, processor = tiny
-    student = convert_model(teacher, MateConfig(text_window=32, scan_orders=["hwt", "thw"]))
+    student = convert_model(teacher, MateConfig(text_window=32, scan_orders=["hwt", "thw"], **norm))
     student.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert {"output_norm": True, "output_norm_heads": norm.get("output_norm_heads")}.items() <= saved[
+        "mate"
+    ].items()
     loaded = AutoModelForImageTextToText.from_pretrained(tmp_path)
     assert type(loaded).__name__ == type(student).__name__
     assert loaded.mate_config == student.mate_config
+    assert loaded.model.language_model.layers[0].self_attn.flex.normed_heads == norm.get(
+        "output_norm_heads", teacher.config.get_text_config().num_attention_heads
+    )
     a, b = student.state_dict(), loaded.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     inputs = prompt_inputs(processor, ["describe"], videos=[video(5)])

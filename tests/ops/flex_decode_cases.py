@@ -25,7 +25,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 CONV_CASES = [(3, 40, 4, "fp32", True), (3, 40, 4, "bf16", True), (2, 600, 4, "bf16", True),
               (2, 24, 2, "fp32", False), (2, 24, 1, "fp32", True)]  # fmt: skip
 
-# the fused step: shapes, state / activation dtypes, gate, norm, fusion mode ("none", "token", "head", "one": one
+# the fused step: shapes, state / activation dtypes, gate, norm (and how many heads it covers), fusion mode ("none", "token", "head", "one": one
 # output for a shared W_o), no conv (input masked)
 STEP_CASES = [
     dict(b=3, h=4, hk=2, d=8, state="fp32", io="fp32", gate=True, norm=True, mix="none", mask=False),
@@ -35,6 +35,46 @@ STEP_CASES = [
     dict(b=2, h=4, hk=4, d=8, state="fp32", io="fp32", gate=False, norm=False, mix="token", mask=True),
     dict(b=2, h=4, hk=2, d=8, state="fp32", io="fp32", gate=True, norm=False, mix="none", mask=False),
     dict(b=1, h=7, hk=1, d=128, state="bf16", io="bf16", gate=True, norm=True, mix="token", mask=False),
+    # the norm on the first heads only (MateConfig.output_norm_heads): inside a kv group, whole groups, none
+    dict(
+        b=3,
+        h=6,
+        hk=2,
+        d=8,
+        state="fp32",
+        io="fp32",
+        gate=True,
+        norm=True,
+        mix="none",
+        mask=False,
+        norm_heads=2,
+    ),
+    dict(
+        b=2,
+        h=6,
+        hk=2,
+        d=16,
+        state="fp32",
+        io="bf16",
+        gate=True,
+        norm=True,
+        mix="head",
+        mask=False,
+        norm_heads=3,
+    ),
+    dict(
+        b=2,
+        h=4,
+        hk=2,
+        d=8,
+        state="fp32",
+        io="fp32",
+        gate=False,
+        norm=True,
+        mix="token",
+        mask=True,
+        norm_heads=0,
+    ),
 ]
 
 # M-MATE blocks (GQA 3, head_dim 8): MateConfig fields, activation dtype, SSM state dtype
@@ -44,6 +84,8 @@ BLOCK_CASES = [
     ("head-fusion", {"fusion": "head"}, "fp32", "fp32"),
     ("no-gate", {"output_gate": False}, "fp32", "fp32"),
     ("no-norm", {"output_norm": False}, "fp32", "fp32"),
+    ("half-norm", {"output_norm_heads": 3}, "fp32", "fp32"),
+    ("half-norm-bf16", {"output_norm_heads": 2, "shared_projections": True}, "bf16", "fp32"),
     ("flex-only", {"use_swin": False}, "fp32", "fp32"),
     ("no-conv", {"d_conv": 0}, "fp32", "fp32"),
     ("bf16", {}, "bf16", "fp32"),
@@ -90,7 +132,9 @@ def step_inputs(case: dict, seed: int = 0) -> tuple[tuple, dict]:
     a_log = torch.rand(h, generator=g) * 2.0
     D = torch.randn(h, generator=g)
     norm_weight = 1 + 0.1 * torch.randn(h * d, generator=g)
-    kw = dict(kv_heads=hk, eps=1e-6, norm=case["norm"], mask_input=case["mask"])
+    kw = dict(
+        kv_heads=hk, eps=1e-6, norm=case["norm"], norm_heads=case.get("norm_heads"), mask_input=case["mask"]
+    )
     if case["mix"] != "none":
         n = h if case["mix"] == "head" else 1
         kw["logit"] = row[:, h * d + h : h * d + h + n]

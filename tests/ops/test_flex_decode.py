@@ -3,8 +3,9 @@
 On CPU through Triton's interpreter (a subprocess: see flex_decode_cases.py): the conv step against
 `short_conv_reference` + `conv_tail` (the tail shifted in place, padding entering as zero, widths 4, 2, 1), the fused
 step against `flex_step_naive` (GQA 1, 2, 3, 7; head dims off a power of 2; float32 and bf16 states; gate, norm and
-every fusion mode; a padding row keeps its state exactly), and blocks of every relevant MateConfig (shared or own
-projections, token or head fusion, no gate, no norm, Flex-MA alone, no conv, bf16 with a bf16 state), with and
+every fusion mode; the norm on the first heads only; a padding row keeps its state exactly), and blocks of every
+relevant MateConfig (shared or own projections, token or head fusion, no gate, no norm, the norm on half the heads,
+Flex-MA alone, no conv, bf16 with a bf16 state), with and
 without the packed input weights, decoding after a left-padded prefill against the reference path (outputs and
 every cache buffer), and a tiny model's `StaticDecoder` steps. Without the interpreter: the kernels compiled for
 sm_90, the packed weights (`PackedLinear`, `pack_decode_weights`: equal to `fused_linear`, refreshed when a weight
@@ -118,6 +119,23 @@ def test_fused_step_equals_the_naive_step(interpreted, case):
         assert torch.equal(state[1], args[3][1])
 
 
+@pytest.mark.parametrize("norm_heads", [0, 1, 3, 6])
+def test_naive_step_norms_the_first_heads_and_keeps_the_others_magnitude(norm_heads):
+    """`flex_step_naive` with `norm_heads`: the first heads are the all-normed step's, the others the norm-free
+    step's (the reference the fused step is checked against, itself checked against the two plain cases)."""
+    case = dict(b=3, h=6, hk=2, d=8, state="fp32", io="fp32", gate=True, norm=True, mix="none", mask=False)
+    args, kw = step_inputs(case)
+    normed, _ = flex_step_naive(*args, **{**kw, "norm_heads": None})
+    free, _ = flex_step_naive(*args, **{**kw, "norm": False})
+    mixed, state = flex_step_naive(*args, **{**kw, "norm_heads": norm_heads})
+    cut = norm_heads * case["d"]
+    torch.testing.assert_close(mixed[..., :cut], normed[..., :cut], atol=0, rtol=0)
+    torch.testing.assert_close(mixed[..., cut:], free[..., cut:], atol=0, rtol=0)
+    assert torch.equal(state, flex_step_naive(*args, **kw)[1])  # the norm never touches the state
+    if 0 < norm_heads < case["h"]:
+        assert not torch.allclose(normed[..., cut:], free[..., cut:])  # the two cases differ where it matters
+
+
 @pytest.mark.parametrize("pack", [False, True], ids=["modules", "packed"])
 @pytest.mark.parametrize("name", [c[0] for c in BLOCK_CASES])
 def test_block_decode_on_the_kernels_equals_the_reference(interpreted, name, pack):
@@ -186,7 +204,7 @@ def test_kernels_compile_for_the_h200_without_a_gpu():
         step |= ints(stride_xb=4608, stride_dtb=12864, stride_gb=12864, stride_lb=12864, stride_lh=0,
                      stride_wb=3584, stride_wh=128, stride_wd=1, stride_vb=1, stride_sb=28 * 128 * 128,
                      stride_sh=128 * 128, stride_sp=128, stride_sn=1, stride_ob=7168, stride_om=3584, kv_heads=4,
-                     group=7, dim=128)  # fmt: skip
+                     group=7, dim=128, norm_heads=28)  # fmt: skip
         consts = {"BLOCK_D": 128, "MASK_INPUT": False, "HAS_GATE": True, "NORM": True, "MIX": True,
                   "ONE_OUTPUT": False}  # fmt: skip
         k = compile_for_sm90(decode._flex_step_kernel, step, consts, decode.step_warps(128), 1)
@@ -340,7 +358,9 @@ def _prefilled(block: MateAttention, batch: int, length: int = 200, ssm_dtype=to
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("pack", [False, True], ids=["modules", "packed"])
 @pytest.mark.parametrize(
-    "fields", [{}, {"shared_projections": True}, {"fusion": "head"}], ids=["own", "shared", "head"]
+    "fields",
+    [{}, {"shared_projections": True}, {"fusion": "head"}, {"output_norm_heads": 14}],
+    ids=["own", "shared", "head", "half-norm"],
 )
 def test_block_decode_kernels_match_the_reference_on_gpu(fields, pack):
     """7B head shapes, bf16: 8 decode steps on the kernels (after a prefill on the fast path) against the same

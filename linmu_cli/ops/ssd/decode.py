@@ -4,7 +4,7 @@ Why: at batch 1 the decode step is launch-bound (one M-MATE layer ran ~45 small 
 its output GEMVs). Here the conv over the cached tail is one kernel, and one more does, per (batch row, head):
 
     dt = softplus(dt_raw + dt_bias) * valid,   S <- exp(dt A) S + dt x B^T,   y = S (C d^-1/2) + D x,
-    y <- rmsnorm_head(y * silu(gate)) * w      (or y * silu(gate) * w without the norm),
+    y <- rmsnorm_head(y * silu(gate)) * w      (or y * silu(gate) * w without the norm, or for heads h >= norm_heads),
     a = sigmoid(logit):  out = a y, (1 - a) swin    (or the one mix a y + (1 - a) swin for a shared W_o)
 
 with x, B read at key/value-head width (GQA: kv head = h // (H / H_kv)), the state S (B, H, d_v, d_k) float32 or
@@ -89,7 +89,7 @@ def _flex_step_kernel(
     XBC, DT, GATE, LOGIT, SWIN, VALID, S, OUT, DT_BIAS, A_LOG, D, NORM_W,
     stride_xb, stride_dtb, stride_gb, stride_lb, stride_lh, stride_wb, stride_wh, stride_wd, stride_vb,
     stride_sb, stride_sh, stride_sp, stride_sn, stride_ob, stride_om,
-    kv_heads, group, dim, scale, eps,
+    kv_heads, group, dim, scale, eps, norm_heads,
     BLOCK_D: tl.constexpr, MASK_INPUT: tl.constexpr, HAS_GATE: tl.constexpr, NORM: tl.constexpr,
     MIX: tl.constexpr, ONE_OUTPUT: tl.constexpr,
 ):  # fmt: skip
@@ -123,8 +123,8 @@ def _flex_step_kernel(
     if HAS_GATE:
         z = tl.load(GATE + b * stride_gb + h * dim + offs, mask=mask, other=0.0).to(tl.float32)
         y = y * z * tl.sigmoid(z)
-    if NORM:
-        y = y * tl.rsqrt(tl.sum(y * y, axis=0) / dim + eps)
+    if NORM:  # the first norm_heads heads (MateConfig.output_norm_heads); the others keep their magnitude
+        y = tl.where(h < norm_heads, y * tl.rsqrt(tl.sum(y * y, axis=0) / dim + eps), y)
     y = y * tl.load(NORM_W + h * dim + offs, mask=mask, other=0.0).to(tl.float32)
 
     out = OUT + b * stride_ob + h * dim + offs
@@ -155,6 +155,7 @@ def flex_step(
     kv_heads: int,
     eps: float,
     norm: bool = True,
+    norm_heads: int | None = None,
     mask_input: bool = False,
     logit: torch.Tensor | None = None,
     swin: torch.Tensor | None = None,
@@ -181,6 +182,9 @@ def flex_step(
     lb = lh = 0
     if mix:  # logit (B, 1) per token or (B, H) per head; swin (B, H, d)
         lb, lh = logit.stride(0), (logit.stride(1) if logit.shape[1] > 1 else 0)
+    norm_heads = heads if norm_heads is None else norm_heads
+    if not 0 <= norm_heads <= heads:
+        raise ValueError(f"norm_heads must lie in [0, {heads}]; got {norm_heads}")
     block = max(16, triton.next_power_of_2(dim))
     with _on_device(xbc):
         _flex_step_kernel[(bsz, heads)](
@@ -188,8 +192,8 @@ def flex_step(
             state, out, dt_bias, A_log, D, norm_weight,
             xbc.stride(0), dt_raw.stride(0), gate.stride(0) if gate is not None else 0, lb, lh,
             *(swin.stride() if mix else (0, 0, 0)), valid.stride(0), *state.stride(), out.stride(0), out.stride(1),
-            kv_heads, heads // kv_heads, dim, dim**-0.5, eps,
-            BLOCK_D=block, MASK_INPUT=mask_input, HAS_GATE=gate is not None, NORM=norm, MIX=mix,
+            kv_heads, heads // kv_heads, dim, dim**-0.5, eps, norm_heads,
+            BLOCK_D=block, MASK_INPUT=mask_input, HAS_GATE=gate is not None, NORM=norm and norm_heads > 0, MIX=mix,
             ONE_OUTPUT=one_output, num_warps=step_warps(block),
         )  # fmt: skip
     return out

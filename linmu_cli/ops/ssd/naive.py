@@ -85,6 +85,7 @@ def flex_step_naive(
     kv_heads: int,
     eps: float,
     norm: bool = True,
+    norm_heads: int | None = None,
     mask_input: bool = False,
     logit: torch.Tensor | None = None,
     swin: torch.Tensor | None = None,
@@ -108,7 +109,7 @@ def flex_step_naive(
     y = (y + D[:, None] * x)[:, None]  # (B, 1, H, d)
     gate = gate.float()[:, None] if gate is not None else None
     if norm:
-        y = gated_rmsnorm_reference(y, gate, norm_weight, eps)
+        y = gated_rmsnorm_reference(y, gate, norm_weight, eps, norm_heads=norm_heads)
     else:
         y = (y * F.silu(gate).view(y.shape) if gate is not None else y) * norm_weight.view(heads, d)
     y = y.reshape(bsz, 1, heads * d)

@@ -115,6 +115,7 @@ def flex_decode_step(
     kv_heads: int,
     eps: float,
     norm: bool = True,
+    norm_heads: int | None = None,
     mask_input: bool = False,
     logit: torch.Tensor | None = None,
     swin: torch.Tensor | None = None,
@@ -128,7 +129,9 @@ def flex_decode_step(
         state: (B, H, d, d) float32 or bf16 (updated in float32, stored rounded).
         valid: (B,) bool: False (padding) gives dt = 0, so the state is kept.
         dt_bias, A_log, D: (H,); norm_weight: (H d,). kv_heads: H_kv; eps: the norm's epsilon.
-        norm: the per-head RMSNorm (MateConfig.output_norm); mask_input: zero padding's xbc (no conv ran).
+        norm: the per-head RMSNorm (MateConfig.output_norm); norm_heads: with it, how many heads (the first ones)
+            it covers, the others gate and scale only (MateConfig.output_norm_heads; None: every head).
+        mask_input: zero padding's xbc (no conv ran).
         logit, swin: the fusion logit (B, 1) or (B, H) and Local-Swin's output (B, H, d), both or neither.
         one_output: with the mix, write a y + (1 - a) swin (one W_o) instead of a y and (1 - a) swin.
 
@@ -141,7 +144,7 @@ def flex_decode_step(
     _LAST_STEP_BACKEND = "triton"
     return decode.flex_step(
         xbc, dt_raw, gate, state, valid, dt_bias, A_log, D, norm_weight, kv_heads=kv_heads, eps=eps, norm=norm,
-        mask_input=mask_input, logit=logit, swin=swin, one_output=one_output,
+        norm_heads=norm_heads, mask_input=mask_input, logit=logit, swin=swin, one_output=one_output,
     )  # fmt: skip
 
 
