@@ -30,7 +30,7 @@ between spans):
 
 Variants (`--variant NAME:key=value,...`, repeatable; default one variant named after the flags) share one
 teacher: keys ckpt (layer-wise stages' checkpointing policy: all | every_other | mlp_only | none | per_layer:
-each layer's backward right after its forward, timed as backward, one process only),
+each layer's backward right after its forward, timed as backward; one process here),
 ckpt_e2e (stage 3's), optimizer (auto | foreach | fused | for_loop), teacher_keep (all: every layer's input
 and output and full logits, as before issue 17 | used: what the stage's loss reads), prefetch (batches made
 ahead in a thread), data (synthetic | none), share_embeds (1: stage 3's student starts from the teacher's
@@ -387,6 +387,10 @@ def main() -> None:
                 "stages": args.stages, "batch": args.batch, "ssd": "auto", "kl": "auto"}  # fmt: skip
     variants = [parse_variant(v, defaults) for v in args.variant] or [("default", defaults)]
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    if world > 1 and any(v["ckpt"] == "per_layer" for _, v in variants):
+        raise SystemExit(
+            "ckpt=per_layer is measured on one process (its step here does not average gradients)"
+        )
     cuda = torch.cuda.is_available()
     dev = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if cuda else "cpu")  # cpu: --arch tiny-*
     if cuda:

@@ -66,15 +66,16 @@ def check_launcher() -> None:
 
 
 def _check_per_layer(recipe: Recipe, stages: list[str], world: int) -> None:
-    """`gradient_checkpointing: per_layer` runs backward once per layer inside the objective's forward; DDP and
-    FSDP synchronise gradients in one backward pass, so it trains on one process only."""
-    if world == 1:
+    """`gradient_checkpointing: per_layer` runs backward once per layer inside the objective's forward. Under DDP
+    the trainer averages those gradients itself; FSDP reduces each sharded module's gradients in its own backward
+    hooks, which one backward per layer inside a forward does not fit."""
+    if world == 1 or recipe.distributed.strategy != "fsdp":
         return
     for name in stages:
         if recipe.stages[name].gradient_checkpointing == "per_layer":
             raise LinmuError(
-                f"stages.{name}.gradient_checkpointing=per_layer trains on one process only, and this run has "
-                f"{world}: set stages.{name}.gradient_checkpointing=every_other (or all) for a multi-process run"
+                f"stages.{name}.gradient_checkpointing=per_layer does not run under FSDP: set "
+                f"distributed.strategy=ddp, or stages.{name}.gradient_checkpointing=every_other"
             )
 
 

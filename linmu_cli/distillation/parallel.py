@@ -60,6 +60,10 @@ class Single:
     def no_sync(self, wrapped: nn.Module, last_micro_step: bool) -> AbstractContextManager:
         return nullcontext()
 
+    def average_gradients(self, params: list[nn.Parameter]) -> None:
+        """Average gradients the wrapper did not synchronise (`per_layer`'s backward runs inside the objective,
+        under `no_sync`): nothing to do on one process."""
+
     def full_trainable(self, student: nn.Module) -> dict[str, torch.Tensor]:
         return {n: p.detach().cpu() for n, p in student.named_parameters() if p.requires_grad}
 
@@ -82,6 +86,24 @@ class DDP(Single):
 
     def no_sync(self, wrapped: nn.Module, last_micro_step: bool) -> AbstractContextManager:
         return nullcontext() if last_micro_step else wrapped.no_sync()
+
+    def average_gradients(self, params: list[nn.Parameter], bucket: int = 2**26) -> None:
+        """DDP's average (sum over processes / world), all-reduced in buckets of `bucket` elements."""
+        grads = [p.grad for p in params if p.grad is not None]
+        world = dist.get_world_size()
+        start = 0
+        while start < len(grads):
+            end, size = start, 0
+            while end < len(grads) and (end == start or size + grads[end].numel() <= bucket):
+                size += grads[end].numel()
+                end += 1
+            group = grads[start:end]
+            flat = torch.cat([g.reshape(-1) for g in group])
+            dist.all_reduce(flat)
+            flat.div_(world)
+            for g, part in zip(group, flat.split([g.numel() for g in group]), strict=True):
+                g.copy_(part.view_as(g))
+            start = end
 
 
 class FSDP(Single):

@@ -386,7 +386,7 @@ class StageConfig(_Section):
     log_every: int = _key(_int(1), 1)
     # recompute activations in backward: true = "all" layers, false = "none", or "every_other" (layers 0, 2,
     # ...) / "mlp_only" (each layer's MLP); layer-wise only, "per_layer": each layer's backward right after its
-    # forward (nothing recomputed, one layer's activations held; one process). The loss does not depend on it,
+    # forward (nothing recomputed, one layer's activations held; not under FSDP). The loss does not depend on it,
     # memory and time do (recompute.py)
     gradient_checkpointing: bool | str = _key(_checkpointing, False)
     # AdamW implementation: "auto" (torch's default: foreach on CUDA, a per-tensor loop on CPU), "foreach",

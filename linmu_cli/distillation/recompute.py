@@ -9,7 +9,7 @@
 - `none`: nothing is recomputed.
 - `per_layer` (layer-wise stages only): nothing is recomputed and each layer's backward runs right after its
   forward (`objectives.LayerwiseObjective`), so one layer's activations are held at a time: `none`'s speed at
-  less memory than `all`. One process only (DDP / FSDP synchronise gradients in one backward pass).
+  less memory than `all`. One process or DDP (the trainer averages the gradients); not FSDP.
 
 Recomputation repeats the same operations on the same inputs (and the same RNG state, for dropout), so the
 loss and the gradients do not depend on the policy; only memory and time do. Every checkpointed call goes

@@ -540,7 +540,9 @@ class StageRun:
             tp = run_teacher(
                 run.teacher.model, self.teacher_layers, batch, self.want_logits, **self.teacher_keep
             )
-            with self.par.no_sync(self.wrapped, micro == cfg.grad_accum - 1), _autocast(run):
+            # per_layer's backward runs inside the objective, so the wrapper never synchronises it (see below)
+            last = micro == cfg.grad_accum - 1 and not self.backward_in_forward
+            with self.par.no_sync(self.wrapped, last), _autocast(run):
                 terms = (
                     self.wrapped(tp, layout) if cfg.mode == "layerwise" else self.wrapped(batch, tp, layout)
                 )
@@ -549,6 +551,8 @@ class StageRun:
             for k, v in terms.items():
                 totals[k] = totals.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
             tokens += int(layout.valid.sum())
+        if self.backward_in_forward:
+            self.par.average_gradients(self.params)
         return totals, tokens
 
     def _stop_non_finite(self, loss: float, grad_norm: float) -> None:

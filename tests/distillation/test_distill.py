@@ -258,9 +258,15 @@ def _torchrun(out: Path, extra: list[str], port: int) -> None:
 
 
 def test_fsdp_matches_ddp_and_resumes_exactly(tmp_path):
-    """FSDP2 shards only the trainable modules; its losses equal DDP's, and a resumed run repeats itself."""
-    ddp, fsdp = tmp_path / "ddp", tmp_path / "fsdp"
+    """FSDP2 shards only the trainable modules; its losses equal DDP's, and a resumed run repeats itself. DDP with
+    stages 1-2 on `per_layer` (backward inside the objective, gradients averaged by the trainer) gives DDP's
+    losses bit for bit."""
+    ddp, fsdp, per_layer = tmp_path / "ddp", tmp_path / "fsdp", tmp_path / "per_layer"
     _torchrun(ddp, [], 29541)
+    _torchrun(
+        per_layer, [f"stages.{s}.gradient_checkpointing=per_layer" for s in ("stage1", "stage2")], 29544
+    )
+    assert losses(per_layer) == losses(ddp)
     _torchrun(fsdp, ["distributed.strategy=fsdp"], 29542)
     a, b = losses(ddp), losses(fsdp)
     assert [r[:2] for r in a] == [r[:2] for r in b]

@@ -121,18 +121,20 @@ def test_layerwise_policies_give_the_same_gradients(tiny):
         assert torch.equal(loss, ref_loss) and all(map(torch.equal, grads, ref_grads)), policy
 
 
-def test_per_layer_is_refused_end_to_end_and_on_several_processes():
+def test_per_layer_is_refused_end_to_end_and_under_fsdp():
     with pytest.raises(LinmuError, match="stage3.gradient_checkpointing: per_layer needs layer-wise"):
         load_recipe(RECIPE, ["stages.stage3.gradient_checkpointing=per_layer"])
     from linmu_cli.distillation import _check_per_layer
 
-    recipe = load_recipe(RECIPE, ["stages.stage1.gradient_checkpointing=per_layer"])
-    _check_per_layer(recipe, ["stage1", "stage2"], world=1)
-    _check_per_layer(recipe, ["stage2", "stage3"], world=2)  # stage 1 does not run
-    with pytest.raises(
-        LinmuError, match="stage1.gradient_checkpointing=per_layer trains on one process only"
-    ):
-        _check_per_layer(recipe, ["stage1"], world=2)
+    ddp = load_recipe(RECIPE, ["stages.stage1.gradient_checkpointing=per_layer"])
+    fsdp = load_recipe(
+        RECIPE, ["stages.stage1.gradient_checkpointing=per_layer", "distributed.strategy=fsdp"]
+    )
+    _check_per_layer(ddp, ["stage1", "stage2"], world=2)  # DDP: the trainer averages the gradients
+    _check_per_layer(fsdp, ["stage1"], world=1)
+    _check_per_layer(fsdp, ["stage2", "stage3"], world=2)  # stage 1 does not run
+    with pytest.raises(LinmuError, match="stage1.gradient_checkpointing=per_layer does not run under FSDP"):
+        _check_per_layer(fsdp, ["stage1"], world=2)
 
 
 def test_teacher_pass_keeps_only_what_the_loss_uses(tiny):
