@@ -42,6 +42,7 @@
 #   per_layer: stages 1-2 gradient_checkpointing=per_layer; e2e_none: stage 3 without checkpointing; recipe7b: the new 7B defaults together
 #   (new + vision + fla); ~50 s per run on the GPU. fla and recipe7b are GPU-only: fla does not run on the CPU)
 #   CURVES_REF=path/curves.tar (the reference and noise runs, default / default_again, from an earlier call's tar),
+#   CURVE_EXTRA (overrides added to every curve run, e.g. "teacher=tiny-qwen2.5-vl": Qwen2.5-VL's tower),
 #   (part 2 starts only before CURVES_START = 300 s and each of its runs only before CURVES_LAST = 370 s, the
 #   the call's first run at most FIRST_TIMEOUT = 240 s (it compiles the kernels: 145 s in session 11), the others TINY_TIMEOUT = 150 s); for a CPU dry run of the whole script: NO_GPU_SETUP=1 ARCH=tiny-qwen2-vl FRAMES=8 RES=112
 #   DEVICE=cpu STEPS=1 (validated that way: all parts run, every JSON written, 78 s on an idle CPU).
@@ -148,7 +149,7 @@ if [ -z "${SKIP_CURVES:-}" ] && [ $((SECONDS - T0)) -lt "${CURVES_START:-300}" ]
     # shellcheck disable=SC2086  # the overrides are words
     # the compiled tower's recompilations are logged (session 15: 3 steps in 150 s on the tiny recipe's shapes)
     [ "$run" = vision ] && export TORCH_LOGS=recompiles || unset TORCH_LOGS
-    timeout -k 5 "$limit" python3 -m linmu_cli distill recipes/tiny.yaml "device=${DEVICE:-cuda}" output=$R/$run $extra \
+    timeout -k 5 "$limit" python3 -m linmu_cli distill recipes/tiny.yaml "device=${DEVICE:-cuda}" output=$R/$run $extra ${CURVE_EXTRA:-} \
       > "$R/$run.log" 2>&1
     echo "$run: exit $? ($((SECONDS - T0)) s so far)" | tee -a "$OUT/curves.log"
     report_curves
