@@ -36,44 +36,13 @@ STEP_CASES = [
     dict(b=2, h=4, hk=2, d=8, state="fp32", io="fp32", gate=True, norm=False, mix="none", mask=False),
     dict(b=1, h=7, hk=1, d=128, state="bf16", io="bf16", gate=True, norm=True, mix="token", mask=False),
     # the norm on the first heads only (MateConfig.output_norm_heads): inside a kv group, whole groups, none
-    dict(
-        b=3,
-        h=6,
-        hk=2,
-        d=8,
-        state="fp32",
-        io="fp32",
-        gate=True,
-        norm=True,
-        mix="none",
-        mask=False,
-        norm_heads=2,
-    ),
-    dict(
-        b=2,
-        h=6,
-        hk=2,
-        d=16,
-        state="fp32",
-        io="bf16",
-        gate=True,
-        norm=True,
-        mix="head",
-        mask=False,
-        norm_heads=3,
-    ),
-    dict(
-        b=2,
-        h=4,
-        hk=2,
-        d=8,
-        state="fp32",
-        io="fp32",
-        gate=False,
-        norm=True,
-        mix="token",
-        mask=True,
-        norm_heads=0,
+    *(
+        dict(b=b, h=h, hk=2, d=d, state="fp32", io=io, gate=gate, norm=True, mix=mix, mask=mask, norm_heads=n)
+        for b, h, d, io, gate, mix, mask, n in (
+            (3, 6, 8, "fp32", True, "none", False, 2),
+            (2, 6, 16, "bf16", True, "head", False, 3),
+            (2, 4, 8, "fp32", False, "token", True, 0),
+        )
     ),
 ]
 
