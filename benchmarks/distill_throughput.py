@@ -169,12 +169,9 @@ class PhaseTimer:
 @contextlib.contextmanager
 def timed_losses(timer: PhaseTimer) -> Iterator[None]:
     """The objectives' loss functions inside a `losses` span (patched in `objectives`, restored after)."""
-    spans = {
-        "relative_mse": "losses",
-        "logit_kl": "losses",
-        "next_token_ce": "losses",
-        "layer_backward": "layer_backward",
-    }  # fmt: skip  (per_layer's backward, inside the objective)
+    # name in `objectives` -> span; layer_backward is per_layer's backward, run inside the objective
+    spans = {"relative_mse": "losses", "logit_kl": "losses", "next_token_ce": "losses",
+             "layer_backward": "layer_backward"}  # fmt: skip
     saved = {n: getattr(objectives, n) for n in spans}
 
     def wrap(fn: Callable[..., Any], span: str) -> Callable[..., Any]:
@@ -283,6 +280,10 @@ def make_step(teacher, layers, data: Data, objective, opt, params, layout, mode:
     """One distillation step as `linmu distill` runs it: data, teacher pass, objective forward/backward,
     clipping, update."""
 
+    backward_done = getattr(
+        objective, "runs_backward", False
+    )  # per_layer: the objective ran it, layer by layer
+
     def step() -> None:
         with timer.span("data"):
             batch = data.next()
@@ -293,9 +294,7 @@ def make_step(teacher, layers, data: Data, objective, opt, params, layout, mode:
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
             with timer.span("objective"):
                 out = objective(tp, layout) if mode == "layerwise" else objective(batch, tp, layout)
-            if not getattr(
-                objective, "runs_backward", False
-            ):  # per_layer: the objective ran it, layer by layer
+            if not backward_done:
                 with recompute.backward_phase(), timer.span("backward_all"):
                     out["loss"].backward()
         with timer.span("optimizer"):

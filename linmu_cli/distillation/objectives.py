@@ -130,9 +130,9 @@ class LayerwiseObjective(nn.Module):
     """Stages 1-2. `checkpointing` is a policy (recompute.py; a bool is `all` / `none`).
 
     `per_layer`: the layers are independent (each starts from the teacher's detached input), so each one's
-    backward runs right after its forward, with the gradient the trainer's `(loss / grad_accum).backward()` would
-    give it: the same gradients bit for bit, nothing recomputed, one layer's activations held at a time. The returned loss is then
-    detached (`runs_backward`): the caller must not call backward on it."""
+    backward runs right after its forward, with the gradient the trainer's `(loss / grad_accum).backward()`
+    would give it: the same gradients bit for bit, nothing recomputed, one layer's activations held at a time.
+    The returned loss is then detached (`runs_backward`): the caller must not call backward on it."""
 
     def __init__(
         self,
