@@ -201,6 +201,8 @@ class EndToEndObjective(nn.Module):
     to autocast's rounding on GPU) instead of running the vision tower a second time; needs a teacher pass
     made with `keep_embeds=True`."""
 
+    runs_backward = False  # the caller runs the backward (`LayerwiseObjective` may run its own)
+
     def __init__(self, student: nn.Module, loss: LossConfig, share_embeddings: bool = False):
         super().__init__()
         self.student, self.loss_cfg, self.share_embeddings = student, loss, share_embeddings

@@ -455,13 +455,13 @@ class StageRun:
             recompute.apply_end_to_end(self.student, student_layers, cfg.checkpoint_policy)
         self.par = parallel.strategy(recipe.distributed.strategy, run.world)
         self.par.prepare(self.student)  # FSDP: shards the trainable modules (parameters become DTensors)
-        objective: nn.Module = (
+        objective: LayerwiseObjective | EndToEndObjective = (
             LayerwiseObjective(self.student, cfg.loss, cfg.gradient_checkpointing, cfg.grad_accum)
             if cfg.mode == "layerwise"
             else EndToEndObjective(self.student, cfg.loss, cfg.share_teacher_embeddings)
         )
         self.wrapped = self.par.wrap(objective)
-        self.backward_in_forward = getattr(objective, "runs_backward", False)  # per_layer: one per layer
+        self.backward_in_forward = objective.runs_backward  # per_layer: one backward per layer, inside it
         self.params = [p for p in self.student.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
             self.params, lr=cfg.lr, weight_decay=cfg.weight_decay, **optimizer_flags(cfg.optimizer)
