@@ -111,6 +111,11 @@ class MateConfig:
     # Fusion (docs/design.md §5).
     fusion: str = "token"  # "token": one weight per token; "head": one per token and head
     fusion_init: float = 0.5  # initial Flex-MA weight a_t (sigmoid of the bias)
+    # Initial Flex-MA weight on vision tokens only: a learned per-block bias (`fuse_vision`, one per fusion
+    # output) added to the fusion logit of every vision token, starting at logit(this) - logit(fusion_init).
+    # None: no such bias, one fusion bias for every token. The length study's "fusion toward Flex-MA on vision
+    # tokens" (docs/quality.md). Needs both branches.
+    fusion_vision_init: float | None = None
     # Flex-MA and Local-Swin use one set of Q/K/V/O (Flex-MA's parameters; both start as the teacher's anyway):
     # about 18% fewer dense FLOPs per layer (issue 11). Only with both branches on.
     shared_projections: bool = False
@@ -149,6 +154,14 @@ class MateConfig:
             bad("fusion", f"choose one of {', '.join(FUSION_MODES)}")
         if not 0.0 < self.fusion_init < 1.0:
             bad("fusion_init", "the initial Flex-MA weight must lie strictly between 0 and 1")
+        if self.fusion_vision_init is not None:
+            if not 0.0 < self.fusion_vision_init < 1.0:
+                bad(
+                    "fusion_vision_init",
+                    "the initial Flex-MA weight on vision tokens must lie strictly between 0 and 1",
+                )
+            if not (self.use_flex and self.use_swin):
+                bad("fusion_vision_init", "there is no fusion with one branch off; leave it null")
         if not isinstance(self.shared_projections, bool):
             bad("shared_projections", "must be true or false")
         if self.output_norm_heads is not None:

@@ -44,7 +44,7 @@ from linmu_cli.models import convert_model
 GROUP_PATTERNS = {
     "flex": ".self_attn.flex.",
     "swin": ".self_attn.swin.",
-    "fusion": ".self_attn.fuse.",
+    "fusion": ".self_attn.fuse",  # the fusion linear (`fuse.`) and the vision tokens' bias (`fuse_vision`)
     "lora": "lora_",
 }
 

@@ -41,6 +41,8 @@ class MateAttention(nn.Module):
             self.swin = LocalSwin(hidden, heads, kv_heads, head_dim, mate, shared_with=shared)
         if mate.use_flex and mate.use_swin:
             self.fuse = nn.Linear(hidden, heads if mate.fusion == "head" else 1, bias=True)
+            if mate.fusion_vision_init is not None:  # vision tokens' extra fusion bias (MateConfig)
+                self.fuse_vision = nn.Parameter(torch.zeros(self.fuse.out_features))
 
     @classmethod
     def from_attention(
@@ -62,7 +64,9 @@ class MateAttention(nn.Module):
                 block.flex.init_new_parameters(getattr(text_config, "initializer_range", 0.02))
             if hasattr(block, "fuse"):
                 block.fuse.weight.zero_()
-                block.fuse.bias.fill_(math.log(mate.fusion_init / (1 - mate.fusion_init)))
+                block.fuse.bias.fill_(_logit(mate.fusion_init))
+            if hasattr(block, "fuse_vision"):
+                block.fuse_vision.fill_(_logit(mate.fusion_vision_init) - _logit(mate.fusion_init))
         return block
 
     def _layout(self, hidden_states: torch.Tensor, kwargs: dict) -> TokenLayout:
@@ -115,7 +119,7 @@ class MateAttention(nn.Module):
         )
         if state is not None:
             state.advance(u.shape[1])
-        return self._combine(u, flex, swin, logit, fast), None
+        return self._combine(u, flex, swin, layout, logit, fast), None
 
     def _fast(self, u: torch.Tensor) -> bool:
         """A chunk on CUDA with a fast backend: one input GEMM, fused output. One decode token takes `_decode`
@@ -205,13 +209,15 @@ class MateAttention(nn.Module):
         rows = swin.reshape(-1, self.heads * self.head_dim)
         return torch.addmm(out.reshape(-1, out.shape[-1]), rows, self.swin.o_proj.weight.t()).view(out.shape)
 
-    def _combine(self, u: torch.Tensor, flex: torch.Tensor | None, swin: torch.Tensor | None,
+    def _combine(self, u: torch.Tensor, flex: torch.Tensor | None, swin: torch.Tensor | None, layout: TokenLayout,
                  logit: torch.Tensor | None = None, fast: bool = False) -> torch.Tensor:  # fmt: skip
         if swin is None:
             return self.flex.o_proj(flex.flatten(2))
         if flex is None:
             return self.swin.o_proj(swin.flatten(2))
         logit = self.fuse(u) if logit is None else logit  # (B, L, 1 or H)
+        if hasattr(self, "fuse_vision") and layout.has_vision:
+            logit = logit + layout.is_vision()[..., None].to(logit.dtype) * self.fuse_vision
         if not fast:  # the reference: the formula of docs/design.md §5 as written
             a = torch.sigmoid(logit)[..., None]
             return self.flex.o_proj((a * flex).flatten(2)) + self.swin.o_proj(((1 - a) * swin).flatten(2))
@@ -220,6 +226,11 @@ class MateAttention(nn.Module):
             return self.flex.o_proj(fusion_mix(flex, swin, logit, one_output=True)[0].flatten(2))
         mixed_flex, mixed_swin = fusion_mix(flex, swin, logit)
         return self._two_output_projections(mixed_flex.flatten(2), mixed_swin)
+
+
+def _logit(p: float) -> float:
+    """The fusion bias whose sigmoid is the Flex-MA weight `p`."""
+    return math.log(p / (1 - p))
 
 
 def set_ssd_backend(model: nn.Module, backend: str) -> None:

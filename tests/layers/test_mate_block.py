@@ -146,6 +146,62 @@ def test_fusion_interpolates_the_two_branches():
         torch.testing.assert_close(run(block, u, layout), want)
 
 
+@pytest.mark.parametrize("fusion", ["token", "head"])
+def test_the_vision_fusion_bias_moves_vision_tokens_only(fusion):
+    """`fusion_vision_init`: vision tokens start at that Flex-MA weight, text tokens at `fusion_init`; the extra bias
+    is one learned parameter per fusion output (trained with the fusion group: the next test)."""
+    attn = make_block(d_conv=0, use_swin=False).flex  # any module with the teacher's q/k/v/o projections
+    mate = MateConfig(d_conv=0, fusion=fusion, fusion_init=0.3, fusion_vision_init=0.9).validate()
+    block = MateAttention.from_attention(attn, text_config(), mate, 0).eval()
+    width = HEADS if fusion == "head" else 1
+    assert block.fuse_vision.shape == (width,)
+    torch.testing.assert_close(torch.sigmoid(block.fuse.bias), torch.full((width,), 0.3))
+    torch.testing.assert_close(torch.sigmoid(block.fuse.bias + block.fuse_vision), torch.full((width,), 0.9))
+    layout = layout_of([[Segment(2, 1, 2, 2)]], 9)  # tokens 2-5 are vision
+    u = torch.randn(1, 9, HIDDEN)
+    with torch.no_grad():
+        flex = block.flex(u, layout, 0, None)
+        swin = block.swin(u, rope(9), layout, 0, None)
+        a = torch.where(torch.arange(9)[:, None] >= 2, 0.9, 0.3)
+        a = torch.where(torch.arange(9)[:, None] >= 6, 0.3, a)[None, :, :, None]  # (1, L, 1, 1)
+        want = block.flex.o_proj((a * flex).flatten(2)) + block.swin.o_proj(((1 - a) * swin).flatten(2))
+        torch.testing.assert_close(run(block, u, layout), want)
+        plain = MateAttention.from_attention(
+            attn, text_config(), MateConfig(d_conv=0, fusion=fusion, fusion_init=0.3), 0
+        )
+        plain.load_state_dict({k: v for k, v in block.state_dict().items() if k != "fuse_vision"})
+        text = run(plain.eval(), u, layout)
+    got = run(block, u, layout)
+    torch.testing.assert_close(got[:, [0, 1, 6, 7, 8]], text[:, [0, 1, 6, 7, 8]])  # text: as without the bias
+    assert not torch.allclose(got[:, 2:6], text[:, 2:6])
+
+
+def test_the_vision_fusion_bias_trains_with_the_fusion_group():
+    from linmu_cli.distillation.trainer import set_trainable
+    from linmu_cli.models import convert_model
+    from linmu_cli.tiny import build_tiny_teacher
+
+    teacher, _ = build_tiny_teacher("qwen2_vl", seed=0)
+    student = convert_model(teacher, MateConfig(fusion_vision_init=0.9))
+    names = [n for n, _ in set_trainable(student, ["fusion"])]
+    layers = teacher.config.text_config.num_hidden_layers
+    assert len(names) == 3 * layers and sum(n.endswith("self_attn.fuse_vision") for n in names) == layers
+
+
+@pytest.mark.parametrize(
+    ("fields", "why"),
+    [
+        ({"fusion_vision_init": 1.0}, "fusion_vision_init=1.0: the initial Flex-MA weight on vision tokens"),
+        ({"fusion_vision_init": 0.9, "use_swin": False}, "fusion_vision_init=0.9: there is no fusion"),
+    ],
+)
+def test_fusion_vision_init_is_checked(fields, why):
+    from linmu_cli.errors import LinmuError
+
+    with pytest.raises(LinmuError, match=why):
+        MateConfig(**fields).validate()
+
+
 @pytest.mark.parametrize("mate", [{}, {"use_swin": False}, {"use_flex": False}, {"bidirectional": False}])
 def test_causality_rules(mate):
     """Text sees only the past; a vision token sees its own segment and the past, nothing after it."""
