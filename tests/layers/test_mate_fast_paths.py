@@ -40,7 +40,8 @@ def layout2():
     "fields",
     [{}, {"fusion": "head"}, {"shared_projections": True}, {"bidirectional": False}, {"use_swin": False},
      {"use_flex": False}, {"output_gate": False}, {"shared_projections": True, "fusion": "head"},
-     {"output_norm": False}, {"output_norm_heads": 2}],
+     {"output_norm": False}, {"output_norm_heads": 2}, {"fusion_vision_init": 0.9},
+     {"fusion_vision_init": 0.9, "fusion": "head"}],
 )  # fmt: skip
 def test_fused_block_equals_reference_forward_and_backward(monkeypatch, layer_idx, fields):
     ref = make_block(layer_idx, **fields).train()
