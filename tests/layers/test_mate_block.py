@@ -162,8 +162,8 @@ def test_the_vision_fusion_bias_moves_vision_tokens_only(fusion):
     with torch.no_grad():
         flex = block.flex(u, layout, 0, None)
         swin = block.swin(u, rope(9), layout, 0, None)
-        a = torch.where(torch.arange(9)[:, None] >= 2, 0.9, 0.3)
-        a = torch.where(torch.arange(9)[:, None] >= 6, 0.3, a)[None, :, :, None]  # (1, L, 1, 1)
+        vision = (torch.arange(9) >= 2) & (torch.arange(9) < 6)
+        a = torch.where(vision, 0.9, 0.3).view(1, 9, 1, 1)  # (B, L, heads, d) broadcast
         want = block.flex.o_proj((a * flex).flatten(2)) + block.swin.o_proj(((1 - a) * swin).flatten(2))
         torch.testing.assert_close(run(block, u, layout), want)
         plain = MateAttention.from_attention(
