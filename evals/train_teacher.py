@@ -82,7 +82,7 @@ PRESETS: dict[str, dict] = {
         "lookup_tasks": "", "lookup_spread": "off", "lookup_heads": "shared", "count_probe": "off",
         "cell_probe": "off",
         "task_weights": "", "rope_theta": 0.0, "mrope_section": "", "color_mirror": 0.0,
-        "order_early": 0.0,
+        "order_early": 0.0, "host_positions": "off", "sync_report": 0,
     },
     "teacher2": {
         "tasks": ",".join(synthetic.GRID_TASKS), "size": synthetic.GRID_SIZE, "steps": 20000, "image_batch": 32,
@@ -95,7 +95,7 @@ PRESETS: dict[str, dict] = {
         "lookup_tasks": "grid_color,grid_glyph,grid_order", "lookup_spread": "on", "lookup_heads": "per_task",
         "count_probe": "on", "cell_probe": "on",
         "task_weights": "grid_color=2,grid_motion=2,grid_count=5,grid_order=4,grid_glyph=4", "rope_theta": 0.0,
-        "mrope_section": "", "color_mirror": 0.5, "order_early": 0.0,
+        "mrope_section": "", "color_mirror": 0.5, "order_early": 0.0, "host_positions": "on", "sync_report": 60,
     },
 }  # fmt: skip
 DEFAULT_OUT = {"tiny": "evals/teacher", "teacher2": "evals/teacher2"}
@@ -825,6 +825,83 @@ def answer_loss(
     return tok.sum() / mask.sum().clamp(min=1), tok.sum(dim=1) / n, right
 
 
+def host_positions(model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The M-RoPE position ids (3, B, L) that the model's forward would compute, computed here from the batch's
+    host tensors, so that the training forward is handed them (`position_ids`) and skips its own pass.
+
+    transformers' `get_rope_index` runs per row, and on a device every row costs host syncs (boolean indexing,
+    `tolist`) and ~56 small launches: 64 rows per teacher-2 step. On the host the same function is a few ms of
+    CPU work that the device does not wait for. Same function, same integers (`--host-positions`;
+    tests/evals/test_train_teacher.py checks the loss is unchanged)."""
+    rope_index = model.model.get_rope_index
+    accepted = inspect.signature(rope_index).parameters
+    keys = ("input_ids", "mm_token_type_ids", "image_grid_thw", "video_grid_thw", "attention_mask")
+    kwargs = {k: inputs[k] for k in keys if k in inputs and k in accepted}
+    with torch.no_grad():
+        return rope_index(**kwargs)[0]
+
+
+@torch.no_grad()
+def check_host_positions(model, processor, tasks: list[str], args, device: torch.device) -> None:
+    """AssertionError unless the model's logits with `host_positions` are its logits without, on one small batch
+    of each kind of task (float32, eval mode)."""
+    was_training = model.training
+    model.eval()
+    try:
+        for task in {synthetic.KIND[t]: t for t in tasks}.values():
+            examples = [example(task, i, args.seed, 4, 1.0, args.size) for i in range(2)]
+            host = (host_batch(processor, examples) if args.device_inputs == "on"
+                    else to_inputs(processor, examples, max_tokens=1 << 20))  # fmt: skip
+            given = dict(host, position_ids=host_positions(model, host))
+            run = [device_batch(h, device, processor) if args.device_inputs == "on" else
+                   {k: v.to(device) for k, v in h.items()} for h in (host, given)]  # fmt: skip
+            own, passed = (model(**inputs, use_cache=False).logits for inputs in run)
+            assert torch.equal(own, passed), f"{task}: largest logit difference {(own - passed).abs().max():.3g}"
+    finally:
+        model.train(was_training)
+
+
+class SyncReport:
+    """`--sync-report STEP`: which lines make the host wait for the device during one training step (CUDA's sync
+    debug mode, one warning per synchronizing call, counted by the Python line that made it). A step with many
+    such waits runs its host work and its device work one after the other instead of side by side."""
+
+    def __init__(self, step: int, device: torch.device):
+        self.step, self.on = step, device.type == "cuda" and step > 0
+        self._record = None
+
+    def start(self, step: int) -> None:
+        if self.on and step == self.step:
+            import warnings
+
+            self._record = warnings.catch_warnings(record=True)
+            self.warnings = self._record.__enter__()
+            warnings.simplefilter("always")
+            torch.cuda.synchronize()
+            self.t0 = time.time()
+            torch.cuda.set_sync_debug_mode("warn")
+
+    def stop(self, step: int) -> None:
+        if self._record is None or step != self.step:
+            return
+        host = time.time() - self.t0
+        torch.cuda.set_sync_debug_mode("default")
+        torch.cuda.synchronize()
+        total = time.time() - self.t0
+        self._record.__exit__(None, None, None)
+        self._record = None
+        sites = collections.Counter(
+            f"{Path(w.filename).name}:{w.lineno}" for w in self.warnings if "synchroniz" in str(w.message)
+        )
+        print(
+            f"sync report, step {step + 1}: {sum(sites.values())} synchronizing calls; host {host:.3f} s, "
+            f"step {total:.3f} s (with the debug mode's own cost)",
+            flush=True,
+        )
+        for site, n in sites.most_common(20):
+            print(f"  {n:5d}  {site}", flush=True)
+
+
 def reproduce_command(argv: list[str], steps: int, out_dir: str = "evals/teacher") -> str:
     """The command line that repeats this run: --time-budget replaced by the --steps it came to."""
     out, skip = [], False
@@ -1138,6 +1215,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--log-every", type=int, help="print the running loss every N steps")
     p.add_argument("--threads", type=int, default=2, help="torch threads (fixed for reproducibility)")
     p.add_argument("--device", default="auto", help="auto (cuda when available) | cpu | cuda | cuda:N")
+    p.add_argument(
+        "--host-positions",
+        choices=("on", "off"),
+        help="on: the M-RoPE position ids are computed on the host and handed to the forward (no per-row device "
+        "syncs; checked against the model's own at start-up)",
+    )
+    p.add_argument(
+        "--sync-report",
+        type=int,
+        help="on a GPU, list the lines that make the host wait for the device during this step (0: off)",
+    )
     p.add_argument("--workers", type=int, help="processes that build batches ahead of the model (0: inline)")
     p.add_argument(
         "--amp",
@@ -1330,6 +1418,14 @@ def main(argv: list[str] | None = None) -> int:
     use_vision_attention(model, VISION_ATTENTION)
     if args.preset != "tiny":  # tiny: fp32 only, its original step bit for bit
         use_text_attention(model, TEXT_ATTENTION)
+    if args.host_positions == "on":  # the guard: the forward given these positions must be the forward without
+        try:
+            check_host_positions(model, processor, tasks, args, device)
+            print("host M-RoPE positions == the model's own", flush=True)
+        except AssertionError as exc:
+            args.host_positions = "off"
+            print(f"WARNING: host M-RoPE positions differ from the model's ({exc}); the model computes them", flush=True)
+    sync_report = SyncReport(args.sync_report, device)
     n_params = sum(p.numel() for p in model.parameters())
     print(
         f"Qwen2VLForConditionalGeneration: {n_params / 1e6:.2f}M parameters, frames {frame_counts}, "
@@ -1424,6 +1520,8 @@ def main(argv: list[str] | None = None) -> int:
             window = (
                 None if args.preset == "tiny" else answer_window(inputs["labels"])
             )  # on the host: no sync
+            if args.host_positions == "on":
+                inputs["position_ids"] = host_positions(model, inputs)
             if args.device_inputs == "on":
                 inputs = device_batch(inputs, device, processor, keep_frames=True)
             else:
@@ -1434,6 +1532,7 @@ def main(argv: list[str] | None = None) -> int:
         batches = moved
         samples += sum(n for _, n, _ in batches)
         tokens += sum(b["input_ids"].numel() for b, _, _ in batches)
+        sync_report.start(step)
         opt.zero_grad(set_to_none=True)
         loss_sum, aux_sum, terms = train_step(model, probes, batches, args, device, amp, stats, frames)
         terms["gradient norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -1441,6 +1540,7 @@ def main(argv: list[str] | None = None) -> int:
             probes.parameters(), math.inf
         )  # unclipped
         opt.step()
+        sync_report.stop(step)
         # One step late, so that the host never waits for the device here: step `step - 1` is done by now.
         # Its parameters are already updated, but nothing is saved: the run stops with the first bad step.
         if pending is not None and (error := check_pending(pending)):

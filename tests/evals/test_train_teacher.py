@@ -630,3 +630,27 @@ def test_init_from_loads_a_saved_teacher_and_refuses_other_shapes(tmp_path):
         train_teacher.load_weights(other, tmp_path / "t")
     with pytest.raises(SystemExit, match="no model.safetensors"):
         train_teacher.load_weights(other, tmp_path)
+
+
+def test_host_positions_are_the_models_own_and_leave_the_loss_unchanged():
+    """`--host-positions on` hands the forward the M-RoPE ids computed from the host batch: the loss of a mixed
+    video batch (left padding, two frame counts' worth of tokens) is the loss without them, bit for bit."""
+    model, processor = build_tiny_teacher(
+        "qwen2_vl", size="teacher2", num_hidden_layers=1, vision_config={"depth": 1}
+    )
+    examples = [
+        train_teacher.example(t, i, 0, 4, 1.0, 112) for i in range(2) for t in ("grid_count", "grid_order")
+    ]
+    host = host_batch(processor, examples)
+    host["labels"] = train_teacher.answer_labels(host, examples, processor.tokenizer)
+    positions = train_teacher.host_positions(model, host)
+    assert positions.shape == (3, *host["input_ids"].shape)
+    assert (positions[1] != positions[2]).any()  # height and width differ on the video tokens: real M-RoPE ids
+    with torch.no_grad():
+        own = model(**device_batch(host, "cpu", processor)).loss
+        given = model(**device_batch(dict(host, position_ids=positions), "cpu", processor)).loss
+        wrong = model(**device_batch(dict(host, position_ids=positions.flip(0)), "cpu", processor)).loss
+    assert torch.equal(own, given)
+    assert not torch.equal(own, wrong)  # the forward does read what it is given
+    args = train_teacher.parse_args(["--preset", "teacher2", "--out", "x", "--size", "112"])
+    train_teacher.check_host_positions(model, processor, ["grid_color", "grid_count"], args, torch.device("cpu"))
