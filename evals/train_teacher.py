@@ -416,6 +416,9 @@ def evaluate_all(
 VISION_ATTENTION = "batched_flash_varlen_frames"  # "flash" in the name routes cu_seqlens to it (see below)
 
 
+_VISION_LENGTHS: list = [None, []]  # (the last cu_seqlens tensor, its sequence lengths)
+
+
 def batched_vision_attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0,
                              cu_seq_lens_q=None, **kwargs):  # fmt: skip
     """Qwen2-VL's vision attention (full attention within each frame pair) as one batched SDPA call.
@@ -426,7 +429,9 @@ def batched_vision_attention(module, query, key, value, attention_mask=None, sca
     attention. transformers hands `cu_seqlens` only to implementations whose name contains "flash". Used only
     while training; the saved config says "sdpa".
     """
-    lengths = (cu_seq_lens_q[1:] - cu_seq_lens_q[:-1]).tolist()
+    if _VISION_LENGTHS[0] is not cu_seq_lens_q:  # every block of one forward gets the same tensor: one host read
+        _VISION_LENGTHS[:] = [cu_seq_lens_q, (cu_seq_lens_q[1:] - cu_seq_lens_q[:-1]).tolist()]
+    lengths = _VISION_LENGTHS[1]
     _, heads, seq, dim = query.shape
     if len(set(lengths)) == 1:
         n = lengths[0]
