@@ -5,6 +5,12 @@
 # frames, and bring back everything to commit.
 #
 #   bash benchmarks/h200_teacher2.sh            # from the repo root; .whl carried is optional (not needed here)
+#   STAGE=count bash benchmarks/h200_teacher2.sh   # second call, evals/teacher2 carried: the count fine-tune
+#
+# evals/teacher2 (2026-12-06, session 19) is the teacher of the first call (BUDGET=520 WORKERS=12: 1,824 steps in
+# 480 s, lowest held-out cell count at 64 frames, 0.910) fine-tuned by the second (STAGE=count: 282 steps in 92 s on
+# video lengths 16-64 with count at 8 of every 13 video slots, lr 2e-4; lowest cell 0.980): 9.5 min of training in
+# all. Its train_teacher.json keeps the first run's report under "parent" and its README both commands.
 #
 # Everything lands in $OUT (6 files, ~35 MB):
 #   train.log               the whole run: start-up checks, loss and per-task teacher-forced accuracy every 50
@@ -15,8 +21,10 @@
 #   teacher2.tar.00 ...     the checkpoint directory (bf16 model.safetensors ~32 MB, config, tokenizer,
 #                           processor, the two files above) as a tar split into 15 MiB parts, because one file
 #                           coming back must be < 16 MiB:  cat teacher2.tar.* | tar -x -C evals/
-# Environment: BUDGET (seconds of training, default 480: the most a 600 s call fits; 46 s of session 11's call
-#   were not training), WORKERS (data processes, default 8), EXTRA (more train_teacher.py flags, appended), OUT.
+# Environment: BUDGET (seconds of training, default 520: the most a 600 s call fits; 17 s of session 19's call
+#   were start-up and 40 s evaluation and saving; STAGE=count: 105), WORKERS (data processes, default 12), STAGE
+#   (count: fine-tune the carried evals/teacher2 instead of training from scratch), EXTRA (more train_teacher.py
+#   flags, appended), OUT.
 #   CPU dry run of the whole script (validated that way, ~1 min):
 #   NO_GPU_SETUP=1 BUDGET=20 WORKERS=0 EXTRA="--device cpu --size 112 --frames 4,8 --layers 2 --heads 2
 #   --vision-depth 1 --vision-dim 64 --intermediate 256 --image-batch 4 --video-batch 4 --eval-count 4" bash ...
@@ -44,8 +52,16 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
 export PYTHONPATH="$PWD:$PYTHONPATH" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}"  # frame counts vary per step
 OUT="${OUT:-/tmp/linmu_teacher2}"; mkdir -p "$OUT"
-BUDGET="${BUDGET:-480}"
-WORKERS="${WORKERS:-8}"
+WORKERS="${WORKERS:-12}"
+case "${STAGE:-scratch}" in
+  scratch) BUDGET="${BUDGET:-520}" ;;
+  count)  # the count fine-tune of session 19: more long videos and count slots, a short schedule, new sample seed
+    [ -f evals/teacher2/model.safetensors ] || { echo "STAGE=count needs evals/teacher2 carried" >&2; exit 2; }
+    BUDGET="${BUDGET:-105}"
+    EXTRA="--init-from evals/teacher2 --seed 1 --lr 2e-4 --warmup 20 --frames-ramp 0 --frames 16-64 \
+--task-weights grid_color=1,grid_motion=1,grid_count=8,grid_order=2,grid_glyph=1 --sync-report 0 ${EXTRA:-}" ;;
+  *) echo "STAGE=$STAGE: choose scratch or count" >&2; exit 2 ;;
+esac
 WORK="${WORK:-/tmp/teacher2_run}"; rm -rf "$WORK"; mkdir -p "$WORK"
 T0=$SECONDS
 

@@ -1022,6 +1022,48 @@ def accuracy_table(report: dict) -> str:
     return "\n".join(rows)
 
 
+PARENT_KEYS = ("command", "seed", "steps", "train_seconds", "eval_seconds", "wall_seconds", "device", "torch",
+               "transformers", "heldout_accuracy", "min_accuracy", "model_safetensors", "parent")  # fmt: skip
+
+
+def parent_record(init_dir: Path) -> dict:
+    """What a run started with `--init-from` started from: the saved teacher's own report (`PARENT_KEYS`, its own
+    parent included, so a chain of runs stays one record), or only its sha256 when it has none."""
+    report_path = init_dir / "train_teacher.json"
+    if report_path.is_file():
+        parent = json.loads(report_path.read_text())
+        return {k: parent[k] for k in PARENT_KEYS if k in parent}
+    weights = (init_dir / "model.safetensors").read_bytes()
+    return {"model_safetensors": {"bytes": len(weights), "sha256": hashlib.sha256(weights).hexdigest()}}
+
+
+def lineage(report: dict) -> list[dict]:
+    """The runs that made a checkpoint, first to last: its parents' records, then its own report."""
+    chain = [report]
+    while "parent" in chain[0]:
+        chain.insert(0, chain[0]["parent"])
+    return chain
+
+
+def how_trained(report: dict) -> str:
+    """The README's account of the run(s): one command, or the from-scratch run and each fine-tune after it."""
+    runs = []
+    for i, run in enumerate(lineage(report)):
+        if "command" not in run:
+            runs.append(f"started from the weights of sha256 {run['model_safetensors']['sha256'][:12]}...")
+            continue
+        what = "trained from scratch" if i == 0 else "then fine-tuned from those weights"
+        low = f"; lowest held-out cell {run['min_accuracy']:.3f}" if "min_accuracy" in run and run is not report else ""
+        runs.append(
+            f"{what} by:\n\n    {run['command']}\n\n({run['train_seconds'] / 60:.1f} min of training and "
+            f"{run['eval_seconds']:.0f} s of evaluation on {run['device']}, seed {run['seed']}{low})"
+        )
+    total = sum(r.get("train_seconds", 0) for r in lineage(report))
+    if len(runs) > 1:
+        runs.append(f"{total / 60:.1f} min of training in all")
+    return ",\n".join(runs[:-1]) + (",\n" if len(runs) > 1 else "") + runs[-1]
+
+
 def readme_teacher2(report: dict) -> str:
     """evals/teacher2/README.md (or the run's --out), written from train_teacher.json."""
     cfg, vision = report["model"], report["model"]["vision_config"]
@@ -1051,14 +1093,10 @@ def readme_teacher2(report: dict) -> str:
     return f"""# Teacher 2: a {report["parameters"] / 1e6:.1f}M-parameter Qwen2-VL trained on 8x8-token frames
 
 transformers' own `Qwen2VLForConditionalGeneration` with linmu's tiny tokenizer and processor (pixel cap
-{report["size"]}x{report["size"]}), trained from scratch on the `grid_*` tasks of `linmu_cli.data.synthetic` by:
-
-    {report["command"]}
-
-({report["train_seconds"] / 60:.1f} min of training and {report["eval_seconds"]:.0f} s of evaluation on {report["device"]},
-bf16 autocast {"on" if report["amp"] else "off"}, seed {report["seed"]}, torch {report["torch"]}, transformers
+{report["size"]}x{report["size"]}), on the `grid_*` tasks of `linmu_cli.data.synthetic`, {how_trained(report)}.
+Last run: bf16 autocast {"on" if report["amp"] else "off"}, torch {report["torch"]}, transformers
 {report["transformers"]}; {report["samples_per_second"]:.0f} samples/s, {report["tokens_per_second"]:,} tokens/s;
-weights saved in {report["save_dtype"]}; all details in `train_teacher.json`.)
+weights saved in {report["save_dtype"]}; all details in `train_teacher.json` (earlier runs under `parent`).
 
 ## Architecture
 
@@ -1070,7 +1108,7 @@ weights saved in {report["save_dtype"]}; all details in `train_teacher.json`.)
 
 ## Training
 
-{report["steps"]} AdamW steps (lr {report["lr"]}, cosine), each an image batch of {report["image_batch"]} samples
+{"The last run: " if "parent" in report else ""}{report["steps"]} AdamW steps (lr {report["lr"]}, cosine), each an image batch of {report["image_batch"]} samples
 (`grid_position`, `grid_color`) and a video batch of {report["video_batch"]} (`grid_motion`, `grid_count`,
 `grid_order`, `grid_glyph`) with one frame count drawn from {min(report["train_frames"])}-{max(report["train_frames"])}
 frames, in the chat format of `linmu distill`; the loss is on the answer tokens and `<|im_end|>`, plus layout probes
@@ -1643,6 +1681,8 @@ def main(argv: list[str] | None = None) -> int:
             "curve": curve,
             "min_accuracy": min(a for accs in accuracy.values() for a in accs.values()),
         })  # fmt: skip
+    if args.init_from:
+        report["parent"] = parent_record(Path(args.init_from))
     with atomic_directory(Path(args.out), force=args.force) as tmp:
         if args.save_dtype == "bfloat16":
             model.to(torch.bfloat16)

@@ -91,6 +91,19 @@ def test_teacher2_short_run_writes_report_curves_and_bf16_weights(tmp_path):
         train_teacher.TEXT_ATTENTION not in (out / "config.json").read_text()
     )  # training-only mask: sdpa saved
     assert "Held-out accuracy" in (out / "README.md").read_text()
+    assert "parent" not in report and "trained from scratch by" in (out / "README.md").read_text()
+
+    # a fine-tune of it records what it started from, and its README tells both runs
+    tuned = tmp_path / "tuned"
+    argv = ["--out", str(tuned), *SMALL_T2, "--steps", "2", "--init-from", str(out), "--seed", "1"]
+    assert train_teacher.main(argv) == 0
+    child = json.loads((tuned / "train_teacher.json").read_text())
+    assert child["parent"]["command"] == report["command"]
+    assert child["parent"]["model_safetensors"] == report["model_safetensors"]
+    assert child["parent"]["heldout_accuracy"] == report["heldout_accuracy"]
+    text = (tuned / "README.md").read_text()
+    assert text.index("trained from scratch by") < text.index("then fine-tuned from those weights by")
+    assert report["command"] in text and child["command"] in text and "The last run: 2 AdamW steps" in text
 
 
 def test_fast_replies_equal_greedy_answers():
