@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
 # Issue 15, item 2 on one H200: the quality study on teacher 2 (evals/study.py --tasks grid --device cuda), split
-# over device calls by PART. Carry the teacher as an ignored path next to the wheels:
-#   cat teacher2.tar.* | tar -x -C evals/        # the checkpoint benchmarks/h200_teacher2.sh brought back
-#   run with carry [".whl", "evals/teacher2"]:
+# over device calls by PART. evals/teacher2 is tracked (it travels with the working tree); carry the wheels:
+#   run with carry [".whl"]:
 #   PART=pipeline bash benchmarks/h200_study2.sh                          # teacher, conversion, stages, length
 #   PART=ablations ONLY="flex_only swin_only no_backward" bash benchmarks/h200_study2.sh
 # Then, on this machine: python evals/study.py --from-json A/study.json B/study.json ... --markdown OUT.md

@@ -39,6 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import linmu_cli  # noqa: E402
+from linmu_cli.bench.report import write_json  # noqa: E402
 from linmu_cli.data import synthetic  # noqa: E402
 from linmu_cli.distillation import distill, load_recipe  # noqa: E402
 from linmu_cli.distillation.recipe import STAGES  # noqa: E402
@@ -122,8 +123,7 @@ def teacher_answers(path: Path, teacher, processor, tasks, n: int, frames: list[
     for f in frames:
         if str(f) not in cache["answers"]:
             cache["answers"][str(f)] = answers(teacher, processor, tasks, n, f, size)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(cache))
+            write_json(path, cache)
     return {f: {t: [tuple(p) for p in v] for t, v in cache["answers"][str(f)].items()} for f in frames}
 
 
@@ -157,7 +157,7 @@ def length_only(args, base: list[str], tasks: list[str], size: int, cmd: str) ->
         res["answers"][f"teacher @{f}"] = ref[f]
         res["seconds"] = time.time() - t0
         if args.json:
-            Path(args.json).write_text(json.dumps(res, indent=1) + "\n")
+            write_json(Path(args.json), res)
 
 
 def run_distill(out: Path, extra: list[str], skip: str | None, base: list[str]) -> Path:
@@ -290,7 +290,7 @@ def main() -> None:
     def dump() -> None:  # after every row, so a run cut short still leaves its raw numbers
         if args.json:
             results["seconds"] = time.time() - t0
-            Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+            write_json(Path(args.json), results)
 
     teacher, processor = load(Path(args.teacher))
     lengths = (1,) if args.ablations_only else (1, 2, 4)  # the length rows are the pipeline's
