@@ -429,7 +429,9 @@ def batched_vision_attention(module, query, key, value, attention_mask=None, sca
     attention. transformers hands `cu_seqlens` only to implementations whose name contains "flash". Used only
     while training; the saved config says "sdpa".
     """
-    if _VISION_LENGTHS[0] is not cu_seq_lens_q:  # every block of one forward gets the same tensor: one host read
+    if (
+        _VISION_LENGTHS[0] is not cu_seq_lens_q
+    ):  # every block of one forward gets the same tensor: one host read
         _VISION_LENGTHS[:] = [cu_seq_lens_q, (cu_seq_lens_q[1:] - cu_seq_lens_q[:-1]).tolist()]
     lengths = _VISION_LENGTHS[1]
     _, heads, seq, dim = query.shape
@@ -861,7 +863,9 @@ def check_host_positions(model, processor, tasks: list[str], args, device: torch
             run = [device_batch(h, device, processor) if args.device_inputs == "on" else
                    {k: v.to(device) for k, v in h.items()} for h in (host, given)]  # fmt: skip
             own, passed = (model(**inputs, use_cache=False).logits for inputs in run)
-            assert torch.equal(own, passed), f"{task}: largest logit difference {(own - passed).abs().max():.3g}"
+            assert torch.equal(own, passed), (
+                f"{task}: largest logit difference {(own - passed).abs().max():.3g}"
+            )
     finally:
         model.train(was_training)
 
@@ -1053,7 +1057,11 @@ def how_trained(report: dict) -> str:
             runs.append(f"started from the weights of sha256 {run['model_safetensors']['sha256'][:12]}...")
             continue
         what = "trained from scratch" if i == 0 else "then fine-tuned from those weights"
-        low = f"; lowest held-out cell {run['min_accuracy']:.3f}" if "min_accuracy" in run and run is not report else ""
+        low = (
+            f"; lowest held-out cell {run['min_accuracy']:.3f}"
+            if "min_accuracy" in run and run is not report
+            else ""
+        )
         runs.append(
             f"{what} by:\n\n    {run['command']}\n\n({run['train_seconds'] / 60:.1f} min of training and "
             f"{run['eval_seconds']:.0f} s of evaluation on {run['device']}, seed {run['seed']}{low})"
@@ -1461,13 +1469,18 @@ def main(argv: list[str] | None = None) -> int:
     use_vision_attention(model, VISION_ATTENTION)
     if args.preset != "tiny":  # tiny: fp32 only, its original step bit for bit
         use_text_attention(model, TEXT_ATTENTION)
-    if args.host_positions == "on":  # the guard: the forward given these positions must be the forward without
+    if (
+        args.host_positions == "on"
+    ):  # the guard: the forward given these positions must be the forward without
         try:
             check_host_positions(model, processor, tasks, args, device)
             print("host M-RoPE positions == the model's own", flush=True)
         except AssertionError as exc:
             args.host_positions = "off"
-            print(f"WARNING: host M-RoPE positions differ from the model's ({exc}); the model computes them", flush=True)
+            print(
+                f"WARNING: host M-RoPE positions differ from the model's ({exc}); the model computes them",
+                flush=True,
+            )
     sync_report = SyncReport(args.sync_report, device)
     n_params = sum(p.numel() for p in model.parameters())
     print(

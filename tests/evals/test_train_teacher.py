@@ -658,7 +658,9 @@ def test_host_positions_are_the_models_own_and_leave_the_loss_unchanged():
     host["labels"] = train_teacher.answer_labels(host, examples, processor.tokenizer)
     positions = train_teacher.host_positions(model, host)
     assert positions.shape == (3, *host["input_ids"].shape)
-    assert (positions[1] != positions[2]).any()  # height and width differ on the video tokens: real M-RoPE ids
+    assert (
+        positions[1] != positions[2]
+    ).any()  # height and width differ on the video tokens: real M-RoPE ids
     with torch.no_grad():
         own = model(**device_batch(host, "cpu", processor)).loss
         given = model(**device_batch(dict(host, position_ids=positions), "cpu", processor)).loss
@@ -666,4 +668,6 @@ def test_host_positions_are_the_models_own_and_leave_the_loss_unchanged():
     assert torch.equal(own, given)
     assert not torch.equal(own, wrong)  # the forward does read what it is given
     args = train_teacher.parse_args(["--preset", "teacher2", "--out", "x", "--size", "112"])
-    train_teacher.check_host_positions(model, processor, ["grid_color", "grid_count"], args, torch.device("cpu"))
+    train_teacher.check_host_positions(
+        model, processor, ["grid_color", "grid_count"], args, torch.device("cpu")
+    )
