@@ -127,15 +127,19 @@ def test_fast_replies_equal_greedy_answers():
             assert [a for _, a in fast[(task, frames)]] == [s.answer for s in samples]
 
 
-def test_answer_window_loss_is_the_models_loss():
+def one_layer_teacher2_batch(tasks: tuple[str, ...]):
+    """A one-layer teacher-2 model and a labelled host batch of two 4-frame samples of each task (112 px)."""
     model, processor = build_tiny_teacher(
         "qwen2_vl", size="teacher2", num_hidden_layers=1, vision_config={"depth": 1}
     )
-    examples = [
-        train_teacher.example(t, i, 0, 4, 1.0, 112) for i in range(2) for t in ("grid_count", "grid_glyph")
-    ]
+    examples = [train_teacher.example(t, i, 0, 4, 1.0, 112) for i in range(2) for t in tasks]
     host = host_batch(processor, examples)
     host["labels"] = train_teacher.answer_labels(host, examples, processor.tokenizer)
+    return model, processor, host
+
+
+def test_answer_window_loss_is_the_models_loss():
+    model, processor, host = one_layer_teacher2_batch(("grid_count", "grid_glyph"))
     inputs = device_batch(host, "cpu", processor)
     with torch.no_grad():
         ref = model(**inputs).loss
@@ -648,14 +652,7 @@ def test_init_from_loads_a_saved_teacher_and_refuses_other_shapes(tmp_path):
 def test_host_positions_are_the_models_own_and_leave_the_loss_unchanged():
     """`--host-positions on` hands the forward the M-RoPE ids computed from the host batch: the loss of a mixed
     video batch (left padding, two frame counts' worth of tokens) is the loss without them, bit for bit."""
-    model, processor = build_tiny_teacher(
-        "qwen2_vl", size="teacher2", num_hidden_layers=1, vision_config={"depth": 1}
-    )
-    examples = [
-        train_teacher.example(t, i, 0, 4, 1.0, 112) for i in range(2) for t in ("grid_count", "grid_order")
-    ]
-    host = host_batch(processor, examples)
-    host["labels"] = train_teacher.answer_labels(host, examples, processor.tokenizer)
+    model, processor, host = one_layer_teacher2_batch(("grid_count", "grid_order"))
     positions = train_teacher.host_positions(model, host)
     assert positions.shape == (3, *host["input_ids"].shape)
     assert (
