@@ -68,6 +68,8 @@ ABLATIONS = [
     Ablation("swin_only", "Local-Swin only (no Flex-MA)", ["model.use_flex=false"], skip="stage1"),
     Ablation("no_backward", "no backward scan in visual segments", ["model.bidirectional=false"]),
     Ablation("single_order", "one scan order (no Rotary Major-Scan)", ["model.scan_orders=[thw]"]),
+    Ablation("no_shift", "no shifted windows (Local-Swin)", ["model.shift_windows=false"]),
+    Ablation("shared_projections", "one set of Q/K/V/O for both branches", ["model.shared_projections=true"]),
     Ablation("skip_stage1", "stage 1 skipped", skip="stage1"),
     Ablation("skip_stage2", "stage 2 skipped", skip="stage2"),
     Ablation("skip_stage3", "stage 3 skipped", skip="stage3"),
