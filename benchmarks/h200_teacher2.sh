@@ -5,7 +5,7 @@
 # frames, and bring back everything to commit.
 #
 #   bash benchmarks/h200_teacher2.sh            # from the repo root; .whl carried is optional (not needed here)
-#   STAGE=count bash benchmarks/h200_teacher2.sh   # second call, evals/teacher2 carried: the count fine-tune
+#   STAGE=count bash benchmarks/h200_teacher2.sh   # second call: the count fine-tune of evals/teacher2
 #
 # evals/teacher2 (2026-12-06, session 19) is the teacher of the first call (BUDGET=520 WORKERS=12: 1,824 steps in
 # 480 s, lowest held-out cell count at 64 frames, 0.910) fine-tuned by the second (STAGE=count: 282 steps in 92 s on
@@ -23,7 +23,7 @@
 #                           coming back must be < 16 MiB:  cat teacher2.tar.* | tar -x -C evals/
 # Environment: BUDGET (seconds of training, default 520: the most a 600 s call fits; 17 s of session 19's call
 #   were start-up and 40 s evaluation and saving; STAGE=count: 105), WORKERS (data processes, default 12), STAGE
-#   (count: fine-tune the carried evals/teacher2 instead of training from scratch), EXTRA (more train_teacher.py
+#   (count: fine-tune evals/teacher2 instead of training from scratch), EXTRA (more train_teacher.py
 #   flags, appended), OUT.
 #   CPU dry run of the whole script (validated that way, ~1 min):
 #   NO_GPU_SETUP=1 BUDGET=20 WORKERS=0 EXTRA="--device cpu --size 112 --frames 4,8 --layers 2 --heads 2
@@ -56,7 +56,7 @@ WORKERS="${WORKERS:-12}"
 case "${STAGE:-scratch}" in
   scratch) BUDGET="${BUDGET:-520}" ;;
   count)  # the count fine-tune of session 19: more long videos and count slots, a short schedule, new sample seed
-    [ -f evals/teacher2/model.safetensors ] || { echo "STAGE=count needs evals/teacher2 carried" >&2; exit 2; }
+    [ -f evals/teacher2/model.safetensors ] || { echo "STAGE=count fine-tunes evals/teacher2: put the first call's checkpoint there" >&2; exit 2; }
     BUDGET="${BUDGET:-105}"
     EXTRA="--init-from evals/teacher2 --seed 1 --lr 2e-4 --warmup 20 --frames-ramp 0 --frames 16-64 \
 --task-weights grid_color=1,grid_motion=1,grid_count=8,grid_order=2,grid_glyph=1 --sync-report 0 ${EXTRA:-}" ;;

@@ -48,6 +48,7 @@ import random
 import shlex
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -429,9 +430,8 @@ def batched_vision_attention(module, query, key, value, attention_mask=None, sca
     attention. transformers hands `cu_seqlens` only to implementations whose name contains "flash". Used only
     while training; the saved config says "sdpa".
     """
-    if (
-        _VISION_LENGTHS[0] is not cu_seq_lens_q
-    ):  # every block of one forward gets the same tensor: one host read
+    # every block of one forward gets the same tensor: one host read per forward
+    if _VISION_LENGTHS[0] is not cu_seq_lens_q:
         _VISION_LENGTHS[:] = [cu_seq_lens_q, (cu_seq_lens_q[1:] - cu_seq_lens_q[:-1]).tolist()]
     lengths = _VISION_LENGTHS[1]
     _, heads, seq, dim = query.shape
@@ -877,12 +877,12 @@ class SyncReport:
 
     def __init__(self, step: int, device: torch.device):
         self.step, self.on = step, device.type == "cuda" and step > 0
-        self._record = None
+        self._record: warnings.catch_warnings | None = None
+        self.warnings: list[warnings.WarningMessage] = []
+        self.t0 = 0.0
 
     def start(self, step: int) -> None:
         if self.on and step == self.step:
-            import warnings
-
             self._record = warnings.catch_warnings(record=True)
             self.warnings = self._record.__enter__()
             warnings.simplefilter("always")
@@ -1069,7 +1069,7 @@ def how_trained(report: dict) -> str:
     total = sum(r.get("train_seconds", 0) for r in lineage(report))
     if len(runs) > 1:
         runs.append(f"{total / 60:.1f} min of training in all")
-    return ",\n".join(runs[:-1]) + (",\n" if len(runs) > 1 else "") + runs[-1]
+    return ",\n".join(runs)
 
 
 def readme_teacher2(report: dict) -> str:
