@@ -9,7 +9,7 @@
 #
 # evals/teacher2 (2026-12-06, session 19) is the teacher of the first call (BUDGET=520 WORKERS=12: 1,824 steps in
 # 480 s, lowest held-out cell count at 64 frames, 0.910) fine-tuned by the second (STAGE=count: 282 steps in 92 s on
-# video lengths 16-64 with count at 8 of every 13 video slots, lr 2e-4; lowest cell 0.980): 9.5 min of training in
+# video lengths 16-64 with count at 8 of every 12 video slots, lr 2e-4; lowest cell 0.980): 9.5 min of training in
 # all. Its train_teacher.json keeps the first run's report under "parent" and its README both commands.
 #
 # Everything lands in $OUT (6 files, ~35 MB):
