@@ -21,8 +21,8 @@
 #   teacher2.tar.00 ...     the checkpoint directory (bf16 model.safetensors ~32 MB, config, tokenizer,
 #                           processor, the two files above) as a tar split into 15 MiB parts, because one file
 #                           coming back must be < 16 MiB:  cat teacher2.tar.* | tar -x -C evals/
-# Environment: BUDGET (seconds of training, default 520: the most a 600 s call fits; 17 s of session 19's call
-#   were start-up and 40 s evaluation and saving; STAGE=count: 105), WORKERS (data processes, default 12), STAGE
+# Environment: BUDGET (seconds of training, default 520: the most a 600 s call fits; 57 s of session 19's
+#   537 s call were not training; STAGE=count: 105), WORKERS (data processes, default 12), STAGE
 #   (count: fine-tune evals/teacher2 instead of training from scratch), EXTRA (more train_teacher.py
 #   flags, appended), OUT.
 #   CPU dry run of the whole script (validated that way, ~1 min):

@@ -28,13 +28,21 @@ def test_ablation_names_are_unique_and_every_one_changes_the_recipe():
             assert load_recipe(study.RECIPE, a.overrides) != base, a.name
 
 
-@pytest.mark.parametrize("ablation", ARCHITECTURE, ids=lambda a: a.name)
-def test_architectural_ablation_builds_a_student(ablation):
-    recipe = load_recipe(study.RECIPE, ablation.overrides)
+def student_parameters(overrides: list[str]) -> int:
+    """Parameters of the tiny Qwen2-VL teacher converted with the study recipe plus `overrides`."""
     teacher, _ = build_tiny_teacher("qwen2_vl", seed=0)
-    student = convert_model(teacher, recipe.model)
-    default = convert_model(build_tiny_teacher("qwen2_vl", seed=0)[0], load_recipe(study.RECIPE, []).model)
-    n, n_default = (sum(p.numel() for p in m.parameters()) for m in (student, default))
+    student = convert_model(teacher, load_recipe(study.RECIPE, overrides).model)
+    return sum(p.numel() for p in student.parameters())
+
+
+@pytest.fixture(scope="module")
+def default_parameters() -> int:
+    return student_parameters([])
+
+
+@pytest.mark.parametrize("ablation", ARCHITECTURE, ids=lambda a: a.name)
+def test_architectural_ablation_builds_a_student(ablation, default_parameters):
+    n, n_default = student_parameters(ablation.overrides), default_parameters
     if ablation.name in ("flex_only", "swin_only", "no_backward", "shared_projections"):  # a part fewer
         assert n < n_default, (ablation.name, n, n_default)
     else:  # the same weights, used differently

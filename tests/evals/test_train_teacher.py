@@ -650,14 +650,14 @@ def test_init_from_loads_a_saved_teacher_and_refuses_other_shapes(tmp_path):
 
 
 def test_host_positions_are_the_models_own_and_leave_the_loss_unchanged():
-    """`--host-positions on` hands the forward the M-RoPE ids computed from the host batch: the loss of a mixed
-    video batch (left padding, two frame counts' worth of tokens) is the loss without them, bit for bit."""
+    """`--host-positions on` hands the forward the M-RoPE ids computed from the host batch: the loss of a video
+    batch of two tasks (left padded: their prompts differ in length) is the loss without them, bit for bit."""
     model, processor, host = one_layer_teacher2_batch(("grid_count", "grid_order"))
+    assert (host["attention_mask"] == 0).any()  # padded rows, whose positions skip the pad
     positions = train_teacher.host_positions(model, host)
     assert positions.shape == (3, *host["input_ids"].shape)
-    assert (
-        positions[1] != positions[2]
-    ).any()  # height and width differ on the video tokens: real M-RoPE ids
+    # height and width differ on the video tokens: real M-RoPE ids, not a 1D ramp
+    assert (positions[1] != positions[2]).any()
     with torch.no_grad():
         own = model(**device_batch(host, "cpu", processor)).loss
         given = model(**device_batch(dict(host, position_ids=positions), "cpu", processor)).loss
